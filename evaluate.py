@@ -1,0 +1,96 @@
+"""Evaluate a checkpoint on the test set: loss, accuracy, per-class accuracy and the confusion matrix.
+
+    python evaluate.py --checkpoint runs/cifar10-simplecnn-20261123-120000/best.pth
+    python evaluate.py --checkpoint best.pth --data-dir ./data --json
+
+The model, its classes and its normalization come from the checkpoint alone; the data from --data-dir
+(default: the one the run was trained with). The accuracy equals the one train.py reported for it.
+"""
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from data import DataError, ImageSet, load_raw
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
+
+EVAL_BATCH = 1024  # images per forward pass; any size gives the same counts
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageSet, num_classes: int, batch_size: int = EVAL_BATCH) -> dict:
+    """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`."""
+    model.eval()
+    device = data.labels.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    for idx in torch.arange(len(data), device=device).split(batch_size):
+        x, y = data.batch(idx)
+        logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    n = max(len(data), 1)
+    return {"loss": loss_sum.item() / n, "accuracy": 100.0 * confusion.diag().sum().item() / n,
+            "confusion": confusion}
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
+    """Percent of each true class predicted right (0 for a class with no samples)."""
+    totals = confusion.sum(1).clamp(min=1)
+    return (100.0 * confusion.diag() / totals).tolist()
+
+
+def format_report(result: dict, classes: list[str]) -> str:
+    width = max(len(c) for c in classes) + 2
+    lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%", "",
+             f"{'class':<{width}}accuracy"]
+    lines += [f"{c:<{width}}{a:7.2f}%" for c, a in zip(classes, per_class_accuracy(result["confusion"]))]
+    cell = max(5, len(str(result["confusion"].max().item())) + 1)
+    short = [c[:cell - 1] for c in classes]
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
+              " " * width + "".join(f"{s:>{cell}}" for s in short)]
+    lines += [f"{c:<{width}}" + "".join(f"{v:>{cell}}" for v in row)
+              for c, row in zip(classes, result["confusion"].tolist())]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.error = lambda message: sys.exit(f"{parser.prog}: error: {message}")  # one line, not the usage block
+    parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
+    parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the training run's)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="(default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available() or \
+            args.device == "mps" and not torch.backends.mps.is_available():
+        sys.exit(f"{parser.prog}: error: --device {args.device} is not available on this machine")
+    try:
+        ckpt = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(ckpt).to(args.device)
+        run_args = ckpt.get("args", {})
+        _, _, test_x, test_y, classes = load_raw(run_args.get("dataset", "cifar10"),
+                                                 args.data_dir or run_args.get("data_dir", "./data"))
+    except (CheckpointError, DataError) as e:
+        sys.exit(f"{parser.prog}: error: {e}")
+    if classes != ckpt["classes"] or test_x.shape[1:] != (ckpt["in_channels"], ckpt["image_size"],
+                                                          ckpt["image_size"]):
+        sys.exit(f"{parser.prog}: error: the data in the data dir does not match the checkpoint's classes or shape")
+    test = ImageSet(test_x.to(args.device), test_y.to(args.device),
+                    torch.tensor(ckpt["mean"], device=args.device), torch.tensor(ckpt["std"], device=args.device))
+    result = evaluate(model, test, len(classes))
+    if args.json:
+        print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
+                          "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),
+                          "confusion_matrix": result["confusion"].tolist()}))
+    else:
+        print(format_report(result, classes))
+    return result
+
+
+if __name__ == "__main__":
+    main()

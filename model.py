@@ -1,0 +1,77 @@
+"""Models, the name -> class registry, and checkpoint loading.
+
+Every model takes a normalized float batch (N, C, H, W) and returns logits (N, num_classes).
+`build_model(name, ...)` is the one way scripts make a model, so a checkpoint, which stores the
+name and the shape arguments, is enough to rebuild it (evaluate.py, predict.py, export.py).
+"""
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing, truncated, foreign or unsafe."""
+
+
+class SimpleCNN(nn.Module):
+    """The seed guide's LeNet-style net: 62,006 parameters for 3x32x32 input and 10 classes."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        side = ((image_size - 4) // 2 - 4) // 2  # two (conv k5, no padding; maxpool 2) stages
+        if side < 1:
+            raise ValueError(f"SimpleCNN needs images of at least 16x16 pixels, got {image_size}")
+        self.fc1 = nn.Linear(16 * side * side, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+MODELS = {"simplecnn": SimpleCNN}
+
+
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+
+
+CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "in_channels", "image_size", "classes", "mean", "std")
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint written by train.py. Never unpickles code: weights_only=True admits only tensors
+    and plain containers, so a file carrying a pickle payload is refused, not run."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # truncated zip, foreign format, or a forbidden global in the pickle
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason[:200]}") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of these scripts (missing {', '.join(missing)})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
+    try:
+        model = build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"])
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint does not match its model: {str(e).splitlines()[0][:200]}") from None
+    return model.eval()
