@@ -3,6 +3,8 @@
     cifar10        DATA_DIR/cifar-10-batches-py/           (downloaded, checksum verified, when missing)
     mnist          DATA_DIR/MNIST/raw/ or DATA_DIR/mnist/   (IDX files, plain or .gz; downloaded when missing)
     fashion-mnist  DATA_DIR/FashionMNIST/raw/, DATA_DIR/fashion-mnist/, /usr/share/datasets/fashion-mnist/
+    imagefolder    DATA_DIR/{train,test}/<class>/<image>, optionally DATA_DIR/val/ too (your own images,
+                   decoded once and cached as DATA_DIR/.cache-<split>-<size>-<hash>.pt)
 
 Why in memory: CIFAR-10 is 150 MB as uint8, so decoding it once and slicing batches out of one tensor
 on the training device removes the per-image Python work (PIL, ToTensor, collate) that otherwise dominates
@@ -10,16 +12,22 @@ a small model's step time. Every random choice of an epoch (order, crop offsets,
 from (seed, epoch) alone, so an epoch is the same whatever the batch size, accumulation or resume point.
 """
 import gzip
+import hashlib
+import json
+import os
 import pickle
 import struct
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
-DATASETS = ("cifar10", "mnist", "fashion-mnist")
+DATASETS = ("cifar10", "mnist", "fashion-mnist", "imagefolder")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -136,11 +144,14 @@ def load_idx_dataset(name: str, data_dir: Path):
     return (*out, classes)
 
 
-def load_raw(name: str, data_dir: str | Path):
-    """(train_images, train_labels, test_images, test_labels, classes), images uint8 (N, C, H, W)."""
+def load_raw(name: str, data_dir: str | Path, image_size: int = 32):
+    """(train_images, train_labels, test_images, test_labels, classes), images uint8 (N, C, H, W).
+    image_size is the side imagefolder images are resized to; the packed datasets have a fixed size."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     data_dir = Path(data_dir)
+    if name == "imagefolder":
+        return load_imagefolder(data_dir, image_size)
     return load_cifar10(data_dir) if name == "cifar10" else load_idx_dataset(name, data_dir)
 
 
@@ -202,14 +213,171 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor) -> torch.Tensor:
     return padded.gather(2, flat).view(n, c, h, w)
 
 
-def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str):
-    """Load a dataset, hold out validation, and compute normalization from the training part.
-    Returns (train, val or None, test, classes) as ImageSets on `device`."""
-    train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir)
-    (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
+def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,
+            image_size: int = 32):
+    """Load a dataset, hold out validation (imagefolder: DATA_DIR/val/ when it exists, instead of val_split),
+    and compute normalization from the training part. Returns (train, val or None, test, classes) as ImageSets on `device`."""
+    train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size)
+    if name == "imagefolder" and (Path(data_dir) / "val").is_dir():  # the user's own split beats a random one
+        val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size)
+    else:
+        (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in channel_stats(train_x))
 
     def on_device(x, y):
         return ImageSet(x.to(device), y.to(device), mean, std)
     val = on_device(val_x, val_y) if len(val_y) else None
     return on_device(train_x, train_y), val, on_device(test_x, test_y), classes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image folders: your own images as DATA_DIR/<split>/<class>/<image file>, decoded once into the tensors above
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGEFOLDER_CHANNELS = 3  # grayscale, RGBA and palette images all become RGB
+CACHE_VERSION = 1  # part of the cache key: bump it whenever load_image changes, so old decodings are never used
+
+
+def load_image(path: str | Path, channels: int, image_size: int) -> torch.Tensor:
+    """Decode an image file to uint8 (channels, image_size, image_size), channels 1 = grayscale or 3 = RGB.
+    Training and prediction both decode through here, so a predicted image is seen exactly as a training one:
+    EXIF orientation applied, transparency flattened onto white, squashed (not cropped) to a square."""
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise DataError(f"cannot decode images to {channels} channels: only 1 (grayscale) or 3 (RGB)")
+    try:
+        with Image.open(path) as im:
+            im.draft(None, (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers the size
+            im = _to_mode(ImageOps.exif_transpose(im), mode)
+            # Pillow widens the bilinear kernel when shrinking, so this averages (antialiases), not point-samples
+            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError, ...
+        raise DataError(f"cannot read image {path}: {e}") from None
+    return torch.from_numpy(np.array(im).reshape(image_size, image_size, channels)).permute(2, 0, 1).contiguous()
+
+
+def _to_mode(im: Image.Image, mode: str) -> Image.Image:
+    if im.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte, where convert() would clip at 255
+        im = Image.fromarray((np.array(im) >> 8).astype(np.uint8))
+    if im.has_transparency_data:  # transparent pixels hold arbitrary colors: show them on white, as viewers do
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return im.convert(mode)
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"imagefolder: {folder} not found; {root} needs train/ and test/ (and optionally val/), "
+                        f"each with one sub-folder of images per class")
+    return folder
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files anywhere under `folder`, sorted; hidden ones (such as macOS's ._x.jpg) left out."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def imagefolder_classes(root: Path) -> list[str]:
+    """The class names: the sub-folders of DATA_DIR/train/, sorted."""
+    classes = _subfolders(_split_dir(root, "train"))
+    if len(classes) < 2:
+        raise DataError(f"imagefolder: {root / 'train'} needs at least two class sub-folders, found {len(classes)}")
+    return classes
+
+
+def load_imagefolder(root: Path, image_size: int):
+    """(train_images, train_labels, test_images, test_labels, classes) from DATA_DIR/train/ and /test/."""
+    classes = imagefolder_classes(root)
+    train = load_imagefolder_split(root, "train", classes, image_size)
+    test = load_imagefolder_split(root, "test", classes, image_size)
+    return (*train, *test, classes)
+
+
+def load_imagefolder_split(root: Path, split: str, classes: list[str],
+                           image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/, from the cache while it is
+    current. Unreadable files are skipped with a warning; a class left without images is an error."""
+    folder = _split_dir(root, split)
+    found = _subfolders(folder)
+    if found != classes:
+        differences = [f"{what} {', '.join(sorted(names))}" for what, names in
+                       (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
+        raise DataError(f"imagefolder: the class folders of {folder} differ from train/'s: {'; '.join(differences)}")
+    files = [(p, label) for label, name in enumerate(classes) for p in _image_files(folder / name)]
+    cache = _cache_path(root, split, image_size, [p for p, _ in files])
+    data = _read_cache(cache, len(files), image_size)
+    if data is None:
+        print(f"imagefolder: decoding {len(files)} images of {folder} to {image_size}x{image_size} "
+              f"(cached for the next run)", file=sys.stderr, flush=True)
+        data = _decode(files, image_size)
+        _write_cache(cache, data)
+    for message in data["skipped"]:
+        print(f"warning: {message}; skipped", file=sys.stderr)
+    counts = torch.bincount(data["labels"], minlength=len(classes)).tolist()
+    if 0 in counts:
+        raise DataError(f"imagefolder: class folder {folder / classes[counts.index(0)]} holds no readable images "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    return data["images"], data["labels"]
+
+
+def _cache_path(root: Path, split: str, image_size: int, files: list[Path]) -> Path:
+    """DATA_DIR/.cache-<split>-<size>-<hash>: the hash covers every file's path, size and mtime and the decoding,
+    so adding, removing, renaming or editing an image, or a new decoder, makes a new key."""
+    stats = [(p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p, st in ((p, p.stat()) for p in files)]
+    key = json.dumps([CACHE_VERSION, IMAGEFOLDER_CHANNELS, image_size, stats])
+    return root / f".cache-{split}-{image_size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _decode(files: list[tuple[Path, int]], image_size: int) -> dict:
+    """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor."""
+    images = torch.empty(len(files), IMAGEFOLDER_CHANNELS, image_size, image_size, dtype=torch.uint8)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+
+    def decode(i: int) -> str | None:
+        try:
+            images[i] = load_image(files[i][0], IMAGEFOLDER_CHANNELS, image_size)
+        except DataError as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while it decodes and resizes
+        problems = list(pool.map(decode, range(len(files))))
+    skipped = [p for p in problems if p is not None]
+    if skipped:
+        keep = torch.tensor([p is None for p in problems])
+        images, labels = images[keep], labels[keep]
+    return {"images": images, "labels": labels, "skipped": skipped}
+
+
+def _read_cache(path: Path, n_files: int, image_size: int) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = torch.load(path, weights_only=True)
+        images, labels, skipped = data["images"], data["labels"], data["skipped"]
+        ok = (images.dtype == torch.uint8 and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
+              and labels.dtype == torch.int64 and len(images) == len(labels) == n_files - len(skipped))
+    except Exception:  # truncated, foreign or mangled: only a cache miss, decode again
+        return None
+    return data if ok else None
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    """Best effort: without a cache (a read-only data dir, a full disk) the next run only decodes again.
+    Older caches of the same split and size are deleted, so edits to the folder do not pile them up."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed when complete: never a half-written cache
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+        for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)

@@ -59,7 +59,8 @@ def format_report(result: dict, classes: list[str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.error = lambda message: sys.exit(f"{parser.prog}: error: {message}")  # one line, not the usage block
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
     parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the training run's)")

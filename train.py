@@ -34,11 +34,14 @@ METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "tra
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"{p.prog}: error: {message}")  # one line, not the usage block
     add = p.add_argument
     add("--dataset", default="cifar10", choices=DATASETS, help="(default: cifar10)")
     add("--data-dir", default="./data", metavar="DIR", help="where datasets are found or downloaded (default: ./data)")
+    add("--image-size", type=int, default=32, metavar="PX",
+        help="side images are resized to, imagefolder only (default: 32)")
     add("--model", default="simplecnn", choices=sorted(MODELS), help="(default: simplecnn)")
     add("--epochs", type=int, default=5, metavar="N", help="(default: 5)")
     add("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default: 32)")
@@ -72,6 +75,7 @@ def check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, as a message, or None."""
     rules = [
         (args.epochs >= 1, "--epochs must be at least 1"),
+        (8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (args.batch_size >= 1, "--batch-size must be at least 1"),
         (args.accum_steps >= 1, "--accum-steps must be at least 1"),
         (math.isfinite(args.lr) and args.lr > 0, "--lr must be a positive number"),
@@ -220,7 +224,8 @@ def run(args: argparse.Namespace) -> dict:
                          f"or choose another --out-dir")
 
     torch.manual_seed(args.seed)
-    train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device)
+    train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
+                                       image_size=args.image_size)
     _, in_channels, image_size, _ = train.images.shape
     model = build_model(args.model, len(classes), in_channels, image_size).to(device)
     if args.channels_last:

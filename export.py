@@ -1,0 +1,110 @@
+"""Export a checkpoint to ONNX, and check the ONNX model against PyTorch before keeping it.
+
+    python export.py --checkpoint runs/my-photos/best.pth --output model.onnx
+
+The ONNX model takes what the PyTorch one takes: float32 images "images" (batch, C, H, W), any batch size,
+normalized as (pixel / 255 - mean) / std per channel; it returns "logits" (batch, classes). The file's metadata
+holds what a user of it needs: classes, mean, std (JSON lists), image_size, model_name. The check runs both models
+on random inputs of batch sizes 1 and 5 with onnxruntime; the file is written only when the largest difference is
+under 1e-4. Needs the optional packages onnx (to write) and onnxruntime (to check): pip install onnx onnxruntime.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+import torch.nn as nn
+
+from model import CheckpointError, load_checkpoint, model_from_checkpoint
+
+TOLERANCE = 1e-4  # float32 logits of the same graph differ by rounding only, far below this
+CHECK_BATCHES = (1, 5)  # two sizes, so a batch dimension that was frozen at export shows up
+OPSET = 17  # run by every onnxruntime since 1.14 (2023)
+
+
+class ExportError(Exception):
+    """An optional package missing, or an ONNX model that does not match PyTorch."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="export.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"{p.prog}: error: {message}")  # one line, not the usage block
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
+    p.add_argument("--output", metavar="PATH", help="the .onnx file to write (default: the checkpoint's path with .onnx)")
+    return p.parse_args(argv)
+
+
+def require(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise ExportError(f"{name} is not installed; export.py needs the optional packages onnx and onnxruntime: "
+                          f"pip install onnx onnxruntime") from None
+
+
+def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:
+    """Write `model` as ONNX with a dynamic batch dimension, and the checkpoint's classes and normalization
+    as metadata."""
+    onnx = require("onnx")
+    example = torch.zeros(2, ckpt["in_channels"], ckpt["image_size"], ckpt["image_size"])
+    with warnings.catch_warnings():
+        # torch >= 2.9 deprecates this TorchScript-based exporter for dynamo=True, which also needs onnxscript
+        # and takes seconds; for these plain conv nets this one is exact and needs onnx alone
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript-based ONNX export")
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {
+        "classes": json.dumps(ckpt["classes"]), "mean": json.dumps(ckpt["mean"]), "std": json.dumps(ckpt["std"]),
+        "image_size": str(ckpt["image_size"]), "model_name": ckpt["model_name"]})
+    onnx.save(graph, str(path))
+
+
+@torch.no_grad()
+def max_difference(model: nn.Module, path: Path, in_channels: int, image_size: int) -> float:
+    """Largest |ONNX - PyTorch| logit over seeded random inputs of each of CHECK_BATCHES sizes."""
+    ort = require("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for n in CHECK_BATCHES:
+        x = torch.randn(n, in_channels, image_size, image_size, generator=generator)
+        onnx_logits = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+        worst = max(worst, (onnx_logits - model(x)).abs().max().item())
+    return worst
+
+
+def main(argv: list[str] | None = None) -> float:
+    args = parse_args(argv)
+    output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    tmp = output.with_name(output.name + ".tmp")  # renamed to `output` only once the check has passed
+    try:
+        for package in ("onnx", "onnxruntime"):  # before any work: a missing package is the one message
+            require(package)
+        ckpt = load_checkpoint(args.checkpoint)
+        model = model_from_checkpoint(ckpt)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, ckpt, tmp)
+        difference = max_difference(model, tmp, ckpt["in_channels"], ckpt["image_size"])
+        if not difference < TOLERANCE:  # `not <` so that a NaN fails too
+            raise ExportError(f"the ONNX model differs from PyTorch by up to {difference:.3g} (limit {TOLERANCE:g}); "
+                              f"nothing written")
+        os.replace(tmp, output)
+    except (CheckpointError, ExportError, OSError) as e:
+        sys.exit(f"export.py: error: {e}")
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {output}; largest difference from PyTorch on random inputs (batch sizes "
+          f"{', '.join(map(str, CHECK_BATCHES))}): {difference:.3g} (limit {TOLERANCE:g})")
+    return difference
+
+
+if __name__ == "__main__":
+    main()

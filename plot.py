@@ -1,0 +1,115 @@
+"""Pictures of a run: loss and accuracy curves from its metrics.csv, and the confusion matrix.
+
+    python plot.py runs/my-photos/metrics.csv                      # writes runs/my-photos/curves.png
+    python plot.py runs/my-photos/metrics.csv --output curves.png
+
+plot_confusion(confusion, classes, path) draws the confusion matrix of evaluate.py (evaluate.py --plot PATH).
+matplotlib is optional (pip install matplotlib): it is imported only when a picture is drawn, so training and
+evaluation run without it.
+"""
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
+
+
+class PlotError(Exception):
+    """matplotlib missing, or a file that cannot be read or written."""
+
+
+def require_matplotlib() -> type:
+    """matplotlib's Figure class. Figure, not pyplot: no global figure state and no GUI backend to pick."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PlotError("drawing needs matplotlib, an optional dependency: pip install matplotlib") from None
+    return Figure
+
+
+def read_metrics(path: Path) -> dict[str, list[float]]:
+    """The CURVES columns of a metrics.csv written by train.py, as floats (a run without validation has nan)."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise PlotError(f"cannot read {path}: {e.strerror}") from None
+    except (UnicodeDecodeError, csv.Error):
+        raise PlotError(f"{path} is not a CSV file") from None
+    missing = [c for c in CURVES if not rows or c not in rows[0]]
+    if missing:
+        raise PlotError(f"{path} is not a metrics.csv of train.py with epochs in it (no {', '.join(missing)})")
+    try:
+        return {c: [float(row[c]) for row in rows] for c in CURVES}
+    except (TypeError, ValueError):  # a short row gives None, a mangled one a non-number
+        raise PlotError(f"{path} has a row with a missing or non-numeric value") from None
+
+
+def plot_curves(metrics: dict[str, list[float]], path: str | Path) -> None:
+    """Loss (left) and accuracy (right) per epoch, train and validation, to a PNG."""
+    fig = require_matplotlib()(figsize=(10, 4), layout="constrained")
+    for ax, name, title in zip(fig.subplots(1, 2), ("loss", "acc"), ("loss (cross-entropy)", "accuracy (%)")):
+        for split in ("train", "val"):
+            values = metrics[f"{split}_{name}"]
+            if not all(math.isnan(v) for v in values):  # a run with --val-split 0 has no validation curve
+                ax.plot(metrics["epoch"], values, marker="o", label=split)
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path) -> None:
+    """The confusion matrix (rows: true class, columns: predicted, as evaluate.py computes it) to a PNG: each cell
+    colored by its share of the true class's images, so that rare classes read like common ones, and labelled
+    with its count."""
+    counts = torch.as_tensor(confusion, dtype=torch.int64)
+    n = len(classes)
+    if counts.shape != (n, n):
+        raise ValueError(f"confusion matrix of shape {tuple(counts.shape)} for {n} classes")
+    share = counts / counts.sum(1, keepdim=True).clamp(min=1)
+    side = min(20, max(4, 0.45 * n + 2))  # inches: room for the labels, within a screen
+    fig = require_matplotlib()(figsize=(side + 1.5, side), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set(title="confusion matrix", xlabel="predicted class", ylabel="true class", xticks=range(n), yticks=range(n))
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    if n <= 30:  # beyond that the numbers would be too small to read
+        for i, (count_row, share_row) in enumerate(zip(counts.tolist(), share.tolist())):
+            for j, (count, fraction) in enumerate(zip(count_row, share_row)):
+                ax.text(j, i, count, ha="center", va="center", fontsize=8, color="white" if fraction > 0.5 else "black")
+    _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> None:
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    except OSError as e:
+        raise PlotError(f"cannot write {path}: {e.strerror}") from None
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(prog="plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"{p.prog}: error: {message}")  # one line, not the usage block
+    p.add_argument("metrics", metavar="METRICS_CSV", help="a run's metrics.csv")
+    p.add_argument("--output", metavar="PATH", help="the PNG to write (default: curves.png next to METRICS_CSV)")
+    args = p.parse_args(argv)
+    output = Path(args.output) if args.output else Path(args.metrics).with_name("curves.png")
+    try:
+        require_matplotlib()  # first, so that a missing package is the one message
+        plot_curves(read_metrics(Path(args.metrics)), output)
+    except PlotError as e:
+        sys.exit(f"plot.py: error: {e}")
+    print(f"wrote {output}")
+    return output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import write_idx, write_mnist
+from data import (PAD, DataError, ImageSet, channel_stats, epoch_plan, load_raw, prepare, random_crop_flip,
+                  split_train_val)
+
+
+def test_cifar10_loads_from_the_standard_layout(cifar_dir):
+    train_x, train_y, test_x, test_y, classes = load_raw("cifar10", cifar_dir)
+    assert train_x.shape == (200, 3, 32, 32) and train_x.dtype == torch.uint8
+    assert test_x.shape == (50, 3, 32, 32) and test_y.dtype == torch.int64
+    assert classes[0] == "airplane" and len(classes) == 10
+    # the bytes of the first image are exactly the file's (R plane, G plane, B plane)
+    with open(cifar_dir / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        first = pickle.load(f)  # our own test file, so the plain unpickler is fine here
+    assert torch.equal(train_x[0].flatten(), torch.from_numpy(first["data"][0]))
+    assert train_y[:40].tolist() == first["labels"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_pickle_payload_in_a_batch_file_is_refused_and_never_runs(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(cifar_dir / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({"data": Payload(), "labels": [0]}, f)
+    with pytest.raises(DataError, match="data_batch_3.*refusing to load posix.system"):
+        load_raw("cifar10", cifar_dir)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:1000]), "broken CIFAR-10 batch file"),
+    (lambda p: p.unlink(), "missing data_batch_2"),
+    (lambda p: p.write_bytes(pickle.dumps({"data": np.zeros((2, 10), np.uint8), "labels": [0, 1]})),
+     "expected uint8 data"),
+    (lambda p: p.write_bytes(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]})),
+     "labels in 0..9"),
+])
+def test_broken_cifar_files_get_a_clear_error(cifar_dir, damage, message):
+    damage(cifar_dir / "cifar-10-batches-py" / "data_batch_2")
+    with pytest.raises(DataError, match=message):
+        load_raw("cifar10", cifar_dir)
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_files_plain_or_gzipped(tmp_path, compress):
+    write_mnist(tmp_path / "mnist", compress=compress)
+    train_x, train_y, test_x, test_y, classes = load_raw("mnist", tmp_path)
+    assert train_x.shape == (120, 1, 28, 28) and test_x.shape == (40, 1, 28, 28)
+    assert torch.equal(train_x[torch.arange(120), 0, train_y * 2], torch.full((120, 28), 255, dtype=torch.uint8))
+    assert classes == [str(i) for i in range(10)]
+
+
+def test_truncated_idx_file_is_refused(tmp_path):
+    folder = write_mnist(tmp_path / "MNIST" / "raw", compress=False)
+    path = folder / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(DataError, match="truncated"):
+        load_raw("mnist", tmp_path)
+    write_idx(path, np.zeros((3, 4), np.uint8), compress=False)  # 2-d where 3-d belongs
+    with pytest.raises(DataError, match="not an IDX file of 3-d"):
+        load_raw("mnist", tmp_path)
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="unknown dataset 'imagenet'"):
+        load_raw("imagenet", ".")
+
+
+def test_channel_stats_are_the_real_per_channel_mean_and_std():
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    mean, std = channel_stats(images)
+    x = images.double() / 255
+    for c in range(3):
+        assert mean[c] == pytest.approx(x[:, c].mean().item(), abs=1e-12)
+        assert std[c] == pytest.approx(x[:, c].std().item(), abs=1e-12)
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
+    labels = torch.arange(100)
+    (tx, ty), (vx, vy) = split_train_val(images, labels, 0.2, seed=3)
+    (tx2, ty2), (vx2, vy2) = split_train_val(images, labels, 0.2, seed=3)
+    assert len(vy) == 20 and len(ty) == 80 and torch.equal(vy, vy2)
+    assert sorted(ty.tolist() + vy.tolist()) == list(range(100))
+    assert not torch.equal(split_train_val(images, labels, 0.2, seed=4)[1][1], vy)
+
+
+def test_epoch_plan_depends_on_seed_and_epoch_only():
+    plan = epoch_plan(1000, seed=1, epoch=2)
+    assert torch.equal(plan, epoch_plan(1000, seed=1, epoch=2))
+    assert not torch.equal(plan, epoch_plan(1000, seed=1, epoch=3))
+    assert sorted(plan[:, 0].tolist()) == list(range(1000))  # each sample exactly once
+    assert plan[:, 1:3].min() == 0 and plan[:, 1:3].max() == 2 * PAD
+    assert set(plan[:, 3].tolist()) == {0, 1}
+
+
+def test_random_crop_flip_matches_a_per_image_reference():
+    x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
+    plan = epoch_plan(50, seed=0, epoch=1)[:, 1:]
+    out = random_crop_flip(x, plan)
+    for i, (dy, dx, flip) in enumerate(plan.tolist()):
+        ref = F.pad(x[i], (PAD,) * 4)[:, dy:dy + 32, dx:dx + 32]
+        assert torch.equal(out[i], ref.flip(2) if flip else ref)
+
+
+def test_imageset_batch_normalizes_with_the_given_stats():
+    images = torch.tensor([[[[0, 255]]], [[[51, 102]]]], dtype=torch.uint8)  # (2, 1, 1, 2)
+    data = ImageSet(images, torch.tensor([3, 4]), torch.tensor([0.2]), torch.tensor([0.5]))
+    x, y = data.batch(torch.tensor([1, 0]))
+    assert y.tolist() == [4, 3]
+    assert torch.allclose(x, torch.tensor([[[[0.0, 0.4]]], [[[-0.4, 1.6]]]]))
+
+
+def test_prepare_holds_out_validation_and_computes_stats_on_training_part(cifar_dir):
+    train, val, test, classes = prepare("cifar10", cifar_dir, 0.1, seed=0, device="cpu")
+    assert (len(train), len(val), len(test)) == (180, 20, 50)
+    mean, std = channel_stats(train.images)
+    assert train.mean.tolist() == pytest.approx(mean) and test.std.tolist() == pytest.approx(std)
+    assert prepare("cifar10", cifar_dir, 0.0, seed=0, device="cpu")[1] is None

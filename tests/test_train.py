@@ -1,0 +1,225 @@
+"""train.py end to end on tiny data in the real formats: no mocks, real runs, real files."""
+import copy
+import csv
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import train
+from conftest import ROOT, write_cifar10
+from data import prepare
+from model import build_model, load_checkpoint
+
+
+def args_for(*argv: str):
+    args = train.parse_args(list(argv))
+    assert train.check_args(args) is None
+    return args
+
+
+def one_epoch(data, *argv: str, model_seed: int = 0) -> torch.nn.Module:
+    """One epoch of the real training function from a fixed initialization."""
+    args = args_for(*argv)
+    torch.manual_seed(model_seed)
+    model = build_model("simplecnn", 10, 3, 32)
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    train.train_one_epoch(model, optimizer, scheduler, data, args, epoch=1)
+    return model
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module, atol: float) -> None:
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p, q, atol=atol, rtol=0), name
+
+
+@pytest.mark.parametrize("n_images", [64, 80])  # 80 = two full groups of 32 and a short last group of 16
+def test_accumulation_equals_one_big_batch(cifar_dir, n_images):
+    data = prepare("cifar10", cifar_dir, 0, seed=0, device="cpu")[0]
+    data.images, data.labels = data.images[:n_images], data.labels[:n_images]
+    # plain SGD: the weights move by exactly lr x the gradient, so equal weights mean equal gradients
+    # (Adam divides by sqrt(v), which turns float rounding of near-zero gradients into visible differences)
+    flags = ("--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05", "--no-channels-last")
+    big = one_epoch(data, "--batch-size", "32", *flags)
+    small = one_epoch(data, "--batch-size", "8", "--accum-steps", "4", *flags)
+    assert_same_weights(big, small, atol=1e-6)
+    other = one_epoch(data, "--batch-size", "16", *flags)  # not the same update: the test can tell them apart
+    assert not torch.allclose(other.fc3.weight, big.fc3.weight, atol=1e-4)
+
+
+def test_clipping_bounds_the_accumulated_gradient_once_per_step(cifar_dir):
+    data = prepare("cifar10", cifar_dir, 0, seed=0, device="cpu")[0]
+    data.images, data.labels = data.images[:32], data.labels[:32]
+    torch.manual_seed(0)
+    start = build_model("simplecnn", 10, 3, 32).state_dict()
+    flags = ("--optimizer", "sgd", "--momentum", "0", "--lr", "1", "--grad-clip", "0.01")
+    for extra in (("--batch-size", "32"), ("--batch-size", "8", "--accum-steps", "4")):
+        model = one_epoch(data, *flags, *extra)
+        # plain SGD with lr 1: the step is minus the clipped gradient, whose global norm is exactly the limit
+        step = torch.cat([(start[k] - v).flatten() for k, v in model.state_dict().items()])
+        assert step.norm().item() == pytest.approx(0.01, rel=1e-4)
+    unclipped = one_epoch(data, "--optimizer", "sgd", "--momentum", "0", "--lr", "1")
+    step = torch.cat([(start[k] - v).flatten() for k, v in unclipped.state_dict().items()])
+    assert step.norm().item() > 0.1
+
+
+def run_train(tmp_path, data_dir, *argv, name="run"):
+    out = tmp_path / name
+    results = train.main(["--data-dir", str(data_dir), "--out-dir", str(out), "--device", "cpu", *argv])
+    return out, results
+
+
+def test_a_run_writes_metrics_checkpoints_and_results(tmp_path, cifar_dir, capsys):
+    out, results = run_train(tmp_path, cifar_dir, "--epochs", "2", "--augment", "--scheduler", "cosine")
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2 and "img/s" in lines[0]
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == train.METRICS and [r["epoch"] for r in rows] == ["1", "2"]
+    assert all(float(r["images_per_s"]) > 0 and 0 <= float(r["val_acc"]) <= 100 for r in rows)
+    assert json.loads((out / "results.json").read_text()) == results
+    assert set(results) == {"test_accuracy", "test_loss", "best_epoch", "epochs_completed", "stopped_early",
+                            "train_seconds"}
+    assert results["epochs_completed"] == 2 and results["stopped_early"] is False
+    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "last.pth", "metrics.csv", "results.json"]
+
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["classes"][0] == "airplane" and len(ckpt["mean"]) == 3
+    assert ckpt["args"]["batch_size"] == 32 and isinstance(ckpt["args"], dict)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert {"optimizer", "scheduler", "rng", "best_val_loss", "bad_epochs"} <= set(ckpt)
+    fresh = build_model("simplecnn", 10, 3, 32)
+    fresh.load_state_dict(ckpt["model"])  # a plain state_dict
+
+    # evaluate.py agrees with the number train.py reported for best.pth
+    report = evaluate.main(["--checkpoint", str(out / "best.pth"), "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == results["test_accuracy"] == report["accuracy"]
+    assert printed["loss"] == pytest.approx(results["test_loss"], rel=1e-9)
+    assert sum(map(sum, printed["confusion_matrix"])) == 50
+    assert set(printed["per_class_accuracy"]) == set(ckpt["classes"])
+    evaluate.main(["--checkpoint", str(out / "best.pth")])
+    table = capsys.readouterr().out
+    assert "confusion matrix" in table and "airplane" in table
+
+
+def test_early_stopping_uses_validation_and_patience(tmp_path, cifar_dir):
+    # a min-delta no loss can beat: epoch 1 is the only improvement, then 2 epochs of patience
+    out, results = run_train(tmp_path, cifar_dir, "--epochs", "10", "--patience", "2", "--min-delta", "1000")
+    assert results["stopped_early"] is True and results["epochs_completed"] == 3 and results["best_epoch"] == 1
+    assert torch.load(out / "best.pth", weights_only=True)["epoch"] == 1
+    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 3
+
+
+def test_default_flags_are_the_seed_recipe():
+    args = train.parse_args([])
+    assert (args.model, args.optimizer, args.lr, args.batch_size, args.epochs, args.augment, args.dataset) == \
+        ("simplecnn", "adam", 1e-3, 32, 5, False, "cifar10")
+
+
+def wait_for_checkpoint(path, proc, timeout=120):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.005)
+
+
+def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
+    data_dir = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
+    flags = ["--data-dir", str(data_dir), "--epochs", "3", "--augment", "--scheduler", "cosine", "--device", "cpu"]
+    train.main([*flags, "--out-dir", str(tmp_path / "straight")])
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--out-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(out / "last.pth", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = torch.load(out / "last.pth", weights_only=True)["epoch"]
+    assert done < 3, "the run finished before it could be killed; make the data bigger"
+    train.main([*flags, "--out-dir", str(out), "--resume", str(out / "last.pth")])
+
+    a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)
+    b = torch.load(out / "last.pth", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+    with open(out / "metrics.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
+
+
+def fails_with(argv, message, capsys=None):
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    text = str(exc.value.code)
+    assert text.startswith("train.py: error: ") and message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--accum-steps", "0"], "--accum-steps must be at least 1"),
+    (["--patience", "-1"], "--patience must be >= 0"),
+    (["--grad-clip", "-0.5"], "--grad-clip must be >= 0"),
+    (["--val-split", "1"], "--val-split must be in [0, 1)"),
+    (["--patience", "3", "--val-split", "0"], "--patience needs a validation set"),
+    (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
+    (["--model", "vgg"], "invalid choice: 'vgg'"),
+    (["--batch-size", "abc"], "invalid int value: 'abc'"),
+])
+def test_bad_values_get_one_clear_line(flags, message):
+    fails_with(flags, message)
+
+
+def test_bad_files_get_one_clear_line_and_nothing_is_lost(tmp_path, cifar_dir):
+    out, _ = run_train(tmp_path, cifar_dir, "--epochs", "1")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    base = ["--data-dir", str(cifar_dir), "--device", "cpu"]
+    fails_with([*base, "--out-dir", str(out)], "already holds a run")
+    fails_with([*base, "--resume", str(tmp_path / "nope.pth")], "checkpoint not found")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes((out / "last.pth").read_bytes()[:5000])
+    fails_with([*base, "--resume", str(truncated)], "cannot read checkpoint")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    fails_with([*base, "--resume", str(foreign)], "not a checkpoint of these scripts")
+    fails_with([*base, "--resume", str(out / "last.pth"), "--model", "simplecnn", "--dataset", "mnist"],
+               "trained with --dataset cifar10")
+    (cifar_dir / "cifar-10-batches-py" / "test_batch").unlink()
+    fails_with([*base, "--out-dir", str(tmp_path / "new")], "missing test_batch")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_a_missing_device_is_a_clear_error(cifar_dir, tmp_path):
+    fails_with(["--data-dir", str(cifar_dir), "--device", "cuda", "--out-dir", str(tmp_path / "o")],
+               "--device cuda is not available")
+
+
+def test_errors_from_the_command_line_have_no_traceback(tmp_path):
+    bad = tmp_path / "evil.pth"
+    bad.write_bytes(b"not a zip file at all")
+    for cmd in (["train.py", "--lr", "0"], ["evaluate.py", "--checkpoint", str(bad)],
+                ["train.py", "--resume", str(bad)]):
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_fashion_mnist_real_data_reaches_a_real_accuracy(tmp_path):
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    _, results = run_train(tmp_path, tmp_path / "empty", "--dataset", "fashion-mnist", "--epochs", "1",
+                           "--batch-size", "64", "--lr", "2e-3")
+    assert results["test_accuracy"] > 80.0
