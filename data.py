@@ -205,7 +205,7 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor) -> torch.Tensor:
     """Crop each image of x (N, C, H, W) at its own offset (dy, dx) from a PAD-pixel zero-padded copy, and
     mirror those with flip = 1: one gather for the whole batch, no per-image Python."""
     n, c, h, w = x.shape
-    padded = F.pad(x, (PAD, PAD, PAD, PAD)).view(n, c, -1)
+    padded = F.pad(x, (PAD, PAD, PAD, PAD)).reshape(n, c, (h + 2 * PAD) * (w + 2 * PAD))
     arange_w = torch.arange(w, device=x.device)
     rows = crop_flip[:, 0:1] + torch.arange(h, device=x.device)                               # (N, H)
     cols = crop_flip[:, 1:2] + torch.where(crop_flip[:, 2:3].bool(), arange_w.flip(0), arange_w)  # (N, W)

@@ -11,6 +11,7 @@ import json
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -21,17 +22,26 @@ EVAL_BATCH = 1024  # images per forward pass; any size gives the same counts
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, num_classes: int, batch_size: int = EVAL_BATCH) -> dict:
-    """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`."""
+def evaluate(model: nn.Module, data: ImageSet, num_classes: int, batch_size: int = EVAL_BATCH,
+             tta: bool = False) -> dict:
+    """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`.
+    tta: average the logits of each image and its mirror image. Under torchrun each process takes every
+    world_size-th image and the sums are added up across processes, so every image counts exactly once."""
     model.eval()
     device = data.labels.device
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
-    for idx in torch.arange(len(data), device=device).split(batch_size):
+    for idx in torch.arange(rank, len(data), world, device=device).split(batch_size):
         x, y = data.batch(idx)
         logits = model(x).float()
+        if tta:
+            logits = (logits + model(x.flip(3)).float()) / 2
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    if world > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(confusion)
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = max(len(data), 1)
     return {"loss": loss_sum.item() / n, "accuracy": 100.0 * confusion.diag().sum().item() / n,
@@ -65,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
     parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the training run's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="(default: cpu)")
+    parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available() or \
@@ -83,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"{parser.prog}: error: the data in the data dir does not match the checkpoint's classes or shape")
     test = ImageSet(test_x.to(args.device), test_y.to(args.device),
                     torch.tensor(ckpt["mean"], device=args.device), torch.tensor(ckpt["std"], device=args.device))
-    result = evaluate(model, test, len(classes))
+    result = evaluate(model, test, len(classes), tta=args.tta)
     if args.json:
         print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
                           "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),

@@ -54,9 +54,9 @@ def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:
     onnx = require("onnx")
     example = torch.zeros(2, ckpt["in_channels"], ckpt["image_size"], ckpt["image_size"])
     with warnings.catch_warnings():
-        # torch >= 2.9 deprecates this TorchScript-based exporter for dynamo=True, which also needs onnxscript
-        # and takes seconds; for these plain conv nets this one is exact and needs onnx alone
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchScript-based ONNX export")
+        # torch >= 2.9 deprecates this TorchScript-based exporter (and warns from inside it) for dynamo=True, which
+        # also needs onnxscript and takes seconds; for these plain conv nets this one is exact and needs onnx alone
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
                           input_names=["images"], output_names=["logits"],
                           dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> float:
             raise ExportError(f"the ONNX model differs from PyTorch by up to {difference:.3g} (limit {TOLERANCE:g}); "
                               f"nothing written")
         os.replace(tmp, output)
-    except (CheckpointError, ExportError, OSError) as e:
+    except (CheckpointError, ExportError) as e:
         sys.exit(f"export.py: error: {e}")
+    except OSError as e:
+        sys.exit(f"export.py: error: cannot write {output}: {e.strerror}")
     finally:
         tmp.unlink(missing_ok=True)
     print(f"wrote {output}; largest difference from PyTorch on random inputs (batch sizes "

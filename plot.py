@@ -35,14 +35,17 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
     """The CURVES columns of a metrics.csv written by train.py, as floats (a run without validation has nan)."""
     try:
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows, columns = list(reader), reader.fieldnames or []  # fieldnames reads the file: None when empty
     except OSError as e:
         raise PlotError(f"cannot read {path}: {e.strerror}") from None
     except (UnicodeDecodeError, csv.Error):
         raise PlotError(f"{path} is not a CSV file") from None
-    missing = [c for c in CURVES if not rows or c not in rows[0]]
+    missing = [c for c in CURVES if c not in columns]
     if missing:
-        raise PlotError(f"{path} is not a metrics.csv of train.py with epochs in it (no {', '.join(missing)})")
+        raise PlotError(f"{path} is not a metrics.csv of train.py (no {', '.join(missing)} column)")
+    if not rows:
+        raise PlotError(f"{path} has no epochs yet")
     try:
         return {c: [float(row[c]) for row in rows] for c in CURVES}
     except (TypeError, ValueError):  # a short row gives None, a mangled one a non-number

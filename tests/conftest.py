@@ -1,39 +1,55 @@
-"""Shared by the tests: the repository root on sys.path, and a small image folder built with PIL."""
+"""Shared by the tests: the repository root on sys.path, and tiny datasets written in the real file formats."""
+import gzip
+import pickle
+import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-COLORS = {"blue": (0, 0, 255), "red": (255, 0, 0)}  # the classes, sorted as the loader sorts them
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 
-def write_class_images(folder: Path, color: tuple[int, int, int]) -> None:
-    """One image per format and mode the loader converts, each of odd size and one solid color, so every
-    decoded pixel is known: white where transparent, gray 100 for the grayscale one."""
+def write_cifar10(data_dir: Path, n_per_batch: int = 40, n_test: int = 50) -> Path:
+    """data_dir/cifar-10-batches-py/ as the real archive has it: five training batches and a test batch, each a
+    pickled {"data": uint8 (N, 3072), "labels": [int]} of seeded random images."""
+    folder = data_dir / "cifar-10-batches-py"
     folder.mkdir(parents=True)
-    Image.new("RGB", (40, 17), color).save(folder / "a.jpg", quality=95)
-    Image.new("L", (31, 31), 100).save(folder / "b.bmp")
-    Image.new("RGBA", (13, 50), (*color, 0)).save(folder / "c_clear.png")
-    Image.new("RGBA", (21, 9), (*color, 255)).save(folder / "d_opaque.png")
-    Image.new("RGB", (33, 20), color).convert("P").save(folder / "e_palette.png")
-    Image.new("RGB", (64, 48), color).save(folder / "f.webp", lossless=True)
-
-
-# The decoded (R, G, B) of each file write_class_images makes, in the loader's (sorted) order; the JPEG's is
-# lossy and close to `color`, checked apart.
-def expected_pixels(color: tuple[int, int, int]) -> list[tuple[int, int, int] | None]:
-    return [None, (100, 100, 100), (255, 255, 255), color, color, color]
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_per_batch
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return data_dir
 
 
 @pytest.fixture
-def image_folder(tmp_path: Path) -> Path:
-    """train/ and test/ with classes blue and red, 6 images each, plus one corrupt file in train/red/."""
-    root = tmp_path / "images"
-    for split in ("train", "test"):
-        for name, color in COLORS.items():
-            write_class_images(root / split / name, color)
-    (root / "train" / "red" / "z_broken.jpg").write_bytes(b"not an image at all")
-    return root
+def cifar_dir(tmp_path: Path) -> Path:
+    """200 training and 50 test images in the CIFAR-10 layout."""
+    return write_cifar10(tmp_path / "cifar")
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
+    """An IDX file of uint8 `array` at path (path + ".gz", gzipped, when compress)."""
+    raw = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        raw = gzip.compress(raw)
+    path.write_bytes(raw)
+    return path
+
+
+def write_mnist(folder: Path, compress: bool) -> Path:
+    """The four MNIST IDX files, 120 training and 40 test images: image i is black with row 2 * label_i white."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("t10k", 40)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = np.zeros((n, 28, 28), np.uint8)
+        images[np.arange(n), 2 * labels] = 255
+        write_idx(folder / f"{split}-images-idx3-ubyte", images, compress)
+        write_idx(folder / f"{split}-labels-idx1-ubyte", labels, compress)
+    return folder

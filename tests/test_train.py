@@ -32,7 +32,10 @@ def one_epoch(data, *argv: str, model_seed: int = 0) -> torch.nn.Module:
     model = build_model("simplecnn", 10, 3, 32)
     optimizer = train.make_optimizer(model, args, torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    train.train_one_epoch(model, optimizer, scheduler, data, args, epoch=1)
+    parts = train.Parts(model, model, None, optimizer, scheduler, None, None)
+    progress = {"step": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
+    assert train.train_one_epoch(parts, data, args, 1, progress)
+    assert progress["step"] == math.ceil(len(data) / (args.batch_size * args.accum_steps))
     return model
 
 

@@ -1,0 +1,99 @@
+"""plot.py: curves from metrics.csv and the confusion matrix, as PNG files; clear errors without matplotlib."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import plot
+
+HEADER = "epoch,train_loss,train_acc,val_loss,val_acc,lr,train_seconds,images_per_s\n"  # as train.py writes it
+ROWS = "1,1.9,30.5,1.7,38.0,0.001,2.5,20000\n2,1.5,45.0,1.4,49.5,0.001,2.4,20800\n3,1.3,53.1,1.3,52.0,0.001,2.4,20900\n"
+
+
+def assert_png(path: Path, size: tuple[int, int]) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        assert (im.format, im.size) == ("PNG", size)
+        im.verify()  # checks every chunk's CRC
+
+
+@pytest.fixture
+def metrics_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "run" / "metrics.csv"
+    path.parent.mkdir()
+    path.write_text(HEADER + ROWS)
+    return path
+
+
+def test_curves_next_to_the_csv(metrics_csv, capsys):
+    pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    assert plot.main([str(metrics_csv)]) == metrics_csv.with_name("curves.png")
+    assert_png(metrics_csv.with_name("curves.png"), (1000, 400))  # 10 x 4 inches at 100 dpi
+    assert capsys.readouterr().out == f"wrote {metrics_csv.with_name('curves.png')}\n"
+
+
+def test_curves_without_validation_to_output(metrics_csv, tmp_path):
+    pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    metrics_csv.write_text(HEADER + "1,1.9,30.5,nan,nan,0.001,2.5,20000\n")  # a --val-split 0 run of one epoch
+    assert plot.read_metrics(metrics_csv)["train_acc"] == [30.5]
+    plot.main([str(metrics_csv), "--output", str(tmp_path / "elsewhere.png")])
+    assert_png(tmp_path / "elsewhere.png", (1000, 400))
+
+
+def test_confusion_png(tmp_path):
+    pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    confusion = torch.tensor([[50, 3, 0], [10, 20, 5], [0, 0, 0]])  # a class without test images too
+    plot.plot_confusion(confusion, ["airplane", "automobile", "bird"], tmp_path / "confusion.png")
+    assert_png(tmp_path / "confusion.png", (550, 400))  # (4 + 1.5) x 4 inches at 100 dpi
+    with pytest.raises(ValueError, match=r"confusion matrix of shape \(3, 3\) for 2 classes"):
+        plot.plot_confusion(confusion, ["a", "b"], tmp_path / "other.png")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"cannot read .*metrics.csv: No such file or directory$"),
+    ("", r".*metrics.csv is not a metrics.csv of train.py \(no epoch, train_loss, train_acc, val_loss, val_acc column\)$"),
+    ("epoch,loss\n1,2\n", r".*metrics.csv is not a metrics.csv of train.py \(no train_loss, train_acc, val_loss, val_acc column\)$"),
+    (HEADER, r".*metrics.csv has no epochs yet$"),
+    (HEADER + "1,2.0,x,1,1,1,1,1\n", r".*metrics.csv has a row with a missing or non-numeric value$"),
+    (HEADER + "1,2.0\n", r".*metrics.csv has a row with a missing or non-numeric value$"),
+    (b"\xff\xfe\x00binary", r".*metrics.csv is not a CSV file$"),
+])
+def test_bad_metrics_files(metrics_csv, content, message):
+    pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    if content is None:
+        metrics_csv.unlink()
+    elif isinstance(content, bytes):
+        metrics_csv.write_bytes(content)
+    else:
+        metrics_csv.write_text(content)
+    with pytest.raises(SystemExit, match=r"^plot.py: error: " + message):
+        plot.main([str(metrics_csv)])
+    assert not metrics_csv.with_name("curves.png").exists()
+
+
+def test_unwritable_output(metrics_csv, tmp_path):
+    pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    with pytest.raises(SystemExit, match=r"^plot.py: error: cannot write .*no/such/dir/c.png: No such file"):
+        plot.main([str(metrics_csv), "--output", str(tmp_path / "no" / "such" / "dir" / "c.png")])
+
+
+def test_without_matplotlib(metrics_csv, tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # what `import` sees when it is not installed
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(metrics_csv)])
+    assert exit_info.value.code == "plot.py: error: drawing needs matplotlib, an optional dependency: pip install matplotlib"
+    with pytest.raises(plot.PlotError, match="^drawing needs matplotlib"):
+        plot.plot_confusion(torch.eye(2, dtype=torch.int64), ["a", "b"], tmp_path / "c.png")
+    assert not (tmp_path / "c.png").exists() and not metrics_csv.with_name("curves.png").exists()
+
+
+def test_the_scripts_import_without_matplotlib():
+    code = ("import sys, data, model, plot, predict, export, train, evaluate; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'onnx', 'onnxruntime')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout == "[]\n"
