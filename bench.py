@@ -1,7 +1,9 @@
-"""Throughput and accuracy of train.py against the seed guide's pipeline, side by side in one run.
+"""Benchmarks you can re-run: the seed pipeline against train.py, and time to accuracy of a preset.
 
-    python bench.py --data-dir ./data                  # 5 epochs each: images/s and test accuracy (~4 min, 2 cores)
+    python bench.py --data-dir ./data                  # 5 epochs each: images/s and test accuracy (~3 min, 2 cores)
     python bench.py --data-dir ./data --epochs 1       # throughput only, quicker
+    python bench.py --data-dir ./data --preset fast    # time to accuracy: the whole train.py command, timed
+    python bench.py --data-dir ./data --preset fast -- --width 64 --epochs 10 --device cuda   # any extra flags
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
 applies ToTensor + Normalize (what torchvision.datasets.CIFAR10 does per item; built here from the same arrays
@@ -79,13 +81,29 @@ def train_py_run(data_dir: str, epochs: int, extra: list[str]) -> dict:
     return {"images_per_s": sum(rates) / len(rates), "test_accuracy": results["test_accuracy"]}
 
 
+def time_to_accuracy(data_dir: str, preset: str, extra: list[str]) -> None:
+    """Run the whole train.py command (load, train, final test) and report its wall time and test accuracy."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "train.py", "--preset", preset, "--data-dir", data_dir, "--out-dir", out, *extra]
+        print("  " + " ".join(cmd[1:]), flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=Path(__file__).parent)
+        wall = time.perf_counter() - start
+        results = json.loads((Path(out) / "results.json").read_text())
+    print(f"\n{preset}: {results['test_accuracy']:.2f}% test accuracy in {wall:.0f} s wall clock "
+          f"({results['train_seconds']:.0f} s of training, {results['epochs_completed']} epochs)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
     p.add_argument("--epochs", type=int, default=5, metavar="N", help="epochs for each pipeline (default: 5)")
+    p.add_argument("--preset", metavar="NAME", help="time a train.py preset to accuracy instead")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.preset:
+        return time_to_accuracy(args.data_dir, args.preset, args.train_args)
     ours = train_py_run(args.data_dir, args.epochs, args.train_args)
     base = seed_guide_run(args.data_dir, args.epochs)
     print(f"\n{'pipeline':<12}{'images/s':>10}{'test acc':>10}")

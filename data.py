@@ -208,7 +208,8 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor) -> torch.Tensor:
     padded = F.pad(x, (PAD, PAD, PAD, PAD)).reshape(n, c, (h + 2 * PAD) * (w + 2 * PAD))
     arange_w = torch.arange(w, device=x.device)
     rows = crop_flip[:, 0:1] + torch.arange(h, device=x.device)                               # (N, H)
-    cols = crop_flip[:, 1:2] + torch.where(crop_flip[:, 2:3].bool(), arange_w.flip(0), arange_w)  # (N, W)
+    flip = crop_flip[:, 2:3].bool()
+    cols = crop_flip[:, 1:2] + torch.where(flip, arange_w.flip(0), arange_w)                 # (N, W)
     flat = (rows[:, :, None] * (w + 2 * PAD) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
     return padded.gather(2, flat).view(n, c, h, w)
 

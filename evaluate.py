@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from data import DataError, ImageSet, load_raw
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from plot import PlotError, plot_confusion, require_matplotlib
 
 EVAL_BATCH = 1024  # images per forward pass; any size gives the same counts
 
@@ -76,18 +77,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the training run's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="(default: cpu)")
     parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
+    parser.add_argument("--plot", metavar="PATH", help="also draw the confusion matrix to this PNG (needs matplotlib)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available() or \
             args.device == "mps" and not torch.backends.mps.is_available():
         sys.exit(f"{parser.prog}: error: --device {args.device} is not available on this machine")
     try:
+        if args.plot:
+            require_matplotlib()  # before any work: a missing package is the one message
         ckpt = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt).to(args.device)
         run_args = ckpt.get("args", {})
         _, _, test_x, test_y, classes = load_raw(run_args.get("dataset", "cifar10"),
-                                                 args.data_dir or run_args.get("data_dir", "./data"))
-    except (CheckpointError, DataError) as e:
+                                                 args.data_dir or run_args.get("data_dir", "./data"),
+                                                 image_size=ckpt["image_size"])
+    except (CheckpointError, DataError, PlotError) as e:
         sys.exit(f"{parser.prog}: error: {e}")
     if classes != ckpt["classes"] or test_x.shape[1:] != (ckpt["in_channels"], ckpt["image_size"],
                                                           ckpt["image_size"]):
@@ -101,6 +106,13 @@ def main(argv: list[str] | None = None) -> dict:
                           "confusion_matrix": result["confusion"].tolist()}))
     else:
         print(format_report(result, classes))
+    if args.plot:
+        try:
+            plot_confusion(result["confusion"], classes, args.plot)
+        except PlotError as e:
+            sys.exit(f"{parser.prog}: error: {e}")
+        if not args.json:
+            print(f"confusion matrix drawn to {args.plot}")
     return result
 
 

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"{p.prog}: error: {message}")  # one line, not the usage block
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
-    p.add_argument("--output", metavar="PATH", help="the .onnx file to write (default: the checkpoint's path with .onnx)")
+    p.add_argument("--output", metavar="PATH",
+                   help="the .onnx file to write (default: the checkpoint's path with .onnx)")
     return p.parse_args(argv)
 
 

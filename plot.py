@@ -99,7 +99,8 @@ def _save(fig, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="plot.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="plot.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"{p.prog}: error: {message}")  # one line, not the usage block
     p.add_argument("metrics", metavar="METRICS_CSV", help="a run's metrics.csv")
     p.add_argument("--output", metavar="PATH", help="the PNG to write (default: curves.png next to METRICS_CSV)")

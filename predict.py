@@ -25,7 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: sys.exit(f"{p.prog}: error: {message}")  # one line, not the usage block
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
-    p.add_argument("--top-k", type=int, default=1, metavar="K", help="classes listed per image, best first (default: 1)")
+    p.add_argument("--top-k", type=int, default=1, metavar="K",
+                   help="classes listed per image, best first (default: 1)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {path, label, probability, top_k} instead of one line per image")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (jpg, png, bmp, webp, ...)")

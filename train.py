@@ -38,9 +38,9 @@ from model import MODELS, CheckpointError, build_model, load_checkpoint, model_f
 # Named recipes. A preset replaces the defaults; flags given on the command line still win.
 PRESETS = {
     "seed": {},  # the parser's defaults: the seed guide's SimpleCNN, Adam 1e-3, batch 32, 5 epochs, no augmentation
-    "fast": {    # ResNet-9 at width 16 for a 2-core CPU; measured in the README
-        "model": "resnet9", "width": 16,  # channels (16, 32, 64, 128): 0.41M parameters
-        "epochs": 18, "batch_size": 512,  # 512 images per step: few, large steps keep the CPU cores busy
+    "fast": {    # ResNet-9 sized for a 2-core CPU; measured in the README
+        "model": "resnet9", "widths": (16, 32, 64, 128),  # channels per stage: 0.41M parameters
+        "epochs": 16, "batch_size": 512,  # 512 images per step: few, large steps keep the CPU cores busy
         "optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "nesterov": True,  # lr for the batch mean loss
         "weight_decay": 5e-4,             # per unit of lr, as torch.optim.SGD applies it
         "scheduler": "linear", "warmup_epochs": 3,  # one cycle: 0 -> 0.4 over 3 epochs, then linearly to 0
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image-size", type=int, default=32, metavar="PX",
         help="side images are resized to, imagefolder only (default: 32)")
     add("--model", default="simplecnn", choices=sorted(MODELS), help="(default: simplecnn)")
-    add("--width", type=int, default=64, metavar="W", help="base channel width of resnet9 (default: 64)")
+    add("--widths", type=widths_list, default=(64, 128, 256, 512), metavar="A,B,C,D",
+        help="channels of resnet9's four stages (default: 64,128,256,512)")
     add("--epochs", type=int, default=5, metavar="N", help="(default: 5)")
     add("--batch-size", type=int, default=32, metavar="N",
         help="images per forward pass, over all processes under torchrun (default: 32)")
@@ -109,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def widths_list(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 4 or not all(1 <= w <= 4096 for w in widths):
+        raise argparse.ArgumentTypeError(f"expected four channel counts in [1, 4096] like 16,32,64,128, got {text!r}")
+    return widths
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     preset = parser.parse_known_args(argv)[0].preset
@@ -134,8 +145,6 @@ def check_args(args: argparse.Namespace) -> str | None:
         (args.patience >= 0, "--patience must be >= 0 (0 = off)"),
         (number_in(args.min_delta, 0, math.inf), "--min-delta must be >= 0"),
         (number_in(args.val_split, 0, 1), "--val-split must be in [0, 1)"),
-        (args.patience == 0 or args.val_split > 0, "--patience needs a validation set (--val-split > 0)"),
-        (1 <= args.width <= 1024, "--width must be in [1, 1024]"),
         (8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
         (not args.nesterov or args.optimizer == "sgd" and args.momentum > 0, "--nesterov needs sgd with momentum"),
@@ -407,7 +416,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         raise TrainError(f"--amp {args.amp} is not supported on {device.type}")
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        for key in ("dataset", "model", "width", "batch_size", "accum_steps", "seed", "val_split"):
+        for key in ("dataset", "model", "widths", "image_size", "batch_size", "accum_steps", "seed", "val_split"):
             if ckpt["args"].get(key) != getattr(args, key):
                 raise TrainError(f"--resume: the checkpoint was trained with --{key.replace('_', '-')} "
                                  f"{ckpt['args'].get(key)}, not {getattr(args, key)}; give the original flags")
@@ -420,8 +429,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     torch.manual_seed(args.seed)
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                         image_size=args.image_size)
+    if args.patience and val is None:
+        raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     _, in_channels, image_size, _ = train.images.shape
-    model = build_model(args.model, len(classes), in_channels, image_size, args.width).to(device)
+    try:
+        model = build_model(args.model, len(classes), in_channels, image_size, args.widths).to(device)
+    except ValueError as e:  # a model that cannot take this image size
+        raise TrainError(str(e)) from None
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if rank == 0:
@@ -463,7 +477,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         return {"model": plain.state_dict(), **({"training_model": model.state_dict()} if parts.ema else {}),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 **({"scaler": parts.scaler.state_dict()} if parts.scaler else {}),
-                "model_name": args.model, "width": args.width if args.model != "simplecnn" else None,
+                "model_name": args.model, "widths": list(args.widths) if args.model != "simplecnn" else None,
                 "num_classes": len(classes), "in_channels": in_channels, "image_size": image_size,
                 "classes": classes, "mean": train.mean.tolist(), "std": train.std.tolist(), "args": vars(args),
                 "rng": rng_states(), "partial_epoch": partial, **state}

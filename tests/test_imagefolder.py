@@ -128,7 +128,8 @@ def rename_test(root: Path) -> None:
 @pytest.mark.parametrize("damage, message", [
     (add_train_class, r"imagefolder: the class folders of .*images/test differ from train/'s: missing green$"),
     (add_test_class, r"imagefolder: the class folders of .*images/test differ from train/'s: extra green$"),
-    (empty_a_test_class, r"imagefolder: class folder .*test/blue holds no readable images \(.jpg, .jpeg, .png, .bmp, .webp\)"),
+    (empty_a_test_class,
+     r"imagefolder: class folder .*test/blue holds no readable images \(.jpg, .jpeg, .png, .bmp, .webp\)"),
     (break_a_train_class, r"imagefolder: class folder .*train/red holds no readable images"),
     (keep_one_train_class, r"imagefolder: .*images/train needs at least two class sub-folders, found 1$"),
     (rename_test, r"imagefolder: .*images/test not found; .*images needs train/ and test/ \(and optionally val/\), "

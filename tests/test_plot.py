@@ -54,8 +54,10 @@ def test_confusion_png(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, r"cannot read .*metrics.csv: No such file or directory$"),
-    ("", r".*metrics.csv is not a metrics.csv of train.py \(no epoch, train_loss, train_acc, val_loss, val_acc column\)$"),
-    ("epoch,loss\n1,2\n", r".*metrics.csv is not a metrics.csv of train.py \(no train_loss, train_acc, val_loss, val_acc column\)$"),
+    ("", r".*metrics.csv is not a metrics.csv of train.py \(no epoch, train_loss, train_acc, val_loss, val_acc "
+         r"column\)$"),
+    ("epoch,loss\n1,2\n", r".*metrics.csv is not a metrics.csv of train.py \(no train_loss, train_acc, val_loss, "
+                          r"val_acc column\)$"),
     (HEADER, r".*metrics.csv has no epochs yet$"),
     (HEADER + "1,2.0,x,1,1,1,1,1\n", r".*metrics.csv has a row with a missing or non-numeric value$"),
     (HEADER + "1,2.0\n", r".*metrics.csv has a row with a missing or non-numeric value$"),
@@ -85,7 +87,8 @@ def test_without_matplotlib(metrics_csv, tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # what `import` sees when it is not installed
     with pytest.raises(SystemExit) as exit_info:
         plot.main([str(metrics_csv)])
-    assert exit_info.value.code == "plot.py: error: drawing needs matplotlib, an optional dependency: pip install matplotlib"
+    assert exit_info.value.code == ("plot.py: error: drawing needs matplotlib, an optional dependency: "
+                                    "pip install matplotlib")
     with pytest.raises(plot.PlotError, match="^drawing needs matplotlib"):
         plot.plot_confusion(torch.eye(2, dtype=torch.int64), ["a", "b"], tmp_path / "c.png")
     assert not (tmp_path / "c.png").exists() and not metrics_csv.with_name("curves.png").exists()

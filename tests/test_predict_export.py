@@ -10,16 +10,17 @@ import data
 import export
 import predict
 from image_files import make_image_folder
-from model import build_model, model_from_checkpoint
+from model import MODELS, build_model, model_from_checkpoint
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 
 
-def write_checkpoint(path: Path, classes: list[str], in_channels: int = 3, image_size: int = 32) -> Path:
+def write_checkpoint(path: Path, classes: list[str], in_channels: int = 3, image_size: int = 32,
+                     model_name: str = "simplecnn") -> Path:
     """A checkpoint as train.py writes it, with seeded random weights."""
     torch.manual_seed(0)
-    model = build_model("simplecnn", len(classes), in_channels, image_size)
-    torch.save({"model": model.state_dict(), "model_name": "simplecnn", "num_classes": len(classes),
+    model = build_model(model_name, len(classes), in_channels, image_size)
+    torch.save({"model": model.state_dict(), "model_name": model_name, "num_classes": len(classes),
                 "in_channels": in_channels, "image_size": image_size, "classes": classes,
                 "mean": MEAN[:in_channels], "std": STD[:in_channels], "args": {"dataset": "imagefolder"}}, path)
     return path
@@ -114,6 +115,14 @@ def test_export_round_trip(checkpoint, tmp_path, capsys):
     with torch.no_grad():
         expected = model_from_checkpoint(torch.load(checkpoint, weights_only=True))(x)
     assert (torch.from_numpy(session.run(None, {"images": x.numpy()})[0]) - expected).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("model_name", sorted(MODELS))
+def test_every_model_exports_within_tolerance(tmp_path, model_name):
+    pytest.importorskip("onnx", reason="export.py needs the optional package onnx")
+    pytest.importorskip("onnxruntime", reason="export.py checks the export with the optional onnxruntime")
+    checkpoint = write_checkpoint(tmp_path / f"{model_name}.pth", ["a", "b"], model_name=model_name)
+    assert export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx")]) < 1e-4
 
 
 def test_export_defaults_to_the_checkpoint_path(checkpoint):

@@ -1,5 +1,4 @@
 """train.py end to end on tiny data in the real formats: no mocks, real runs, real files."""
-import copy
 import csv
 import json
 import math
@@ -16,7 +15,7 @@ import evaluate
 import train
 from conftest import ROOT, write_cifar10
 from data import prepare
-from model import build_model, load_checkpoint
+from model import build_model
 
 
 def args_for(*argv: str):
@@ -176,7 +175,6 @@ def fails_with(argv, message, capsys=None):
     (["--patience", "-1"], "--patience must be >= 0"),
     (["--grad-clip", "-0.5"], "--grad-clip must be >= 0"),
     (["--val-split", "1"], "--val-split must be in [0, 1)"),
-    (["--patience", "3", "--val-split", "0"], "--patience needs a validation set"),
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--model", "vgg"], "invalid choice: 'vgg'"),
     (["--batch-size", "abc"], "invalid int value: 'abc'"),
@@ -199,6 +197,9 @@ def test_bad_files_get_one_clear_line_and_nothing_is_lost(tmp_path, cifar_dir):
     fails_with([*base, "--resume", str(foreign)], "not a checkpoint of these scripts")
     fails_with([*base, "--resume", str(out / "last.pth"), "--model", "simplecnn", "--dataset", "mnist"],
                "trained with --dataset cifar10")
+    fails_with([*base, "--patience", "3", "--val-split", "0", "--out-dir", str(tmp_path / "p")],
+               "--patience needs a validation set")
+    fails_with([*base, "--image-size", "12", "--out-dir", str(tmp_path / "p")], "at least 16x16")
     (cifar_dir / "cifar-10-batches-py" / "test_batch").unlink()
     fails_with([*base, "--out-dir", str(tmp_path / "new")], "missing test_batch")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

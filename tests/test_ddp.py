@@ -1,0 +1,61 @@
+"""Data-parallel training: real 2-process gloo runs on the CPU through torchrun."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import train
+from conftest import ROOT, write_cifar10
+
+
+def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           "--device", "cpu", *argv]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_two_processes_take_the_same_first_step_as_one(tmp_path):
+    # 40 images, val split 0.2: exactly 32 train, so one epoch is one optimizer step of batch 32
+    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=21)
+    flags = ["--data-dir", str(data), "--epochs", "1", "--batch-size", "32", "--val-split", "0.2",
+             "--optimizer", "sgd", "--lr", "0.1", "--no-channels-last"]
+    train.main([*flags, "--device", "cpu", "--out-dir", str(tmp_path / "one")])
+    torchrun(*flags, "--out-dir", str(tmp_path / "two"))  # 2 processes x 16 images
+    one, two = weights(tmp_path / "one" / "last.pth"), weights(tmp_path / "two" / "last.pth")
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6), k
+    assert json.loads((tmp_path / "two" / "results.json").read_text())["test_accuracy"] == \
+        json.loads((tmp_path / "one" / "results.json").read_text())["test_accuracy"]
+
+
+def test_ddp_run_metrics_are_exact_and_files_are_written_once(tmp_path, capsys):
+    data = write_cifar10(tmp_path / "data", n_per_batch=41, n_test=51)  # 205 train images, 51 test: odd sizes
+    out = tmp_path / "run"
+    proc = torchrun("--data-dir", str(data), "--epochs", "2", "--batch-size", "16", "--accum-steps", "2",
+                    "--augment", "--val-split", "0.1", "--out-dir", str(out))
+    assert proc.stdout.count("epoch 1/2") == 1 and "x 2;" in proc.stdout  # only rank 0 prints
+    assert (out / "metrics.csv").read_text().count("\n") == 3
+    results = json.loads((out / "results.json").read_text())
+    ckpt = torch.load(out / "best.pth", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    # one process, the whole test set, the same checkpoint: the same accuracy and loss
+    single = evaluate.main(["--checkpoint", str(out / "best.pth")])
+    assert single["accuracy"] == results["test_accuracy"]
+    assert single["loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+    capsys.readouterr()
+
+    # --resume under torchrun, from a checkpoint a DDP run wrote
+    proc = torchrun("--data-dir", str(data), "--epochs", "3", "--batch-size", "16", "--accum-steps", "2",
+                    "--augment", "--val-split", "0.1", "--out-dir", str(out), "--resume", str(out / "last.pth"))
+    assert "resumed from" in proc.stdout and "epoch 3/3" in proc.stdout
+    assert json.loads((out / "results.json").read_text())["epochs_completed"] == 3

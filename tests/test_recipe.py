@@ -1,0 +1,86 @@
+"""The fast recipe's pieces: the ResNet-9 model, presets, the lr schedule, EMA and mirror TTA."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import train
+from data import ImageSet
+from evaluate import evaluate
+from model import ResNet9, build_model
+
+
+@pytest.mark.parametrize("widths, params", [((8, 16, 32, 64), 103_944), ((16, 32, 64, 128), 412_944),
+                                            ((64, 128, 256, 512), 6_573_120)])
+def test_resnet9_parameter_count_follows_its_widths(widths, params):
+    model = build_model("resnet9", 10, 3, 32, widths)
+    assert sum(p.numel() for p in model.parameters()) == params
+    a, b, c, d = widths
+    assert [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] == [a, b, b, b, c, d, d, d]
+
+
+def test_resnet9_shapes_for_cifar_and_mnist():
+    assert ResNet9(10, 3, 32, widths=(8, 16, 32, 64))(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+    assert ResNet9(7, 1, 28, widths=(8, 8, 8, 8))(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_a_preset_sets_defaults_and_explicit_flags_win():
+    seed = train.parse_args([])
+    assert (seed.model, seed.optimizer, seed.lr, seed.batch_size) == ("simplecnn", "adam", 1e-3, 32)
+    fast = train.parse_args(["--preset", "fast"])
+    for key, value in train.PRESETS["fast"].items():
+        assert getattr(fast, key) == value, key
+    mixed = train.parse_args(["--lr", "0.1", "--preset", "fast", "--epochs", "3", "--no-channels-last"])
+    assert (mixed.lr, mixed.epochs, mixed.model, mixed.batch_size, mixed.channels_last) == \
+        (0.1, 3, "resnet9", 512, False)
+    assert train.check_args(fast) is None
+    assert train.parse_args(["--widths", "1,2,3,4"]).widths == (1, 2, 3, 4)
+    with pytest.raises(SystemExit, match="expected four channel counts"):
+        train.parse_args(["--widths", "16,32"])
+
+
+def test_lr_schedule_warms_up_then_decays():
+    factors = [train.lr_factor(s, 10, 2, "linear") for s in range(10)]
+    assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] == pytest.approx(1 / 8)
+    assert all(a > b for a, b in zip(factors[1:], factors[2:]))
+    assert train.lr_factor(0, 100, 0, "cosine") == 1.0
+    assert train.lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
+    assert [train.lr_factor(s, 8, 0, "step") for s in (0, 3, 4, 6)] == [1.0, 1.0, pytest.approx(0.1),
+                                                                         pytest.approx(0.01)]
+    assert train.lr_factor(7, 8, 0, "none") == 1.0
+
+
+def test_ema_update_rule_for_weights_and_batchnorm_counts():
+    torch.manual_seed(0)
+    model, ema = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    model[1].num_batches_tracked += 7
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    train.ema_update(ema, model, 0.9)
+    for k, v in ema.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v, 0.9 * before[k] + 0.1 * model.state_dict()[k], atol=1e-7), k
+    assert ema[1].num_batches_tracked.item() == 7
+    assert train.ema_decay(0.99, 0) == pytest.approx(0.1) and train.ema_decay(0.99, 10_000) == 0.99
+
+
+def test_mirror_tta_equals_plain_prediction_on_symmetric_images():
+    torch.manual_seed(0)
+    half = torch.randint(0, 256, (20, 3, 32, 16), dtype=torch.uint8)
+    symmetric = torch.cat([half, half.flip(3)], 3)
+    model = build_model("resnet9", 10, 3, 32, (8, 16, 32, 64)).eval()
+    data = ImageSet(symmetric, torch.randint(0, 10, (20,)), torch.full((3,), 0.5), torch.full((3,), 0.25))
+    plain, tta = evaluate(model, data, 10), evaluate(model, data, 10, tta=True)
+    assert tta["loss"] == plain["loss"] and torch.equal(tta["confusion"], plain["confusion"])
+    data.images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)  # asymmetric: TTA changes the logits
+    assert evaluate(model, data, 10, tta=True)["loss"] != evaluate(model, data, 10)["loss"]
+
+
+def test_fast_recipe_on_real_fashion_mnist(tmp_path):
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
+    # the fast preset, shrunk: half the widths, 2 epochs on 12,000 images (the other 48,000 validate)
+    results = train.main(["--preset", "fast", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
+                          "--widths", "8,16,32,64", "--epochs", "2", "--warmup-epochs", "0.5", "--batch-size", "256",
+                          "--val-split", "0.8", "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert results["test_accuracy"] > 80.0
