@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import data
+import train
 from image_files import COLORS, expected_pixels, make_image_folder, write_class_images
 
 
@@ -174,3 +175,10 @@ def test_train_py_on_an_image_folder(image_folder, tmp_path, capsys):
     [result] = predict.main(["--checkpoint", str(out / "best.pth"), "--top-k", "2", str(image)])
     assert {t["label"] for t in result["top_k"]} == {"blue", "red"}
     assert capsys.readouterr().out.startswith(f"{image}: {result['label']} ")
+
+
+def test_an_image_size_the_model_cannot_take_is_one_clear_line(image_folder, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), "--image-size", "12",
+                    "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
+    assert str(exc.value.code) == "train.py: error: SimpleCNN needs images of at least 16x16 pixels, got 12"
