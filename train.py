@@ -190,13 +190,16 @@ def on_stop_signal(signum, frame) -> None:
 
 
 def stop_requested(device: torch.device) -> bool:
-    """True when any process got SIGINT/SIGTERM: all processes decide together, at the same step."""
-    stop = STOP["signal"] is not None
+    """True when any process got SIGINT/SIGTERM: all processes decide together, at the same step, and all
+    take the signal that stopped the run as their own."""
+    signum = STOP["signal"] or 0
     if dist.is_initialized():
-        flag = torch.tensor(float(stop), device=device)
+        flag = torch.tensor(signum, device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = flag.item() > 0
-    return stop
+        signum = int(flag.item())
+        if signum:  # (never write None here: a signal may have arrived during the all-reduce)
+            STOP["signal"] = signum
+    return signum != 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,7 +342,7 @@ def check_out_dir(out_dir: Path, model: nn.Module) -> None:
     """Fail now, not after an hour of training, if checkpoints cannot be written."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
+        probe = out_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
@@ -429,6 +432,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     torch.manual_seed(args.seed)
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                         image_size=args.image_size)
+    if len(train) == 0:
+        raise TrainError(f"no training images left after holding out --val-split {args.val_split}")
     if args.patience and val is None:
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     _, in_channels, image_size, _ = train.images.shape
@@ -438,8 +443,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         raise TrainError(str(e)) from None
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if rank == 0:
-        check_out_dir(out_dir, model)
+    check_out_dir(out_dir, model)  # on every process, so that all stop together if it fails
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else None
     step_model = ddp or model
@@ -496,6 +500,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                 save_checkpoint(checkpoint(partial=progress), out_dir / "last.pth")
                 print(f"stopped at step {progress['step']} of epoch {epoch}; saved {out_dir / 'last.pth'}. "
                       f"Resume with:\n  {resume_command(argv, out_dir / 'last.pth')}", file=sys.stderr)
+            if world > 1:
+                dist.barrier()  # no process leaves (and makes torchrun stop the others) before the save is done
             raise SystemExit(128 + STOP["signal"])
         n = len(train)
         row = {"epoch": epoch, "train_loss": progress["loss_sum"] / n, "train_acc": 100.0 * progress["correct"] / n,
@@ -537,6 +543,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}) with best.pth from epoch "
               f"{state['best_epoch']}{' and mirror TTA' if args.tta else ''}; results in {out_dir / 'results.json'}")
+    if world > 1:
+        dist.barrier()  # all processes leave together: gloo aborts a process whose peer is already gone
     return results
 
 

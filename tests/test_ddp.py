@@ -1,5 +1,8 @@
 """Data-parallel training: real 2-process gloo runs on the CPU through torchrun."""
 import json
+import os
+import shlex
+import signal
 import subprocess
 import sys
 
@@ -59,3 +62,31 @@ def test_ddp_run_metrics_are_exact_and_files_are_written_once(tmp_path, capsys):
                     "--augment", "--val-split", "0.1", "--out-dir", str(out), "--resume", str(out / "last.pth"))
     assert "resumed from" in proc.stdout and "epoch 3/3" in proc.stdout
     assert json.loads((out / "results.json").read_text())["epochs_completed"] == 3
+
+
+def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes_exactly(tmp_path):
+    data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
+    flags = ["--data-dir", str(data), "--epochs", "2", "--batch-size", "8", "--augment"]
+    torchrun(*flags, "--out-dir", str(tmp_path / "straight"))
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--device", "cpu", *flags, "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    for line in proc.stdout:
+        if line.startswith("epoch 1/2"):
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGTERM)  # one process only: the other must stop with it, not hang
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err.split("stopping after this optimizer step")[0]
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["partial_epoch"]["step"] > 0
+    command = next(l for l in err.splitlines() if l.strip().startswith("torchrun "))
+    assert command.strip().startswith("torchrun --nproc_per_node=2 train.py ")
+    torchrun(*shlex.split(command)[3:])  # the printed command, minus the launcher and the --device we add
+
+    a, b = weights(tmp_path / "straight" / "last.pth"), weights(out / "last.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)

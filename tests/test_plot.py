@@ -100,3 +100,18 @@ def test_the_scripts_import_without_matplotlib():
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, check=True)
     assert done.stdout == "[]\n"
+
+
+def test_evaluate_plot_draws_the_confusion_matrix_of_a_real_run(cifar_dir, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="evaluate.py --plot draws with the optional matplotlib")
+    import evaluate
+    import train
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--out-dir", str(out), "--device", "cpu"])
+    png = tmp_path / "confusion.png"
+    result = evaluate.main(["--checkpoint", str(out / "best.pth"), "--plot", str(png)])
+    assert f"confusion matrix drawn to {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as image:
+        assert image.width > 300 and image.height > 300
+    assert result["confusion"].sum().item() == 50
