@@ -217,12 +217,15 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor) -> torch.Tensor:
 def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,
             image_size: int = 32):
     """Load a dataset, hold out validation (imagefolder: DATA_DIR/val/ when it exists, instead of val_split),
-    and compute normalization from the training part. Returns (train, val or None, test, classes) as ImageSets on `device`."""
+    and compute normalization from the training part.
+    Returns (train, val or None, test, classes) as ImageSets on `device`."""
     train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size)
     if name == "imagefolder" and (Path(data_dir) / "val").is_dir():  # the user's own split beats a random one
         val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size)
     else:
         (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
+    if len(train_x) == 0:
+        raise DataError(f"no training images left after holding out a validation fraction of {val_split}")
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in channel_stats(train_x))
 
     def on_device(x, y):

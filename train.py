@@ -436,8 +436,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     torch.manual_seed(args.seed)
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                         image_size=args.image_size)
-    if len(train) == 0:
-        raise TrainError(f"no training images left after holding out --val-split {args.val_split}")
     if args.patience and val is None:
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     _, in_channels, image_size, _ = train.images.shape

@@ -127,3 +127,8 @@ def test_prepare_holds_out_validation_and_computes_stats_on_training_part(cifar_
     mean, std = channel_stats(train.images)
     assert train.mean.tolist() == pytest.approx(mean) and test.std.tolist() == pytest.approx(std)
     assert prepare("cifar10", cifar_dir, 0.0, seed=0, device="cpu")[1] is None
+
+
+def test_a_validation_split_that_leaves_no_training_image_is_refused(cifar_dir):
+    with pytest.raises(DataError, match="no training images left"):
+        prepare("cifar10", cifar_dir, 0.999, seed=0, device="cpu")

@@ -137,9 +137,10 @@ FLAG_VALUES = {
     "--epochs": st.integers(-2, 2), "--batch-size": st.integers(-1, 300), "--accum-steps": st.integers(-1, 3),
     "--lr": st.sampled_from(["0", "-1", "1e-3", "nan", "inf", "abc", "1e400"]),
     "--grad-clip": st.sampled_from(["0", "-1", "1", "nan"]), "--patience": st.integers(-1, 2),
-    "--val-split": st.sampled_from(["0", "0.5", "1", "-0.1", "0.999"]), "--model": st.sampled_from(
-        ["simplecnn", "resnet9", "x"]), "--widths": st.sampled_from(["1,2,3,4", "0,1,1,1", "8", "a,b,c,d"]), "--optimizer": st.sampled_from(
-        ["sgd", "adam", "adamw", "lion"]), "--ema": st.sampled_from(["0", "0.5", "1"]),
+    "--val-split": st.sampled_from(["0", "0.5", "1", "-0.1", "0.999"]),
+    "--model": st.sampled_from(["simplecnn", "resnet9", "x"]),
+    "--widths": st.sampled_from(["1,2,3,4", "0,1,1,1", "8", "a,b,c,d"]),
+    "--optimizer": st.sampled_from(["sgd", "adam", "adamw", "lion"]), "--ema": st.sampled_from(["0", "0.5", "1"]),
     "--warmup-epochs": st.sampled_from(["0", "0.5", "5"]), "--label-smoothing": st.sampled_from(["0", "0.2", "1"]),
     "--scheduler": st.sampled_from(["none", "cosine", "linear", "step", "exp"]),
     "--amp": st.sampled_from(["off", "bf16", "fp16"]), "--seed": st.integers(-1, 3),
