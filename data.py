@@ -173,8 +173,12 @@ class ImageSet:
         x = self.images.index_select(0, idx)  # several times faster than images[idx] on the CPU
         if crop_flip is not None:
             x = random_crop_flip(x, crop_flip)
-        x = x.float().div_(255).sub_(self.mean[:, None, None]).div_(self.std[:, None, None])
-        return x, self.labels.index_select(0, idx)
+        return normalize(x, self.mean, self.std), self.labels.index_select(0, idx)
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float (pixel / 255 - mean) / std per channel: what every model here takes."""
+    return images.float().div_(255).sub_(mean[:, None, None]).div_(std[:, None, None])
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

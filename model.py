@@ -65,6 +65,7 @@ class ResNet9(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
                  widths: tuple[int, int, int, int] = (64, 128, 256, 512)):
         super().__init__()
+        self.widths = list(widths)  # kept, so a checkpoint can record them
         a, b, c, d = widths
         self.features = nn.Sequential(
             conv_bn(in_channels, a),

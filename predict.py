@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from data import DataError, load_image
+from data import DataError, load_image, normalize
 from model import CheckpointError, load_checkpoint, model_from_checkpoint
 
 BATCH = 256  # images decoded and run at a time: memory stays flat for any number of files
@@ -36,11 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @torch.no_grad()
 def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and class indices (len(paths), top_k) of the top_k classes of each image, best first."""
-    mean, std = (torch.tensor(ckpt[k], dtype=torch.float32)[:, None, None] for k in ("mean", "std"))
+    mean, std = (torch.tensor(ckpt[k], dtype=torch.float32) for k in ("mean", "std"))
     probs = []
     for start in range(0, len(paths), BATCH):
         x = torch.stack([load_image(p, ckpt["in_channels"], ckpt["image_size"]) for p in paths[start:start + BATCH]])
-        x = x.float().div_(255).sub_(mean).div_(std)  # the same operations as data.ImageSet.batch
+        x = normalize(x, mean, std)  # exactly as training batches are normalized
         probs.append(model(x).softmax(1))
     return torch.cat(probs).topk(top_k, dim=1)
 

@@ -483,7 +483,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         return {"model": plain.state_dict(), **({"training_model": model.state_dict()} if parts.ema else {}),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 **({"scaler": parts.scaler.state_dict()} if parts.scaler else {}),
-                "model_name": args.model, "widths": list(args.widths) if args.model != "simplecnn" else None,
+                "model_name": args.model, "widths": getattr(model, "widths", None),
                 "num_classes": len(classes), "in_channels": in_channels, "image_size": image_size,
                 "classes": classes, "mean": train.mean.tolist(), "std": train.std.tolist(), "args": vars(args),
                 "rng": rng_states(), "partial_epoch": partial, **state}
