@@ -35,7 +35,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-PAD = 4  # random-crop padding, pixels
+PAD = 4  # random-crop padding, pixels (default)
 
 
 class DataError(Exception):
@@ -168,11 +168,12 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: torch.Tensor, crop_flip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, idx: torch.Tensor, crop_flip: torch.Tensor | None = None,
+              pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized float images and labels for the samples `idx`, augmented where crop_flip is given."""
         x = self.images.index_select(0, idx)  # several times faster than images[idx] on the CPU
         if crop_flip is not None:
-            x = random_crop_flip(x, crop_flip)
+            x = random_crop_flip(x, crop_flip, pad)
         return normalize(x, self.mean, self.std), self.labels.index_select(0, idx)
 
 
@@ -195,26 +196,32 @@ def split_train_val(images, labels, val_split: float, seed: int):
     return (images[train], labels[train]), (images[val], labels[val])
 
 
-def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu", pad: int = PAD,
+               alternate_flips: bool = False) -> torch.Tensor:
     """Every random choice of one epoch, from (seed, epoch) alone: an (n, 4) int64 tensor whose rows are
-    (sample index, crop offset y, crop offset x, flip 0/1), in the order the samples are visited."""
+    (sample index, crop offset y, crop offset x, flip 0/1), in the order the samples are visited; offsets are
+    in [0, 2 * pad]. alternate_flips: each image is flipped in every other epoch (a random half in epoch 1, the
+    other half in epoch 2, ...), so consecutive epochs always show both sides of it; short runs gain from that."""
     g = torch.Generator().manual_seed(seed * 10_000 + epoch)  # distinct per epoch for runs under 10,000 epochs
     order = torch.randperm(n, generator=g)
-    offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g)
+    offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
     flips = torch.randint(0, 2, (n, 1), generator=g)
+    if alternate_flips:
+        first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed))  # epoch 1's, per image
+        flips = (first[order] ^ (epoch + 1) % 2)[:, None]
     return torch.cat([order[:, None], offsets, flips], 1).to(device)
 
 
-def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor) -> torch.Tensor:
-    """Crop each image of x (N, C, H, W) at its own offset (dy, dx) from a PAD-pixel zero-padded copy, and
-    mirror those with flip = 1: one gather for the whole batch, no per-image Python."""
+def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -> torch.Tensor:
+    """Crop each image of x (N, C, H, W) at its own offset (dy, dx) from a copy padded by `pad` mirrored
+    pixels on each side, and mirror those with flip = 1: one gather for the whole batch, no per-image Python."""
     n, c, h, w = x.shape
-    padded = F.pad(x, (PAD, PAD, PAD, PAD)).reshape(n, c, (h + 2 * PAD) * (w + 2 * PAD))
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect").reshape(n, c, (h + 2 * pad) * (w + 2 * pad))
     arange_w = torch.arange(w, device=x.device)
     rows = crop_flip[:, 0:1] + torch.arange(h, device=x.device)                               # (N, H)
     flip = crop_flip[:, 2:3].bool()
     cols = crop_flip[:, 1:2] + torch.where(flip, arange_w.flip(0), arange_w)                 # (N, W)
-    flat = (rows[:, :, None] * (w + 2 * PAD) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
     return padded.gather(2, flat).view(n, c, h, w)
 
 

@@ -4,7 +4,8 @@
     python evaluate.py --checkpoint best.pth --data-dir ./data --json
 
 The model, its classes and its normalization come from the checkpoint alone; the data from --data-dir
-(default: the one the run was trained with). The accuracy equals the one train.py reported for it.
+(default: the one the run was trained with). With the run's --tta and --amp, the accuracy equals the one
+train.py reported for it.
 """
 import argparse
 import json
@@ -22,12 +23,27 @@ from plot import PlotError, plot_confusion, require_matplotlib
 EVAL_BATCH = 1024  # images per forward pass; any size gives the same counts
 
 
+TTA_MODES = ("none", "mirror", "shifts")
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's float logits for batch x, averaged over test-time views. mirror: x and its mirror image.
+    shifts: that, averaged with the same for x shifted one pixel up-left and one down-right (6 views)."""
+    if tta == "shifts":
+        h, w = x.shape[2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        views = [x, x, padded[:, :, :h, :w], padded[:, :, 2:, 2:]]  # the unshifted image weighs half
+        return sum(tta_logits(model, v, "mirror") for v in views) / 4
+    logits = model(x).float()
+    return (logits + model(x.flip(3)).float()) / 2 if tta == "mirror" else logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageSet, num_classes: int, batch_size: int = EVAL_BATCH,
-             tta: bool = False) -> dict:
-    """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`.
-    tta: average the logits of each image and its mirror image. Under torchrun each process takes every
-    world_size-th image and the sums are added up across processes, so every image counts exactly once."""
+             tta: str = "none") -> dict:
+    """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`,
+    with the test-time views of `tta` (see tta_logits). Under torchrun each process takes every world_size-th
+    image and the sums are added up across processes, so every image counts exactly once."""
     model.eval()
     device = data.labels.device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -35,9 +51,7 @@ def evaluate(model: nn.Module, data: ImageSet, num_classes: int, batch_size: int
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
     for idx in torch.arange(rank, len(data), world, device=device).split(batch_size):
         x, y = data.batch(idx)
-        logits = model(x).float()
-        if tta:
-            logits = (logits + model(x.flip(3)).float()) / 2
+        logits = tta_logits(model, x, tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     if world > 1:
@@ -76,7 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
     parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the training run's)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"], help="(default: cpu)")
-    parser.add_argument("--tta", action="store_true", help="average each image's logits with its mirror image's")
+    parser.add_argument("--tta", nargs="?", const="mirror", default="none", choices=TTA_MODES,
+                        help="average the logits over the image and its mirror image (--tta or --tta mirror), and "
+                             "also over 1-pixel shifts of both (--tta shifts) (default: none)")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16"],
+                        help="bf16 autocast, as train.py --amp bf16 evaluates (default: off)")
     parser.add_argument("--plot", metavar="PATH", help="also draw the confusion matrix to this PNG (needs matplotlib)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     args = parser.parse_args(argv)
@@ -87,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.plot:
             require_matplotlib()  # before any work: a missing package is the one message
         ckpt = load_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(ckpt).to(args.device)
+        model = model_from_checkpoint(ckpt).to(args.device, memory_format=torch.channels_last)  # as train.py
         run_args = ckpt.get("args", {})
         _, _, test_x, test_y, classes = load_raw(run_args.get("dataset", "cifar10"),
                                                  args.data_dir or run_args.get("data_dir", "./data"),
@@ -99,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"{parser.prog}: error: the data in the data dir does not match the checkpoint's classes or shape")
     test = ImageSet(test_x.to(args.device), test_y.to(args.device),
                     torch.tensor(ckpt["mean"], device=args.device), torch.tensor(ckpt["std"], device=args.device))
-    result = evaluate(model, test, len(classes), tta=args.tta)
+    with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.amp == "bf16"):
+        result = evaluate(model, test, len(classes), tta=args.tta)
     if args.json:
         print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
                           "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),

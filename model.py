@@ -62,8 +62,10 @@ class ResNet9(nn.Module):
     widths (a, b, c, d), three poolings, two residual blocks, a global max-pool and one linear layer.
     (64, 128, 256, 512) is the original (6.6M parameters); (16, 32, 64, 128) is 16x cheaper (0.41M)."""
 
+    DEFAULT_WIDTHS = (64, 128, 256, 512)
+
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
-                 widths: tuple[int, int, int, int] = (64, 128, 256, 512)):
+                 widths: tuple[int, int, int, int] = DEFAULT_WIDTHS):
         super().__init__()
         self.widths = list(widths)  # kept, so a checkpoint can record them
         a, b, c, d = widths
@@ -80,15 +82,68 @@ class ResNet9(nn.Module):
         return self.head(self.features(x)) * 0.125
 
 
-MODELS = {"simplecnn": SimpleCNN, "resnet9": ResNet9}
+def conv_group(c_in: int, c_out: int) -> nn.Sequential:
+    """conv -> 2x2 max-pool -> BN -> GELU -> conv -> BN -> GELU: one stage of AirNet, halving the image side."""
+    convs = [nn.Conv2d(c, c_out, 3, padding=1, bias=False) for c in (c_in, c_out)]
+    norms = [nn.BatchNorm2d(c_out, momentum=0.4) for _ in range(2)]  # short runs: let the statistics follow fast
+    with torch.no_grad():
+        for conv in convs:  # identity on the first channels: each conv starts as a pass-through, like a residual
+            nn.init.dirac_(conv.weight[:conv.in_channels])
+        for norm in norms:  # scale fixed at 1: only the shift learns, which is all a GELU threshold needs
+            norm.weight.requires_grad_(False)
+    return nn.Sequential(convs[0], nn.MaxPool2d(2), norms[0], nn.GELU(), convs[1], norms[1], nn.GELU())
+
+
+class AirNet(nn.Module):
+    """The net of Keller Jordan's airbench CIFAR-10 speed runs, for short training on small images: a frozen
+    2x2 'whitening' conv set from the data, then three conv_group stages of widths (a, b, c), a global max-pool
+    and one linear layer. (64, 128, 128) is 0.56M parameters and ~55M multiply-adds per 32x32 image; the
+    whitening conv makes the first steps count: every input direction starts at unit variance."""
+
+    DEFAULT_WIDTHS = (64, 128, 128)
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                 widths: tuple[int, int, int] = DEFAULT_WIDTHS):
+        super().__init__()
+        if image_size < 15:
+            raise ValueError(f"AirNet needs images of at least 15x15 pixels, got {image_size}")
+        self.widths = list(widths)
+        a, b, c = widths
+        patch_dims = in_channels * 2 * 2
+        self.whiten = nn.Conv2d(in_channels, 2 * patch_dims, 2)  # no padding: 32x32 -> 31x31
+        self.whiten.weight.requires_grad_(False)  # set by init_whitening(); only its bias learns
+        self.features = nn.Sequential(
+            nn.GELU(), conv_group(2 * patch_dims, a), conv_group(a, b), conv_group(b, c),  # 31 -> 15 -> 7 -> 3
+            nn.AdaptiveMaxPool2d(1), nn.Flatten())
+        self.head = nn.Linear(c, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.whiten(x))) / 9  # small logits at the start: a soft first softmax
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the 2x2 conv to project each patch of `images` (normalized, N x C x H x W) onto the principal
+        directions of all patches, scaled to unit variance; the negated copy lets the GELU pass both signs."""
+        c = images.shape[1]
+        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)      # N, C, H-1, W-1, 2, 2
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4).double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors / (eigenvalues + eps).sqrt()).T.reshape(c * 4, c, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+
+MODELS = {"simplecnn": SimpleCNN, "resnet9": ResNet9, "airnet": AirNet}
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
                 widths: tuple[int, ...] | None = None) -> nn.Module:
-    """A registered model by name. `widths` sets the channel widths of the models that have them."""
+    """A registered model by name. `widths` sets the channels of each stage (None: the model's defaults)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    extra = {"widths": tuple(widths)} if widths is not None and name != "simplecnn" else {}
+    stages = len(getattr(MODELS[name], "DEFAULT_WIDTHS", ()))
+    if widths is not None and len(widths) != stages:
+        raise ValueError(f"{name} takes {stages} widths, got {len(widths)}" if stages else f"{name} has no widths")
+    extra = {"widths": tuple(widths)} if widths is not None else {}
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **extra)
 
 

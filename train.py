@@ -36,20 +36,21 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import DATASETS, DataError, ImageSet, epoch_plan, prepare
-from evaluate import evaluate
-from model import MODELS, CheckpointError, build_model, load_checkpoint, model_from_checkpoint
+from evaluate import TTA_MODES, evaluate
+from model import MODELS, AirNet, CheckpointError, build_model, load_checkpoint, model_from_checkpoint
 
 # Named recipes. A preset replaces the defaults; flags given on the command line still win.
 PRESETS = {
     "seed": {},  # the parser's defaults: the seed guide's SimpleCNN, Adam 1e-3, batch 32, 5 epochs, no augmentation
-    "fast": {    # ResNet-9 sized for a 2-core CPU; measured in the README
-        "model": "resnet9", "widths": (16, 32, 64, 128),  # channels per stage: 0.41M parameters
-        "epochs": 16, "batch_size": 512,  # 512 images per step: few, large steps keep the CPU cores busy
-        "optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "nesterov": True,  # lr for the batch mean loss
-        "weight_decay": 5e-4,             # per unit of lr, as torch.optim.SGD applies it
-        "scheduler": "linear", "warmup_epochs": 3,  # one cycle: 0 -> 0.4 over 3 epochs, then linearly to 0
-        "label_smoothing": 0.2, "augment": True, "ema": 0.99,  # EMA decay per optimizer step
-        "val_split": 0.0, "tta": True, "amp": "bf16",  # all 50,000 images train; mirror-image TTA at test
+    "fast": {    # AirNet sized for a 2-core CPU; measured in the README
+        "model": "airnet", "widths": (64, 128, 128),  # channels of the three stages: 0.57M parameters
+        "epochs": 8, "batch_size": 1024,  # 1024 images per step: few, large steps keep the CPU cores busy
+        "optimizer": "sgd", "lr": 1.5, "momentum": 0.85, "nesterov": True,  # lr for the batch-mean loss
+        "weight_decay": 1.33e-3,          # per unit of lr: each step shrinks the weights by lr x 1.33e-3
+        "bias_lr_scale": 64,              # BatchNorm shifts learn 64x faster (AirNet fixes the BN scales)
+        "scheduler": "linear", "warmup_epochs": 2,  # one cycle: 0 -> 1.5 over 2 epochs, then linearly to 0
+        "label_smoothing": 0.2, "augment": True, "crop_pad": 2, "alt_flip": True,  # shifts of <= 2 px
+        "val_split": 0.0, "tta": "shifts", "amp": "bf16",  # all 50,000 images train; 6-view TTA at test
     },
 }
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s"]
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--image-size", type=int, default=32, metavar="PX",
         help="side images are resized to, imagefolder only (default: 32)")
     add("--model", default="simplecnn", choices=sorted(MODELS), help="(default: simplecnn)")
-    add("--widths", type=widths_list, default=(64, 128, 256, 512), metavar="A,B,C,D",
-        help="channels of resnet9's four stages (default: 64,128,256,512)")
+    add("--widths", type=widths_list, metavar="A,B,...",
+        help="channels per stage: four for resnet9 (default: 64,128,256,512), three for airnet (default: 64,128,128)")
     add("--epochs", type=int, default=5, metavar="N", help="(default: 5)")
     add("--batch-size", type=int, default=32, metavar="N",
         help="images per forward pass, over all processes under torchrun (default: 32)")
@@ -82,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--optimizer", default="adam", choices=["adam", "adamw", "sgd"], help="(default: adam)")
     add("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
     add("--nesterov", action="store_true", help="Nesterov momentum for SGD")
-    add("--weight-decay", type=float, default=0.0, metavar="WD", help="(default: 0)")
+    add("--weight-decay", type=float, default=0.0, metavar="WD",
+        help="L2 penalty, applied per step as lr x WD x weight (default: 0)")
+    add("--bias-lr-scale", type=float, default=1.0, metavar="S",
+        help="BatchNorm shifts learn with S x the lr (their weight decay / S, the same decay per step) (default: 1)")
     add("--scheduler", default="none", choices=["none", "step", "cosine", "linear"],
         help="lr schedule over all steps after warm-up: step = x0.1 at 50%% and 75%%, cosine or linear "
              "decay to 0 (default: none)")
@@ -99,8 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="smallest drop in validation loss that counts as improvement (default: 0)")
     add("--val-split", type=float, default=0.1, metavar="F",
         help="fraction of the training set held out for validation, 0 = none (default: 0.1)")
-    add("--augment", action="store_true", help="random crop (4-pixel padding) and horizontal flip")
-    add("--tta", action="store_true", help="final test: average each image's logits with its mirror image's")
+    add("--augment", action="store_true", help="random crop (from an image padded by mirroring) and horizontal flip")
+    add("--crop-pad", type=int, default=4, metavar="PX", help="--augment's crops shift images by up to PX pixels "
+        "(default: 4)")
+    add("--alt-flip", action="store_true", help="--augment flips each image in every other epoch, not at random")
+    add("--tta", nargs="?", const="mirror", default="none", choices=TTA_MODES,
+        help="final test: average the logits over the image and its mirror image (--tta or --tta mirror), and "
+             "also over 1-pixel shifts of both (--tta shifts, 3x the cost) (default: none)")
     add("--seed", type=int, default=0, metavar="S", help="seeds init, split, order and augmentation (default: 0)")
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
         help="auto = cuda, then mps, then cpu (default: auto)")
@@ -119,8 +128,8 @@ def widths_list(text: str) -> tuple[int, ...]:
         widths = tuple(int(w) for w in text.split(","))
     except ValueError:
         widths = ()
-    if len(widths) != 4 or not all(1 <= w <= 4096 for w in widths):
-        raise argparse.ArgumentTypeError(f"expected four channel counts in [1, 4096] like 16,32,64,128, got {text!r}")
+    if not widths or not all(1 <= w <= 4096 for w in widths):
+        raise argparse.ArgumentTypeError(f"expected channel counts in [1, 4096] like 64,128,128, got {text!r}")
     return widths
 
 
@@ -142,6 +151,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         (math.isfinite(args.lr) and args.lr > 0, "--lr must be a positive number"),
         (number_in(args.momentum, 0, 1), "--momentum must be in [0, 1)"),
         (number_in(args.weight_decay, 0, math.inf), "--weight-decay must be >= 0"),
+        (math.isfinite(args.bias_lr_scale) and args.bias_lr_scale > 0, "--bias-lr-scale must be a positive number"),
         (number_in(args.warmup_epochs, 0, args.epochs), "--warmup-epochs must be >= 0 and below --epochs"),
         (number_in(args.label_smoothing, 0, 1), "--label-smoothing must be in [0, 1)"),
         (number_in(args.ema, 0, 1), "--ema must be in [0, 1) (0 = off)"),
@@ -150,6 +160,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         (number_in(args.min_delta, 0, math.inf), "--min-delta must be >= 0"),
         (number_in(args.val_split, 0, 1), "--val-split must be in [0, 1)"),
         (8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
+        (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
         (not args.nesterov or args.optimizer == "sgd" and args.momentum > 0, "--nesterov needs sgd with momentum"),
     ]
@@ -224,9 +235,18 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
     # The fused kernels compute the same update as the default loop, in one call per step instead of ~10 per
     # parameter tensor: for a small model that is a large share of the step.
     kw = {"lr": args.lr, "weight_decay": args.weight_decay, "fused": device.type in ("cpu", "cuda")}
+    # BatchNorm shifts may take larger steps (--bias-lr-scale); their weight decay is divided by the same factor,
+    # so that the decay per step, lr x weight decay, stays that of every other weight.
+    shifts = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
+    trainable = [p for p in model.parameters() if p.requires_grad]  # AirNet freezes its whitening and BN scales
+    scale = args.bias_lr_scale
+    groups = [{"params": [p for p in trainable if id(p) not in shifts]},
+              {"params": [p for p in trainable if id(p) in shifts], "lr": args.lr * scale,
+               "weight_decay": args.weight_decay / scale}]
+    groups = [g for g in groups if g["params"]]
     if args.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), momentum=args.momentum, nesterov=args.nesterov, **kw)
-    return (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(model.parameters(), **kw)
+        return torch.optim.SGD(groups, momentum=args.momentum, nesterov=args.nesterov, **kw)
+    return (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(groups, **kw)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
@@ -273,7 +293,7 @@ def train_one_epoch(parts: Parts, train: ImageSet, args: argparse.Namespace, epo
     parts.step_model.train()
     device = train.labels.device
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    plan = epoch_plan(len(train), args.seed, epoch, device)  # rows: sample, crop dy, crop dx, flip
+    plan = epoch_plan(len(train), args.seed, epoch, device, args.crop_pad, args.alt_flip)  # sample, dy, dx, flip
     groups = plan.split(args.batch_size * args.accum_steps)  # one group = one optimizer step, over all processes
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
@@ -292,7 +312,7 @@ def train_one_epoch(parts: Parts, train: ImageSet, args: argparse.Namespace, epo
         for i, rows in enumerate(micro_batches):
             last = i == n_micro - 1
             with parts.ddp.no_sync() if parts.ddp is not None and not last else nullcontext():
-                x, y = train.batch(rows[:, 0], rows[:, 1:] if args.augment else None)
+                x, y = train.batch(rows[:, 0], rows[:, 1:] if args.augment else None, args.crop_pad)
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(args, device):
@@ -443,6 +463,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         model = build_model(args.model, len(classes), in_channels, image_size, args.widths).to(device)
     except ValueError as e:  # a model that cannot take this image size
         raise TrainError(str(e)) from None
+    if isinstance(model, AirNet) and ckpt is None:  # (a resumed run loads its whitening with the weights)
+        model.init_whitening(train.batch(torch.arange(min(len(train), 5000), device=device))[0])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     check_out_dir(out_dir, model)  # on every process, so that all stop together if it fails
@@ -513,7 +535,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
             raise TrainError(f"the training loss became {row['train_loss']} in epoch {epoch}; try a lower --lr or "
                              f"--grad-clip 1.0 (the checkpoints keep the last finite weights)")
         eval_model = parts.ema if parts.ema is not None else model
-        val_result = evaluate(eval_model, val, len(classes)) if val else {"loss": math.nan, "accuracy": math.nan}
+        with autocast(args, device):
+            val_result = evaluate(eval_model, val, len(classes)) if val else {"loss": math.nan, "accuracy": math.nan}
         row.update(val_loss=val_result["loss"], val_acc=val_result["accuracy"])
         improved = val is None or val_result["loss"] < state["best_val_loss"] - args.min_delta
         if improved:
@@ -537,14 +560,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
     if world > 1:
         dist.barrier()  # best.pth is written by rank 0
     best = model_from_checkpoint(load_checkpoint(out_dir / "best.pth", device)).to(device)
-    result = evaluate(best, test, len(classes), tta=args.tta)
+    if args.channels_last:
+        best = best.to(memory_format=torch.channels_last)
+    with autocast(args, device):  # the test runs in the precision the model trained in
+        result = evaluate(best, test, len(classes), tta=args.tta)
     results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"], "best_epoch": state["best_epoch"],
                "epochs_completed": state["epoch"], "stopped_early": stopped_early,
                "train_seconds": state["train_seconds"]}
     if rank == 0:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}) with best.pth from epoch "
-              f"{state['best_epoch']}{' and mirror TTA' if args.tta else ''}; results in {out_dir / 'results.json'}")
+              f"{state['best_epoch']}{'' if args.tta == 'none' else f' and {args.tta} TTA'}; results in {out_dir / 'results.json'}")
     if world > 1:
         dist.barrier()  # all processes leave together: gloo aborts a process whose peer is already gone
     return results

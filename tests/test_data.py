@@ -104,12 +104,33 @@ def test_epoch_plan_depends_on_seed_and_epoch_only():
     assert set(plan[:, 3].tolist()) == {0, 1}
 
 
+def test_alternate_flips_show_each_image_mirrored_in_every_other_epoch():
+    plans = [epoch_plan(1000, seed=3, epoch=e, alternate_flips=True) for e in (1, 2, 3)]
+    flips = [p[p[:, 0].argsort(), 3] for p in plans]  # per image, in image order
+    assert 400 < flips[0].sum() < 600  # epoch 1: a random half
+    assert torch.equal(flips[1], 1 - flips[0]) and torch.equal(flips[2], flips[0])
+    assert torch.equal(plans[1], epoch_plan(1000, seed=3, epoch=2, alternate_flips=True))
+    other_seed = epoch_plan(1000, seed=4, epoch=1, alternate_flips=True)
+    assert not torch.equal(other_seed[other_seed[:, 0].argsort(), 3], flips[0])
+    assert torch.equal(plans[0][:, :3], epoch_plan(1000, seed=3, epoch=1)[:, :3])  # order and crops unchanged
+
+
+def test_crop_offsets_follow_the_padding():
+    plan = epoch_plan(1000, seed=1, epoch=1, pad=2)
+    assert plan[:, 1:3].min() == 0 and plan[:, 1:3].max() == 4
+    x = torch.randint(0, 256, (1000, 3, 8, 8), dtype=torch.uint8)
+    out = random_crop_flip(x, plan[:, 1:], pad=2)
+    assert out.shape == x.shape
+    unmoved = (plan[:, 1] == 2) & (plan[:, 2] == 2) & (plan[:, 3] == 0)
+    assert torch.equal(out[unmoved], x[unmoved])
+
+
 def test_random_crop_flip_matches_a_per_image_reference():
     x = torch.randint(0, 256, (50, 3, 32, 32), dtype=torch.uint8)
     plan = epoch_plan(50, seed=0, epoch=1)[:, 1:]
     out = random_crop_flip(x, plan)
     for i, (dy, dx, flip) in enumerate(plan.tolist()):
-        ref = F.pad(x[i], (PAD,) * 4)[:, dy:dy + 32, dx:dx + 32]
+        ref = F.pad(x[i].float(), (PAD,) * 4, mode="reflect").byte()[:, dy:dy + 32, dx:dx + 32]
         assert torch.equal(out[i], ref.flip(2) if flip else ref)
 
 
