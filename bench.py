@@ -3,7 +3,7 @@
     python bench.py --data-dir ./data                  # 5 epochs each: images/s and test accuracy (~3 min, 2 cores)
     python bench.py --data-dir ./data --epochs 1       # throughput only, quicker
     python bench.py --data-dir ./data --preset fast    # time to accuracy: the whole train.py command, timed
-    python bench.py --data-dir ./data --preset fast -- --widths 64,128,256,512 --epochs 10 --device cuda   # any extra flags
+    python bench.py --data-dir ./data --preset fast -- --widths 64,256,256 --device cuda   # extra train.py flags
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
 applies ToTensor + Normalize (what torchvision.datasets.CIFAR10 does per item; built here from the same arrays

@@ -97,7 +97,7 @@ def conv_group(c_in: int, c_out: int) -> nn.Sequential:
 class AirNet(nn.Module):
     """The net of Keller Jordan's airbench CIFAR-10 speed runs, for short training on small images: a frozen
     2x2 'whitening' conv set from the data, then three conv_group stages of widths (a, b, c), a global max-pool
-    and one linear layer. (64, 128, 128) is 0.56M parameters and ~55M multiply-adds per 32x32 image; the
+    and one linear layer. (64, 128, 128) is 0.57M parameters and ~55M multiply-adds per 32x32 image; the
     whitening conv makes the first steps count: every input direction starts at unit variance."""
 
     DEFAULT_WIDTHS = (64, 128, 128)
@@ -110,8 +110,10 @@ class AirNet(nn.Module):
         self.widths = list(widths)
         a, b, c = widths
         patch_dims = in_channels * 2 * 2
-        self.whiten = nn.Conv2d(in_channels, 2 * patch_dims, 2)  # no padding: 32x32 -> 31x31
-        self.whiten.weight.requires_grad_(False)  # set by init_whitening(); only its bias learns
+        self.whiten = nn.Conv2d(in_channels, 2 * patch_dims, 2, bias=False)  # no padding: 32x32 -> 31x31
+        # Fixed, set by init_whitening(): with nothing to learn below it, backward stops at the first conv_group,
+        # and its input gradient (a 31x31 convolution) is never computed.
+        self.whiten.requires_grad_(False)
         self.features = nn.Sequential(
             nn.GELU(), conv_group(2 * patch_dims, a), conv_group(a, b), conv_group(b, c),  # 31 -> 15 -> 7 -> 3
             nn.AdaptiveMaxPool2d(1), nn.Flatten())

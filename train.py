@@ -569,8 +569,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
                "train_seconds": state["train_seconds"]}
     if rank == 0:
         (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        tta = "" if args.tta == "none" else f" and {args.tta} TTA"
         print(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}) with best.pth from epoch "
-              f"{state['best_epoch']}{'' if args.tta == 'none' else f' and {args.tta} TTA'}; results in {out_dir / 'results.json'}")
+              f"{state['best_epoch']}{tta}; results in {out_dir / 'results.json'}")
     if world > 1:
         dist.barrier()  # all processes leave together: gloo aborts a process whose peer is already gone
     return results

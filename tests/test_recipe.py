@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import evaluate
 import train
-from data import ImageSet
-from evaluate import evaluate, tta_logits
+from data import ImageSet, prepare
+from evaluate import tta_logits
 from model import AirNet, ResNet9, build_model
 
 
@@ -73,10 +74,10 @@ def test_mirror_tta_equals_plain_prediction_on_symmetric_images():
     symmetric = torch.cat([half, half.flip(3)], 3)
     model = build_model("resnet9", 10, 3, 32, (8, 16, 32, 64)).eval()
     data = ImageSet(symmetric, torch.randint(0, 10, (20,)), torch.full((3,), 0.5), torch.full((3,), 0.25))
-    plain, tta = evaluate(model, data, 10), evaluate(model, data, 10, tta="mirror")
+    plain, tta = evaluate.evaluate(model, data, 10), evaluate.evaluate(model, data, 10, tta="mirror")
     assert tta["loss"] == plain["loss"] and torch.equal(tta["confusion"], plain["confusion"])
     data.images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)  # asymmetric: TTA changes the logits
-    assert evaluate(model, data, 10, tta="mirror")["loss"] != evaluate(model, data, 10)["loss"]
+    assert evaluate.evaluate(model, data, 10, tta="mirror")["loss"] != evaluate.evaluate(model, data, 10)["loss"]
 
 
 def test_shift_tta_averages_six_views_with_the_unshifted_pair_weighing_half():
@@ -94,7 +95,7 @@ def test_shift_tta_averages_six_views_with_the_unshifted_pair_weighing_half():
         assert torch.allclose(tta_logits(model, flat, "shifts"), model(flat), atol=1e-6)
 
 
-@pytest.mark.parametrize("widths, params", [((64, 128, 128), 569_656), ((32, 64, 64), 146_744)])
+@pytest.mark.parametrize("widths, params", [((64, 128, 128), 569_632), ((32, 64, 64), 146_720)])
 def test_airnet_parameter_count_follows_its_widths(widths, params):
     model = build_model("airnet", 10, 3, 32, widths)
     assert sum(p.numel() for p in model.parameters()) == params
@@ -132,7 +133,7 @@ def test_batchnorm_shifts_get_the_scaled_lr_and_the_same_decay_per_step():
     args = train.parse_args(["--preset", "fast", "--lr", "0.5", "--weight-decay", "0.01", "--bias-lr-scale", "64"])
     groups = train.make_optimizer(model, args, torch.device("cpu")).param_groups
     shifts = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    assert [len(g["params"]) for g in groups] == [8, 6] and all(p is q for p, q in zip(groups[1]["params"], shifts))
+    assert [len(g["params"]) for g in groups] == [7, 6] and all(p is q for p, q in zip(groups[1]["params"], shifts))
     assert (groups[0]["lr"], groups[0]["weight_decay"]) == (0.5, 0.01)
     assert groups[1]["lr"] == 32.0 and groups[1]["lr"] * groups[1]["weight_decay"] == pytest.approx(0.005)
     assert all(p.requires_grad for g in groups for p in g["params"])
@@ -146,3 +147,21 @@ def test_fast_recipe_on_real_fashion_mnist(tmp_path):
                           "--widths", "16,32,32", "--epochs", "2", "--warmup-epochs", "0.5", "--batch-size", "256",
                           "--val-split", "0.8", "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
     assert results["test_accuracy"] > 85.0
+
+
+def test_fast_preset_end_to_end_and_evaluate_reproduces_its_test_result(tmp_path, cifar_dir, capsys):
+    out = tmp_path / "run"
+    results = train.main(["--preset", "fast", "--data-dir", str(cifar_dir), "--widths", "8,8,8", "--epochs", "2",
+                          "--warmup-epochs", "1", "--batch-size", "64", "--device", "cpu", "--out-dir", str(out)])
+    assert results["epochs_completed"] == 2 and "shifts TTA" in capsys.readouterr().out
+    ckpt = torch.load(out / "best.pth", weights_only=True)
+    assert ckpt["model_name"] == "airnet" and ckpt["widths"] == [8, 8, 8] and ckpt["args"]["amp"] == "bf16"
+    # the whitening is computed from the training images once and travels in the checkpoint, unchanged
+    train_set = prepare("cifar10", cifar_dir, 0.0, seed=0, device="cpu")[0]
+    fresh = AirNet(widths=(8, 8, 8))
+    fresh.init_whitening(train_set.batch(torch.arange(len(train_set)))[0])
+    assert torch.equal(ckpt["model"]["whiten.weight"], fresh.whiten.weight)
+    report = evaluate.main(["--checkpoint", str(out / "best.pth"), "--tta", "shifts", "--amp", "bf16"])
+    assert report["accuracy"] == results["test_accuracy"] and report["loss"] == results["test_loss"]
+    plain = evaluate.main(["--checkpoint", str(out / "best.pth")])  # no TTA, float32: another number
+    assert plain["loss"] != results["test_loss"]
