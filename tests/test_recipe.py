@@ -35,7 +35,7 @@ def test_a_preset_sets_defaults_and_explicit_flags_win():
         assert getattr(fast, key) == value, key
     mixed = train.parse_args(["--lr", "0.1", "--preset", "fast", "--epochs", "3", "--no-channels-last"])
     assert (mixed.lr, mixed.epochs, mixed.model, mixed.batch_size, mixed.channels_last) == \
-        (0.1, 3, "airnet", 1024, False)
+        (0.1, 3, "airnet", 512, False)
     assert train.check_args(fast) is None
     assert train.parse_args(["--widths", "1,2,3,4"]).widths == (1, 2, 3, 4)
     with pytest.raises(SystemExit, match="expected channel counts"):
@@ -165,3 +165,36 @@ def test_fast_preset_end_to_end_and_evaluate_reproduces_its_test_result(tmp_path
     assert report["accuracy"] == results["test_accuracy"] and report["loss"] == results["test_loss"]
     plain = evaluate.main(["--checkpoint", str(out / "best.pth")])  # no TTA, float32: another number
     assert plain["loss"] != results["test_loss"]
+
+
+def test_lowres_epochs_train_on_scaled_down_images_then_full_size(cifar_dir):
+    args = train.parse_args(["--preset", "fast", "--widths", "8,8,8", "--batch-size", "100", "--epochs", "2",
+                             "--warmup-epochs", "0", "--lowres-epochs", "1", "--lowres-size", "20"])
+    data = prepare("cifar10", cifar_dir, 0.0, seed=0, device="cpu")[0]
+    model = AirNet(widths=(8, 8, 8))
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    parts = train.Parts(model, model, None, optimizer, scheduler, None, None)
+    sizes = []
+    model.register_forward_pre_hook(lambda module, inputs: sizes.append(tuple(inputs[0].shape[2:])))
+    for epoch in (1, 2):
+        assert train.train_one_epoch(parts, data, args, epoch, {"step": 0, "loss_sum": 0.0, "correct": 0,
+                                                                 "seconds": 0.0})
+    assert sizes == [(20, 20), (20, 20), (32, 32), (32, 32)]  # 200 images, 2 steps per epoch
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lowres-epochs", "6", "--epochs", "5"], "--lowres-epochs must be in [0, --epochs]"),
+    (["--lowres-epochs", "1", "--lowres-size", "32"], "--lowres-size 32 must be below the image size, 32"),
+    (["--lowres-epochs", "1", "--lowres-size", "12"], "--lowres-size: AirNet needs images of at least 15x15"),
+    (["--crop-pad", "8"], "--crop-pad must be in [0, 7]"),
+    (["--bias-lr-scale", "0"], "--bias-lr-scale must be a positive number"),
+    (["--widths", "8,8"], "airnet takes 3 widths, got 2"),
+])
+def test_bad_recipe_flags_give_one_error_line(tmp_path, cifar_dir, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--preset", "fast", "--data-dir", str(cifar_dir), "--epochs", "5", "--warmup-epochs", "1",
+                    "--out-dir", str(tmp_path / "run"), *flags])
+    text = str(exc.value.code)
+    assert text.startswith("train.py: error: ") and message in text and "\n" not in text, text
+    assert not (tmp_path / "run" / "last.pth").exists()
