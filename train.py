@@ -108,10 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--crop-pad", type=int, default=4, metavar="PX", help="--augment's crops shift images by up to PX pixels "
         "(default: 4)")
     add("--alt-flip", action="store_true", help="--augment flips each image in every other epoch, not at random")
-    add("--lowres-epochs", type=int, default=0, metavar="N",
-        help="train the first N epochs on images scaled down to --lowres-size: cheaper epochs that learn the coarse "
-             "features (default: 0)")
-    add("--lowres-size", type=int, default=24, metavar="PX", help="side of the --lowres-epochs images (default: 24)")
     add("--tta", nargs="?", const="mirror", default="none", choices=TTA_MODES,
         help="final test: average the logits over the image and its mirror image (--tta or --tta mirror), and "
              "also over 1-pixel shifts of both (--tta shifts, 3x the cost) (default: none)")
@@ -166,8 +162,6 @@ def check_args(args: argparse.Namespace) -> str | None:
         (number_in(args.val_split, 0, 1), "--val-split must be in [0, 1)"),
         (8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
-        (0 <= args.lowres_epochs <= args.epochs, "--lowres-epochs must be in [0, --epochs]"),
-        (1 <= args.lowres_size <= 1024, "--lowres-size must be in [1, 1024]"),
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
         (not args.nesterov or args.optimizer == "sgd" and args.momentum > 0, "--nesterov needs sgd with momentum"),
     ]
@@ -320,8 +314,6 @@ def train_one_epoch(parts: Parts, train: ImageSet, args: argparse.Namespace, epo
             last = i == n_micro - 1
             with parts.ddp.no_sync() if parts.ddp is not None and not last else nullcontext():
                 x, y = train.batch(rows[:, 0], rows[:, 1:] if args.augment else None, args.crop_pad)
-                if epoch <= args.lowres_epochs:
-                    x = F.interpolate(x, size=args.lowres_size, mode="bilinear", antialias=True)
                 if args.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(args, device):
@@ -472,13 +464,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict:
         model = build_model(args.model, len(classes), in_channels, image_size, args.widths).to(device)
     except ValueError as e:  # a model that cannot take this image size
         raise TrainError(str(e)) from None
-    if args.lowres_epochs:
-        if args.lowres_size >= image_size:
-            raise TrainError(f"--lowres-size {args.lowres_size} must be below the image size, {image_size}")
-        try:
-            build_model(args.model, len(classes), in_channels, args.lowres_size, args.widths)
-        except ValueError as e:
-            raise TrainError(f"--lowres-size: {e}") from None
     if isinstance(model, AirNet) and ckpt is None:  # (a resumed run loads its whitening with the weights)
         model.init_whitening(train.batch(torch.arange(min(len(train), 5000), device=device))[0])
     if args.channels_last:

@@ -167,26 +167,7 @@ def test_fast_preset_end_to_end_and_evaluate_reproduces_its_test_result(tmp_path
     assert plain["loss"] != results["test_loss"]
 
 
-def test_lowres_epochs_train_on_scaled_down_images_then_full_size(cifar_dir):
-    args = train.parse_args(["--preset", "fast", "--widths", "8,8,8", "--batch-size", "100", "--epochs", "2",
-                             "--warmup-epochs", "0", "--lowres-epochs", "1", "--lowres-size", "20"])
-    data = prepare("cifar10", cifar_dir, 0.0, seed=0, device="cpu")[0]
-    model = AirNet(widths=(8, 8, 8))
-    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    parts = train.Parts(model, model, None, optimizer, scheduler, None, None)
-    sizes = []
-    model.register_forward_pre_hook(lambda module, inputs: sizes.append(tuple(inputs[0].shape[2:])))
-    for epoch in (1, 2):
-        assert train.train_one_epoch(parts, data, args, epoch, {"step": 0, "loss_sum": 0.0, "correct": 0,
-                                                                 "seconds": 0.0})
-    assert sizes == [(20, 20), (20, 20), (32, 32), (32, 32)]  # 200 images, 2 steps per epoch
-
-
 @pytest.mark.parametrize("flags, message", [
-    (["--lowres-epochs", "6", "--epochs", "5"], "--lowres-epochs must be in [0, --epochs]"),
-    (["--lowres-epochs", "1", "--lowres-size", "32"], "--lowres-size 32 must be below the image size, 32"),
-    (["--lowres-epochs", "1", "--lowres-size", "12"], "--lowres-size: AirNet needs images of at least 15x15"),
     (["--crop-pad", "8"], "--crop-pad must be in [0, 7]"),
     (["--bias-lr-scale", "0"], "--bias-lr-scale must be a positive number"),
     (["--widths", "8,8"], "airnet takes 3 widths, got 2"),
