@@ -105,8 +105,8 @@ class AirNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
                  widths: tuple[int, int, int] = DEFAULT_WIDTHS):
         super().__init__()
-        if image_size < 15:
-            raise ValueError(f"AirNet needs images of at least 15x15 pixels, got {image_size}")
+        if image_size < 9:  # 2x2 conv, then three halvings must leave at least one pixel
+            raise ValueError(f"AirNet needs images of at least 9x9 pixels, got {image_size}")
         self.widths = list(widths)
         a, b, c = widths
         patch_dims = in_channels * 2 * 2

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
     add("--nesterov", action="store_true", help="Nesterov momentum for SGD")
     add("--weight-decay", type=float, default=0.0, metavar="WD",
-        help="L2 penalty, applied per step as lr x WD x weight (default: 0)")
+        help="L2 penalty; with sgd each step shrinks the weights by lr x WD (default: 0)")
     add("--bias-lr-scale", type=float, default=1.0, metavar="S",
         help="BatchNorm shifts learn with S x the lr (their weight decay / S, the same decay per step) (default: 1)")
     add("--scheduler", default="none", choices=["none", "step", "cosine", "linear"],

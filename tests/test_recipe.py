@@ -108,8 +108,9 @@ def test_airnet_parameter_count_follows_its_widths(widths, params):
 def test_airnet_shapes_for_cifar_and_mnist_and_its_identity_init():
     assert AirNet(10, 3, 32, widths=(8, 16, 16))(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
     assert AirNet(7, 1, 28, widths=(8, 8, 8))(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
-    with pytest.raises(ValueError, match="at least 15x15"):
-        AirNet(10, 3, 12)
+    assert AirNet(10, 3, 9, widths=(8, 8, 8))(torch.zeros(2, 3, 9, 9)).shape == (2, 10)  # the smallest it takes
+    with pytest.raises(ValueError, match="at least 9x9"):
+        AirNet(10, 3, 8)
     conv = AirNet(widths=(32, 64, 64)).features[2][0]  # 32 -> 64 channels: the first 32 pass through
     x = torch.randn(1, 32, 5, 5)
     assert torch.allclose(F.conv2d(x, conv.weight[:32], padding=1), x, atol=1e-6)
