@@ -26,6 +26,15 @@ def write_cifar10(data_dir: Path, n_per_batch: int = 40, n_test: int = 50) -> Pa
     return data_dir
 
 
+def fails_with(argv: list[str], message: str) -> None:
+    """train.py with argv exits with one `train.py: error:` line that contains message."""
+    import train  # here, not at the top: sys.path must hold the repository root first
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    text = str(exc.value.code)
+    assert text.startswith("train.py: error: ") and message in text and "\n" not in text, text
+
+
 @pytest.fixture
 def cifar_dir(tmp_path: Path) -> Path:
     """200 training and 50 test images in the CIFAR-10 layout."""

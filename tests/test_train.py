@@ -13,7 +13,7 @@ import torch
 
 import evaluate
 import train
-from conftest import ROOT, write_cifar10
+from conftest import ROOT, fails_with, write_cifar10
 from data import prepare
 from model import build_model
 
@@ -157,13 +157,6 @@ def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
     assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
     with open(out / "metrics.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2", "3"]
-
-
-def fails_with(argv, message, capsys=None):
-    with pytest.raises(SystemExit) as exc:
-        train.main(argv)
-    text = str(exc.value.code)
-    assert text.startswith("train.py: error: ") and message in text and "\n" not in text, text
 
 
 @pytest.mark.parametrize("flags, message", [
