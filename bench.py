@@ -4,6 +4,7 @@
     python bench.py --data-dir ./data --epochs 1       # throughput only, quicker
     python bench.py --data-dir ./data --preset fast    # time to accuracy: the whole train.py command, timed
     python bench.py --data-dir ./data --preset fast -- --widths 64,256,256 --device cuda   # extra train.py flags
+    python bench.py --step-cost 64,128,128 32,192,192  # AirNet training step time per widths, side by side (no data)
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
 applies ToTensor + Normalize (what torchvision.datasets.CIFAR10 does per item; built here from the same arrays
@@ -13,6 +14,7 @@ on the same images. images/s counts the training pass alone in both.
 """
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,8 +27,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+import train
 from data import load_raw
-from model import SimpleCNN
+from model import AirNet, SimpleCNN
 
 
 class SeedGuideCIFAR10(Dataset):
@@ -94,14 +97,53 @@ def time_to_accuracy(data_dir: str, preset: str, extra: list[str]) -> None:
           f"({results['train_seconds']:.0f} s of training, {results['epochs_completed']} epochs)")
 
 
+def step_cost(all_widths: list[tuple[int, ...]], batch_size: int = 512, rounds: int = 7) -> None:
+    """Time one training step of the fast preset (SGD, bf16 autocast, channels_last) for AirNet at each widths,
+    on random 32x32 images; the widths take turns, so machine noise hits them all alike. Prints the median."""
+    train.keep_freed_memory()  # as train.py does on the CPU
+    x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch_size,))
+    runs = {}
+    for widths in all_widths:
+        model = AirNet(widths=widths).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85,
+                                    nesterov=True, fused=True)
+        runs[widths] = (model, optimizer, [])
+
+    def step(model, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.2)
+        loss.backward()
+        optimizer.step()
+    for _ in range(rounds):
+        for model, optimizer, times in runs.values():
+            step(model, optimizer)  # warm-up
+            for _ in range(3):
+                start = time.perf_counter()
+                step(model, optimizer)
+                times.append(time.perf_counter() - start)
+    first = statistics.median(runs[all_widths[0]][2])
+    for widths, (_, _, times) in runs.items():
+        ms = statistics.median(times)
+        print(f"{','.join(map(str, widths)):>14}: {ms * 1000:6.0f} ms per step of {batch_size}, {ms / first:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"bench.py: error: {message}")  # one line, not the usage block
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
     p.add_argument("--epochs", type=int, default=5, metavar="N", help="epochs for each pipeline (default: 5)")
     p.add_argument("--preset", metavar="NAME", help="time a train.py preset to accuracy instead")
+    p.add_argument("--step-cost", nargs="+", type=train.widths_list, metavar="A,B,C",
+                   help="time an AirNet training step for each of these widths instead (CPU, no data needed)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
+    if args.step_cost and any(len(w) != 3 for w in args.step_cost):
+        p.error("--step-cost takes AirNet widths: three channel counts each, like 32,192,192")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.step_cost:
+        return step_cost(args.step_cost)
     if args.preset:
         return time_to_accuracy(args.data_dir, args.preset, args.train_args)
     ours = train_py_run(args.data_dir, args.epochs, args.train_args)

@@ -32,8 +32,9 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Te
     if tta == "shifts":
         h, w = x.shape[2:]
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        views = [x, x, padded[:, :, :h, :w], padded[:, :, 2:, 2:]]  # the unshifted image weighs half
-        return sum(tta_logits(model, v, "mirror") for v in views) / 4
+        shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+        # the unshifted pair weighs half, the two shifted pairs a quarter each
+        return (2 * tta_logits(model, x, "mirror") + sum(tta_logits(model, v, "mirror") for v in shifted)) / 4
     logits = model(x).float()
     return (logits + model(x.flip(3)).float()) / 2 if tta == "mirror" else logits
 

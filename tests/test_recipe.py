@@ -1,4 +1,6 @@
 """The fast recipe's pieces: the ResNet-9 and AirNet models, whitening, presets, the lr schedule, EMA and TTA."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 
 import evaluate
 import train
-from conftest import fails_with
+from conftest import ROOT, fails_with
 from data import ImageSet, prepare
 from evaluate import tta_logits
 from model import AirNet, ResNet9, build_model
@@ -96,7 +98,8 @@ def test_shift_tta_averages_six_views_with_the_unshifted_pair_weighing_half():
         assert torch.allclose(tta_logits(model, flat, "shifts"), model(flat), atol=1e-6)
 
 
-@pytest.mark.parametrize("widths, params", [((64, 128, 128), 569_632), ((32, 64, 64), 146_720)])
+@pytest.mark.parametrize("widths, params", [((32, 192, 192), 1_070_624), ((64, 128, 128), 569_632),
+                                            ((32, 64, 64), 146_720)])
 def test_airnet_parameter_count_follows_its_widths(widths, params):
     model = build_model("airnet", 10, 3, 32, widths)
     assert sum(p.numel() for p in model.parameters()) == params
@@ -178,3 +181,14 @@ def test_bad_recipe_flags_give_one_error_line(tmp_path, cifar_dir, flags, messag
     fails_with(["--preset", "fast", "--data-dir", str(cifar_dir), "--epochs", "5", "--warmup-epochs", "1",
                 "--out-dir", str(tmp_path / "run"), *flags], message)
     assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_bench_step_cost_times_each_airnet_widths_against_the_first(capsys):
+    import bench
+    bench.step_cost([(8, 8, 8), (8, 16, 16)], batch_size=16, rounds=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["8,8,8", "8,16,16"]
+    assert lines[0].endswith("ms per step of 16, 1.00x")
+    run = subprocess.run([sys.executable, "bench.py", "--step-cost", "8,8"], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode != 0 and run.stdout == "" and run.stderr.strip() == \
+        "bench.py: error: --step-cost takes AirNet widths: three channel counts each, like 32,192,192"

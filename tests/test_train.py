@@ -219,3 +219,29 @@ def test_fashion_mnist_real_data_reaches_a_real_accuracy(tmp_path):
     _, results = run_train(tmp_path, tmp_path / "empty", "--dataset", "fashion-mnist", "--epochs", "1",
                            "--batch-size", "64", "--lr", "2e-3")
     assert results["test_accuracy"] > 80.0
+
+
+FAULTS_PER_ALLOCATION = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+import train
+if sys.argv[2] == "keep":
+    assert train.keep_freed_memory()
+faults = []
+for _ in range(10):  # what a training step does: allocate a large activation, fill it, free it
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(2**24)  # 64 MiB
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[5:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or train.platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory tunes glibc's malloc")
+def test_keep_freed_memory_stops_large_blocks_faulting_in_again_each_step():
+    def faults(mode):  # in a fresh process: malloc settings last for the process
+        run = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, str(ROOT), mode],
+                             capture_output=True, text=True, check=True)
+        return int(run.stdout)
+    assert faults("default") > 0  # every 64 MiB block is a fresh mmap: 16,384 pages of 4 KiB to fault in (here)
+    assert faults("keep") == 0     # reused from the heap, already mapped
