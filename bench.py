@@ -98,22 +98,22 @@ def time_to_accuracy(data_dir: str, preset: str, extra: list[str]) -> None:
 
 
 def step_cost(all_widths: list[tuple[int, ...]], batch_size: int = 512, rounds: int = 7) -> None:
-    """Time one training step of the fast preset (SGD, bf16 autocast, channels_last) for AirNet at each widths,
-    on random 32x32 images; the widths take turns, so machine noise hits them all alike. Prints the median."""
+    """Time one training step of the fast preset (its optimizer, label smoothing, bf16 autocast, channels_last)
+    for AirNet at each widths, on random 32x32 images on the CPU; the widths take turns, so machine noise hits
+    them all alike. Prints the median."""
     train.keep_freed_memory()  # as train.py does on the CPU
+    args, cpu = train.parse_args(["--preset", "fast"]), torch.device("cpu")
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
     runs = {}
     for widths in all_widths:
         model = AirNet(widths=widths).to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.85,
-                                    nesterov=True, fused=True)
-        runs[widths] = (model, optimizer, [])
+        runs[widths] = (model, train.make_optimizer(model, args, cpu), [])
 
     def step(model, optimizer):
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(x).float(), y, label_smoothing=0.2)
+        with train.autocast(args, cpu):
+            loss = F.cross_entropy(model(x).float(), y, label_smoothing=args.label_smoothing)
         loss.backward()
         optimizer.step()
     for _ in range(rounds):

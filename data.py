@@ -205,10 +205,11 @@ def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu"
     g = torch.Generator().manual_seed(seed * 10_000 + epoch)  # distinct per epoch for runs under 10,000 epochs
     order = torch.randperm(n, generator=g)
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
-    flips = torch.randint(0, 2, (n, 1), generator=g)
     if alternate_flips:
         first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed))  # epoch 1's, per image
         flips = (first[order] ^ (epoch + 1) % 2)[:, None]
+    else:
+        flips = torch.randint(0, 2, (n, 1), generator=g)
     return torch.cat([order[:, None], offsets, flips], 1).to(device)
 
 
