@@ -12,7 +12,6 @@ so that no file goes through the plain unpickler), a DataLoader with batch 32 an
 all 50,000 training images. train.py runs as a subprocess with the same recipe and --val-split 0, so both train
 on the same images. images/s counts the training pass alone in both.
 """
-import argparse
 import json
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+import cli
+import runtime
 import train
 from data import load_raw
 from model import AirNet, SimpleCNN
@@ -101,7 +102,7 @@ def step_cost(all_widths: list[tuple[int, ...]], batch_size: int = 512, rounds: 
     """Time one training step of the fast preset (its optimizer, label smoothing, bf16 autocast, channels_last)
     for AirNet at each widths, on random 32x32 images on the CPU; the widths take turns, so machine noise hits
     them all alike. Prints the median."""
-    train.keep_freed_memory()  # as train.py does on the CPU
+    runtime.keep_freed_memory()  # as train.py does on the CPU
     args, cpu = train.parse_args(["--preset", "fast"]), torch.device("cpu")
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
@@ -112,7 +113,7 @@ def step_cost(all_widths: list[tuple[int, ...]], batch_size: int = 512, rounds: 
 
     def step(model, optimizer):
         optimizer.zero_grad(set_to_none=True)
-        with train.autocast(args, cpu):
+        with runtime.autocast(args.amp, cpu):
             loss = F.cross_entropy(model(x).float(), y, label_smoothing=args.label_smoothing)
         loss.backward()
         optimizer.step()
@@ -130,8 +131,7 @@ def step_cost(all_widths: list[tuple[int, ...]], batch_size: int = 512, rounds: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: sys.exit(f"bench.py: error: {message}")  # one line, not the usage block
+    p = cli.parser("bench.py", __doc__)
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
     p.add_argument("--epochs", type=int, default=5, metavar="N", help="epochs for each pipeline (default: 5)")
     p.add_argument("--preset", metavar="NAME", help="time a train.py preset to accuracy instead")

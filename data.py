@@ -14,10 +14,12 @@ from (seed, epoch) alone, so an epoch is the same whatever the batch size, accum
 import gzip
 import hashlib
 import json
+import math
 import os
 import pickle
 import struct
 import sys
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
+
+import cli
 
 DATASETS = ("cifar10", "mnist", "fashion-mnist", "imagefolder")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -36,9 +40,10 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 PAD = 4  # random-crop padding, pixels (default)
+MAX_IDX_BYTES = 2**31  # the largest IDX file read (MNIST's training images: 47 MB)
 
 
-class DataError(Exception):
+class DataError(cli.UserError):
     """Data that is missing, unreadable or not in the expected format."""
 
 
@@ -60,14 +65,16 @@ def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     try:
         with open(path, "rb") as f:
             batch = _ArraysOnly(f, encoding="latin1").load()
-        data, labels = batch["data"], np.asarray(batch["labels"])
+        data, labels = batch["data"], batch["labels"]
     except Exception as e:  # truncated, not a pickle, a forbidden global, missing keys, ...
         raise DataError(f"broken CIFAR-10 batch file {path}: {type(e).__name__}: {e}"[:300]) from None
+    # Checked before anything is built from them: the shape of data first, then labels as a flat list of that
+    # length (a nest of shared lists, a few bytes in the pickle, would otherwise grow to gigabytes in asarray).
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
-            and labels.shape == (len(data),) and labels.dtype.kind in "iu"
-            and (len(labels) == 0 or 0 <= labels.min() <= labels.max() <= 9)):
+            and isinstance(labels, list) and len(labels) == len(data)
+            and all(type(y) is int and 0 <= y <= 9 for y in labels)):
         raise DataError(f"broken CIFAR-10 batch file {path}: expected uint8 data (N, 3072) and N labels in 0..9")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64))
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
 
 
 def _download_cifar10(data_dir: Path) -> None:
@@ -95,18 +102,27 @@ def load_cifar10(data_dir: Path):
 
 
 def _read_idx(path: Path, ndim: int) -> torch.Tensor:
-    """IDX format: magic (0, 0, 0x08 = uint8, ndim), ndim big-endian uint32 sizes, then the bytes."""
+    """IDX format: magic (0, 0, 0x08 = uint8, ndim), ndim big-endian uint32 sizes, then the bytes. Read in chunks
+    up to the size the header declares, so a lying header or a gzip bomb costs no more memory than that."""
+    header_size = 4 + 4 * ndim
     try:
-        raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    except (OSError, EOFError) as e:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            header = f.read(header_size)
+            if len(header) < header_size or header[:4] != bytes([0, 0, 8, ndim]):
+                raise DataError(f"{path} is not an IDX file of {ndim}-d uint8 data")
+            shape = struct.unpack(f">{ndim}I", header[4:])
+            size = math.prod(shape)
+            if size > MAX_IDX_BYTES:
+                raise DataError(f"{path} declares {shape} images ({size:,} bytes); refusing more than "
+                                f"{MAX_IDX_BYTES:,}")
+            raw = bytearray()
+            while len(raw) <= size and (chunk := f.read(min(2**24, size + 1 - len(raw)))):
+                raw += chunk
+    except (OSError, EOFError, zlib.error) as e:  # also a corrupt gzip stream
         raise DataError(f"cannot read {path}: {e}") from None
-    header = 4 + 4 * ndim
-    if len(raw) < header or raw[:4] != bytes([0, 0, 8, ndim]):
-        raise DataError(f"{path} is not an IDX file of {ndim}-d uint8 data")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    if len(raw) - header != int(np.prod(shape)):
-        raise DataError(f"{path} is truncated: header says {shape}, file has {len(raw) - header} bytes of data")
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
+    if len(raw) != size:
+        raise DataError(f"{path} is truncated or too long: header says {shape}, file has {len(raw)} bytes of data")
+    return torch.frombuffer(raw, dtype=torch.uint8).reshape(shape)
 
 
 def _find_idx(dirs: list[Path], name: str) -> Path | None:

@@ -8,11 +8,15 @@ holds what a user of it needs: classes, mean, std (JSON lists), image_size, mode
 on random inputs of batch sizes 1 and 5 with onnxruntime; the file is written only when the largest difference is
 under 1e-4. Needs the optional packages onnx (to write) and onnxruntime (to check): pip install onnx onnxruntime.
 """
+import cli
+
+if __name__ == "__main__":
+    cli.exit_on_signals()  # before torch loads: an early Ctrl-C exits quietly
+
 import argparse
 import importlib
 import json
 import os
-import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -20,21 +24,19 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 
-from model import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint
 
 TOLERANCE = 1e-4  # float32 logits of the same graph differ by rounding only, far below this
 CHECK_BATCHES = (1, 5)  # two sizes, so a batch dimension that was frozen at export shows up
 OPSET = 17  # run by every onnxruntime since 1.14 (2023)
 
 
-class ExportError(Exception):
+class ExportError(cli.UserError):
     """An optional package missing, or an ONNX model that does not match PyTorch."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="export.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: sys.exit(f"{p.prog}: error: {message}")  # one line, not the usage block
+    p = cli.parser("export.py", __doc__)
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
     p.add_argument("--output", metavar="PATH",
                    help="the .onnx file to write (default: the checkpoint's path with .onnx)")
@@ -74,36 +76,34 @@ def max_difference(model: nn.Module, path: Path, in_channels: int, image_size: i
     ort = require("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     generator = torch.Generator().manual_seed(0)
-    worst = 0.0
+    differences = []
     for n in CHECK_BATCHES:
         x = torch.randn(n, in_channels, image_size, image_size, generator=generator)
         onnx_logits = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-        worst = max(worst, (onnx_logits - model(x)).abs().max().item())
-    return worst
+        differences.append((onnx_logits - model(x)).abs().max())
+    return torch.stack(differences).max().item()  # (torch's max keeps a NaN; Python's max(0.0, nan) is 0.0)
 
 
 def main(argv: list[str] | None = None) -> float:
-    args = parse_args(argv)
-    output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
-    tmp = output.with_name(output.name + ".tmp")  # renamed to `output` only once the check has passed
-    try:
+    with cli.one_line_errors("export.py"):
+        args = parse_args(argv)
+        output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+        cli.refuse_overwriting(output, args.checkpoint)
         for package in ("onnx", "onnxruntime"):  # before any work: a missing package is the one message
             require(package)
         ckpt = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt)
         output.parent.mkdir(parents=True, exist_ok=True)
-        export_onnx(model, ckpt, tmp)
-        difference = max_difference(model, tmp, ckpt["in_channels"], ckpt["image_size"])
-        if not difference < TOLERANCE:  # `not <` so that a NaN fails too
-            raise ExportError(f"the ONNX model differs from PyTorch by up to {difference:.3g} (limit {TOLERANCE:g}); "
-                              f"nothing written")
-        os.replace(tmp, output)
-    except (CheckpointError, ExportError) as e:
-        sys.exit(f"export.py: error: {e}")
-    except OSError as e:
-        sys.exit(f"export.py: error: cannot write {output}: {e.strerror}")
-    finally:
-        tmp.unlink(missing_ok=True)
+        tmp = output.with_name(output.name + ".tmp")  # renamed to `output` only once the check has passed
+        try:
+            export_onnx(model, ckpt, tmp)
+            difference = max_difference(model, tmp, ckpt["in_channels"], ckpt["image_size"])
+            if not difference < TOLERANCE:  # `not <` so that a NaN fails too
+                raise ExportError(f"the ONNX model differs from PyTorch by up to {difference:.3g} (limit "
+                                  f"{TOLERANCE:g}); nothing written")
+            os.replace(tmp, output)
+        finally:
+            tmp.unlink(missing_ok=True)
     print(f"wrote {output}; largest difference from PyTorch on random inputs (batch sizes "
           f"{', '.join(map(str, CHECK_BATCHES))}): {difference:.3g} (limit {TOLERANCE:g})")
     return difference

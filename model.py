@@ -1,18 +1,15 @@
-"""Models, the name -> class registry, and checkpoint loading.
+"""Models, the name -> class registry, and evaluate(): loss, accuracy and confusion matrix over a dataset.
 
 Every model takes a normalized float batch (N, C, H, W) and returns logits (N, num_classes).
 `build_model(name, ...)` is the one way scripts make a model, so a checkpoint, which stores the
-name and the shape arguments, is enough to rebuild it (evaluate.py, predict.py, export.py).
+name and the shape arguments, is enough to rebuild it (checkpoint.model_from_checkpoint).
 """
-from pathlib import Path
-
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class CheckpointError(Exception):
-    """A checkpoint file that is missing, truncated, foreign or unsafe."""
+import runtime
 
 
 class SimpleCNN(nn.Module):
@@ -137,6 +134,51 @@ class AirNet(nn.Module):
         self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation: what train.py validates and tests with, and evaluate.py reports
+
+EVAL_BATCH = 1024  # images per forward pass; any size gives the same counts
+TTA_MODES = ("none", "mirror", "shifts")
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The model's float logits for batch x, averaged over test-time views. mirror: x and its mirror image.
+    shifts: that, averaged with the same for x shifted one pixel up-left and one down-right (6 views)."""
+    if tta == "shifts":
+        h, w = x.shape[2:]
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+        # the unshifted pair weighs half, the two shifted pairs a quarter each
+        return (2 * tta_logits(model, x, "mirror") + sum(tta_logits(model, v, "mirror") for v in shifted)) / 4
+    logits = model(x).float()
+    return (logits + model(x.flip(3)).float()) / 2 if tta == "mirror" else logits
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, num_classes: int, batch_size: int = EVAL_BATCH,
+             tta: str = "none") -> dict:
+    """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`,
+    with the test-time views of `tta` (see tta_logits); `data` is a data.ImageSet. Under torchrun each process takes every world_size-th
+    image and the sums are added up across processes, so every image counts exactly once."""
+    model.eval()
+    device = data.labels.device
+    rank, world = runtime.rank_world()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    for idx in torch.arange(rank, len(data), world, device=device).split(batch_size):
+        x, y = data.batch(idx)
+        logits = tta_logits(model, x, tta)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    if world > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(confusion)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    n = max(len(data), 1)
+    return {"loss": loss_sum.item() / n, "accuracy": 100.0 * confusion.diag().sum().item() / n,
+            "confusion": confusion}
+
+
 MODELS = {"simplecnn": SimpleCNN, "resnet9": ResNet9, "airnet": AirNet}
 
 
@@ -150,37 +192,3 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
         raise ValueError(f"{name} takes {stages} widths, got {len(widths)}" if stages else f"{name} has no widths")
     extra = {"widths": tuple(widths)} if widths is not None else {}
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **extra)
-
-
-CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "in_channels", "image_size", "classes", "mean", "std")
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint written by train.py. Never unpickles code: weights_only=True admits only tensors
-    and plain containers, so a file carrying a pickle payload is refused, not run."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        if "unsupported GLOBAL" in str(e):  # a class or function in the pickle: what a code payload needs
-            raise CheckpointError(f"cannot read checkpoint {path}: it holds Python objects other than tensors and "
-                                  f"plain containers (a code payload?); refusing to load it") from None
-        raise CheckpointError(f"cannot read checkpoint {path}: not a .pth file, or truncated "
-                              f"({type(e).__name__})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of these scripts (missing {', '.join(missing)})")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (eval mode)."""
-    try:
-        model = build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"],
-                            ckpt.get("widths"))
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not match its model: {str(e).splitlines()[0][:200]}") from None
-    return model.eval()

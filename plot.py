@@ -7,10 +7,13 @@ plot_confusion(confusion, classes, path) draws the confusion matrix of evaluate.
 matplotlib is optional (pip install matplotlib): it is imported only when a picture is drawn, so training and
 evaluation run without it.
 """
-import argparse
+import cli
+
+if __name__ == "__main__":
+    cli.exit_on_signals()  # before torch loads: an early Ctrl-C exits quietly
+
 import csv
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +21,7 @@ import torch
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
 
 
-class PlotError(Exception):
+class PlotError(cli.UserError):
     """matplotlib missing, or a file that cannot be read or written."""
 
 
@@ -99,18 +102,15 @@ def _save(fig, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(prog="plot.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.error = lambda message: sys.exit(f"{p.prog}: error: {message}")  # one line, not the usage block
+    p = cli.parser("plot.py", __doc__)
     p.add_argument("metrics", metavar="METRICS_CSV", help="a run's metrics.csv")
     p.add_argument("--output", metavar="PATH", help="the PNG to write (default: curves.png next to METRICS_CSV)")
-    args = p.parse_args(argv)
-    output = Path(args.output) if args.output else Path(args.metrics).with_name("curves.png")
-    try:
+    with cli.one_line_errors("plot.py"):
+        args = p.parse_args(argv)
+        output = Path(args.output) if args.output else Path(args.metrics).with_name("curves.png")
         require_matplotlib()  # first, so that a missing package is the one message
+        cli.refuse_overwriting(output, args.metrics)
         plot_curves(read_metrics(Path(args.metrics)), output)
-    except PlotError as e:
-        sys.exit(f"plot.py: error: {e}")
     print(f"wrote {output}")
     return output
 

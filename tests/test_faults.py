@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import evaluate
 import train
 from conftest import ROOT, write_cifar10
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 
 
 def start(argv, **kw):
@@ -44,7 +44,7 @@ def test_ctrl_c_saves_a_mid_epoch_checkpoint_that_resumes_exactly(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
     ckpt = load_checkpoint(out / "last.pth")
-    assert ckpt["epoch"] == 1 and 0 < ckpt["partial_epoch"]["step"] < 250
+    assert ckpt["state"]["epoch"] == 1 and 0 < ckpt["partial_epoch"]["step"] < 250
     command = err.strip().splitlines()[-1].strip()
     assert command.startswith("python train.py ") and command.endswith(f"--resume {out / 'last.pth'}")
 
@@ -64,7 +64,7 @@ def test_sigterm_stops_cleanly_too(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Traceback" not in err and "Resume with:" in err
-    assert load_checkpoint(out / "last.pth")["epoch"] >= 1
+    assert load_checkpoint(out / "last.pth")["state"]["epoch"] >= 1
 
 
 def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
@@ -78,7 +78,7 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(tmp_path):
         time.sleep(delay)
         proc.kill()
         proc.wait()
-        epochs.append(load_checkpoint(out / "last.pth")["epoch"])  # loads: never half written
+        epochs.append(load_checkpoint(out / "last.pth")["state"]["epoch"])  # loads: never half written
         proc = start([*flags, "--resume", str(out / "last.pth")])
         wait_for_line(proc, "resumed from")
     proc.kill()

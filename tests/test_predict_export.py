@@ -10,7 +10,8 @@ import data
 import export
 import predict
 from image_files import make_image_folder
-from model import MODELS, build_model, model_from_checkpoint
+from checkpoint import model_from_checkpoint
+from model import MODELS, build_model
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
 

@@ -12,8 +12,8 @@ import evaluate
 import train
 from conftest import ROOT, fails_with
 from data import ImageSet, prepare
-from evaluate import tta_logits
-from model import AirNet, ResNet9, build_model
+from model import AirNet, ResNet9, build_model, tta_logits
+from model import evaluate as evaluate_model
 
 
 @pytest.mark.parametrize("widths, params", [((8, 16, 32, 64), 103_944), ((16, 32, 64, 128), 412_944),
@@ -77,10 +77,10 @@ def test_mirror_tta_equals_plain_prediction_on_symmetric_images():
     symmetric = torch.cat([half, half.flip(3)], 3)
     model = build_model("resnet9", 10, 3, 32, (8, 16, 32, 64)).eval()
     data = ImageSet(symmetric, torch.randint(0, 10, (20,)), torch.full((3,), 0.5), torch.full((3,), 0.25))
-    plain, tta = evaluate.evaluate(model, data, 10), evaluate.evaluate(model, data, 10, tta="mirror")
+    plain, tta = evaluate_model(model, data, 10), evaluate_model(model, data, 10, tta="mirror")
     assert tta["loss"] == plain["loss"] and torch.equal(tta["confusion"], plain["confusion"])
     data.images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8)  # asymmetric: TTA changes the logits
-    assert evaluate.evaluate(model, data, 10, tta="mirror")["loss"] != evaluate.evaluate(model, data, 10)["loss"]
+    assert evaluate_model(model, data, 10, tta="mirror")["loss"] != evaluate_model(model, data, 10)["loss"]
 
 
 def test_shift_tta_averages_six_views_with_the_unshifted_pair_weighing_half():
@@ -166,10 +166,10 @@ def test_fast_preset_end_to_end_and_evaluate_reproduces_its_test_result(tmp_path
     fresh = AirNet(widths=(8, 8, 8))
     fresh.init_whitening(train_set.batch(torch.arange(len(train_set)))[0])
     assert torch.equal(ckpt["model"]["whiten.weight"], fresh.whiten.weight)
-    report = evaluate.main(["--checkpoint", str(out / "best.pth"), "--tta", "shifts", "--amp", "bf16"])
+    report = evaluate.main(["--checkpoint", str(out / "best.pth")])  # the run's own --tta shifts and --amp bf16
     assert report["accuracy"] == results["test_accuracy"] and report["loss"] == results["test_loss"]
-    plain = evaluate.main(["--checkpoint", str(out / "best.pth")])  # no TTA, float32: another number
-    assert plain["loss"] != results["test_loss"]
+    plain = evaluate.main(["--checkpoint", str(out / "best.pth"), "--tta", "none", "--amp", "off"])
+    assert plain["loss"] != results["test_loss"]  # no TTA, float32: another number
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -8,11 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 import evaluate
+import runtime
 import train
+from checkpoint import METRICS, EpochTally
 from conftest import ROOT, fails_with, write_cifar10
 from data import prepare
 from model import build_model
@@ -29,12 +33,13 @@ def one_epoch(data, *argv: str, model_seed: int = 0) -> torch.nn.Module:
     args = args_for(*argv)
     torch.manual_seed(model_seed)
     model = build_model("simplecnn", 10, 3, 32)
-    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    parts = train.Parts(model, model, None, optimizer, scheduler, None, None)
-    progress = {"step": 0, "loss_sum": 0.0, "correct": 0, "seconds": 0.0}
-    assert train.train_one_epoch(parts, data, args, 1, progress)
-    assert progress["step"] == math.ceil(len(data) / (args.batch_size * args.accum_steps))
+    steps = math.ceil(len(data) / (args.batch_size * args.accum_steps))
+    trainer = train.Trainer(model=model, step_model=model, optimizer=train.make_optimizer(model, args, torch.device("cpu")),
+                            scaler=torch.amp.GradScaler("cuda", enabled=False), autocast=nullcontext(), ema=None,
+                            stop=runtime.StopSignal(), steps_per_epoch=steps)
+    tally = EpochTally()
+    assert train.train_one_epoch(trainer, data, args, 1, tally)
+    assert tally.step == steps
     return model
 
 
@@ -85,7 +90,7 @@ def test_a_run_writes_metrics_checkpoints_and_results(tmp_path, cifar_dir, capsy
     assert len(lines) == 2 and "img/s" in lines[0]
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == train.METRICS and [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == METRICS and [r["epoch"] for r in rows] == ["1", "2"]
     assert all(float(r["images_per_s"]) > 0 and 0 <= float(r["val_acc"]) <= 100 for r in rows)
     assert json.loads((out / "results.json").read_text()) == results
     assert set(results) == {"test_accuracy", "test_loss", "best_epoch", "epochs_completed", "stopped_early",
@@ -94,10 +99,10 @@ def test_a_run_writes_metrics_checkpoints_and_results(tmp_path, cifar_dir, capsy
     assert sorted(p.name for p in out.iterdir()) == ["best.pth", "last.pth", "metrics.csv", "results.json"]
 
     ckpt = torch.load(out / "last.pth", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["classes"][0] == "airplane" and len(ckpt["mean"]) == 3
+    assert ckpt["state"]["epoch"] == 2 and ckpt["classes"][0] == "airplane" and len(ckpt["mean"]) == 3
     assert ckpt["args"]["batch_size"] == 32 and isinstance(ckpt["args"], dict)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    assert {"optimizer", "scheduler", "rng", "best_val_loss", "bad_epochs"} <= set(ckpt)
+    assert {"optimizer", "rng", "state", "partial_epoch", "run_id", "argv"} <= set(ckpt)
     fresh = build_model("simplecnn", 10, 3, 32)
     fresh.load_state_dict(ckpt["model"])  # a plain state_dict
 
@@ -117,8 +122,8 @@ def test_early_stopping_uses_validation_and_patience(tmp_path, cifar_dir):
     # a min-delta no loss can beat: epoch 1 is the only improvement, then 2 epochs of patience
     out, results = run_train(tmp_path, cifar_dir, "--epochs", "10", "--patience", "2", "--min-delta", "1000")
     assert results["stopped_early"] is True and results["epochs_completed"] == 3 and results["best_epoch"] == 1
-    assert torch.load(out / "best.pth", weights_only=True)["epoch"] == 1
-    assert torch.load(out / "last.pth", weights_only=True)["epoch"] == 3
+    assert torch.load(out / "best.pth", weights_only=True)["state"]["epoch"] == 1
+    assert torch.load(out / "last.pth", weights_only=True)["state"]["epoch"] == 3
 
 
 def test_default_flags_are_the_seed_recipe():
@@ -146,7 +151,7 @@ def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
     wait_for_checkpoint(out / "last.pth", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = torch.load(out / "last.pth", weights_only=True)["epoch"]
+    done = torch.load(out / "last.pth", weights_only=True)["state"]["epoch"]
     assert done < 3, "the run finished before it could be killed; make the data bigger"
     train.main([*flags, "--out-dir", str(out), "--resume", str(out / "last.pth")])
 
@@ -160,11 +165,12 @@ def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be in [1, 2**31]"),
+    (["--batch-size", str(10**20)], "--batch-size must be in [1, 2**31]"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--lr", "nan"], "--lr must be a positive number"),
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--accum-steps", "0"], "--accum-steps must be at least 1"),
+    (["--epochs", "0"], "--epochs must be in [1, 10000]"),
+    (["--accum-steps", "0"], "--accum-steps must be in [1, 2**20]"),
     (["--patience", "-1"], "--patience must be >= 0"),
     (["--grad-clip", "-0.5"], "--grad-clip must be >= 0"),
     (["--val-split", "1"], "--val-split must be in [0, 1)"),
@@ -224,9 +230,9 @@ def test_fashion_mnist_real_data_reaches_a_real_accuracy(tmp_path):
 FAULTS_PER_ALLOCATION = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
-import train
+import runtime
 if sys.argv[2] == "keep":
-    assert train.keep_freed_memory()
+    assert runtime.keep_freed_memory()
 faults = []
 for _ in range(10):  # what a training step does: allocate a large activation, fill it, free it
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -236,7 +242,7 @@ print(min(faults[5:]))
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or train.platform.libc_ver()[0] != "glibc",
+@pytest.mark.skipif(not sys.platform.startswith("linux") or runtime.platform.libc_ver()[0] != "glibc",
                     reason="keep_freed_memory tunes glibc's malloc")
 def test_keep_freed_memory_stops_large_blocks_faulting_in_again_each_step():
     def faults(mode):  # in a fresh process: malloc settings last for the process

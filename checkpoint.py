@@ -1,0 +1,303 @@
+"""Checkpoints and the run folder: the checkpoint format (written here, and only here), saving it atomically,
+loading and validating it, rebuilding its model; the run folder's lock, metrics.csv and results.json.
+
+A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors and plain containers only):
+    format        2
+    model         state_dict of the weights the optimizer trains (what --resume continues from)
+    ema_model     (--ema only) state_dict of their moving average: what evaluation, best.pth's choice,
+                  evaluate.py, predict.py and export.py use when it is there
+    model_name, widths, num_classes, in_channels, image_size
+                  what model.build_model needs to rebuild the net
+    classes       the class names, index = label;  mean, std: per-channel normalization, [0, 1] pixel units
+    args          every train.py flag of the run (a dict)
+    run_id        random hex, the same in every checkpoint of one run: whose files a run folder holds
+    state         the run's progress (RunState), history included: one metrics.csv row per completed epoch
+    partial_epoch the epoch in progress (EpochTally) in a checkpoint saved by Ctrl-C, else None
+    optimizer, scaler, rng   what exact resume needs (scaler: fp16 only)
+"""
+import csv
+import io
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import cli
+from model import MODELS, build_model
+
+FORMAT = 2
+METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s"]
+RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "results.json")
+MAX_CLASSES = 100_000
+
+
+class CheckpointError(cli.UserError):
+    """A checkpoint that is missing, truncated, foreign, unsafe or holds what no run of train.py writes."""
+
+
+class RunFolderError(cli.UserError):
+    """A run folder that belongs to another run or process, or that cannot take the run's files."""
+
+
+@dataclass
+class RunState:
+    """Where a run stands after its last completed epoch."""
+    epoch: int = 0                  # epochs completed
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0             # epochs since the last improvement (early stopping)
+    train_seconds: float = 0.0
+    history: list = field(default_factory=list)  # the metrics.csv rows, one dict per completed epoch
+
+
+@dataclass
+class EpochTally:
+    """The epoch in progress: optimizer steps done and what they added up to."""
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+
+def save_checkpoint(ckpt: dict, *paths: Path) -> None:
+    """Serialize once, then write each path atomically: a crash, a signal or a full disk leaves the old file or
+    the new one, never half of one, and no temporary file."""
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    for path in paths:
+        try:
+            write_atomically(path, buffer.getbuffer())
+        except OSError as e:
+            raise CheckpointError(f"cannot write {path}: {cli.describe_os_error(e)} (the previous {path.name}, "
+                                  f"if any, is intact)") from None
+
+
+def write_atomically(path: Path, data: bytes | memoryview) -> None:
+    """Temporary file, flushed to disk, renamed over `path`; the temporary file is removed on any failure."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, or a signal: never leave the temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def checkpoint_bytes(model: nn.Module, copies: int) -> int:
+    """About what a checkpoint takes: `copies` of the model's state (weights, optimizer moments, EMA) + 1 MiB."""
+    return copies * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading and validating: every reader goes through load_checkpoint, so nonsense is refused in one place
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and validate a checkpoint (on the CPU). Never unpickles code: weights_only admits only tensors and
+    plain containers; mmap maps the tensors from the file instead of allocating them."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        if "GLOBAL" in str(e) or "global" in str(e):  # a class or function in the pickle: what code needs
+            raise CheckpointError(f"cannot read checkpoint {path}: it holds Python objects other than tensors and "
+                                  f"plain containers (a code payload?); refusing to load it") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a .pth file, or truncated "
+                              f"({type(e).__name__})") from None
+    if isinstance(ckpt, dict) and "training_model" in ckpt and "format" not in ckpt:  # format 1 (2026-11-24)
+        ckpt = {**ckpt, "model": ckpt["training_model"], "ema_model": ckpt["model"]}
+    validate(ckpt, path)
+    return ckpt
+
+
+def validate(ckpt: object, path: Path) -> None:
+    """Refuse, with the first problem found, what no run of train.py writes: wrong types, mismatched sizes,
+    non-finite weights. Checks only plain fields and tensors, so a crafted nest of lists costs nothing."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{path} is not a checkpoint of these scripts ({what})")
+
+    need(isinstance(ckpt, dict), "not a dict")
+    missing = [k for k in ("model", "model_name", "num_classes", "in_channels", "image_size", "classes", "mean",
+                           "std") if k not in ckpt]
+    need(not missing, f"missing {', '.join(missing)}")
+    need(isinstance(ckpt["model_name"], str) and ckpt["model_name"] in MODELS,
+         f"model_name must be one of {', '.join(MODELS)}")
+    for key, low, high in (("num_classes", 2, MAX_CLASSES), ("in_channels", 1, 3), ("image_size", 8, 1024)):
+        need(is_int(ckpt[key]) and low <= ckpt[key] <= high, f"{key} must be an integer in [{low}, {high}]")
+    widths = ckpt.get("widths")
+    need(widths is None or isinstance(widths, list) and len(widths) <= 8 and all(
+        is_int(w) and 1 <= w <= 4096 for w in widths), "widths must be a short list of channel counts")
+    classes, channels = ckpt["classes"], ckpt["in_channels"]
+    need(isinstance(classes, list) and len(classes) == ckpt["num_classes"] and all(
+        isinstance(c, str) for c in classes), "classes must be num_classes names")
+    for key in ("mean", "std"):
+        values = ckpt[key]
+        need(isinstance(values, list) and len(values) == channels and all(
+            isinstance(v, float) and math.isfinite(v) for v in values), f"{key} must be {channels} finite numbers")
+    need(all(v > 0 for v in ckpt["std"]), "std must be positive")
+    for key in ("model", "ema_model"):
+        if key in ckpt:
+            weights = ckpt[key]
+            need(isinstance(weights, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                   for k, t in weights.items()), f"{key} must map names to tensors")
+            bad = next((k for k, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()),
+                       None)
+            if bad is not None:
+                raise CheckpointError(f"{path} holds non-finite weights ({key}: {bad}); it cannot be used")
+
+
+def is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_for_resume(ckpt: dict, path: Path) -> tuple[RunState, EpochTally | None]:
+    """The run state a resume continues from, checked field by field."""
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} was written by an older train.py: evaluate.py, predict.py and export.py "
+                              f"read it, but it cannot be resumed")
+    missing = [k for k in ("args", "run_id", "state", "partial_epoch", "optimizer", "rng") if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} cannot be resumed: it has no {', '.join(missing)}")
+    state = typed(RunState, ckpt["state"], path)
+    tally = None if ckpt["partial_epoch"] is None else typed(EpochTally, ckpt["partial_epoch"], path)
+    rows_ok = len(state.history) == state.epoch and all(
+        isinstance(r, dict) and list(r) == METRICS and all(isinstance(v, (int, float)) for v in r.values())
+        for r in state.history)
+    if not (rows_ok and isinstance(ckpt["args"], dict) and isinstance(ckpt["run_id"], str)
+            and isinstance(ckpt["rng"], dict) and isinstance(ckpt["rng"].get("torch"), torch.Tensor)):
+        raise CheckpointError(f"{path} cannot be resumed: its history, args, run_id or rng state is malformed")
+    return state, tally
+
+
+def typed(cls: type, values: object, path: Path):
+    """A RunState or EpochTally from a checkpoint's dict, with every field of its declared type."""
+    kinds = {int: (int,), float: (float, int), list: (list,)}
+    names = [f.name for f in fields(cls)]
+    if not (isinstance(values, dict) and list(values) == names and all(
+            isinstance(values[f.name], kinds[f.type]) and not isinstance(values[f.name], bool) for f in fields(cls))):
+        raise CheckpointError(f"{path} cannot be resumed: its {cls.__name__} is malformed")
+    return cls(**values)
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    """Rebuild the model a checkpoint describes, with the weights to use (the EMA ones where there are), in eval
+    mode."""
+    try:
+        model = build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"],
+                            ckpt.get("widths"))
+        model.load_state_dict(ckpt.get("ema_model", ckpt["model"]))
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint does not match its model: {str(e).splitlines()[0][:200]}") from None
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run folder
+
+def run_position(ckpt: dict) -> tuple[int, int]:
+    """(epochs completed, steps into the next): how far the run of a checkpoint has come."""
+    return ckpt["state"]["epoch"], (ckpt["partial_epoch"] or {}).get("step", 0)
+
+
+class RunFolder:
+    """A run's folder: last.pth, best.pth, metrics.csv, results.json. One process owns it for the run's life,
+    by an exclusive lock on its .lock file (the kernel drops the lock when the process dies, so a lock left by
+    a killed run is never in the way); a folder that holds another run's files is never written to."""
+
+    def __init__(self, path: Path, run_id: str):
+        self.path, self.run_id = path, run_id
+        self.lock_file, self.created = None, False
+
+    def claim(self, resumed: dict | None) -> None:
+        """Lock the folder, then check that it is empty of run files or holds this very run (resumed, not rewound).
+        Under the lock, so that two runs started at once cannot both pass the check."""
+        self.lock()
+        found = [name for name in RUN_FILES if (self.path / name).exists()]
+        if not found:
+            return
+        if resumed is None:
+            hint = (f"resume it with --resume {self.path / 'last.pth'} or " if "last.pth" in found else "")
+            raise RunFolderError(f"{self.path} already holds a run ({', '.join(found)}); {hint}choose another "
+                                 f"--out-dir")
+        owner = next((self.path / name for name in ("last.pth", "best.pth") if name in found), None)
+        try:
+            theirs = load_checkpoint(owner) if owner else {}
+        except CheckpointError:
+            theirs = {}
+        if theirs.get("run_id") != self.run_id:
+            raise RunFolderError(f"{self.path} holds files of another run ({', '.join(found)}); resume into the "
+                                 f"checkpoint's own folder, or give --out-dir a new folder")
+        if owner.name == "last.pth" and run_position(theirs) > run_position(resumed):
+            raise RunFolderError(f"resuming here would rewind the run: {owner} is further on (epoch "
+                                 f"{run_position(theirs)[0]}); resume from it, or give --out-dir a new folder")
+
+    def lock(self) -> None:
+        import fcntl  # POSIX only: imported here so that the module loads elsewhere
+        self.created = not self.path.exists()
+        path = self.path / ".lock"
+        while True:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+                f = open(path, "a+")
+            except OSError as e:
+                raise RunFolderError(f"cannot write to {self.path}: {e.strerror}") from None
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                owner = f.read().strip() or "?"
+                f.close()
+                raise RunFolderError(f"{self.path} is in use by another run (process {owner}); wait for it to "
+                                     f"end, or choose another --out-dir") from None
+            if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break  # (else the owner removed the file between our open and our lock: take the new one)
+            f.close()
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        self.lock_file = f
+
+    def release(self) -> None:
+        """Unlock; a folder this run created and left empty (it failed before writing) is removed."""
+        if self.lock_file is not None:
+            (self.path / ".lock").unlink(missing_ok=True)  # before unlocking: the next owner locks a new file
+            self.lock_file.close()
+            self.lock_file = None
+            if self.created and not any(self.path.iterdir()):
+                self.path.rmdir()
+
+    def check_space(self, need: int) -> None:
+        free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
+        if free < need:
+            raise RunFolderError(f"not enough free space in {self.path}: the checkpoints need up to "
+                                 f"{need / 2**20:.0f} MiB at once, {free / 2**20:.0f} MiB free")
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """metrics.csv from the whole history: on resume it is rebuilt from the checkpoint, never read back."""
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, METRICS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(history)
+        write_atomically(self.path / "metrics.csv", text.getvalue().encode())
+
+    def append_metrics(self, row: dict) -> None:
+        with open(self.path / "metrics.csv", "a", newline="") as f:
+            csv.DictWriter(f, METRICS, lineterminator="\n").writerow(row)
+
+    def write_results(self, text: str) -> None:
+        write_atomically(self.path / "results.json", text.encode())
+
+
+def as_dict(state: RunState | EpochTally | None) -> dict | None:
+    return None if state is None else asdict(state)

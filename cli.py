@@ -1,0 +1,89 @@
+"""The command line every script shares: bad input is one `prog: error: ...` line and a non-zero exit, never a
+traceback, and Ctrl-C exits quietly with 130. Standard library only, so a script can import it before torch."""
+import argparse
+import errno
+import os
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad data, a foreign checkpoint, a busy run folder...). Its message is the whole
+    story: the scripts print it as one line. Each module defines its own subclass where it raises it."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the training loop. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` swallows it; `finally` blocks still run and remove temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def exit_on_signals() -> dict:
+    """Make Ctrl-C and SIGTERM end the process at once through one_line_errors, with no traceback. Scripts call
+    it before they import torch (about 1.5 s), so an early Ctrl-C is quiet too. Returns the previous handlers."""
+    return {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_signals(handlers: dict) -> None:
+    for s, handler in handlers.items():
+        signal.signal(s, handler)
+
+
+def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 2), not the usage block."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(message: str):
+        raise SystemExit(f"{prog}: error: {message}")
+    p.error = error
+    return p
+
+
+@contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """Turn what a user can cause into `prog: error: <one line>` and a non-zero exit: a UserError, a file the
+    system refuses (full disk, name too long, no permission), memory that is not there, a signal (exit 128 + N).
+    Ctrl-C and SIGTERM stop the work at once inside it (train.py's loop defers them to a step boundary)."""
+    previous_handlers = exit_on_signals()
+    try:
+        yield
+    except UserError as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+    except Interrupted as e:
+        print(f"{prog}: stopped by {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
+    except OSError as e:
+        raise SystemExit(f"{prog}: error: {describe_os_error(e)}") from None
+    except MemoryError:
+        raise SystemExit(f"{prog}: error: out of memory") from None
+    except RuntimeError as e:  # torch reports memory it cannot get as a RuntimeError (CUDA: OutOfMemoryError)
+        if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
+            raise
+        raise SystemExit(f"{prog}: error: out of memory: {str(e).splitlines()[0][:200]}; lower --batch-size "
+                         f"(--accum-steps keeps the update the same)") from None
+    finally:
+        restore_signals(previous_handlers)
+
+
+def describe_os_error(e: OSError) -> str:
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e) or type(e).__name__)
+    hint = "; free some space and try again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"{e.filename}: {reason}{hint}" if e.filename else f"{reason}{hint}"
+
+
+def refuse_overwriting(output: str | Path, *inputs: str | Path | None) -> None:
+    """An output path that names one of the inputs would destroy it: refuse before anything is written."""
+    out = Path(output).resolve()
+    for given in inputs:
+        if given is not None and Path(given).resolve() == out:
+            raise UserError(f"the output {output} is also an input ({given}); choose another output path")

@@ -1,0 +1,126 @@
+"""Devices and processes: which device runs, mixed precision, the torchrun process group, the stop signal, and
+the CPU allocator setting. Every script picks its device here, so `--device auto` means the same everywhere."""
+import argparse
+import ctypes
+import os
+import platform
+import signal
+import sys
+from contextlib import contextmanager, nullcontext
+from typing import ContextManager, Iterator
+
+import torch
+import torch.distributed as dist
+
+import cli
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+class DeviceError(cli.UserError):
+    """A device, precision or process setup this machine cannot give."""
+
+
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto = cuda, then mps, then cpu (default: auto)")
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"--device {name} is not available on this machine")
+    return torch.device(f"cuda:{local_rank}") if name == "cuda" else torch.device(name)
+
+
+def autocast(amp: str, device: torch.device) -> ContextManager:
+    """The forward passes' precision: float32 (off), or autocast to bf16 / fp16 where the device has it."""
+    if amp == "fp16" and device.type != "cuda" or amp == "bf16" and device.type not in ("cuda", "cpu"):
+        raise DeviceError(f"--amp {amp} is not supported on {device.type}")
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS. By default every block over
+    ~32 MB (a batch of activations) is a fresh mmap, returned to the OS when freed, so each training step on the
+    CPU page-faults all of its activations in again (README: 14-19% of an AirNet step). True if applied."""
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)  # the C library this process already runs on
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)        # serve large blocks from the heap too, never from fresh mmaps
+                and libc.mallopt(m_trim_threshold, 2**31 - 1))  # give the heap back only above 2 GiB unused
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Processes: torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain run is rank 0 of 1.
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def start_processes(device_name: str) -> int:
+    """Join torchrun's process group when there is one. Returns the local rank (the GPU index)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return 0
+        local_rank = int(os.environ["LOCAL_RANK"])
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"]  # (KeyError: not torchrun)
+    except (KeyError, ValueError):
+        raise DeviceError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set, but not the rest of torchrun's "
+                          f"environment (RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): start with torchrun, or "
+                          f"unset WORLD_SIZE") from None
+    cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return local_rank
+
+
+class StopSignal:
+    """SIGINT/SIGTERM during training: noted, not acted on at once, so that the loop can finish its optimizer
+    step and save a checkpoint that resumes exactly. Outside `deferred()` they stop the process at once
+    (cli.Interrupted). Under torchrun all processes decide together, at the same step, with a CPU all-reduce
+    over a gloo group: no GPU sync per step, and a signal to any one process stops them all."""
+
+    def __init__(self):
+        self.signum = 0
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.flag = torch.zeros((), dtype=torch.int32)
+
+    def note(self, signum: int, frame: object) -> None:
+        if not self.signum:
+            self.signum = signum
+            print(f"\n{signal.Signals(signum).name}: stopping after this optimizer step...", file=sys.stderr,
+                  flush=True)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        previous = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def requested(self) -> bool:
+        """True once any process got a signal; every process gets the same answer at the same step."""
+        if self.group is not None:
+            self.flag.fill_(self.signum)
+            dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group)
+            if int(self.flag) == 0:  # decide on the reduced value: a signal may arrive during the reduce
+                return False
+            self.signum = self.signum or int(self.flag)
+        return self.signum != 0
