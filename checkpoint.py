@@ -196,10 +196,18 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
     try:
         model = build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"],
                             ckpt.get("widths"))
-        model.load_state_dict(ckpt.get("ema_model", ckpt["model"]))
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not match its model: {str(e).splitlines()[0][:200]}") from None
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint does not match its model: {e}") from None
+    load_weights(model, ckpt.get("ema_model", ckpt["model"]))
     return model.eval()
+
+
+def load_weights(model: nn.Module, weights: dict) -> None:
+    """model.load_state_dict, with a mismatch (missing, unexpected or misshapen tensors) as a CheckpointError."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
+        raise CheckpointError(f"checkpoint does not match its model: {' '.join(str(e).split())[:300]}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,6 +249,15 @@ class RunFolder:
         if owner.name == "last.pth" and run_position(theirs) > run_position(resumed):
             raise RunFolderError(f"resuming here would rewind the run: {owner} is further on (epoch "
                                  f"{run_position(theirs)[0]}); resume from it, or give --out-dir a new folder")
+
+    def adopt_best(self, source: Path) -> None:
+        """Resuming into a new folder: bring the run's best.pth along, so that the final test finds it there."""
+        if (self.path / "best.pth").exists() or source.parent == self.path:
+            return
+        if not source.is_file() or load_checkpoint(source).get("run_id") != self.run_id:
+            raise RunFolderError(f"resuming into a new folder needs the run's best.pth next to its last.pth; "
+                                 f"{source} is missing or belongs to another run")
+        write_atomically(self.path / "best.pth", source.read_bytes())
 
     def lock(self) -> None:
         import fcntl  # POSIX only: imported here so that the module loads elsewhere

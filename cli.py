@@ -15,12 +15,13 @@ class UserError(Exception):
     story: the scripts print it as one line. Each module defines its own subclass where it raises it."""
 
 
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM outside the training loop. A BaseException, like KeyboardInterrupt, so that no
-    `except Exception` swallows it; `finally` blocks still run and remove temporary files."""
+class Interrupted(SystemExit):
+    """SIGINT or SIGTERM outside the training loop. A SystemExit with code 128 + the signal number: no
+    `except Exception` swallows it, `finally` blocks still run and remove temporary files, and where nothing
+    catches it (torch still importing) Python exits with that code and no traceback."""
 
     def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(128 + signum)
         self.signum = signum
 
 
@@ -60,8 +61,8 @@ def one_line_errors(prog: str) -> Iterator[None]:
     except UserError as e:
         raise SystemExit(f"{prog}: error: {e}") from None
     except Interrupted as e:
-        print(f"{prog}: stopped by {e}", file=sys.stderr)
-        raise SystemExit(128 + e.signum) from None
+        print(f"{prog}: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
+        raise SystemExit(e.code) from None
     except OSError as e:
         raise SystemExit(f"{prog}: error: {describe_os_error(e)}") from None
     except MemoryError:

@@ -36,8 +36,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import runtime
-from checkpoint import (FORMAT, METRICS, EpochTally, RunFolder, RunState, as_dict, checkpoint_bytes,
-                        load_checkpoint, model_from_checkpoint, save_checkpoint, validate_for_resume)
+from checkpoint import (FORMAT, EpochTally, RunFolder, RunState, as_dict, checkpoint_bytes, load_checkpoint,
+                        load_weights, model_from_checkpoint, save_checkpoint, validate_for_resume)
 from data import DATASETS, ImageSet, epoch_plan, prepare
 from evaluate import TTA_MODES, evaluate
 from model import MODELS, AirNet, ResNet9, build_model
@@ -201,6 +201,8 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str]) -> dict
     try:
         if rank == 0:
             folder.claim(resumed)  # first: a second run into the same folder is refused before any work
+            if resumed:
+                folder.adopt_best(Path(args.resume).parent / "best.pth")
         return train_and_test(args, resumed, argv, device, folder)
     finally:
         folder.release()
@@ -251,7 +253,16 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
               f"{device} x {world}; {args.model} with {sum(p.numel() for p in t.model.parameters()):,} "
               f"parameters; writing to {folder.path}", flush=True)
     stopped_early = fit(t, args, train, val, folder, card, state, tally)
-    return final_test(args, test, classes, state, stopped_early, folder, device)
+    try:
+        if t.stop.signum:  # noted after the last optimizer step, during the last validation or save
+            raise cli.Interrupted(t.stop.signum)
+        return final_test(args, test, classes, state, stopped_early, folder, device)
+    except cli.Interrupted:
+        if rank == 0:
+            print(f"training finished ({state.epoch} epochs, best.pth from epoch {state.best_epoch}); the final "
+                  f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint {folder.path / 'best.pth'}",
+                  file=sys.stderr)
+        raise
 
 
 def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | None, folder: RunFolder,
@@ -280,8 +291,6 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
                 if rank == 0:
                     print(f"early stop: no validation improvement for {args.patience} epochs")
                 return True
-    if t.stop.signum:  # noted after the last optimizer step, during the last validation or save
-        raise cli.Interrupted(t.stop.signum)
     return False
 
 
@@ -315,19 +324,11 @@ def final_test(args: argparse.Namespace, test: ImageSet, classes: list[str], sta
     rank, world = runtime.rank_world()
     if world > 1:
         dist.barrier()  # best.pth is written by rank 0
-    best_path = folder.path / "best.pth"
-    try:
-        best = model_from_checkpoint(load_checkpoint(best_path)).to(device)
-        if args.channels_last:
-            best = best.to(memory_format=torch.channels_last)
-        with runtime.autocast(args.amp, device):  # the test runs in the precision the model trained in
-            result = evaluate(best, test, len(classes), tta=args.tta)
-    except cli.Interrupted:
-        if rank == 0:
-            print(f"training finished ({state.epoch} epochs, best.pth from epoch {state.best_epoch}); the final "
-                  f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint {best_path}",
-                  file=sys.stderr)
-        raise
+    best = model_from_checkpoint(load_checkpoint(folder.path / "best.pth")).to(device)
+    if args.channels_last:
+        best = best.to(memory_format=torch.channels_last)
+    with runtime.autocast(args.amp, device):  # the test runs in the precision the model trained in
+        result = evaluate(best, test, len(classes), tta=args.tta)
     results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"], "best_epoch": state.best_epoch,
                "epochs_completed": state.epoch, "stopped_early": stopped_early,
                "train_seconds": state.train_seconds}
@@ -365,16 +366,19 @@ def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, d
 
 def load_training_state(t: Trainer, ckpt: dict) -> None:
     """Weights, optimizer, loss scaler and random number generators as the checkpoint left them."""
+    load_weights(t.model, ckpt["model"])
+    if t.ema is not None:
+        load_weights(t.ema, ckpt.get("ema_model", {}))
     try:
-        t.model.load_state_dict(ckpt["model"])
-        if t.ema is not None:
-            t.ema.load_state_dict(ckpt["ema_model"])
         t.optimizer.load_state_dict(ckpt["optimizer"])
+        for p, moments in t.optimizer.state.items():  # torch checks the groups, not the shapes of the moments
+            if any(m.dim() and m.shape != p.shape for m in moments.values() if isinstance(m, torch.Tensor)):
+                raise ValueError("an optimizer moment does not have its parameter's shape")
         t.scaler.load_state_dict(ckpt.get("scaler", {}))
         torch.set_rng_state(ckpt["rng"]["torch"])
         if "cuda" in ckpt["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as e:
+    except Exception as e:  # a crafted state fails in many ways; each is the same answer
         raise TrainError(f"--resume: the checkpoint's training state does not fit this run: "
                          f"{str(e).splitlines()[0][:200]}") from None
 

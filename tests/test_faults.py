@@ -121,16 +121,13 @@ def test_a_checkpoint_with_a_pickle_payload_is_refused_by_every_reader(tmp_path,
     assert not os.path.exists(PWNED)
 
 
-def test_an_unwritable_or_full_output_dir_fails_before_training(tmp_path, cifar_dir, monkeypatch):
+def test_an_unwritable_output_dir_fails_before_training(tmp_path, cifar_dir):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit) as exc:
         train.main(["--data-dir", str(cifar_dir), "--out-dir", str(blocker / "run"), "--device", "cpu"])
     assert str(exc.value.code).startswith("train.py: error: cannot write to")
-    monkeypatch.setattr(train.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000}))
-    with pytest.raises(SystemExit) as exc:
-        train.main(["--data-dir", str(cifar_dir), "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
-    assert "not enough free space" in str(exc.value.code) and not (tmp_path / "run" / "metrics.csv").exists()
+    assert blocker.read_text() == "not a folder"
 
 
 FLAG_VALUES = {

@@ -1,0 +1,311 @@
+"""The run-folder and resume contract, tried as a careless user would: every failure is one line and a non-zero
+exit, and nothing on disk is lost. Real processes, real signals, a real full disk (tmpfs), real concurrent runs."""
+import importlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from conftest import ROOT, fails_with, write_cifar10
+
+CPU = ["--device", "cpu"]
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def start(*argv: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str) -> str:
+    for line in proc.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting with {prefix!r}; stderr: {proc.stderr.read()}")
+
+
+def one_error_line(proc: subprocess.Popen | subprocess.CompletedProcess, prog: str = "train.py") -> str:
+    err = proc.stderr if isinstance(proc.stderr, str) else proc.stderr.read()
+    lines = err.strip().splitlines()
+    assert proc.returncode not in (0, None) and len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def two_runs(tmp_path, cifar_dir):
+    """Two finished one-epoch runs, A and B, of the same data."""
+    base = ["--data-dir", str(cifar_dir), *CPU, "--epochs", "1"]
+    train.main([*base, "--out-dir", str(tmp_path / "A")])
+    train.main([*base, "--out-dir", str(tmp_path / "B"), "--seed", "1"])
+    return tmp_path / "A", tmp_path / "B", base
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run folder is owned
+
+def test_resume_never_writes_over_another_run(two_runs):
+    a, b, base = two_runs
+    before = snapshot(b)
+    fails_with([*base, "--epochs", "2", "--resume", str(a / "last.pth"), "--out-dir", str(b)],
+               "holds files of another run")
+    (b / "last.pth").unlink()  # what is left of B still belongs to B
+    del before["last.pth"]
+    fails_with([*base, "--epochs", "2", "--resume", str(a / "last.pth"), "--out-dir", str(b)],
+               "holds files of another run")
+    assert snapshot(b) == before
+
+
+def test_a_folder_with_any_run_file_is_not_started_over(two_runs):
+    a, _, base = two_runs
+    (a / "last.pth").unlink()
+    before = snapshot(a)
+    fails_with([*base, "--out-dir", str(a)], "already holds a run (best.pth, metrics.csv, results.json)")
+    assert snapshot(a) == before
+
+
+def test_resume_into_a_new_folder_copies_the_history_and_leaves_the_old_one(two_runs):
+    a, _, base = two_runs
+    before = snapshot(a)
+    new = a.parent / "A2"
+    results = train.main([*base, "--epochs", "2", "--resume", str(a / "last.pth"), "--out-dir", str(new)])
+    assert results["epochs_completed"] == 2 and snapshot(a) == before
+    assert [line.split(",")[0] for line in (new / "metrics.csv").read_text().splitlines()] == ["epoch", "1", "2"]
+    assert load_checkpoint(new / "last.pth")["run_id"] == load_checkpoint(a / "last.pth")["run_id"]
+
+
+def test_resuming_an_older_checkpoint_would_rewind_the_run_and_is_refused(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    base = ["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--patience", "1", "--min-delta", "1000"]
+    train.main([*base, "--epochs", "3"])  # best.pth is epoch 1, last.pth epoch 2 (early stop)
+    before = snapshot(out)
+    fails_with([*base, "--epochs", "3", "--resume", str(out / "best.pth")], "would rewind the run")
+    assert snapshot(out) == before
+
+
+def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
+    data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(data), *CPU, "--epochs", "50", "--out-dir", str(out)]
+    first, second = start(*flags), start(*flags)  # started together: both reach the check at about once
+    deadline = time.time() + 60
+    while first.poll() is None and second.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    loser, winner = (first, second) if first.poll() is not None else (second, first)
+    assert "is in use by another run (process" in one_error_line(loser) or \
+        "already holds a run" in one_error_line(loser)
+    wait_for_line(winner, "epoch  1/50")  # the winner trains on, undisturbed
+    third = start(*flags)
+    third.wait(timeout=60)
+    assert f"is in use by another run (process {winner.pid})" in one_error_line(third)
+    winner.send_signal(signal.SIGKILL)  # a killed run leaves its .lock file, but not its lock
+    winner.wait()
+    assert (out / ".lock").exists()
+    resumed = start(*flags, "--resume", str(out / "last.pth"), "--epochs", "50")
+    wait_for_line(resumed, "resumed from")
+    resumed.send_signal(signal.SIGINT)
+    _, err = resumed.communicate(timeout=60)
+    assert resumed.returncode == 130 and "Traceback" not in err and not (out / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The resume contract
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "0.01"], "trained with --lr 0.05, not 0.01; --lr cannot change on resume"),
+    (["--momentum", "0.5"], "trained with --momentum 0.9, not 0.5"),
+    (["--weight-decay", "0.1"], "trained with --weight-decay 0.0, not 0.1"),
+    (["--optimizer", "adam"], "trained with --optimizer sgd, not adam"),
+    (["--batch-size", "16"], "trained with --batch-size 32, not 16"),
+    (["--augment"], "trained with --augment False, not True"),
+    (["--epochs", "1"], "has already done 2 epochs; --epochs 1 is fewer"),
+])
+def test_resume_refuses_a_flag_that_must_not_change_naming_both_values(tmp_path, cifar_dir, flags, message):
+    out = tmp_path / "run"
+    base = ["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out)]
+    train.main([*base, "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05"])
+    before = snapshot(out)
+    fails_with([*base, "--resume", str(out / "last.pth"), *flags], message)
+    assert snapshot(out) == before
+
+
+def test_resume_takes_the_runs_own_flags_and_uses_the_ones_that_may_change(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1", "--optimizer", "sgd",
+                "--lr", "0.05", "--scheduler", "cosine"])
+    # only --resume and what changes: the optimizer, lr and schedule come from the checkpoint
+    results = train.main(["--resume", str(out / "last.pth"), "--epochs", "3", "--patience", "1", "--min-delta",
+                          "1000", "--no-channels-last"])
+    ckpt = load_checkpoint(out / "last.pth")
+    assert (ckpt["args"]["optimizer"], ckpt["args"]["lr"], ckpt["args"]["scheduler"]) == ("sgd", 0.05, "cosine")
+    assert (ckpt["args"]["epochs"], ckpt["args"]["patience"], ckpt["args"]["channels_last"]) == (3, 1, False)
+    assert results["stopped_early"] is True and results["epochs_completed"] == 2  # --patience 1 was used
+
+
+def test_a_damaged_metrics_csv_is_rebuilt_from_the_checkpoint_on_resume(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    base = ["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out)]
+    train.main([*base, "--epochs", "2"])
+    good = (out / "metrics.csv").read_text().splitlines()
+    (out / "metrics.csv").write_bytes(b"epoch,train_loss\n\xff\xfe garbage,,\n")
+    train.main([*base, "--epochs", "3", "--resume", str(out / "last.pth")])
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[:3] == good and rows[3].startswith("3,")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Signals at start-up and during the final test
+
+def test_ctrl_c_while_torch_is_still_importing_exits_130_without_a_traceback(tmp_path, cifar_dir):
+    proc = start("--data-dir", str(cifar_dir), *CPU, "--out-dir", str(tmp_path / "run"))
+    time.sleep(0.3)  # torch takes over a second to import
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and out == "", err
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_during_the_final_test_stops_at_once_and_says_how_to_rerun_it(tmp_path):
+    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=4000)  # a long final test
+    out = tmp_path / "run"
+    proc = start("--data-dir", str(data), *CPU, "--out-dir", str(out), "--epochs", "1", "--model", "resnet9",
+                 "--widths", "16,32,64,128", "--tta", "shifts")
+    wait_for_line(proc, "epoch 1/1")
+    proc.send_signal(signal.SIGINT)
+    started = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and time.time() - started < 10, err
+    assert "training finished (1 epochs" in err and f"python evaluate.py --checkpoint {out / 'best.pth'}" in err
+    assert not (out / "results.json").exists() and load_checkpoint(out / "best.pth")["state"]["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs mounted for the test (needs root and a kernel that lets it mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_disk, cifar_dir):
+    # ResNet-9's 6.6M parameters: ~105 MB for weights + Adam's two moments, x3 at the peak of a save
+    fails_with(["--data-dir", str(cifar_dir), *CPU, "--model", "resnet9", "--out-dir", str(small_disk / "run")],
+               "not enough free space")
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_disk_that_fills_up_during_a_run_is_one_line_and_last_pth_survives(small_disk, tmp_path):
+    data = write_cifar10(tmp_path / "data", n_per_batch=40, n_test=20)
+    out = small_disk / "run"
+    proc = start("--data-dir", str(data), *CPU, "--out-dir", str(out), "--epochs", "500")
+    wait_for_line(proc, "epoch   2/500")
+    with open(small_disk / "filler", "wb") as f:  # take every byte that is left
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    proc.wait(timeout=60)
+    line = one_error_line(proc)
+    assert "No space left on device" in line and "is intact" in line
+    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "last.pth", "metrics.csv"]  # no .tmp, no .lock
+    epochs = load_checkpoint(out / "last.pth")["state"]["epoch"]
+    (small_disk / "filler").unlink()
+    resumed = train.main(["--resume", str(out / "last.pth"), "--epochs", str(epochs + 1)])
+    assert resumed["epochs_completed"] == epochs + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Environment and paths
+
+def test_world_size_without_torchrun_is_one_line(tmp_path, cifar_dir):
+    proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--out-dir",
+                           str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "WORLD_SIZE": "2"})
+    assert "start with torchrun, or unset WORLD_SIZE" in one_error_line(proc)
+
+
+def test_a_path_component_over_255_bytes_is_one_line(tmp_path, cifar_dir):
+    fails_with(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(tmp_path / ("x" * 300))], "File name too long")
+    assert list(tmp_path.iterdir()) == [tmp_path / "cifar"]
+
+
+def readers() -> list[str]:
+    have_onnx = all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime"))
+    return ["evaluate.py", "predict.py"] + (["export.py"] if have_onnx else [])
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_every_reader(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])
+    ckpt = torch.load(out / "best.pth", weights_only=True)
+    ckpt["model"]["fc3.weight"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pth")
+    for script in readers():
+        images = [str(tmp_path / "nan.pth")] if script == "predict.py" else []  # (never decoded: refused first)
+        proc = subprocess.run([sys.executable, script, "--checkpoint", str(tmp_path / "nan.pth"), *images],
+                              cwd=ROOT, capture_output=True, text=True)
+        assert "holds non-finite weights (model: fc3.weight)" in one_error_line(proc, script)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: c.update(model=torch.zeros(3)), "model must map names to tensors"),
+    (lambda c: c.update(num_classes="10"), "num_classes must be an integer"),
+    (lambda c: c.update(classes=c["classes"][:9]), "classes must be num_classes names"),
+    (lambda c: c.update(mean=[0.5] * 5), "mean must be 3 finite numbers"),
+    (lambda c: c.update(std=[0.0, 1.0, 1.0]), "std must be positive"),
+    (lambda c: c.update(model_name="os.system"), "model_name must be one of"),
+    (lambda c: c["model"].update({"fc3.weight": torch.zeros(2, 2)}), "checkpoint does not match its model"),
+    (lambda c: c.update(image_size=2**40), "image_size must be an integer in [8, 1024]"),
+])
+def test_checkpoints_holding_nonsense_are_refused_in_one_line(tmp_path, cifar_dir, damage, message):
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])
+    ckpt = torch.load(out / "best.pth", weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / "bad.pth")
+    for script in readers():
+        module = importlib.import_module(script[:-3])
+        images = [str(out / "best.pth")] if script == "predict.py" else []
+        with pytest.raises(SystemExit) as exc:
+            module.main(["--checkpoint", str(tmp_path / "bad.pth"), *images])
+        assert str(exc.value.code).startswith(f"{script}: error: ") and message in str(exc.value.code)
+    before = snapshot(tmp_path)
+    fails_with(["--resume", str(tmp_path / "bad.pth"), "--out-dir", str(tmp_path)], message)
+    assert snapshot(tmp_path) == before
+
+
+def test_an_output_that_names_an_input_is_refused(tmp_path, cifar_dir):
+    import export
+    import plot
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])
+    before = snapshot(out)
+    for main, argv in ((export.main, ["--checkpoint", str(out / "best.pth"), "--output", str(out / "best.pth")]),
+                       (plot.main, [str(out / "metrics.csv"), "--output", str(out / "metrics.csv")])):
+        if main is export.main and "export.py" not in readers() or main is plot.main and not \
+                importlib.util.find_spec("matplotlib"):
+            continue
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert "is also an input" in str(exc.value.code)
+    assert snapshot(out) == before
