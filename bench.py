@@ -5,6 +5,7 @@
     python bench.py --data-dir ./data --preset fast    # time to accuracy: the whole train.py command, timed
     python bench.py --data-dir ./data --preset fast -- --widths 64,256,256 --device cuda   # extra train.py flags
     python bench.py --step-cost 64,128,128 32,192,192  # AirNet training step time per widths, side by side (no data)
+    python bench.py --loop-cost 4 32                   # train.py's loop against the bare five steps (no data)
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
 applies ToTensor + Normalize (what torchvision.datasets.CIFAR10 does per item; built here from the same arrays
@@ -29,7 +30,8 @@ from torchvision import transforms
 import cli
 import runtime
 import train
-from data import load_raw
+from checkpoint import EpochTally
+from data import ImageSet, load_raw
 from model import AirNet, SimpleCNN
 
 
@@ -130,6 +132,43 @@ def step_cost(all_widths: list[tuple[int, ...]], batch_size: int = 512, rounds: 
         print(f"{','.join(map(str, widths)):>14}: {ms * 1000:6.0f} ms per step of {batch_size}, {ms / first:.2f}x")
 
 
+def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5) -> dict[int, float]:
+    """train.py's training loop (train_one_epoch, the seed recipe) against the bare five steps on one fixed batch
+    (same model, fused Adam, channels_last), images/s side by side on the CPU; the two take turns, so machine noise
+    hits both alike. Prints and returns the loop's share of the bare step's images/s per batch size (median)."""
+    runtime.keep_freed_memory()  # as train.py does on the CPU, for both
+    torch.set_flush_denormal(True)
+    cpu, shares = torch.device("cpu"), {}
+    for batch_size in batch_sizes:
+        args = train.parse_args(["--batch-size", str(batch_size), "--device", "cpu"])
+        generator = torch.Generator().manual_seed(0)
+        data = ImageSet(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                        torch.randint(0, 10, (images,), generator=generator), torch.full((3,), 0.5),
+                        torch.full((3,), 0.25))
+        trainer = train.build_trainer(args, data, 10, cpu, resumed=None)
+        bare_model = SimpleCNN().to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(bare_model.parameters(), lr=args.lr, fused=True)
+        x, y = data.batch(torch.arange(batch_size))
+        x = x.contiguous(memory_format=torch.channels_last)
+        loop_rates, bare_rates = [], []
+        for epoch in range(1, rounds + 1):
+            tally = EpochTally()
+            train.train_one_epoch(trainer, data, args, epoch, tally)
+            loop_rates.append(images / tally.seconds)
+            start = time.perf_counter()
+            for _ in range(images // batch_size):
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(bare_model(x), y)
+                loss.backward()
+                optimizer.step()
+            bare_rates.append(images // batch_size * batch_size / (time.perf_counter() - start))
+        loop, bare = statistics.median(loop_rates), statistics.median(bare_rates)
+        shares[batch_size] = loop / bare
+        print(f"batch {batch_size:>4}: bare step {bare:>8,.0f} img/s, train.py loop {loop:>8,.0f} img/s: "
+              f"{100 * loop / bare:.0f}%", flush=True)
+    return shares
+
+
 def main() -> None:
     p = cli.parser("bench.py", __doc__)
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
@@ -137,6 +176,8 @@ def main() -> None:
     p.add_argument("--preset", metavar="NAME", help="time a train.py preset to accuracy instead")
     p.add_argument("--step-cost", nargs="+", type=train.widths_list, metavar="A,B,C",
                    help="time an AirNet training step for each of these widths instead (CPU, no data needed)")
+    p.add_argument("--loop-cost", nargs="+", type=int, metavar="BATCH",
+                   help="train.py's loop against the bare model step at these batch sizes instead (CPU, no data)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
     if args.step_cost and any(len(w) != 3 for w in args.step_cost):
@@ -144,6 +185,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.step_cost:
         return step_cost(args.step_cost)
+    if args.loop_cost:
+        return loop_cost(args.loop_cost)
     if args.preset:
         return time_to_accuracy(args.data_dir, args.preset, args.train_args)
     ours = train_py_run(args.data_dir, args.epochs, args.train_args)

@@ -85,13 +85,14 @@ def train_one_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch:
     rank, world = runtime.rank_world()
     device = data.labels.device
     plan = epoch_plan(len(data), args.seed, epoch, device, args.crop_pad, args.alt_flip)  # sample, dy, dx, flip
-    groups = plan.split(args.batch_size * args.accum_steps)  # one group = one optimizer step, over all processes
+    group_size = args.batch_size * args.accum_steps  # one group = one optimizer step, over all processes
+    samples, crop_flips = plan[:, 0].contiguous().split(group_size), plan[:, 1:].contiguous().split(group_size)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     runtime.sync(device)
     start = time.perf_counter()
     total_steps, warmup_steps = args.epochs * t.steps_per_epoch, round(args.warmup_epochs * t.steps_per_epoch)
-    for group in groups[tally.step:]:
+    for group, crop_flip in zip(samples[tally.step:], crop_flips[tally.step:]):
         if t.stop.requested():
             break
         step = (epoch - 1) * t.steps_per_epoch + tally.step  # over the whole run: the lr schedule's clock
@@ -100,11 +101,12 @@ def train_one_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch:
         # Every process takes its share of the group and cuts it into the same number of micro-batches, so all
         # of them join the same gradient all-reduce (a share may be empty at the very end of an epoch).
         n_micro = math.ceil(len(group) / args.batch_size)
-        micro_batches = group.tensor_split(world)[rank].tensor_split(n_micro)
+        micro_batches = zip(group.tensor_split(world)[rank].tensor_split(n_micro),
+                            crop_flip.tensor_split(world)[rank].tensor_split(n_micro))
 
         t.optimizer.zero_grad(set_to_none=True)                                     # 1. zero the gradients
-        for i, rows in enumerate(micro_batches):
-            x, y = data.batch(rows[:, 0], rows[:, 1:] if args.augment else None, args.crop_pad)
+        for i, (rows, crops) in enumerate(micro_batches):
+            x, y = data.batch(rows, crops if args.augment else None, args.crop_pad)
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             # DDP all-reduces the gradients in backward; only the last micro-batch of a group needs that
@@ -134,7 +136,7 @@ def train_one_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch:
     tally.seconds += time.perf_counter() - start
     tally.loss_sum += loss_sum.item()
     tally.correct += int(correct.item())
-    return tally.step == len(groups)
+    return tally.step == len(samples)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
@@ -197,6 +199,9 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str]) -> dict
     rank, world = runtime.rank_world()
     if device.type == "cpu":
         runtime.keep_freed_memory()
+        # Numbers below 1e-38 as 0: CPUs compute with such denormals 10-100x slower, and Adam's squared gradients
+        # of a barely-trained layer land there (bench.py --loop-cost: its step took 5x as long)
+        torch.set_flush_denormal(True)
     folder = RunFolder(out_dir_for(args), resumed["run_id"] if resumed else secrets.token_hex(8))
     try:
         if rank == 0:
