@@ -1,5 +1,7 @@
+import gzip
 import os
 import pickle
+import struct
 
 import numpy as np
 import pytest
@@ -68,6 +70,41 @@ def test_truncated_idx_file_is_refused(tmp_path):
         load_raw("mnist", tmp_path)
     write_idx(path, np.zeros((3, 4), np.uint8), compress=False)  # 2-d where 3-d belongs
     with pytest.raises(DataError, match="not an IDX file of 3-d"):
+        load_raw("mnist", tmp_path)
+
+
+def billion_laughs(depth: int = 30) -> bytes:
+    """A pickle of a few hundred bytes: a list of 2 references to a list of 2 references to ... (2**depth ints
+    once expanded: what np.asarray would build)."""
+    inner = [0]
+    for _ in range(depth):
+        inner = [inner, inner]
+    return pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": inner})
+
+
+def test_a_nest_of_shared_label_lists_is_refused_before_it_is_built(cifar_dir):
+    path = cifar_dir / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(billion_laughs())
+    assert len(billion_laughs()) - len(pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0]})) < 1000
+    with pytest.raises(DataError, match="N labels in 0..9"):
+        load_raw("cifar10", cifar_dir)
+
+
+def test_a_corrupt_or_lying_gzipped_idx_file_is_one_clear_error(tmp_path):
+    folder = write_mnist(tmp_path / "MNIST" / "raw", compress=True)
+    path = folder / "train-images-idx3-ubyte.gz"
+    raw = bytearray(path.read_bytes())
+    raw[10] = 0xFF  # the first deflate block header after gzip's 10 bytes: block type 3, which does not exist
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="cannot read .*train-images-idx3-ubyte.gz"):
+        load_raw("mnist", tmp_path)
+    # a header that declares 65535**3 bytes: refused from the header, before anything is allocated
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 65535, 65535, 65535)))
+    with pytest.raises(DataError, match="refusing more than"):
+        load_raw("mnist", tmp_path)
+    # a header that claims more than the stream holds: read up to what is there, then refused
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 1000, 28, 28) + bytes(100)))
+    with pytest.raises(DataError, match="truncated or too long"):
         load_raw("mnist", tmp_path)
 
 
