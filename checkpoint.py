@@ -19,6 +19,7 @@ import csv
 import io
 import math
 import os
+import pickle
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        if "GLOBAL" in str(e) or "global" in str(e):  # a class or function in the pickle: what code needs
+        if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # a class or function: what code needs
             raise CheckpointError(f"cannot read checkpoint {path}: it holds Python objects other than tensors and "
                                   f"plain containers (a code payload?); refusing to load it") from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a .pth file, or truncated "
@@ -231,6 +232,8 @@ class RunFolder:
         """Lock the folder, then check that it is empty of run files or holds this very run (resumed, not rewound).
         Under the lock, so that two runs started at once cannot both pass the check."""
         self.lock()
+        for name in RUN_FILES:  # what a SIGKILL in the middle of a save left behind (no live run holds the lock)
+            (self.path / (name + ".tmp")).unlink(missing_ok=True)
         found = [name for name in RUN_FILES if (self.path / name).exists()]
         if not found:
             return

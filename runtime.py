@@ -6,6 +6,7 @@ import os
 import platform
 import signal
 import sys
+import traceback
 from contextlib import contextmanager, nullcontext
 from typing import ContextManager, Iterator
 
@@ -87,6 +88,25 @@ def start_processes(device_name: str) -> int:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
     return local_rank
+
+
+def leave_processes() -> None:
+    """End this torchrun process. NCCL: destroy the process group. gloo: do not; exit right away with the code of
+    the exception in flight (0 if none): on torch 2.4 destroying a gloo group can deadlock against gloo's own
+    threads (they free the last collective's tensors, which needs the GIL that the destroying thread holds)."""
+    if dist.get_backend() != "gloo":
+        dist.destroy_process_group()
+        return
+    error = sys.exc_info()[1]
+    code = error.code if isinstance(error, SystemExit) else 0 if error is None else 1
+    if error is not None and not isinstance(error, SystemExit):
+        traceback.print_exception(error)
+    if isinstance(code, str):  # sys.exit("message"): print it, as Python would
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 class StopSignal:

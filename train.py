@@ -577,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict:
             return run(args, resumed, run_argv)
     finally:
         if dist.is_initialized():
-            dist.destroy_process_group()
+            runtime.leave_processes()
 
 
 if __name__ == "__main__":
