@@ -29,10 +29,19 @@ def raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-def exit_on_signals() -> dict:
-    """Make Ctrl-C and SIGTERM end the process at once through one_line_errors, with no traceback. Scripts call
-    it before they import torch (about 1.5 s), so an early Ctrl-C is quiet too. Returns the previous handlers."""
-    return {s: signal.signal(s, raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+def exit_at_once(signum: int, frame: object) -> None:
+    print(f"{Path(sys.argv[0]).name}: stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def exit_on_signals(handler=exit_at_once) -> dict:
+    """Make Ctrl-C and SIGTERM end the process at once, with no traceback. Scripts call it first, before they
+    import torch: while imports run, the process just exits (an exception raised there can be swallowed by
+    C code that clears import errors, as torch 2.4's import does); one_line_errors then installs
+    raise_interrupted, so that `finally` blocks clean up. A signal the process was started with ignored (a
+    background job of a shell, nohup) stays ignored, as Python itself does. Returns the previous handlers."""
+    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(s) is not signal.SIG_IGN}
 
 
 def restore_signals(handlers: dict) -> None:
@@ -55,7 +64,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
     """Turn what a user can cause into `prog: error: <one line>` and a non-zero exit: a UserError, a file the
     system refuses (full disk, name too long, no permission), memory that is not there, a signal (exit 128 + N).
     Ctrl-C and SIGTERM stop the work at once inside it (train.py's loop defers them to a step boundary)."""
-    previous_handlers = exit_on_signals()
+    previous_handlers = exit_on_signals(raise_interrupted)
     try:
         yield
     except UserError as e:

@@ -128,7 +128,8 @@ class StopSignal:
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
-        previous = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)
+                    if signal.getsignal(s) is not signal.SIG_IGN}  # (an ignored signal stays ignored)
         try:
             yield
         finally:

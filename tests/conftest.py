@@ -1,6 +1,7 @@
 """Shared by the tests: the repository root on sys.path, and tiny datasets written in the real file formats."""
 import gzip
 import pickle
+import signal
 import struct
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ def write_cifar10(data_dir: Path, n_per_batch: int = 40, n_test: int = 50) -> Pa
         batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
         (folder / name).write_bytes(pickle.dumps(batch))
     return data_dir
+
+
+def as_from_a_terminal() -> None:
+    """Popen's preexec_fn for processes the tests send SIGINT/SIGTERM: the default handlers, as a terminal gives
+    them (pytest run as a background job starts its children with SIGINT ignored, and train.py keeps it so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def fails_with(argv: list[str], message: str) -> None:

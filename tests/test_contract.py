@@ -14,7 +14,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, fails_with, write_cifar10
+from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
 
 CPU = ["--device", "cpu"]
 
@@ -25,7 +25,7 @@ def snapshot(folder: Path) -> dict:
 
 def start(*argv: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env, preexec_fn=as_from_a_terminal)
 
 
 def wait_for_line(proc: subprocess.Popen, prefix: str) -> str:
@@ -169,7 +169,7 @@ def test_a_damaged_metrics_csv_is_rebuilt_from_the_checkpoint_on_resume(tmp_path
 
 def test_ctrl_c_while_torch_is_still_importing_exits_130_without_a_traceback(tmp_path, cifar_dir):
     proc = start("--data-dir", str(cifar_dir), *CPU, "--out-dir", str(tmp_path / "run"))
-    time.sleep(0.3)  # torch takes over a second to import
+    time.sleep(0.2)  # torch takes 0.5 to 1.5 s to import
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and out == "", err

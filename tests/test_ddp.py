@@ -11,7 +11,7 @@ import torch
 
 import evaluate
 import train
-from conftest import ROOT, write_cifar10
+from conftest import ROOT, as_from_a_terminal, write_cifar10
 
 
 def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
@@ -78,7 +78,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes_exactly(
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "--device", "cpu", *flags, "--out-dir", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, preexec_fn=as_from_a_terminal)
     for line in proc.stdout:
         if line.startswith("epoch 1/2"):
             break

@@ -14,13 +14,13 @@ from hypothesis import strategies as st
 
 import evaluate
 import train
-from conftest import ROOT, write_cifar10
+from conftest import ROOT, as_from_a_terminal, write_cifar10
 from checkpoint import load_checkpoint
 
 
 def start(argv, **kw):
     return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal, **kw)
 
 
 def wait_for_line(proc, prefix):
