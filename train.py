@@ -553,7 +553,7 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
             flag = "--" + dest.replace("_", "-")
             raise TrainError(f"--resume: the run was trained with {flag} {getattr(saved, dest)}, not "
                              f"{getattr(args, dest)}; {flag} cannot change on resume (README: what may change)")
-    done = ckpt["state"]["epoch"] if isinstance(ckpt.get("state"), dict) else 0
+    done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
     for dest in given_flags(argv) & MAY_CHANGE_ON_RESUME:
         setattr(saved, dest, getattr(args, dest))
     if saved.epochs < done:
@@ -570,6 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
             resumed, run_argv = None, without_resume(argv)
             if args.resume:
                 resumed = load_checkpoint(args.resume)
+                validate_for_resume(resumed, Path(args.resume))  # now, not after the data has loaded
                 args, run_argv = resume_args(argv, args, resumed)
             problem = check_args(args)
             if problem:
