@@ -75,12 +75,17 @@ def seed_guide_run(data_dir: str, epochs: int) -> dict:
     return {"images_per_s": sum(rates) / len(rates), "test_accuracy": 100 * correct / len(test.dataset)}
 
 
+def run_train_py(cmd: list[str]) -> None:
+    if subprocess.run(cmd, cwd=Path(__file__).parent).returncode != 0:  # train.py has said why, in one line
+        raise cli.UserError("the train.py run above failed")
+
+
 def train_py_run(data_dir: str, epochs: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "train.py", "--data-dir", data_dir, "--epochs", str(epochs), "--val-split", "0",
                "--out-dir", out, *extra]
         print("  " + " ".join(cmd[1:]), flush=True)
-        subprocess.run(cmd, check=True, cwd=Path(__file__).parent)
+        run_train_py(cmd)
         rows = (Path(out) / "metrics.csv").read_text().splitlines()[1:]
         rates = [float(r.split(",")[-1]) for r in rows]
         results = json.loads((Path(out) / "results.json").read_text())
@@ -93,7 +98,7 @@ def time_to_accuracy(data_dir: str, preset: str, extra: list[str]) -> None:
         cmd = [sys.executable, "train.py", "--preset", preset, "--data-dir", data_dir, "--out-dir", out, *extra]
         print("  " + " ".join(cmd[1:]), flush=True)
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=Path(__file__).parent)
+        run_train_py(cmd)
         wall = time.perf_counter() - start
         results = json.loads((Path(out) / "results.json").read_text())
     print(f"\n{preset}: {results['test_accuracy']:.2f}% test accuracy in {wall:.0f} s wall clock "
@@ -170,6 +175,11 @@ def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5) -> di
 
 
 def main() -> None:
+    with cli.one_line_errors("bench.py"):
+        run_benchmark()
+
+
+def run_benchmark() -> None:
     p = cli.parser("bench.py", __doc__)
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
     p.add_argument("--epochs", type=int, default=5, metavar="N", help="epochs for each pipeline (default: 5)")
@@ -180,6 +190,8 @@ def main() -> None:
                    help="train.py's loop against the bare model step at these batch sizes instead (CPU, no data)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
+    if args.loop_cost and not all(1 <= n <= 4096 for n in args.loop_cost):
+        p.error("--loop-cost takes batch sizes in [1, 4096]")
     if args.step_cost and any(len(w) != 3 for w in args.step_cost):
         p.error("--step-cost takes AirNet widths: three channel counts each, like 32,192,192")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

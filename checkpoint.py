@@ -146,7 +146,8 @@ def validate(ckpt: object, path: Path) -> None:
         values = ckpt[key]
         need(isinstance(values, list) and len(values) == channels and all(
             isinstance(v, float) and math.isfinite(v) for v in values), f"{key} must be {channels} finite numbers")
-    need(all(v > 0 for v in ckpt["std"]), "std must be positive")
+    need(all(0 <= v <= 1 for v in ckpt["mean"]) and all(1e-3 <= v <= 1 for v in ckpt["std"]),
+         "mean must be in [0, 1] and std in [1e-3, 1]: pixel units")
     for key in ("model", "ema_model"):
         if key in ckpt:
             weights = ckpt[key]
@@ -194,12 +195,21 @@ def typed(cls: type, values: object, path: Path):
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
     """Rebuild the model a checkpoint describes, with the weights to use (the EMA ones where there are), in eval
     mode."""
+    def build() -> nn.Module:
+        return build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"],
+                           ckpt.get("widths"))
+    weights = ckpt.get("ema_model", ckpt["model"])
     try:
-        model = build_model(ckpt["model_name"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"],
-                            ckpt.get("widths"))
+        with torch.device("meta"):  # shapes only, no memory: a small file must not make us allocate a huge net
+            shapes = {k: tuple(t.shape) for k, t in build().state_dict().items()}
     except ValueError as e:
         raise CheckpointError(f"checkpoint does not match its model: {e}") from None
-    load_weights(model, ckpt.get("ema_model", ckpt["model"]))
+    if shapes != {k: tuple(t.shape) for k, t in weights.items()}:
+        wrong = sorted(set(shapes) ^ set(weights) or {k for k in shapes if shapes[k] != tuple(weights[k].shape)})
+        raise CheckpointError(f"checkpoint does not match its model: {', '.join(wrong[:5])} missing, extra or "
+                              f"of another shape")
+    model = build()
+    load_weights(model, weights)
     return model.eval()
 
 
@@ -228,39 +238,40 @@ class RunFolder:
         self.path, self.run_id = path, run_id
         self.lock_file, self.created = None, False
 
-    def claim(self, resumed: dict | None) -> None:
-        """Lock the folder, then check that it is empty of run files or holds this very run (resumed, not rewound).
-        Under the lock, so that two runs started at once cannot both pass the check."""
+    def claim(self, resumed: dict | None, resumed_from: Path | None) -> None:
+        """Lock the folder, then check, under the lock (so that two runs started at once cannot both pass), that
+        it is empty of run files, or is the resumed checkpoint's own folder and not further on. Resuming into a
+        new folder brings the run's best.pth along, so that the final test finds it there."""
         self.lock()
         for name in RUN_FILES:  # what a SIGKILL in the middle of a save left behind (no live run holds the lock)
             (self.path / (name + ".tmp")).unlink(missing_ok=True)
         found = [name for name in RUN_FILES if (self.path / name).exists()]
-        if not found:
-            return
-        if resumed is None:
-            hint = (f"resume it with --resume {self.path / 'last.pth'} or " if "last.pth" in found else "")
-            raise RunFolderError(f"{self.path} already holds a run ({', '.join(found)}); {hint}choose another "
-                                 f"--out-dir")
-        owner = next((self.path / name for name in ("last.pth", "best.pth") if name in found), None)
-        try:
-            theirs = load_checkpoint(owner) if owner else {}
-        except CheckpointError:
-            theirs = {}
-        if theirs.get("run_id") != self.run_id:
-            raise RunFolderError(f"{self.path} holds files of another run ({', '.join(found)}); resume into the "
-                                 f"checkpoint's own folder, or give --out-dir a new folder")
-        if owner.name == "last.pth" and run_position(theirs) > run_position(resumed):
-            raise RunFolderError(f"resuming here would rewind the run: {owner} is further on (epoch "
-                                 f"{run_position(theirs)[0]}); resume from it, or give --out-dir a new folder")
-
-    def adopt_best(self, source: Path) -> None:
-        """Resuming into a new folder: bring the run's best.pth along, so that the final test finds it there."""
-        if (self.path / "best.pth").exists() or source.parent == self.path:
-            return
-        if not source.is_file() or load_checkpoint(source).get("run_id") != self.run_id:
-            raise RunFolderError(f"resuming into a new folder needs the run's best.pth next to its last.pth; "
-                                 f"{source} is missing or belongs to another run")
-        write_atomically(self.path / "best.pth", source.read_bytes())
+        own_folder = resumed_from is not None and resumed_from.parent.resolve() == self.path.resolve()
+        if found and not own_folder:
+            hint = (f"resume it with --resume {self.path / 'last.pth'} or " if "last.pth" in found and not resumed
+                    else "resume into the checkpoint's own folder or ")
+            raise RunFolderError(f"{self.path} already holds run files ({', '.join(found)}); {hint}give --out-dir "
+                                 f"a new folder")
+        if own_folder and (self.path / "last.pth").exists():
+            try:
+                theirs = load_checkpoint(self.path / "last.pth")
+                validate_for_resume(theirs, self.path / "last.pth")
+            except CheckpointError:
+                theirs = {}
+            if theirs.get("run_id") != self.run_id:
+                raise RunFolderError(f"{self.path / 'last.pth'} belongs to another run; resume from it, or give "
+                                     f"--out-dir a new folder")
+            if run_position(theirs) > run_position(resumed):
+                raise RunFolderError(f"resuming here would rewind the run: {self.path / 'last.pth'} is further on "
+                                     f"(epoch {run_position(theirs)[0]}); resume from it, or give --out-dir a new "
+                                     f"folder")
+        if resumed is not None and not own_folder:
+            best = resumed_from.parent / "best.pth"
+            if not best.is_file() or load_checkpoint(best).get("run_id") != self.run_id:
+                raise RunFolderError(f"resuming into a new folder needs the run's best.pth next to "
+                                     f"{resumed_from.name}; {best} is missing or belongs to another run")
+            write_atomically(self.path / "best.pth", best.read_bytes())
+            write_atomically(self.path / "last.pth", resumed_from.read_bytes())
 
     def lock(self) -> None:
         import fcntl  # POSIX only: imported here so that the module loads elsewhere
@@ -269,7 +280,8 @@ class RunFolder:
         while True:
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
-                f = open(path, "a+")
+                # O_NOFOLLOW: a .lock that is a symlink is refused, never followed to truncate its target
+                f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
             except OSError as e:
                 raise RunFolderError(f"cannot write to {self.path}: {e.strerror}") from None
             try:
@@ -304,16 +316,13 @@ class RunFolder:
                                  f"{need / 2**20:.0f} MiB at once, {free / 2**20:.0f} MiB free")
 
     def write_metrics(self, history: list[dict]) -> None:
-        """metrics.csv from the whole history: on resume it is rebuilt from the checkpoint, never read back."""
+        """metrics.csv from the whole history, after every epoch (a few hundred bytes each): never read back, so
+        on resume it is rebuilt from the checkpoint, and a run that fails in epoch 1 leaves no run file."""
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, METRICS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(history)
         write_atomically(self.path / "metrics.csv", text.getvalue().encode())
-
-    def append_metrics(self, row: dict) -> None:
-        with open(self.path / "metrics.csv", "a", newline="") as f:
-            csv.DictWriter(f, METRICS, lineterminator="\n").writerow(row)
 
     def write_results(self, text: str) -> None:
         write_atomically(self.path / "results.json", text.encode())

@@ -95,5 +95,6 @@ def refuse_overwriting(output: str | Path, *inputs: str | Path | None) -> None:
     """An output path that names one of the inputs would destroy it: refuse before anything is written."""
     out = Path(output).resolve()
     for given in inputs:
-        if given is not None and Path(given).resolve() == out:
+        if given is not None and (Path(given).resolve() == out or out.exists() and Path(given).exists()
+                                  and os.path.samefile(out, given)):  # (samefile: hard links too)
             raise UserError(f"the output {output} is also an input ({given}); choose another output path")

@@ -120,6 +120,8 @@ def _read_idx(path: Path, ndim: int) -> torch.Tensor:
                 raw += chunk
     except (OSError, EOFError, zlib.error) as e:  # also a corrupt gzip stream
         raise DataError(f"cannot read {path}: {e}") from None
+    if size == 0:
+        raise DataError(f"{path} holds no images: its header says {shape}")
     if len(raw) != size:
         raise DataError(f"{path} is truncated or too long: header says {shape}, file has {len(raw)} bytes of data")
     return torch.frombuffer(raw, dtype=torch.uint8).reshape(shape)
@@ -409,7 +411,9 @@ def _write_cache(path: Path, data: dict) -> None:
         for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):
             if old != path:
                 old.unlink(missing_ok=True)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as e:  # torch.save reports a failed write as a RuntimeError; Ctrl-C ends it too
         tmp.unlink(missing_ok=True)
+        if not isinstance(e, (OSError, RuntimeError)):
+            raise
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)

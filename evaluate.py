@@ -13,7 +13,7 @@ if __name__ == "__main__":
     cli.exit_on_signals()  # before torch loads: an early Ctrl-C exits quietly
 
 import json
-import sys
+import math
 
 import torch
 
@@ -83,6 +83,8 @@ def report(args) -> dict:
                     torch.tensor(ckpt["std"], device=device))
     with runtime.autocast(amp, device):
         result = evaluate(model, test, len(classes), tta=tta)
+    if not math.isfinite(result["loss"]):  # finite weights can still overflow: say so rather than report NaN
+        raise DataError(f"the model's outputs are not finite numbers on this data; {args.checkpoint} is unusable")
     if args.json:
         print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"], "tta": tta, "amp": amp,
                           "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),

@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> float:
             require(package)
         ckpt = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt)
-        output.parent.mkdir(parents=True, exist_ok=True)
         tmp = output.with_name(output.name + ".tmp")  # renamed to `output` only once the check has passed
+        cli.refuse_overwriting(tmp, args.checkpoint)
+        output.parent.mkdir(parents=True, exist_ok=True)
         try:
             export_onnx(model, ckpt, tmp)
             difference = max_difference(model, tmp, ckpt["in_channels"], ckpt["image_size"])

@@ -78,7 +78,7 @@ def start_processes(device_name: str) -> int:
         if world == 1:
             return 0
         local_rank = int(os.environ["LOCAL_RANK"])
-        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"]  # (KeyError: not torchrun)
+        int(os.environ["MASTER_PORT"]), int(os.environ["RANK"]), os.environ["MASTER_ADDR"]  # (not torchrun)
     except (KeyError, ValueError):
         raise DeviceError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set, but not the rest of torchrun's "
                           f"environment (RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): start with torchrun, or "

@@ -196,6 +196,7 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
 def run(args: argparse.Namespace, resumed: dict | None, argv: list[str]) -> dict:
     """`argv`: the run's flags as a command line (the checkpoint keeps it, and the resume command repeats it)."""
     device = runtime.pick_device(args.device, runtime.start_processes(args.device))
+    runtime.autocast(args.amp, device)  # now: refuses --amp the device does not have
     rank, world = runtime.rank_world()
     if device.type == "cpu":
         runtime.keep_freed_memory()
@@ -204,10 +205,8 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str]) -> dict
         torch.set_flush_denormal(True)
     folder = RunFolder(out_dir_for(args), resumed["run_id"] if resumed else secrets.token_hex(8))
     try:
-        if rank == 0:
-            folder.claim(resumed)  # first: a second run into the same folder is refused before any work
-            if resumed:
-                folder.adopt_best(Path(args.resume).parent / "best.pth")
+        if rank == 0:  # first: a second run into the same folder is refused before any work
+            folder.claim(resumed, Path(args.resume) if resumed else None)
         return train_and_test(args, resumed, argv, device, folder)
     finally:
         folder.release()
@@ -246,11 +245,13 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     if resumed:
         state, tally = validate_for_resume(resumed, Path(args.resume))
         tally = tally or EpochTally()
+        if not (0 <= tally.step < t.steps_per_epoch and 0 <= state.epoch <= args.epochs):
+            raise TrainError(f"--resume: {args.resume} says step {tally.step} of epoch {state.epoch + 1}, which "
+                             f"this run does not have ({t.steps_per_epoch} steps per epoch)")
         load_training_state(t, resumed)
     if rank == 0:
         moments = {"sgd": 1, "adam": 2, "adamw": 2}[args.optimizer] + (args.ema > 0)
         folder.check_space(3 * checkpoint_bytes(t.model, 1 + moments))  # old best + old last + the new temp file
-        folder.write_metrics(state.history)
         if resumed:
             at = f"step {tally.step} of epoch {state.epoch + 1}" if tally.step else f"the end of epoch {state.epoch}"
             print(f"resumed from {args.resume} at {at}")
@@ -275,6 +276,8 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
     """Train epoch after epoch from state.epoch + 1, validating and saving after each. Returns True when early
     stopping ended the run; a signal ends it with a mid-epoch last.pth and the command that resumes it."""
     rank, world = runtime.rank_world()
+    if args.patience and state.bad_epochs >= args.patience:  # a resumed run that had already stopped early
+        return True
     with t.stop.deferred():
         for epoch in range(state.epoch + 1, args.epochs + 1):
             if not train_one_epoch(t, train, args, epoch, tally):
@@ -290,7 +293,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
             if rank == 0:
                 save_checkpoint(make_checkpoint(t, card, state, None), folder.path / "last.pth",
                                 *([folder.path / "best.pth"] if improved else []))
-                folder.append_metrics(row)
+                folder.write_metrics(state.history)
                 print(format_epoch(row, args.epochs), flush=True)
             if args.patience and state.bad_epochs >= args.patience:
                 if rank == 0:
@@ -508,6 +511,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         (8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
+        (all(p != "" for p in (args.out_dir, args.resume, args.data_dir)), "--out-dir, --resume and --data-dir "
+                                                                          "must not be empty"),
         (not args.nesterov or args.optimizer == "sgd" and args.momentum > 0, "--nesterov needs sgd with momentum"),
     ]
     return next((message for ok, message in rules if not ok), None)

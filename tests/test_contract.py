@@ -58,11 +58,11 @@ def test_resume_never_writes_over_another_run(two_runs):
     a, b, base = two_runs
     before = snapshot(b)
     fails_with([*base, "--epochs", "2", "--resume", str(a / "last.pth"), "--out-dir", str(b)],
-               "holds files of another run")
+               "already holds run files")
     (b / "last.pth").unlink()  # what is left of B still belongs to B
     del before["last.pth"]
     fails_with([*base, "--epochs", "2", "--resume", str(a / "last.pth"), "--out-dir", str(b)],
-               "holds files of another run")
+               "already holds run files")
     assert snapshot(b) == before
 
 
@@ -70,7 +70,7 @@ def test_a_folder_with_any_run_file_is_not_started_over(two_runs):
     a, _, base = two_runs
     (a / "last.pth").unlink()
     before = snapshot(a)
-    fails_with([*base, "--out-dir", str(a)], "already holds a run (best.pth, metrics.csv, results.json)")
+    fails_with([*base, "--out-dir", str(a)], "already holds run files (best.pth, metrics.csv, results.json)")
     assert snapshot(a) == before
 
 
@@ -104,7 +104,7 @@ def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
         time.sleep(0.05)
     loser, winner = (first, second) if first.poll() is not None else (second, first)
     assert "is in use by another run (process" in one_error_line(loser) or \
-        "already holds a run" in one_error_line(loser)
+        "already holds run files" in one_error_line(loser)
     wait_for_line(winner, "epoch  1/50")  # the winner trains on, undisturbed
     third = start(*flags)
     third.wait(timeout=60)
@@ -272,7 +272,8 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_every_reader(tmp_path, cifa
     (lambda c: c.update(num_classes="10"), "num_classes must be an integer"),
     (lambda c: c.update(classes=c["classes"][:9]), "classes must be num_classes names"),
     (lambda c: c.update(mean=[0.5] * 5), "mean must be 3 finite numbers"),
-    (lambda c: c.update(std=[0.0, 1.0, 1.0]), "std must be positive"),
+    (lambda c: c.update(std=[0.0, 1.0, 1.0]), "std in [1e-3, 1]"),
+    (lambda c: c.update(mean=[1e300] * 3), "mean must be in [0, 1]"),
     (lambda c: c.update(model_name="os.system"), "model_name must be one of"),
     (lambda c: c["model"].update({"fc3.weight": torch.zeros(2, 2)}), "checkpoint does not match its model"),
     (lambda c: c.update(image_size=2**40), "image_size must be an integer in [8, 1024]"),

@@ -186,7 +186,7 @@ def test_bad_files_get_one_clear_line_and_nothing_is_lost(tmp_path, cifar_dir):
     out, _ = run_train(tmp_path, cifar_dir, "--epochs", "1")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     base = ["--data-dir", str(cifar_dir), "--device", "cpu"]
-    fails_with([*base, "--out-dir", str(out)], "already holds a run")
+    fails_with([*base, "--out-dir", str(out)], "already holds run files")
     fails_with([*base, "--resume", str(tmp_path / "nope.pth")], "checkpoint not found")
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes((out / "last.pth").read_bytes()[:5000])
