@@ -269,7 +269,7 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGEFOLDER_CHANNELS = 3  # grayscale, RGBA and palette images all become RGB
-CACHE_VERSION = 1  # part of the cache key: bump it whenever load_image changes, so old decodings are never used
+CACHE_VERSION = 2  # part of the cache key: bump it whenever load_image changes, so old decodings are never used
 
 
 def load_image(path: str | Path, channels: int, image_size: int) -> torch.Tensor:
@@ -291,8 +291,9 @@ def load_image(path: str | Path, channels: int, image_size: int) -> torch.Tensor
 
 
 def _to_mode(im: Image.Image, mode: str) -> Image.Image:
-    if im.mode.startswith("I;16"):  # 16-bit grayscale: keep the high byte, where convert() would clip at 255
-        im = Image.fromarray((np.array(im) >> 8).astype(np.uint8))
+    if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grayscale (Pillow < 10.3 opens such PNGs as "I"):
+        # keep the high byte, where convert() would clip at 255
+        im = Image.fromarray((np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
     if im.has_transparency_data:  # transparent pixels hold arbitrary colors: show them on white, as viewers do
         im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
     return im.convert(mode)
