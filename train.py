@@ -6,7 +6,7 @@
     python train.py --resume runs/cifar10-simplecnn-20261123-120000/last.pth   # go on where it stopped
     torchrun --nproc_per_node 2 train.py ...        # data-parallel (DDP); --batch-size stays the global batch
 
-Each epoch prints one line and appends it to <out-dir>/metrics.csv; <out-dir>/last.pth is written every epoch
+Each epoch prints one line and adds it to <out-dir>/metrics.csv; <out-dir>/last.pth is written every epoch
 and <out-dir>/best.pth whenever the validation loss improves. At the end best.pth is evaluated once on the test
 set and <out-dir>/results.json is written. Ctrl-C (or SIGTERM) stops at the next optimizer step, saves a
 last.pth that resumes mid-epoch, and prints the command that resumes it. The README says which flags --resume
