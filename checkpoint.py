@@ -20,6 +20,7 @@ import io
 import math
 import os
 import pickle
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -241,7 +242,8 @@ class RunFolder:
     def claim(self, resumed: dict | None, resumed_from: Path | None) -> None:
         """Lock the folder, then check, under the lock (so that two runs started at once cannot both pass), that
         it is empty of run files, or is the resumed checkpoint's own folder and not further on. Resuming into a
-        new folder brings the run's best.pth along, so that the final test finds it there."""
+        new folder copies the run's best.pth and the resumed checkpoint (as last.pth) there, so that the folder
+        holds the run whole and the final test finds best.pth."""
         self.lock()
         for name in RUN_FILES:  # what a SIGKILL in the middle of a save left behind (no live run holds the lock)
             (self.path / (name + ".tmp")).unlink(missing_ok=True)
@@ -310,7 +312,7 @@ class RunFolder:
                 self.path.rmdir()
 
     def check_space(self, need: int) -> None:
-        free = os.statvfs(self.path).f_bavail * os.statvfs(self.path).f_frsize
+        free = shutil.disk_usage(self.path).free
         if free < need:
             raise RunFolderError(f"not enough free space in {self.path}: the checkpoints need up to "
                                  f"{need / 2**20:.0f} MiB at once, {free / 2**20:.0f} MiB free")

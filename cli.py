@@ -34,9 +34,9 @@ def exit_at_once(signum: int, frame: object) -> None:
     os._exit(128 + signum)
 
 
-def exit_on_signals(handler=exit_at_once) -> dict:
-    """Make Ctrl-C and SIGTERM end the process at once, with no traceback. Scripts call it first, before they
-    import torch: while imports run, the process just exits (an exception raised there can be swallowed by
+def handle_signals(handler=exit_at_once) -> dict:
+    """Let `handler` take Ctrl-C and SIGTERM; by default they end the process at once. Scripts call it first,
+    before they import torch: while imports run, the process just exits (an exception raised there can be swallowed by
     C code that clears import errors, as torch 2.4's import does); one_line_errors then installs
     raise_interrupted, so that `finally` blocks clean up. A signal the process was started with ignored (a
     background job of a shell, nohup) stays ignored, as Python itself does. Returns the previous handlers."""
@@ -50,7 +50,7 @@ def restore_signals(handlers: dict) -> None:
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 2), not the usage block."""
+    """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 1), not the usage block."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def error(message: str):
@@ -64,7 +64,7 @@ def one_line_errors(prog: str) -> Iterator[None]:
     """Turn what a user can cause into `prog: error: <one line>` and a non-zero exit: a UserError, a file the
     system refuses (full disk, name too long, no permission), memory that is not there, a signal (exit 128 + N).
     Ctrl-C and SIGTERM stop the work at once inside it (train.py's loop defers them to a step boundary)."""
-    previous_handlers = exit_on_signals(raise_interrupted)
+    previous_handlers = handle_signals(raise_interrupted)
     try:
         yield
     except UserError as e:

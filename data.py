@@ -412,9 +412,8 @@ def _write_cache(path: Path, data: dict) -> None:
         for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):
             if old != path:
                 old.unlink(missing_ok=True)
-    except BaseException as e:  # torch.save reports a failed write as a RuntimeError; Ctrl-C ends it too
-        tmp.unlink(missing_ok=True)
-        if not isinstance(e, (OSError, RuntimeError)):
-            raise
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)
+    finally:  # a failed write, or Ctrl-C in the middle of one (after the rename there is nothing left to remove)
+        tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ and --amp), so the accuracy equals the one in its results.json.
 import cli
 
 if __name__ == "__main__":
-    cli.exit_on_signals()  # before torch loads: an early Ctrl-C exits quietly
+    cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly
 
 import json
 import math

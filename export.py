@@ -11,7 +11,7 @@ under 1e-4. Needs the optional packages onnx (to write) and onnxruntime (to chec
 import cli
 
 if __name__ == "__main__":
-    cli.exit_on_signals()  # before torch loads: an early Ctrl-C exits quietly
+    cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly
 
 import argparse
 import importlib

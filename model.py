@@ -158,8 +158,8 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Te
 def evaluate(model: nn.Module, data, num_classes: int, batch_size: int = EVAL_BATCH,
              tta: str = "none") -> dict:
     """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`,
-    with the test-time views of `tta` (see tta_logits); `data` is a data.ImageSet. Under torchrun each process takes every world_size-th
-    image and the sums are added up across processes, so every image counts exactly once."""
+    with the test-time views of `tta` (see tta_logits); `data` is a data.ImageSet. Under torchrun each process
+    takes every world_size-th image and the sums are added up across processes, so every image counts once."""
     model.eval()
     device = data.labels.device
     rank, world = runtime.rank_world()

@@ -10,7 +10,7 @@ evaluation run without it.
 import cli
 
 if __name__ == "__main__":
-    cli.exit_on_signals()  # before torch loads: an early Ctrl-C exits quietly
+    cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly
 
 import csv
 import math

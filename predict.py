@@ -10,7 +10,7 @@ as the model takes, squashed to the checkpoint's image size), then normalized li
 import cli
 
 if __name__ == "__main__":
-    cli.exit_on_signals()  # before torch loads: an early Ctrl-C exits quietly
+    cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly
 
 import argparse
 import json

@@ -128,13 +128,11 @@ class StopSignal:
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
-        previous = {s: signal.signal(s, self.note) for s in (signal.SIGINT, signal.SIGTERM)
-                    if signal.getsignal(s) is not signal.SIG_IGN}  # (an ignored signal stays ignored)
+        previous = cli.handle_signals(self.note)
         try:
             yield
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            cli.restore_signals(previous)
 
     def requested(self) -> bool:
         """True once any process got a signal; every process gets the same answer at the same step."""

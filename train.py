@@ -15,12 +15,13 @@ lets you change.
 import cli
 
 if __name__ == "__main__":
-    cli.exit_on_signals()  # before torch loads (~1.5 s), so that an early Ctrl-C exits quietly too
+    cli.handle_signals()  # before torch loads (~1.5 s), so that an early Ctrl-C exits quietly too
 
 import argparse
 import copy
 import json
 import math
+import os
 import secrets
 import shlex
 import sys
@@ -39,8 +40,7 @@ import runtime
 from checkpoint import (FORMAT, EpochTally, RunFolder, RunState, as_dict, checkpoint_bytes, load_checkpoint,
                         load_weights, model_from_checkpoint, save_checkpoint, validate_for_resume)
 from data import DATASETS, ImageSet, epoch_plan, prepare
-from evaluate import TTA_MODES, evaluate
-from model import MODELS, AirNet, ResNet9, build_model
+from model import MODELS, TTA_MODES, AirNet, ResNet9, build_model, evaluate
 
 # Named recipes. A preset replaces the defaults; flags given on the command line still win.
 PRESETS = {
@@ -363,7 +363,8 @@ def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, d
         model = model.to(memory_format=torch.channels_last)
     step_model = model
     if dist.is_initialized():
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        step_model = nn.parallel.DistributedDataParallel(model,
+                                                         device_ids=[device.index] if device.type == "cuda" else None)
     return Trainer(model=model, step_model=torch.compile(step_model) if args.compile else step_model,
                    optimizer=make_optimizer(model, args, device),
                    scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
@@ -411,7 +412,8 @@ def format_epoch(row: dict, epochs: int) -> str:
 
 def resume_command(argv: list[str], path: Path) -> str:
     """The command line that continues this run: its flags, with --resume pointing at `path`."""
-    launcher = ["torchrun", f"--nproc_per_node={runtime.rank_world()[1]}"] if dist.is_initialized() else ["python"]
+    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if dist.is_initialized() \
+        else ["python"]
     return shlex.join([*launcher, "train.py", *argv, "--resume", str(path)])
 
 
