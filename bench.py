@@ -6,6 +6,8 @@
     python bench.py --data-dir ./data --preset fast -- --widths 64,256,256 --device cuda   # extra train.py flags
     python bench.py --step-cost 64,128,128 32,192,192  # AirNet training step time per widths, side by side (no data)
     python bench.py --loop-cost 4 32                   # train.py's loop against the bare five steps (no data)
+    python bench.py --data-dir ./data --memory         # peak memory of one epoch: the seed pipeline vs train.py
+    python bench.py --data-dir ./data --memory -- --preset fast   # the same for a preset
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
 applies ToTensor + Normalize (what torchvision.datasets.CIFAR10 does per item; built here from the same arrays
@@ -14,6 +16,7 @@ all 50,000 training images. train.py runs as a subprocess with the same recipe a
 on the same images. images/s counts the training pass alone in both.
 """
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -90,6 +93,30 @@ def train_py_run(data_dir: str, epochs: int, extra: list[str]) -> dict:
         rates = [float(r.split(",")[-1]) for r in rows]
         results = json.loads((Path(out) / "results.json").read_text())
     return {"images_per_s": sum(rates) / len(rates), "test_accuracy": results["test_accuracy"]}
+
+
+def peak_memory(cmd: list[str]) -> int:
+    """Run cmd to its end and return its peak resident memory in bytes: what /usr/bin/time -v calls the maximum
+    resident set size, as the kernel counts it (process exit included)."""
+    print("  " + " ".join(cmd[1:]), flush=True)
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise cli.UserError(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode})")
+    return usage.ru_maxrss * 1024  # kilobytes on Linux
+
+
+def memory(data_dir: str, extra: list[str]) -> None:
+    """Peak memory of one epoch: the seed guide's pipeline against train.py (the seed recipe, or `extra`), each in
+    a process of its own."""
+    with tempfile.TemporaryDirectory() as out:
+        ours = peak_memory([sys.executable, "train.py", "--data-dir", data_dir, "--epochs", "1", "--out-dir", out,
+                            *extra])
+    base = peak_memory([sys.executable, "-c", f"import bench; bench.seed_guide_run({data_dir!r}, 1)"])
+    print(f"\n{'pipeline':<12}{'peak resident memory':>22}")
+    for name, peak in (("seed guide", base), ("train.py", ours)):
+        print(f"{name:<12}{peak / 2**30:>18.2f} GiB")
 
 
 def time_to_accuracy(data_dir: str, preset: str, extra: list[str]) -> None:
@@ -188,6 +215,8 @@ def run_benchmark() -> None:
                    help="time an AirNet training step for each of these widths instead (CPU, no data needed)")
     p.add_argument("--loop-cost", nargs="+", type=int, metavar="BATCH",
                    help="train.py's loop against the bare model step at these batch sizes instead (CPU, no data)")
+    p.add_argument("--memory", action="store_true",
+                   help="peak resident memory of one epoch instead: the seed guide's pipeline against train.py")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
     if args.loop_cost and not all(1 <= n <= 4096 for n in args.loop_cost):
@@ -199,6 +228,8 @@ def run_benchmark() -> None:
         return step_cost(args.step_cost)
     if args.loop_cost:
         return loop_cost(args.loop_cost)
+    if args.memory:
+        return memory(args.data_dir, args.train_args)
     if args.preset:
         return time_to_accuracy(args.data_dir, args.preset, args.train_args)
     ours = train_py_run(args.data_dir, args.epochs, args.train_args)

@@ -201,9 +201,21 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units (float64 sums: exact enough for 150M pixels)."""
-    x = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255
-    return x.mean(1).tolist(), x.std(1).tolist()
+    """Per-channel mean and std (n - 1) of uint8 images, in [0, 1] units. Counted from a histogram of the 256
+    pixel values per channel, a few thousand images at a time: the sums are exact integers, and no float copy of
+    the set is made (CIFAR-10's would be 1.2 GB in float64)."""
+    counts = torch.zeros(images.shape[1], 256, dtype=torch.int64)
+    for chunk in images.split(4096):
+        for c in range(images.shape[1]):
+            counts[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256)
+    means, stds = [], []
+    for hist in counts.tolist():  # Python ints from here on: exact, whatever the pixel count
+        n = sum(hist)
+        s1 = sum(v * k for v, k in enumerate(hist))
+        s2 = sum(v * v * k for v, k in enumerate(hist))
+        means.append(s1 / (255 * n))
+        stds.append(math.sqrt((n * s2 - s1 * s1) / (n * (n - 1) * 255 * 255)) if n > 1 else math.nan)
+    return means, stds
 
 
 def split_train_val(images, labels, val_split: float, seed: int):

@@ -137,7 +137,7 @@ class AirNet(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluation: what train.py validates and tests with, and evaluate.py reports
 
-EVAL_BATCH = 1024  # images per forward pass; any size gives the same counts
+EVAL_BATCH = 256  # images per forward pass: any size gives the same counts; larger ones only take more memory
 TTA_MODES = ("none", "mirror", "shifts")
 
 

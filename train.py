@@ -199,7 +199,6 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str]) -> dict
     runtime.autocast(args.amp, device)  # now: refuses --amp the device does not have
     rank, world = runtime.rank_world()
     if device.type == "cpu":
-        runtime.keep_freed_memory()
         # Numbers below 1e-38 as 0: CPUs compute with such denormals 10-100x slower, and Adam's squared gradients
         # of a barely-trained layer land there (bench.py --loop-cost: its step took 5x as long)
         torch.set_flush_denormal(True)
@@ -231,6 +230,8 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     torch.manual_seed(args.seed)
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                         image_size=args.image_size)
+    if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
+        runtime.keep_freed_memory()
     if args.patience and val is None:
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     if resumed and (resumed["mean"] != train.mean.tolist() or resumed["classes"] != classes):

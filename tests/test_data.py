@@ -122,6 +122,21 @@ def test_channel_stats_are_the_real_per_channel_mean_and_std():
         assert std[c] == pytest.approx(x[:, c].std().item(), abs=1e-12)
 
 
+def test_channel_stats_are_exact_across_chunks():
+    """More images than one chunk of channel_stats (4096), values where float sums would round: the results are
+    the correctly rounded exact ones, computed here with fractions."""
+    from fractions import Fraction
+    images = torch.full((5000, 1, 2, 2), 255, dtype=torch.uint8)
+    images[::3] = 1
+    mean, std = channel_stats(images)
+    values = [Fraction(int(v), 255) for v in images.flatten()]
+    n = len(values)
+    exact_mean = sum(values) / n
+    exact_var = sum((v - exact_mean) ** 2 for v in values) / (n - 1)
+    assert mean == [float(exact_mean)]
+    assert std[0] == pytest.approx(float(exact_var) ** 0.5, rel=1e-15)
+
+
 def test_validation_split_is_seeded_and_disjoint():
     images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
     labels = torch.arange(100)
