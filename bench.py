@@ -5,6 +5,7 @@
     python bench.py --data-dir ./data --preset fast    # time to accuracy: the whole train.py command, timed
     python bench.py --data-dir ./data --preset fast -- --widths 64,256,256 --device cuda   # extra train.py flags
     python bench.py --step-cost 64,128,128 32,192,192  # AirNet training step time per widths, side by side (no data)
+    python bench.py --step-cost 32,192,192 --optimizers sgd muon   # ... and per optimizer
     python bench.py --loop-cost 4 32                   # train.py's loop against the bare five steps (no data)
     python bench.py --data-dir ./data --memory         # peak memory of one epoch: the seed pipeline vs train.py
     python bench.py --data-dir ./data --memory -- --preset fast   # the same for a preset
@@ -132,18 +133,21 @@ def time_to_accuracy(data_dir: str, preset: str, extra: list[str]) -> None:
           f"({results['train_seconds']:.0f} s of training, {results['epochs_completed']} epochs)")
 
 
-def step_cost(all_widths: list[tuple[int, ...]], batch_size: int = 512, rounds: int = 7) -> None:
-    """Time one training step of the fast preset (its optimizer, label smoothing, bf16 autocast, channels_last)
-    for AirNet at each widths, on random 32x32 images on the CPU; the widths take turns, so machine noise hits
-    them all alike. Prints the median."""
+def step_cost(all_widths: list[tuple[int, ...]], optimizers: list[str], batch_size: int = 512,
+              rounds: int = 7) -> None:
+    """Time one training step of the fast preset (label smoothing, bf16 autocast, channels_last) for AirNet at
+    each widths with each optimizer (the preset's other values), on random 32x32 images on the CPU; they take
+    turns, so machine noise hits them all alike. Prints the median."""
     runtime.keep_freed_memory()  # as train.py does on the CPU
-    args, cpu = train.parse_args(["--preset", "fast"]), torch.device("cpu")
+    cpu = torch.device("cpu")
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
     runs = {}
     for widths in all_widths:
-        model = AirNet(widths=widths).to(memory_format=torch.channels_last)
-        runs[widths] = (model, train.make_optimizer(model, args, cpu), [])
+        for name in optimizers:
+            args = train.parse_args(["--preset", "fast", "--optimizer", name])
+            model = AirNet(widths=widths).to(memory_format=torch.channels_last)
+            runs[",".join(map(str, widths)) + " " + name] = (model, train.make_optimizer(model, args, cpu), [])
 
     def step(model, optimizer):
         optimizer.zero_grad(set_to_none=True)
@@ -158,10 +162,10 @@ def step_cost(all_widths: list[tuple[int, ...]], batch_size: int = 512, rounds: 
                 start = time.perf_counter()
                 step(model, optimizer)
                 times.append(time.perf_counter() - start)
-    first = statistics.median(runs[all_widths[0]][2])
-    for widths, (_, _, times) in runs.items():
+    first = statistics.median(next(iter(runs.values()))[2])
+    for name, (_, _, times) in runs.items():
         ms = statistics.median(times)
-        print(f"{','.join(map(str, widths)):>14}: {ms * 1000:6.0f} ms per step of {batch_size}, {ms / first:.2f}x")
+        print(f"{name:>20}: {ms * 1000:6.0f} ms per step of {batch_size}, {ms / first:.2f}x")
 
 
 def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5) -> dict[int, float]:
@@ -213,6 +217,8 @@ def run_benchmark() -> None:
     p.add_argument("--preset", metavar="NAME", help="time a train.py preset to accuracy instead")
     p.add_argument("--step-cost", nargs="+", type=train.widths_list, metavar="A,B,C",
                    help="time an AirNet training step for each of these widths instead (CPU, no data needed)")
+    p.add_argument("--optimizers", nargs="+", default=["sgd"], choices=["sgd", "muon", "adam", "adamw"],
+                   metavar="NAME", help="--step-cost: time the step with each of these optimizers (default: sgd)")
     p.add_argument("--loop-cost", nargs="+", type=int, metavar="BATCH",
                    help="train.py's loop against the bare model step at these batch sizes instead (CPU, no data)")
     p.add_argument("--memory", action="store_true",
@@ -225,7 +231,7 @@ def run_benchmark() -> None:
         p.error("--step-cost takes AirNet widths: three channel counts each, like 32,192,192")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.step_cost:
-        return step_cost(args.step_cost)
+        return step_cost(args.step_cost, args.optimizers)
     if args.loop_cost:
         return loop_cost(args.loop_cost)
     if args.memory:

@@ -41,6 +41,7 @@ from checkpoint import (FORMAT, EpochTally, RunFolder, RunState, as_dict, checkp
                         load_weights, model_from_checkpoint, save_checkpoint, validate_for_resume)
 from data import DATASETS, ImageSet, epoch_plan, prepare
 from model import MODELS, TTA_MODES, AirNet, ResNet9, build_model, evaluate
+from muon import Muon
 
 # Named recipes. A preset replaces the defaults; flags given on the command line still win.
 PRESETS = {
@@ -176,12 +177,22 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
     # so that the decay per step, lr x weight decay, stays that of every other weight.
     shifts = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
     trainable = [p for p in model.parameters() if p.requires_grad]  # AirNet freezes its whitening and BN scales
+    matrices = set()
+    if args.optimizer == "muon":  # conv filters and hidden linear layers; the head (the last Linear) stays with SGD
+        linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+        head = id(linears[-1]) if linears else None
+        matrices = {id(p) for p in trainable if p.dim() >= 2 and id(p) != head}
     scale = args.bias_lr_scale
-    groups = [{"params": [p for p in trainable if id(p) not in shifts]},
+    groups = [{"params": [p for p in trainable if id(p) in matrices], "lr": args.muon_lr,
+               "momentum": args.muon_momentum, "nesterov": True, "orthogonalize": True},
+              {"params": [p for p in trainable if id(p) not in shifts | matrices]},
               {"params": [p for p in trainable if id(p) in shifts], "lr": args.lr * scale,
                "weight_decay": args.weight_decay / scale}]
     groups = [g for g in groups if g["params"]]
-    if args.optimizer == "sgd":
+    if args.optimizer == "muon":
+        optimizer = Muon(groups, momentum=args.momentum, nesterov=args.nesterov, orthogonalize=False,
+                         lr=args.lr, weight_decay=args.weight_decay)
+    elif args.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, momentum=args.momentum, nesterov=args.nesterov, **kw)
     else:
         optimizer = (torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam)(groups, **kw)
@@ -251,7 +262,7 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
                              f"this run does not have ({t.steps_per_epoch} steps per epoch)")
         load_training_state(t, resumed)
     if rank == 0:
-        moments = {"sgd": 1, "adam": 2, "adamw": 2}[args.optimizer] + (args.ema > 0)
+        moments = {"sgd": 1, "muon": 1, "adam": 2, "adamw": 2}[args.optimizer] + (args.ema > 0)
         folder.check_space(3 * checkpoint_bytes(t.model, 1 + moments))  # old best + old last + the new temp file
         if resumed:
             at = f"step {tally.step} of epoch {state.epoch + 1}" if tally.step else f"the end of epoch {state.epoch}"
@@ -439,9 +450,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--accum-steps", type=int, default=1, metavar="K",
         help="forward passes per optimizer step; the update equals one batch of N*K images (default: 1)")
     add("--lr", type=float, default=1e-3, metavar="LR", help="peak learning rate (default: 1e-3)")
-    add("--optimizer", default="adam", choices=["adam", "adamw", "sgd"], help="(default: adam)")
+    add("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "muon"],
+        help="muon: Muon for conv filters and hidden linear layers (--muon-lr, --muon-momentum), SGD for the rest "
+             "(--lr, --momentum, --nesterov) (default: adam)")
     add("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
     add("--nesterov", action="store_true", help="Nesterov momentum for SGD")
+    add("--muon-lr", type=float, default=0.2, metavar="LR",
+        help="Muon's peak lr: each step moves a filter by LR x a matrix whose singular values are ~1 (default: 0.2)")
+    add("--muon-momentum", type=float, default=0.6, metavar="M", help="Muon's (Nesterov) momentum (default: 0.6)")
     add("--weight-decay", type=float, default=0.0, metavar="WD",
         help="L2 penalty; with sgd each step shrinks the weights by lr x WD (default: 0)")
     add("--bias-lr-scale", type=float, default=1.0, metavar="S",
@@ -502,6 +518,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         (1 <= args.accum_steps <= 2**20, "--accum-steps must be in [1, 2**20]"),
         (math.isfinite(args.lr) and args.lr > 0, "--lr must be a positive number"),
         (number_in(args.momentum, 0, 1), "--momentum must be in [0, 1)"),
+        (math.isfinite(args.muon_lr) and args.muon_lr > 0, "--muon-lr must be a positive number"),
+        (number_in(args.muon_momentum, 0, 1), "--muon-momentum must be in [0, 1)"),
         (number_in(args.weight_decay, 0, math.inf), "--weight-decay must be >= 0"),
         (math.isfinite(args.bias_lr_scale) and args.bias_lr_scale > 0, "--bias-lr-scale must be a positive number"),
         (number_in(args.warmup_epochs, 0, args.epochs), "--warmup-epochs must be >= 0 and below --epochs"),
@@ -516,7 +534,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
         (all(p != "" for p in (args.out_dir, args.resume, args.data_dir)), "--out-dir, --resume and --data-dir "
                                                                           "must not be empty"),
-        (not args.nesterov or args.optimizer == "sgd" and args.momentum > 0, "--nesterov needs sgd with momentum"),
+        (not args.nesterov or args.optimizer in ("sgd", "muon") and args.momentum > 0,
+         "--nesterov needs sgd or muon, and --momentum above 0"),
     ]
     return next((message for ok, message in rules if not ok), None)
 

@@ -185,9 +185,10 @@ def test_bad_recipe_flags_give_one_error_line(tmp_path, cifar_dir, flags, messag
 
 def test_bench_step_cost_times_each_airnet_widths_against_the_first(capsys):
     import bench
-    bench.step_cost([(8, 8, 8), (8, 16, 16)], batch_size=16, rounds=1)
+    bench.step_cost([(8, 8, 8), (8, 16, 16)], ["sgd", "muon"], batch_size=16, rounds=1)
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0].strip() for line in lines] == ["8,8,8", "8,16,16"]
+    assert [line.split(":")[0].strip() for line in lines] == ["8,8,8 sgd", "8,8,8 muon", "8,16,16 sgd",
+                                                              "8,16,16 muon"]
     assert lines[0].endswith("ms per step of 16, 1.00x")
     run = subprocess.run([sys.executable, "bench.py", "--step-cost", "8,8"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and run.stdout == "" and run.stderr.strip() == \
