@@ -183,9 +183,9 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
         head = id(linears[-1]) if linears else None
         matrices = {id(p) for p in trainable if p.dim() >= 2 and id(p) != head}
     scale = args.bias_lr_scale
-    groups = [{"params": [p for p in trainable if id(p) in matrices], "lr": args.muon_lr,
+    groups = [{"params": [p for p in trainable if id(p) not in shifts | matrices]},  # first: metrics.csv's lr
+              {"params": [p for p in trainable if id(p) in matrices], "lr": args.muon_lr,
                "momentum": args.muon_momentum, "nesterov": True, "orthogonalize": True},
-              {"params": [p for p in trainable if id(p) not in shifts | matrices]},
               {"params": [p for p in trainable if id(p) in shifts], "lr": args.lr * scale,
                "weight_decay": args.weight_decay / scale}]
     groups = [g for g in groups if g["params"]]
