@@ -139,6 +139,7 @@ def step_cost(all_widths: list[tuple[int, ...]], optimizers: list[str], batch_si
     each widths with each optimizer (the preset's other values), on random 32x32 images on the CPU; they take
     turns, so machine noise hits them all alike. Prints the median."""
     runtime.keep_freed_memory()  # as train.py does on the CPU
+    torch.set_flush_denormal(True)
     cpu = torch.device("cpu")
     x = torch.randn(batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch_size,))
