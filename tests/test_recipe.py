@@ -135,7 +135,8 @@ def test_whitening_makes_the_patches_of_the_data_uncorrelated_with_unit_variance
 
 def test_batchnorm_shifts_get_the_scaled_lr_and_the_same_decay_per_step():
     model = AirNet(widths=(8, 8, 8))
-    args = train.parse_args(["--preset", "fast", "--lr", "0.5", "--weight-decay", "0.01", "--bias-lr-scale", "64"])
+    args = train.parse_args(["--preset", "fast", "--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0.01",
+                             "--bias-lr-scale", "64"])
     groups = train.make_optimizer(model, args, torch.device("cpu")).param_groups
     shifts = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert [len(g["params"]) for g in groups] == [7, 6] and all(p is q for p, q in zip(groups[1]["params"], shifts))
