@@ -9,8 +9,9 @@
 
 Why in memory: CIFAR-10 is 150 MB as uint8, so decoding it once and slicing batches out of one tensor
 on the training device removes the per-image Python work (PIL, ToTensor, collate) that otherwise dominates
-a small model's step time. --image-size resizes the packed datasets once, into that tensor. Every random choice of an epoch (order, crop offsets, flips) is drawn up front
-from (seed, epoch) alone, so an epoch is the same whatever the batch size, accumulation or resume point.
+a small model's step time (--image-size resizes the packed datasets once, into that tensor). Every random
+choice of an epoch (order, crop offsets, flips) is drawn up front from (seed, epoch) alone, so an epoch is the
+same whatever the batch size, accumulation or resume point.
 """
 import gzip
 import hashlib
@@ -214,7 +215,8 @@ def resize_images(images: torch.Tensor, size: int | None, what: str) -> torch.Te
     a time so that the float copies stay small."""
     if size is None or images.shape[2:] == (size, size):
         return images
-    out = allocate_images(len(images), images.shape[1], size, f"{what}: resizing {len(images):,} images to {size}x{size}")
+    out = allocate_images(len(images), images.shape[1], size,
+                          f"{what}: resizing {len(images):,} images to {size}x{size}")
     for start in range(0, len(images), RESIZE_CHUNK):
         chunk = images[start:start + RESIZE_CHUNK].float()
         resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

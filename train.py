@@ -77,7 +77,7 @@ class Trainer:
     ema: nn.Module | None         # the moving average of the weights (--ema)
     stop: runtime.StopSignal      # Ctrl-C / SIGTERM, noted; acted on between optimizer steps
     steps_per_epoch: int
-    frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: the modules kept in eval mode (BatchNorm statistics fixed)
+    frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, d
         raise TrainError(str(e)) from None
     model = model.to(device)
     if args.model not in MODELS:
-        check_image_size(model, train)
+        check_image_size(model, args.model, train)
     if isinstance(model, AirNet) and resumed is None and start is None:  # (else its whitening comes with the weights)
         model.init_whitening(train.batch(torch.arange(min(len(train), 5000), device=device))[0])
     if args.channels_last:
@@ -424,7 +424,7 @@ def model_from_start(args: argparse.Namespace, start: dict, num_classes: int, in
     a new classifier where the number of classes differs."""
     if args.init_from and start["in_channels"] != in_channels:
         raise TrainError(f"--init-from {args.init_from} was trained on {start['in_channels']}-channel images; "
-                         f"{args.dataset} has {in_channels} channels")
+                         f"{args.dataset} has {in_channels}-channel images")
     model = build_model(args.model, start["num_classes"], start["in_channels"], image_size, args.widths)
     try:
         load_weights(model, start["model"])
@@ -448,14 +448,14 @@ def freeze_backbone(model: nn.Module, num_classes: int) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def check_image_size(model: nn.Module, train: ImageSet) -> None:
+def check_image_size(model: nn.Module, name: str, train: ImageSet) -> None:
     """A torchvision model says at its first forward pass which image sizes it cannot take: try one image."""
     model.eval()
     try:
         model(train.batch(torch.arange(1, device=train.labels.device))[0])
     except Exception as e:  # a kernel larger than what is left of the image, a ViT's fixed size, ...
         size = "x".join(map(str, train.images.shape[1:]))
-        raise TrainError(f"{type(model).__name__} cannot take {size} images ({str(e).splitlines()[0][:200]}); try a "
+        raise TrainError(f"{name} cannot take {size} images ({str(e).splitlines()[0][:200]}); try a "
                          f"larger --image-size") from None
 
 

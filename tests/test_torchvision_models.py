@@ -160,7 +160,8 @@ def run_train(*argv: str, env: dict | None = None) -> subprocess.CompletedProces
 
 def test_pretrained_weights_neither_cached_nor_downloadable_are_one_line_naming_file_and_folder(tmp_path, cifar):
     # a proxy on a closed port: the download fails at once, with or without a network
-    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    closed = "http://127.0.0.1:9"
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": closed, "HTTPS_PROXY": closed}
     proc = run_train("--data-dir", str(cifar), *CPU, "--model", "resnet18", "--pretrained", "--out-dir",
                      str(tmp_path / "run"), env=env)
     lines = proc.stderr.strip().splitlines()
@@ -210,13 +211,15 @@ def test_init_from_what_does_not_fit_is_one_line_and_writes_nothing(resnet18_run
         (["--model", "simplecnn", "--init-from", str(source / "best.pth")],
          f"--init-from {source / 'best.pth'} holds a resnet18, not a simplecnn; give --model resnet18"),
         (["--model", "resnet18", "--init-from", str(source / "best.pth"), "--dataset", "mnist", "--data-dir",
-          str(tmp_path / "mnist")], "was trained on 3-channel images; mnist has 1 channels"),
+          str(tmp_path / "mnist")], "was trained on 3-channel images; mnist has 1-channel images"),
         (["--model", "resnet18", "--init-from", str(truncated)], "cannot read checkpoint"),
         (["--model", "resnet18", "--init-from", str(tmp_path / "none.pth")], "checkpoint not found"),
         (["--model", "resnet18", "--init-from", str(source / "best.pth"), "--pretrained"],
          "--pretrained and --init-from both choose the starting weights"),
         (["--model", "resnet9", "--freeze-backbone"], "--freeze-backbone needs --pretrained or --init-from"),
         (["--model", "resnet9", "--pretrained"], "resnet9 is one of this project's models"),
+        (["--model", "squeezenet1_1", "--image-size", "8"], "squeezenet1_1 cannot take 3x8x8 images (Given input "
+                                                             "size: (128x1x1). Calculated output size: (128x0x0)."),
     ]:
         fails_with(["--data-dir", cifar_dir, *CPU, "--out-dir", str(out), *argv], message)
         assert not out.exists()
