@@ -204,10 +204,13 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
 # torchvision's classification models (resnet18, mobilenet_v3_small, convnext_tiny, ...), by their torchvision name
 
 # GoogLeNet and Inception v3 train with auxiliary classifiers that return extra outputs; here they are left out
-# (a plain logits tensor, like every other model), and their pretrained weights' aux tensors with them.
+# (a plain logits tensor, like every other model), and their pretrained weights' aux tensors with them. Their
+# pretrained weights take pixels scaled to [-1, 1], which torchvision makes inside the model (transform_input) from
+# ImageNet-normalized input; normalizing with mean = std = 0.5 gives them the same input, with no flag to remember.
 TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
                       "inception_v3": {"aux_logits": False, "init_weights": True}}
 AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+HALF_SCALED = ("googlenet", "inception_v3")
 
 
 def torchvision_models() -> list[str]:
@@ -246,6 +249,14 @@ def pretrained_weights(name: str):
     if weights is None:
         raise ValueError(f"--pretrained: torchvision has no pretrained weights for {name}")
     return weights
+
+
+def pretrained_stats(name: str, weights) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std the pretrained `weights` of model `name` expect their input normalized with."""
+    if name in HALF_SCALED:
+        return [0.5] * 3, [0.5] * 3
+    preprocess = weights.transforms()  # (ImageNet's mean and std, for nearly all of them)
+    return list(preprocess.mean), list(preprocess.std)
 
 
 def fit_first_conv(model: nn.Module, in_channels: int) -> None:

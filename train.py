@@ -44,7 +44,7 @@ from checkpoint import (FORMAT, CheckpointError, EpochTally, RunFolder, RunState
                         validate_for_resume)
 from data import DATASETS, ImageSet, epoch_plan, prepare
 from model import (AUX_PREFIXES, MODELS, TTA_MODES, AirNet, ResNet9, build_model, check_model_name, evaluate,
-                   find_head, fit_first_conv, pretrained_weights, replace_head, torchvision_models)
+                   find_head, fit_first_conv, pretrained_stats, pretrained_weights, replace_head, torchvision_models)
 
 # Named recipes. A preset replaces the defaults; flags given on the command line still win.
 PRESETS = {
@@ -405,9 +405,9 @@ def starting_weights(args: argparse.Namespace) -> dict | None:
         except ValueError as e:
             raise TrainError(str(e)) from None
         state = {k: v for k, v in torchvision_weights(weights).items() if not k.startswith(AUX_PREFIXES)}
-        preprocess = weights.transforms()  # (the ImageNet mean and std, for nearly all of them)
-        return {"model": state, "num_classes": len(weights.meta["categories"]), "in_channels": 3,
-                "mean": list(preprocess.mean), "std": list(preprocess.std)}
+        mean, std = pretrained_stats(args.model, weights)
+        return {"model": state, "num_classes": len(weights.meta["categories"]), "in_channels": 3, "mean": mean,
+                "std": std}
     if args.init_from:
         ckpt = load_checkpoint(args.init_from)
         if ckpt["model_name"] != args.model:
