@@ -137,8 +137,9 @@ def validate(ckpt: object, path: Path) -> None:
     need(isinstance(ckpt["model_name"], str), "model_name must be a string")
     try:
         check_model_name(ckpt["model_name"])
-    except ValueError as e:
-        need(False, f"model_name: {e}")
+    except ValueError:
+        need(False, f"model_name {ckpt['model_name'][:100]!r} is neither one of our models nor a classification "
+                    f"model of this torchvision")
     for key, low, high in (("num_classes", 2, MAX_CLASSES), ("in_channels", 1, 3), ("image_size", 8, 1024)):
         need(is_int(ckpt[key]) and low <= ckpt[key] <= high, f"{key} must be an integer in [{low}, {high}]")
     widths = ckpt.get("widths")
