@@ -228,10 +228,10 @@ def allocate_images(n: int, channels: int, size: int, what: str) -> torch.Tensor
     """An empty uint8 (n, channels, size, size) tensor, after saying on stderr (`what` it is for) how much memory it
     takes; a DataError instead when that is more than the memory available."""
     need, available = n * channels * size * size, available_memory()
-    print(f"{what} ({need / 2**20:,.1f} MiB in memory)", file=sys.stderr, flush=True)
     if available is not None and need > available:
         raise DataError(f"{what}: {need / 2**30:,.1f} GiB of memory needed, {available / 2**30:,.1f} GiB available; "
                         f"choose a smaller --image-size")
+    print(f"{what} ({need / 2**20:,.1f} MiB in memory)", file=sys.stderr, flush=True)
     return torch.empty(n, channels, size, size, dtype=torch.uint8)
 
 

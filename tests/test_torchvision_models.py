@@ -39,10 +39,10 @@ def cifar(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def resnet18_run(tmp_path_factory, cifar) -> Path:
-    """A 2-epoch resnet18 run with gradient accumulation and mirror TTA: its folder."""
+    """A 1-epoch resnet18 run with gradient accumulation and mirror TTA: its folder."""
     out = tmp_path_factory.mktemp("resnet18")
     train.main(["--data-dir", str(cifar), *CPU, "--model", "resnet18", "--optimizer", "sgd", "--lr", "0.05",
-                "--batch-size", "32", "--accum-steps", "2", "--augment", "--tta", "--epochs", "2",
+                "--batch-size", "32", "--accum-steps", "2", "--augment", "--tta", "--epochs", "1",
                 "--out-dir", str(out)])
     return out
 
@@ -182,7 +182,7 @@ def test_init_from_a_run_with_other_classes_replaces_the_head_only(resnet18_run,
     photos = make_image_folder(tmp_path / "photos")  # two classes, blue and red
     out = tmp_path / "run"
     train.main(["--dataset", "imagefolder", "--data-dir", str(photos), *CPU, "--model", "resnet18", "--init-from",
-                str(source / "best.pth"), "--freeze-backbone", "--epochs", "2", "--val-split", "0",
+                str(source / "best.pth"), "--freeze-backbone", "--epochs", "1", "--val-split", "0",
                 "--out-dir", str(out)])
     start, ckpt = load_checkpoint(source / "best.pth"), load_checkpoint(out / "last.pth")
     loaded = start["model"]
@@ -191,11 +191,11 @@ def test_init_from_a_run_with_other_classes_replaces_the_head_only(resnet18_run,
     assert not torch.equal(ckpt["model"]["fc.bias"], torch.zeros(2))  # the new head did train
     assert (ckpt["mean"], ckpt["std"]) == (start["mean"], start["std"])  # the source's normalization
     # resume keeps all of it, and the flags that define the start cannot change
-    fails_with(["--resume", str(out / "last.pth"), "--epochs", "3", "--init-from", str(out / "best.pth")],
+    fails_with(["--resume", str(out / "last.pth"), "--epochs", "2", "--init-from", str(out / "best.pth")],
                "--init-from cannot change on resume")
-    fails_with(["--resume", str(out / "last.pth"), "--epochs", "3", "--image-size", "16"],
+    fails_with(["--resume", str(out / "last.pth"), "--epochs", "2", "--image-size", "16"],
                "--image-size cannot change on resume")
-    train.main(["--resume", str(out / "last.pth"), "--epochs", "3"])
+    train.main(["--resume", str(out / "last.pth"), "--epochs", "2"])
     again = load_checkpoint(out / "last.pth")["model"]
     assert all(torch.equal(again[k], loaded[k]) for k in loaded if not k.startswith("fc."))
 
