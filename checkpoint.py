@@ -7,7 +7,7 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
     ema_model     (--ema only) state_dict of their moving average: what evaluation, best.pth's choice,
                   evaluate.py, predict.py and export.py use when it is there
     model_name, widths, num_classes, in_channels, image_size
-                  what model.build_model needs to rebuild the net
+                  what model.build_model needs to rebuild the net (model_name: ours, or a torchvision name)
     classes       the class names, index = label;  mean, std: per-channel normalization, [0, 1] pixel units
     args          every train.py flag of the run (a dict)
     run_id        random hex, the same in every checkpoint of one run: whose files a run folder holds
@@ -21,6 +21,7 @@ import math
 import os
 import pickle
 import shutil
+import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import torch
 import torch.nn as nn
 
 import cli
-from model import MODELS, build_model
+from model import build_model, check_model_name
 
 FORMAT = 2
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s"]
@@ -133,8 +134,12 @@ def validate(ckpt: object, path: Path) -> None:
     missing = [k for k in ("model", "model_name", "num_classes", "in_channels", "image_size", "classes", "mean",
                            "std") if k not in ckpt]
     need(not missing, f"missing {', '.join(missing)}")
-    need(isinstance(ckpt["model_name"], str) and ckpt["model_name"] in MODELS,
-         f"model_name must be one of {', '.join(MODELS)}")
+    need(isinstance(ckpt["model_name"], str), "model_name must be a string")
+    try:
+        check_model_name(ckpt["model_name"])
+    except ValueError:
+        need(False, f"model_name {ckpt['model_name'][:100]!r} is neither one of our models nor a classification "
+                    f"model of this torchvision")
     for key, low, high in (("num_classes", 2, MAX_CLASSES), ("in_channels", 1, 3), ("image_size", 8, 1024)):
         need(is_int(ckpt[key]) and low <= ckpt[key] <= high, f"{key} must be an integer in [{low}, {high}]")
     widths = ckpt.get("widths")
@@ -205,6 +210,8 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
             shapes = {k: tuple(t.shape) for k, t in build().state_dict().items()}
     except ValueError as e:
         raise CheckpointError(f"checkpoint does not match its model: {e}") from None
+    except NotImplementedError:  # torchvision's RegNets compute their widths with tensors, which meta ones cannot;
+        shapes = {k: tuple(t.shape) for k, t in weights.items()}  # their size is fixed by the name and num_classes
     if shapes != {k: tuple(t.shape) for k, t in weights.items()}:
         wrong = sorted(set(shapes) ^ set(weights) or {k for k in shapes if shapes[k] != tuple(weights[k].shape)})
         raise CheckpointError(f"checkpoint does not match its model: {', '.join(wrong[:5])} missing, extra or "
@@ -220,6 +227,30 @@ def load_weights(model: nn.Module, weights: dict) -> None:
         model.load_state_dict(weights)
     except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
         raise CheckpointError(f"checkpoint does not match its model: {' '.join(str(e).split())[:300]}") from None
+
+
+def torchvision_weights(weights) -> dict:
+    """The state_dict of torchvision `weights` (e.g. ResNet18_Weights.DEFAULT) from torch's cache,
+    $TORCH_HOME/hub/checkpoints/<the file name of weights.url>, downloaded there first when it is missing. A file
+    already there is used as it is; read with weights_only=True, like every checkpoint."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(weights.url).path).name
+    if not path.is_file():
+        match = torch.hub.HASH_REGEX.search(path.name)  # the file name's hash prefix: what torch.hub checks too
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None, progress=False)
+        except Exception as e:  # no network, a proxy, a wrong checksum, a full disk: the same answer
+            raise CheckpointError(f"the pretrained weights {weights} are not in torch's cache and the download failed "
+                                  f"({type(e).__name__}); put {path.name} (from {weights.url}) in {path.parent}/ "
+                                  f"(or set TORCH_HOME to a folder whose hub/checkpoints/ has it)") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the pretrained weights {path} ({type(e).__name__}); delete it to "
+                              f"download it again") from None
+    if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
+        raise CheckpointError(f"{path} is not a state_dict of pretrained weights; delete it to download it again")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Datasets, held in memory as uint8 tensors, with normalization and augmentation on whole batches.
 
     cifar10        DATA_DIR/cifar-10-batches-py/           (downloaded, checksum verified, when missing)
+    cifar100       DATA_DIR/cifar-100-python/              (train, test, meta; the 100 fine labels; downloaded too)
     mnist          DATA_DIR/MNIST/raw/ or DATA_DIR/mnist/   (IDX files, plain or .gz; downloaded when missing)
     fashion-mnist  DATA_DIR/FashionMNIST/raw/, DATA_DIR/fashion-mnist/, /usr/share/datasets/fashion-mnist/
     imagefolder    DATA_DIR/{train,test}/<class>/<image>, optionally DATA_DIR/val/ too (your own images,
@@ -8,8 +9,9 @@
 
 Why in memory: CIFAR-10 is 150 MB as uint8, so decoding it once and slicing batches out of one tensor
 on the training device removes the per-image Python work (PIL, ToTensor, collate) that otherwise dominates
-a small model's step time. Every random choice of an epoch (order, crop offsets, flips) is drawn up front
-from (seed, epoch) alone, so an epoch is the same whatever the batch size, accumulation or resume point.
+a small model's step time (--image-size resizes the packed datasets once, into that tensor). Every random
+choice of an epoch (order, crop offsets, flips) is drawn up front from (seed, epoch) alone, so an epoch is the
+same whatever the batch size, accumulation or resume point.
 """
 import gzip
 import hashlib
@@ -31,15 +33,18 @@ from PIL import Image, ImageOps
 
 import cli
 
-DATASETS = ("cifar10", "mnist", "fashion-mnist", "imagefolder")
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 PAD = 4  # random-crop padding, pixels (default)
+RESIZE_CHUNK = 1000  # images resized at a time (--image-size): their float copies stay small
 MAX_IDX_BYTES = 2**31  # the largest IDX file read (MNIST's training images: 47 MB)
 
 
@@ -61,35 +66,46 @@ class _ArraysOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_pickle(path: Path, what: str) -> dict:
     try:
         with open(path, "rb") as f:
-            batch = _ArraysOnly(f, encoding="latin1").load()
-        data, labels = batch["data"], batch["labels"]
-    except Exception as e:  # truncated, not a pickle, a forbidden global, missing keys, ...
-        raise DataError(f"broken CIFAR-10 batch file {path}: {type(e).__name__}: {e}"[:300]) from None
+            content = _ArraysOnly(f, encoding="latin1").load()
+    except Exception as e:  # truncated, not a pickle, a forbidden global, ...
+        raise DataError(f"broken {what} file {path}: {type(e).__name__}: {e}"[:300]) from None
+    if not isinstance(content, dict):
+        raise DataError(f"broken {what} file {path}: not a dict")
+    return content
+
+
+def _read_cifar_batch(path: Path, label_key: str = "labels",
+                      num_classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 3, 32, 32) and labels of a CIFAR batch file: CIFAR-10's labels, or CIFAR-100's fine_labels."""
+    what = "CIFAR-10 batch" if num_classes == 10 else "CIFAR-100"
+    batch = _read_pickle(path, what)
+    data, labels = batch.get("data"), batch.get(label_key)
     # Checked before anything is built from them: the shape of data first, then labels as a flat list of that
     # length (a nest of shared lists, a few bytes in the pickle, would otherwise grow to gigabytes in asarray).
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072
             and isinstance(labels, list) and len(labels) == len(data)
-            and all(type(y) is int and 0 <= y <= 9 for y in labels)):
-        raise DataError(f"broken CIFAR-10 batch file {path}: expected uint8 data (N, 3072) and N labels in 0..9")
+            and all(type(y) is int and 0 <= y < num_classes for y in labels)):
+        raise DataError(f"broken {what} file {path}: expected uint8 data (N, 3072) and N {label_key} in "
+                        f"0..{num_classes - 1}")
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
 
 
-def _download_cifar10(data_dir: Path) -> None:
+def _download_cifar(url: str, md5: str, folder: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
     try:
-        download_and_extract_archive(CIFAR10_URL, str(data_dir), md5=CIFAR10_MD5)
+        download_and_extract_archive(url, str(folder.parent), md5=md5)
     except Exception as e:
-        raise DataError(f"CIFAR-10 not found in {data_dir / 'cifar-10-batches-py'} and the download failed "
-                        f"({type(e).__name__}); put the extracted {CIFAR10_URL} there") from None
+        raise DataError(f"{folder.name} not found in {folder.parent} and the download failed "
+                        f"({type(e).__name__}); put the extracted {url} there") from None
 
 
 def load_cifar10(data_dir: Path):
     folder = data_dir / "cifar-10-batches-py"
     if not folder.is_dir():
-        _download_cifar10(data_dir)
+        _download_cifar(CIFAR10_URL, CIFAR10_MD5, folder)
     files = {"train": [folder / f"data_batch_{i}" for i in range(1, 6)], "test": [folder / "test_batch"]}
     out = []
     for split in ("train", "test"):
@@ -99,6 +115,23 @@ def load_cifar10(data_dir: Path):
         xs, ys = zip(*(_read_cifar_batch(p) for p in files[split]))
         out += [torch.cat(xs), torch.cat(ys)]
     return (*out, CIFAR10_CLASSES)
+
+
+def load_cifar100(data_dir: Path):
+    """CIFAR-100 in its official python layout: the files train and test ({"data", "fine_labels", ...}) and meta,
+    whose fine_label_names are the 100 class names."""
+    folder = data_dir / "cifar-100-python"
+    if not folder.is_dir():
+        _download_cifar(CIFAR100_URL, CIFAR100_MD5, folder)
+    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"incomplete CIFAR-100 folder {folder}: missing {', '.join(missing)}")
+    classes = _read_pickle(folder / "meta", "CIFAR-100").get("fine_label_names")
+    if not (isinstance(classes, list) and len(classes) == 100 and all(isinstance(c, str) for c in classes)):
+        raise DataError(f"broken CIFAR-100 file {folder / 'meta'}: expected 100 fine_label_names")
+    train = _read_cifar_batch(folder / "train", "fine_labels", 100)
+    test = _read_cifar_batch(folder / "test", "fine_labels", 100)
+    return (*train, *test, classes)
 
 
 def _read_idx(path: Path, ndim: int) -> torch.Tensor:
@@ -162,15 +195,57 @@ def load_idx_dataset(name: str, data_dir: Path):
     return (*out, classes)
 
 
-def load_raw(name: str, data_dir: str | Path, image_size: int = 32):
+def load_raw(name: str, data_dir: str | Path, image_size: int | None = None):
     """(train_images, train_labels, test_images, test_labels, classes), images uint8 (N, C, H, W).
-    image_size is the side imagefolder images are resized to; the packed datasets have a fixed size."""
+    image_size is the side imagefolder images are decoded to (None: 32); the packed datasets come at their own size
+    (32 or 28: resize_images resizes them)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     data_dir = Path(data_dir)
     if name == "imagefolder":
-        return load_imagefolder(data_dir, image_size)
-    return load_cifar10(data_dir) if name == "cifar10" else load_idx_dataset(name, data_dir)
+        return load_imagefolder(data_dir, image_size or 32)
+    if name in ("cifar10", "cifar100"):
+        return load_cifar10(data_dir) if name == "cifar10" else load_cifar100(data_dir)
+    return load_idx_dataset(name, data_dir)
+
+
+def resize_images(images: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
+    """uint8 images (N, C, H, W) resized to size x size (None, or their own size: returned as they are), with
+    antialiased bilinear interpolation (what Pillow does for image folders), into one new uint8 tensor, a chunk at
+    a time so that the float copies stay small."""
+    if size is None or images.shape[2:] == (size, size):
+        return images
+    out = allocate_images(len(images), images.shape[1], size,
+                          f"{what}: resizing {len(images):,} images to {size}x{size}")
+    for start in range(0, len(images), RESIZE_CHUNK):
+        chunk = images[start:start + RESIZE_CHUNK].float()
+        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start:start + RESIZE_CHUNK] = resized.round_().clamp_(0, 255)
+    return out
+
+
+def allocate_images(n: int, channels: int, size: int, what: str) -> torch.Tensor:
+    """An empty uint8 (n, channels, size, size) tensor, after saying on stderr (`what` it is for) how much memory it
+    takes; a DataError instead when that is more than the memory available."""
+    need, available = n * channels * size * size, available_memory()
+    if available is not None and need > available:
+        raise DataError(f"{what}: {need / 2**30:,.1f} GiB of memory needed, {available / 2**30:,.1f} GiB available; "
+                        f"choose a smaller --image-size")
+    print(f"{what} ({need / 2**20:,.1f} MiB in memory)", file=sys.stderr, flush=True)
+    return torch.empty(n, channels, size, size, dtype=torch.uint8)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # free pages (macOS: no MemAvailable)
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,23 +332,26 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -
 
 
 def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,
-            image_size: int = 32):
+            image_size: int | None = None, stats: tuple[list[float], list[float]] | None = None):
     """Load a dataset, hold out validation (imagefolder: DATA_DIR/val/ when it exists, instead of val_split),
-    and compute normalization from the training part.
-    Returns (train, val or None, test, classes) as ImageSets on `device`."""
+    resize to image_size (None: the dataset's own size), and compute normalization from the training part (before
+    resizing: the same statistics, from fewer pixels) unless `stats` (mean, std) gives it: a pretrained net's own,
+    averaged over RGB for 1-channel images. Returns (train, val or None, test, classes) as ImageSets on `device`."""
     train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size)
     if name == "imagefolder" and (Path(data_dir) / "val").is_dir():  # the user's own split beats a random one
-        val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size)
+        val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32)
     else:
         (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
     if len(train_x) == 0:
         raise DataError(f"no training images left after holding out a validation fraction of {val_split}")
-    mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in channel_stats(train_x))
+    if stats is not None and train_x.shape[1] == 1:
+        stats = tuple([sum(s) / len(s)] for s in stats)
+    mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in (stats or channel_stats(train_x)))
 
-    def on_device(x, y):
-        return ImageSet(x.to(device), y.to(device), mean, std)
-    val = on_device(val_x, val_y) if len(val_y) else None
-    return on_device(train_x, train_y), val, on_device(test_x, test_y), classes
+    def on_device(x, y, split):
+        return ImageSet(resize_images(x, image_size, f"{name} {split}").to(device), y.to(device), mean, std)
+    val = on_device(val_x, val_y, "val") if len(val_y) else None
+    return on_device(train_x, train_y, "train"), val, on_device(test_x, test_y, "test"), classes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,9 +437,8 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str],
     cache = _cache_path(root, split, image_size, [p for p, _ in files])
     data = _read_cache(cache, len(files), image_size)
     if data is None:
-        print(f"imagefolder: decoding {len(files)} images of {folder} to {image_size}x{image_size} "
-              f"(cached for the next run)", file=sys.stderr, flush=True)
-        data = _decode(files, image_size)
+        data = _decode(files, image_size, f"imagefolder: decoding {len(files)} images of {folder} to "
+                                          f"{image_size}x{image_size}, cached for the next run")
         _write_cache(cache, data)
     for message in data["skipped"]:
         print(f"warning: {message}; skipped", file=sys.stderr)
@@ -380,9 +457,9 @@ def _cache_path(root: Path, split: str, image_size: int, files: list[Path]) -> P
     return root / f".cache-{split}-{image_size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
-def _decode(files: list[tuple[Path, int]], image_size: int) -> dict:
+def _decode(files: list[tuple[Path, int]], image_size: int, what: str) -> dict:
     """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor."""
-    images = torch.empty(len(files), IMAGEFOLDER_CHANNELS, image_size, image_size, dtype=torch.uint8)
+    images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
 
     def decode(i: int) -> str | None:

@@ -19,7 +19,7 @@ import torch
 
 import runtime
 from checkpoint import load_checkpoint, model_from_checkpoint
-from data import DataError, ImageSet, load_raw
+from data import DataError, ImageSet, load_raw, resize_images
 from model import TTA_MODES, evaluate
 from plot import plot_confusion, require_matplotlib
 
@@ -76,6 +76,7 @@ def report(args) -> dict:
     if not isinstance(dataset, str) or not isinstance(data_dir, str):
         raise DataError(f"{args.checkpoint} does not say which dataset it was trained on")
     _, _, test_x, test_y, classes = load_raw(dataset, data_dir, image_size=ckpt["image_size"])
+    test_x = resize_images(test_x, ckpt["image_size"], f"{dataset} test")  # as train.py did (--image-size)
     if classes != ckpt["classes"] or test_x.shape[1:] != (ckpt["in_channels"], ckpt["image_size"],
                                                           ckpt["image_size"]):
         raise DataError("the data in the data dir does not match the checkpoint's classes or shape")

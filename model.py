@@ -2,8 +2,12 @@
 
 Every model takes a normalized float batch (N, C, H, W) and returns logits (N, num_classes).
 `build_model(name, ...)` is the one way scripts make a model, so a checkpoint, which stores the
-name and the shape arguments, is enough to rebuild it (checkpoint.model_from_checkpoint).
+name and the shape arguments, is enough to rebuild it (checkpoint.model_from_checkpoint). Besides our own models
+(MODELS), any torchvision classification model is built by its torchvision name, with its classifier sized for
+the classes and its first convolution for the input channels.
 """
+import difflib
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -184,11 +188,114 @@ MODELS = {"simplecnn": SimpleCNN, "resnet9": ResNet9, "airnet": AirNet}
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
                 widths: tuple[int, ...] | None = None) -> nn.Module:
-    """A registered model by name. `widths` sets the channels of each stage (None: the model's defaults)."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    stages = len(getattr(MODELS[name], "DEFAULT_WIDTHS", ()))
+    """A model by name: ours (MODELS) or torchvision's. `widths` sets the channels of each stage (None: the model's
+    defaults; torchvision models have none)."""
+    check_model_name(name)
+    stages = len(getattr(MODELS.get(name), "DEFAULT_WIDTHS", ()))
     if widths is not None and len(widths) != stages:
         raise ValueError(f"{name} takes {stages} widths, got {len(widths)}" if stages else f"{name} has no widths")
+    if name not in MODELS:
+        return build_torchvision(name, num_classes, in_channels)
     extra = {"widths": tuple(widths)} if widths is not None else {}
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, **extra)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torchvision's classification models (resnet18, mobilenet_v3_small, convnext_tiny, ...), by their torchvision name
+
+# GoogLeNet and Inception v3 train with auxiliary classifiers that return extra outputs; here they are left out
+# (a plain logits tensor, like every other model), and their pretrained weights' aux tensors with them. Their
+# pretrained weights take pixels scaled to [-1, 1], which torchvision makes inside the model (transform_input) from
+# ImageNet-normalized input; normalizing with mean = std = 0.5 gives them the same input, with no flag to remember.
+TORCHVISION_KWARGS = {"googlenet": {"aux_logits": False, "init_weights": True},
+                      "inception_v3": {"aux_logits": False, "init_weights": True}}
+AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+HALF_SCALED = ("googlenet", "inception_v3")
+
+
+def torchvision_models() -> list[str]:
+    """torchvision's classification models (not its detection, segmentation, video or quantized ones)."""
+    import torchvision  # here: our own models do not need its import time
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_model_name(name: str) -> None:
+    """ValueError, naming the closest names, for a model that is neither ours nor torchvision's."""
+    if name in MODELS or name in torchvision_models():
+        return
+    close = difflib.get_close_matches(name, [*MODELS, *torchvision_models()], n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(f"unknown model {name!r}{hint} (python train.py --list-models lists them all)")
+
+
+def build_torchvision(name: str, num_classes: int, in_channels: int) -> nn.Module:
+    """torchvision's `name` with `num_classes` outputs and its own initialization, its first convolution taking
+    `in_channels` (see fit_first_conv)."""
+    from torchvision.models import get_model
+    model = get_model(name, num_classes=num_classes, **TORCHVISION_KWARGS.get(name, {}))
+    fit_first_conv(model, in_channels)
+    return model
+
+
+def pretrained_weights(name: str):
+    """torchvision's default weights for `name` (a WeightsEnum member: .url, .meta, .transforms()); ValueError for a
+    model without any."""
+    from torchvision.models import get_model_weights
+    check_model_name(name)
+    if name in MODELS:
+        raise ValueError(f"--pretrained: {name} is one of this project's models, which have no pretrained weights; "
+                         f"use --init-from a checkpoint of yours, or a torchvision model (resnet18, ...)")
+    weights = getattr(get_model_weights(name), "DEFAULT", None)
+    if weights is None:
+        raise ValueError(f"--pretrained: torchvision has no pretrained weights for {name}")
+    return weights
+
+
+def pretrained_stats(name: str, weights) -> tuple[list[float], list[float]]:
+    """The per-channel mean and std the pretrained `weights` of model `name` expect their input normalized with."""
+    if name in HALF_SCALED:
+        return [0.5] * 3, [0.5] * 3
+    preprocess = weights.transforms()  # (ImageNet's mean and std, for nearly all of them)
+    return list(preprocess.mean), list(preprocess.std)
+
+
+def fit_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Make the first convolution take `in_channels` (1 for MNIST) instead of its own: each new filter is the mean of
+    its RGB filters x 3 / in_channels, so a gray image gives the response the RGB filters give its gray copy (and a
+    random initialization keeps its scale)."""
+    name, conv = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), (None, None))
+    if conv is None or conv.in_channels == in_channels:
+        return
+    new = nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.mean(1, keepdim=True).expand_as(new.weight) * 3 / in_channels)
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    replace_module(model, name, new)
+
+
+def find_head(model: nn.Module, num_classes: int) -> str:
+    """The name of the classifier: the last linear layer (or 1x1 convolution, SqueezeNet's) with num_classes
+    outputs. Found generically, so it is `fc` of a ResNet, `classifier.3` of a MobileNet, `heads.head` of a ViT."""
+    heads = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes
+             or isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.out_channels == num_classes]
+    if not heads:
+        raise ValueError(f"cannot find the classifier of {type(model).__name__}: no layer with {num_classes} outputs")
+    return heads[-1]
+
+
+def replace_head(model: nn.Module, old_classes: int, num_classes: int) -> None:
+    """A new, freshly initialized classifier with num_classes outputs in place of the one with old_classes."""
+    name = find_head(model, old_classes)
+    head = model.get_submodule(name)
+    if isinstance(head, nn.Linear):
+        new = nn.Linear(head.in_features, num_classes, bias=head.bias is not None, device=head.weight.device)
+    else:
+        new = nn.Conv2d(head.in_channels, num_classes, 1, bias=head.bias is not None, device=head.weight.device)
+    replace_module(model, name, new)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)

@@ -3,6 +3,8 @@
     python train.py                                 # the seed recipe: SimpleCNN, Adam 1e-3, batch 32, 5 epochs
     python train.py --preset fast                   # the AirNet recipe sized for a laptop CPU (README: results)
     python train.py --dataset fashion-mnist --epochs 10 --augment --scheduler cosine
+    python train.py --model resnet18 --pretrained --image-size 64   # fine-tune torchvision's ImageNet weights
+    python train.py --list-models                   # ours, then every torchvision classification model
     python train.py --resume runs/cifar10-simplecnn-20261123-120000/last.pth   # go on where it stopped
     torchrun --nproc_per_node 2 train.py ...        # data-parallel (DDP); --batch-size stays the global batch
 
@@ -27,7 +29,7 @@ import shlex
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ContextManager
 
@@ -37,10 +39,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import runtime
-from checkpoint import (FORMAT, EpochTally, RunFolder, RunState, as_dict, checkpoint_bytes, load_checkpoint,
-                        load_weights, model_from_checkpoint, save_checkpoint, validate_for_resume)
+from checkpoint import (FORMAT, CheckpointError, EpochTally, RunFolder, RunState, as_dict, checkpoint_bytes,
+                        load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint, torchvision_weights,
+                        validate_for_resume)
 from data import DATASETS, ImageSet, epoch_plan, prepare
-from model import MODELS, TTA_MODES, AirNet, ResNet9, build_model, evaluate
+from model import (AUX_PREFIXES, MODELS, TTA_MODES, AirNet, ResNet9, build_model, check_model_name, evaluate,
+                   find_head, fit_first_conv, pretrained_stats, pretrained_weights, replace_head, torchvision_models)
 from muon import Muon
 
 # Named recipes. A preset replaces the defaults; flags given on the command line still win.
@@ -75,6 +79,7 @@ class Trainer:
     ema: nn.Module | None         # the moving average of the weights (--ema)
     stop: runtime.StopSignal      # Ctrl-C / SIGTERM, noted; acted on between optimizer steps
     steps_per_epoch: int
+    frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -84,6 +89,8 @@ def train_one_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch:
     """Train epoch `epoch` from optimizer step tally.step on (0 unless resuming mid-epoch), adding loss, correct
     count and seconds to `tally`. Returns False when a signal stopped it, at a step boundary."""
     t.step_model.train()
+    for m in t.frozen:
+        m.eval()
     rank, world = runtime.rank_world()
     device = data.labels.device
     plan = epoch_plan(len(data), args.seed, epoch, device, args.crop_pad, args.alt_flip)  # sample, dy, dx, flip
@@ -205,8 +212,9 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
 # ---------------------------------------------------------------------------------------------------------------
 # The run: set up, train epoch after epoch, test best.pth once
 
-def run(args: argparse.Namespace, resumed: dict | None, argv: list[str]) -> dict:
-    """`argv`: the run's flags as a command line (the checkpoint keeps it, and the resume command repeats it)."""
+def run(args: argparse.Namespace, resumed: dict | None, argv: list[str], start: dict | None = None) -> dict:
+    """`argv`: the run's flags as a command line (the checkpoint keeps it, and the resume command repeats it);
+    `start`: the weights to start from (starting_weights)."""
     device = runtime.pick_device(args.device, runtime.start_processes(args.device))
     runtime.autocast(args.amp, device)  # now: refuses --amp the device does not have
     rank, world = runtime.rank_world()
@@ -218,7 +226,7 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str]) -> dict
     try:
         if rank == 0:  # first: a second run into the same folder is refused before any work
             folder.claim(resumed, Path(args.resume) if resumed else None)
-        return train_and_test(args, resumed, argv, device, folder)
+        return train_and_test(args, resumed, argv, device, folder, start)
     finally:
         folder.release()
 
@@ -237,18 +245,21 @@ def out_dir_for(args: argparse.Namespace) -> Path:
 
 
 def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[str], device: torch.device,
-                   folder: RunFolder) -> dict:
+                   folder: RunFolder, start: dict | None) -> dict:
     rank, world = runtime.rank_world()
     torch.manual_seed(args.seed)
+    # Loaded weights were trained on inputs normalized their way: keep it (a resumed run: the run's own)
+    stats = ((start["mean"], start["std"]) if start else (resumed["mean"], resumed["std"])
+             if resumed and (args.pretrained or args.init_from) else None)
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
-                                        image_size=args.image_size)
+                                        image_size=args.image_size, stats=stats)
     if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
         runtime.keep_freed_memory()
     if args.patience and val is None:
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     if resumed and (resumed["mean"] != train.mean.tolist() or resumed["classes"] != classes):
         raise TrainError("--resume: the data differs from the checkpoint's (another --data-dir?)")
-    t = build_trainer(args, train, len(classes), device, resumed)
+    t = build_trainer(args, train, len(classes), device, resumed, start)
     # What every checkpoint of this run repeats: the model card, the flags, whose run it is
     card = {"format": FORMAT, "model_name": args.model, "widths": getattr(t.model, "widths", None),
             "num_classes": len(classes), "in_channels": train.images.shape[1], "image_size": train.images.shape[2],
@@ -268,9 +279,10 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         if resumed:
             at = f"step {tally.step} of epoch {state.epoch + 1}" if tally.step else f"the end of epoch {state.epoch}"
             print(f"resumed from {args.resume} at {at}")
+        trained = sum(p.numel() for p in t.model.parameters() if p.requires_grad) if args.freeze_backbone else None
         print(f"{args.dataset}: {len(train)} train, {len(val) if val else 0} val, {len(test)} test images on "
               f"{device} x {world}; {args.model} with {sum(p.numel() for p in t.model.parameters()):,} "
-              f"parameters; writing to {folder.path}", flush=True)
+              f"parameters{f' ({trained:,} trained)' if trained else ''}; writing to {folder.path}", flush=True)
     stopped_early = fit(t, args, train, val, folder, card, state, tally)
     try:
         if t.stop.signum:  # noted after the last optimizer step, during the last validation or save
@@ -364,13 +376,20 @@ def final_test(args: argparse.Namespace, test: ImageSet, classes: list[str], sta
 
 
 def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, device: torch.device,
-                  resumed: dict | None) -> Trainer:
+                  resumed: dict | None, start: dict | None = None) -> Trainer:
     _, in_channels, image_size, _ = train.images.shape
     try:
-        model = build_model(args.model, num_classes, in_channels, image_size, args.widths).to(device)
+        if start is None:
+            model = build_model(args.model, num_classes, in_channels, image_size, args.widths)
+        else:
+            model = model_from_start(args, start, num_classes, in_channels, image_size)
+        frozen = freeze_backbone(model, num_classes) if args.freeze_backbone else []
     except ValueError as e:  # a model that cannot take this image size
         raise TrainError(str(e)) from None
-    if isinstance(model, AirNet) and resumed is None:  # (a resumed run loads its whitening with the weights)
+    model = model.to(device)
+    if args.model not in MODELS:
+        check_image_size(model, args.model, train)
+    if isinstance(model, AirNet) and resumed is None and start is None:  # (else its whitening comes with the weights)
         model.init_whitening(train.batch(torch.arange(min(len(train), 5000), device=device))[0])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -383,7 +402,74 @@ def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, d
                    scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
                    autocast=runtime.autocast(args.amp, device), ema=copy.deepcopy(model) if args.ema else None,
                    stop=runtime.StopSignal(),
-                   steps_per_epoch=math.ceil(len(train) / (args.batch_size * args.accum_steps)))
+                   steps_per_epoch=math.ceil(len(train) / (args.batch_size * args.accum_steps)), frozen=frozen)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting from learned weights: --pretrained (torchvision's), --init-from (a checkpoint of train.py)
+
+def starting_weights(args: argparse.Namespace) -> dict | None:
+    """What --pretrained or --init-from start from: {"model": state_dict, "num_classes", "in_channels", "mean",
+    "std"}, the last four those the weights were trained with. Read before the run folder is made: a missing,
+    foreign or corrupt file writes nothing."""
+    if args.pretrained:
+        try:
+            weights = pretrained_weights(args.model)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
+        state = {k: v for k, v in torchvision_weights(weights).items() if not k.startswith(AUX_PREFIXES)}
+        mean, std = pretrained_stats(args.model, weights)
+        return {"model": state, "num_classes": len(weights.meta["categories"]), "in_channels": 3, "mean": mean,
+                "std": std}
+    if args.init_from:
+        ckpt = load_checkpoint(args.init_from)
+        if ckpt["model_name"] != args.model:
+            raise TrainError(f"--init-from {args.init_from} holds a {ckpt['model_name']}, not a {args.model}; give "
+                             f"--model {ckpt['model_name']}")
+        return {"model": ckpt.get("ema_model", ckpt["model"]), "num_classes": ckpt["num_classes"],
+                "in_channels": ckpt["in_channels"], "mean": ckpt["mean"], "std": ckpt["std"]}
+    return None
+
+
+def model_from_start(args: argparse.Namespace, start: dict, num_classes: int, in_channels: int,
+                     image_size: int) -> nn.Module:
+    """The model with the weights it starts from, then fitted to this data: pretrained RGB filters to its channels,
+    a new classifier where the number of classes differs."""
+    if args.init_from and start["in_channels"] != in_channels:
+        raise TrainError(f"--init-from {args.init_from} was trained on {start['in_channels']}-channel images; "
+                         f"{args.dataset} has {in_channels}-channel images")
+    model = build_model(args.model, start["num_classes"], start["in_channels"], image_size, args.widths)
+    try:
+        load_weights(model, start["model"])
+    except CheckpointError as e:
+        raise TrainError(f"{'--pretrained' if args.pretrained else '--init-from ' + args.init_from}: the weights do "
+                         f"not fit {args.model} (another --widths?): {e}") from None
+    fit_first_conv(model, in_channels)
+    if start["num_classes"] != num_classes:
+        replace_head(model, start["num_classes"], num_classes)
+    return model
+
+
+def freeze_backbone(model: nn.Module, num_classes: int) -> list[nn.Module]:
+    """Let only the classifier learn. Returns the other modules, which training keeps in eval mode, so that their
+    BatchNorm statistics stay as loaded too (and their dropout is off: the features are fixed)."""
+    head = find_head(model, num_classes)
+    model.requires_grad_(False)
+    model.get_submodule(head).requires_grad_(True)
+    return [m for name, m in model.named_modules()
+            if not (name == head or name.startswith(head + ".") or any(True for _ in m.children()))]
+
+
+@torch.no_grad()
+def check_image_size(model: nn.Module, name: str, train: ImageSet) -> None:
+    """A torchvision model says at its first forward pass which image sizes it cannot take: try one image."""
+    model.eval()
+    try:
+        model(train.batch(torch.arange(1, device=train.labels.device))[0])
+    except Exception as e:  # a kernel larger than what is left of the image, a ViT's fixed size, ...
+        size = "x".join(map(str, train.images.shape[1:]))
+        raise TrainError(f"{name} cannot take {size} images ({str(e).splitlines()[0][:200]}); try a "
+                         f"larger --image-size") from None
 
 
 def load_training_state(t: Trainer, ckpt: dict) -> None:
@@ -439,12 +525,23 @@ def build_parser() -> argparse.ArgumentParser:
     add("--preset", default="seed", choices=sorted(PRESETS), help="a named recipe; flags override it (default: seed)")
     add("--dataset", default="cifar10", choices=DATASETS, help="(default: cifar10)")
     add("--data-dir", default="./data", metavar="DIR", help="where datasets are found or downloaded (default: ./data)")
-    add("--image-size", type=int, default=32, metavar="PX",
-        help="side images are resized to, imagefolder only (default: 32)")
-    add("--model", default="simplecnn", choices=sorted(MODELS), help="(default: simplecnn)")
+    add("--image-size", type=int, metavar="PX", help="side images are resized to, once, into the in-memory dataset "
+        "(default: the dataset's own: 32 for CIFAR, 28 for MNIST; 32 for imagefolder)")
+    add("--model", default="simplecnn", metavar="NAME",
+        help="simplecnn, resnet9, airnet, or any torchvision classification model by its name (resnet18, "
+             "mobilenet_v3_small, efficientnet_b0, convnext_tiny, ...); --list-models lists them (default: simplecnn)")
+    add("--list-models", action=ListModels, help="print the names --model takes, and exit")
     add("--widths", type=widths_list, metavar="A,B,...",
         help="channels per stage: four for resnet9 (default: %s), three for airnet (default: %s)"
              % tuple(",".join(map(str, m.DEFAULT_WIDTHS)) for m in (ResNet9, AirNet)))
+    add("--pretrained", action="store_true",
+        help="start from torchvision's default weights for --model (from torch's cache, $TORCH_HOME/hub/checkpoints, "
+             "or downloaded there), with a new classifier")
+    add("--init-from", metavar="PATH", help="start from the weights of a train.py checkpoint of the same --model "
+        "(a new classifier where the classes differ)")
+    add("--freeze-backbone", action="store_true",
+        help="with --pretrained or --init-from: train the classifier only; the rest, BatchNorm statistics included, "
+             "keeps its loaded weights")
     add("--epochs", type=int, default=5, metavar="N", help="(default: 5)")
     add("--batch-size", type=int, default=32, metavar="N",
         help="images per forward pass, over all processes under torchrun (default: 32)")
@@ -499,6 +596,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class ListModels(argparse.Action):
+    """--list-models: print every name --model takes, one per line (ours first), and exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("\n".join([*MODELS, *torchvision_models()]))
+        parser.exit()
+
+
 def widths_list(text: str) -> tuple[int, ...]:
     try:
         widths = tuple(int(w) for w in text.split(","))
@@ -530,15 +638,24 @@ def check_args(args: argparse.Namespace) -> str | None:
         (args.patience >= 0, "--patience must be >= 0 (0 = off)"),
         (number_in(args.min_delta, 0, math.inf), "--min-delta must be >= 0"),
         (number_in(args.val_split, 0, 1), "--val-split must be in [0, 1)"),
-        (8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
+        (args.image_size is None or 8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
-        (all(p != "" for p in (args.out_dir, args.resume, args.data_dir)), "--out-dir, --resume and --data-dir "
-                                                                          "must not be empty"),
+        (all(p != "" for p in (args.out_dir, args.resume, args.data_dir, args.init_from)),
+         "--out-dir, --resume, --data-dir and --init-from must not be empty"),
         (not args.nesterov or args.optimizer in ("sgd", "muon") and args.momentum > 0,
          "--nesterov needs sgd or muon, and --momentum above 0"),
+        (not (args.pretrained and args.init_from), "--pretrained and --init-from both choose the starting weights: "
+                                                   "give one of them"),
+        (not args.freeze_backbone or args.pretrained or args.init_from,
+         "--freeze-backbone needs --pretrained or --init-from: it trains the classifier on top of loaded weights"),
     ]
-    return next((message for ok, message in rules if not ok), None)
+    problem = next((message for ok, message in rules if not ok), None)
+    try:
+        check_model_name(args.model)
+    except ValueError as e:
+        problem = problem or str(e)
+    return problem
 
 
 # What --resume lets change (README: "Resuming: what may change"); every other flag given must equal the run's.
@@ -603,7 +720,8 @@ def main(argv: list[str] | None = None) -> dict:
             problem = check_args(args)
             if problem:
                 raise TrainError(problem)
-            return run(args, resumed, run_argv)
+            start = None if resumed else starting_weights(args)  # (a resumed run has its weights)
+            return run(args, resumed, run_argv, start)
     finally:
         if dist.is_initialized():
             runtime.leave_processes()

@@ -274,7 +274,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_every_reader(tmp_path, cifa
     (lambda c: c.update(mean=[0.5] * 5), "mean must be 3 finite numbers"),
     (lambda c: c.update(std=[0.0, 1.0, 1.0]), "std in [1e-3, 1]"),
     (lambda c: c.update(mean=[1e300] * 3), "mean must be in [0, 1]"),
-    (lambda c: c.update(model_name="os.system"), "model_name must be one of"),
+    (lambda c: c.update(model_name="os.system"), "model_name 'os.system' is neither one of our models nor a"),
     (lambda c: c["model"].update({"fc3.weight": torch.zeros(2, 2)}), "checkpoint does not match its model"),
     (lambda c: c.update(image_size=2**40), "image_size must be an integer in [8, 1024]"),
 ])

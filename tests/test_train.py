@@ -176,7 +176,7 @@ def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
     (["--grad-clip", "-0.5"], "--grad-clip must be >= 0"),
     (["--val-split", "1"], "--val-split must be in [0, 1)"),
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
-    (["--model", "vgg"], "invalid choice: 'vgg'"),
+    (["--model", "vgg"], "unknown model 'vgg'; did you mean vgg19, vgg16, vgg13? (python train.py --list-models"),
     (["--batch-size", "abc"], "invalid int value: 'abc'"),
 ])
 def test_bad_values_get_one_clear_line(flags, message):
