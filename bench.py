@@ -9,6 +9,7 @@
     python bench.py --loop-cost 4 32                   # train.py's loop against the bare five steps (no data)
     python bench.py --data-dir ./data --memory         # peak memory of one epoch: the seed pipeline vs train.py
     python bench.py --data-dir ./data --memory -- --preset fast   # the same for a preset
+    python bench.py --loop-cost 32 --log-interval 1    # the same, also with a progress line after every step
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
 applies ToTensor + Normalize (what torchvision.datasets.CIFAR10 does per item; built here from the same arrays
@@ -16,6 +17,7 @@ so that no file goes through the plain unpickler), a DataLoader with batch 32 an
 all 50,000 training images. train.py runs as a subprocess with the same recipe and --val-split 0, so both train
 on the same images. images/s counts the training pass alone in both.
 """
+import contextlib
 import json
 import os
 import statistics
@@ -169,29 +171,39 @@ def step_cost(all_widths: list[tuple[int, ...]], optimizers: list[str], batch_si
         print(f"{name:>20}: {ms * 1000:6.0f} ms per step of {batch_size}, {ms / first:.2f}x")
 
 
-def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5) -> dict[int, float]:
+def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5, log_interval: int = 0) -> dict[int, float]:
     """train.py's training loop (train_one_epoch, the seed recipe) against the bare five steps on one fixed batch
     (same model, fused Adam, channels_last), images/s side by side on the CPU; the two take turns, so machine noise
-    hits both alike. Prints and returns the loop's share of the bare step's images/s per batch size (median)."""
+    hits both alike. With log_interval > 0 the loop also runs with train.py's --log-interval (its lines to
+    /dev/null), in the same turns. Prints and returns the loop's share of the bare step's images/s per batch size
+    (median)."""
     runtime.keep_freed_memory()  # as train.py does on the CPU, for both
     torch.set_flush_denormal(True)
     cpu, shares = torch.device("cpu"), {}
     for batch_size in batch_sizes:
-        args = train.parse_args(["--batch-size", str(batch_size), "--device", "cpu"])
+        args = train.parse_args(["--batch-size", str(batch_size), "--device", "cpu", "--log-interval", "0"])
+        logged_args = train.parse_args(["--batch-size", str(batch_size), "--device", "cpu", "--log-interval",
+                                        str(log_interval)])
         generator = torch.Generator().manual_seed(0)
         data = ImageSet(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                         torch.randint(0, 10, (images,), generator=generator), torch.full((3,), 0.5),
                         torch.full((3,), 0.25))
         trainer = train.build_trainer(args, data, 10, cpu, resumed=None)
+        logged_trainer = train.build_trainer(logged_args, data, 10, cpu, resumed=None)
         bare_model = SimpleCNN().to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(bare_model.parameters(), lr=args.lr, fused=True)
         x, y = data.batch(torch.arange(batch_size))
         x = x.contiguous(memory_format=torch.channels_last)
-        loop_rates, bare_rates = [], []
+        loop_rates, bare_rates, logged_rates = [], [], []
         for epoch in range(1, rounds + 1):
             tally = EpochTally()
             train.train_one_epoch(trainer, data, args, epoch, tally)
             loop_rates.append(images / tally.seconds)
+            if log_interval:
+                tally = EpochTally()
+                with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+                    train.train_one_epoch(logged_trainer, data, logged_args, epoch, tally)
+                logged_rates.append(images / tally.seconds)
             start = time.perf_counter()
             for _ in range(images // batch_size):
                 optimizer.zero_grad(set_to_none=True)
@@ -201,8 +213,10 @@ def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5) -> di
             bare_rates.append(images // batch_size * batch_size / (time.perf_counter() - start))
         loop, bare = statistics.median(loop_rates), statistics.median(bare_rates)
         shares[batch_size] = loop / bare
+        logged = f"; with --log-interval {log_interval} {statistics.median(logged_rates):>8,.0f} img/s: " \
+            f"{100 * statistics.median(logged_rates) / bare:.0f}%" if log_interval else ""
         print(f"batch {batch_size:>4}: bare step {bare:>8,.0f} img/s, train.py loop {loop:>8,.0f} img/s: "
-              f"{100 * loop / bare:.0f}%", flush=True)
+              f"{100 * loop / bare:.0f}%{logged}", flush=True)
     return shares
 
 
@@ -224,17 +238,21 @@ def run_benchmark() -> None:
                    help="train.py's loop against the bare model step at these batch sizes instead (CPU, no data)")
     p.add_argument("--memory", action="store_true",
                    help="peak resident memory of one epoch instead: the seed guide's pipeline against train.py")
+    p.add_argument("--log-interval", type=int, default=0, metavar="N",
+                   help="with --loop-cost: also time the loop with train.py's --log-interval N (default: 0, off)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
     if args.loop_cost and not all(1 <= n <= 4096 for n in args.loop_cost):
         p.error("--loop-cost takes batch sizes in [1, 4096]")
+    if args.log_interval < 0:
+        p.error("--log-interval must be >= 0")
     if args.step_cost and any(len(w) != 3 for w in args.step_cost):
         p.error("--step-cost takes AirNet widths: three channel counts each, like 32,192,192")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.step_cost:
         return step_cost(args.step_cost, args.optimizers)
     if args.loop_cost:
-        return loop_cost(args.loop_cost)
+        return loop_cost(args.loop_cost, log_interval=args.log_interval)
     if args.memory:
         return memory(args.data_dir, args.train_args)
     if args.preset:

@@ -11,6 +11,8 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
     classes       the class names, index = label;  mean, std: per-channel normalization, [0, 1] pixel units
     args          every train.py flag of the run (a dict)
     run_id        random hex, the same in every checkpoint of one run: whose files a run folder holds
+    mlflow_run_id the MLflow run that records this run (--mlflow), else None: a resumed run goes on in it
+                  (optional: checkpoints written before it was added have none)
     state         the run's progress (RunState), history included: one metrics.csv row per completed epoch
     partial_epoch the epoch in progress (EpochTally) in a checkpoint saved by Ctrl-C, else None
     optimizer, scaler, rng   what exact resume needs (scaler: fp16 only)
@@ -182,9 +184,13 @@ def validate_for_resume(ckpt: dict, path: Path) -> tuple[RunState, EpochTally | 
     rows_ok = len(state.history) == state.epoch and all(
         isinstance(r, dict) and list(r) == METRICS and all(isinstance(v, (int, float)) for v in r.values())
         for r in state.history)
+    mlflow_run_id = ckpt.get("mlflow_run_id")
     if not (rows_ok and isinstance(ckpt["args"], dict) and isinstance(ckpt["run_id"], str)
-            and isinstance(ckpt["rng"], dict) and isinstance(ckpt["rng"].get("torch"), torch.Tensor)):
-        raise CheckpointError(f"{path} cannot be resumed: its history, args, run_id or rng state is malformed")
+            and isinstance(ckpt["rng"], dict) and isinstance(ckpt["rng"].get("torch"), torch.Tensor)
+            and (mlflow_run_id is None or isinstance(mlflow_run_id, str) and 0 < len(mlflow_run_id) <= 256
+                 and mlflow_run_id.isprintable())):
+        raise CheckpointError(f"{path} cannot be resumed: its history, args, run_id, mlflow_run_id or rng state is "
+                              f"malformed")
     return state, tally
 
 

@@ -2,6 +2,7 @@
 
     python evaluate.py --checkpoint runs/cifar10-simplecnn-20261123-120000/best.pth
     python evaluate.py --checkpoint best.pth --data-dir ./data --json
+    python evaluate.py --checkpoint best.pth --show predictions.png   # test images, true and predicted labels
 
 The model, its classes and its normalization come from the checkpoint alone; the data from --data-dir
 (default: the one the run was trained with). By default the test runs as the run's own final test did (its --tta
@@ -20,8 +21,8 @@ import torch
 import runtime
 from checkpoint import load_checkpoint, model_from_checkpoint
 from data import DataError, ImageSet, load_raw, resize_images
-from model import TTA_MODES, evaluate
-from plot import plot_confusion, require_matplotlib
+from model import EVAL_BATCH, TTA_MODES, evaluate, tta_logits
+from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
 
 
 def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
@@ -54,6 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
                         "over 1-pixel shifts of both (--tta shifts) (default: the run's)")
     p.add_argument("--amp", choices=runtime.AMP_MODES, help="autocast precision (default: the run's)")
     p.add_argument("--plot", metavar="PATH", help="also draw the confusion matrix to this PNG (needs matplotlib)")
+    p.add_argument("--show", metavar="PATH",
+                   help="also draw test images with their true and predicted labels to this PNG: the most confident "
+                        "mistakes first, then the first test images (needs matplotlib)")
+    p.add_argument("--show-count", type=int, default=32, metavar="N",
+                   help="how many images --show draws, 1 to 256 (default: 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
     with cli.one_line_errors("evaluate.py"):
         args = p.parse_args(argv)
@@ -61,9 +67,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def report(args) -> dict:
-    if args.plot:
-        require_matplotlib()  # before any work: a missing package is the one message
-        cli.refuse_overwriting(args.plot, args.checkpoint)
+    if not 1 <= args.show_count <= 256:
+        raise DataError("--show-count must be in [1, 256]")
+    for picture in (args.plot, args.show):
+        if picture:
+            require_matplotlib()  # before any work: a missing package is the one message
+            check_output(picture)
+            cli.refuse_overwriting(picture, args.checkpoint)
+    if args.plot and args.show:
+        cli.refuse_overwriting(args.show, args.plot)
     device = runtime.pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
@@ -97,7 +109,32 @@ def report(args) -> dict:
         plot_confusion(result["confusion"], classes, args.plot)
         if not args.json:
             print(f"confusion matrix drawn to {args.plot}")
+    if args.show:
+        with runtime.autocast(amp, device):
+            shown = show_predictions(model, test, classes, tta, args.show_count, args.show)
+        if not args.json:
+            print(f"{shown} test images with their predictions drawn to {args.show}")
     return result
+
+
+@torch.no_grad()
+def show_predictions(model: torch.nn.Module, test: ImageSet, classes: list[str], tta: str, count: int,
+                     path: str) -> int:
+    """Draw `count` test images with true and predicted labels: the most confident mistakes first (up to half of
+    them), then the first test images not among those, right or wrong. Returns how many were drawn."""
+    probs = torch.cat([tta_logits(model, test.batch(idx)[0], tta).softmax(1)
+                       for idx in torch.arange(len(test), device=test.labels.device).split(EVAL_BATCH)])
+    confidence, predicted = probs.max(1)
+    wrong = (predicted != test.labels).nonzero().squeeze(1)
+    worst = wrong[confidence[wrong].argsort(descending=True, stable=True)][:(count + 1) // 2]
+    rest = torch.ones(len(test), dtype=torch.bool, device=probs.device)
+    rest[worst] = False
+    chosen = torch.cat([worst, rest.nonzero().squeeze(1)[:count - len(worst)]]).cpu()
+    plot_predictions(test.images.cpu()[chosen], test.labels.cpu()[chosen].tolist(), predicted.cpu()[chosen].tolist(),
+                     confidence.cpu()[chosen].tolist(), classes, path,
+                     title=f"the {len(worst)} most confident mistakes (red), then the first test images "
+                           f"({len(wrong)} mistakes in {len(test)} images)")
+    return len(chosen)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
     python plot.py runs/my-photos/metrics.csv                      # writes runs/my-photos/curves.png
     python plot.py runs/my-photos/metrics.csv --output curves.png
 
-plot_confusion(confusion, classes, path) draws the confusion matrix of evaluate.py (evaluate.py --plot PATH).
+plot_confusion(confusion, classes, path) draws the confusion matrix of evaluate.py (evaluate.py --plot PATH),
+plot_predictions test images with their labels (evaluate.py --show PATH), plot_lr_range the learning-rate range
+test (train.py --find-lr); train.py draws curves.png with plot_curves at the end of every run.
 matplotlib is optional (pip install matplotlib): it is imported only when a picture is drawn, so training and
 evaluation run without it.
 """
@@ -13,10 +15,13 @@ if __name__ == "__main__":
     cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly
 
 import csv
+import io
 import math
 from pathlib import Path
 
 import torch
+
+from checkpoint import write_atomically
 
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
 
@@ -94,9 +99,62 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path
     _save(fig, path)
 
 
-def _save(fig, path: str | Path) -> None:
+def plot_predictions(images: torch.Tensor, labels: list[int], predicted: list[int], confidence: list[float],
+                     classes: list[str], path: str | Path, title: str = "", columns: int = 8) -> None:
+    """A grid of uint8 images (N, C, H, W), each with its true and predicted class under it; mistakes in red,
+    framed. Each image is drawn 112 px wide, pixels enlarged as squares (nearest neighbour), so 32x32 images stay
+    sharp."""
+    rows = math.ceil(len(images) / columns)
+    fig = require_matplotlib()(figsize=(1.4 * columns, 1.75 * rows), dpi=80, layout="constrained")
+    fig.suptitle(title, fontsize=10)
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, image, true, guess, p in zip(axes, images, labels, predicted, confidence):
+        wrong = true != guess
+        grayscale = image.shape[0] == 1
+        ax.imshow((image[0] if grayscale else image.permute(1, 2, 0)).numpy(), cmap="gray" if grayscale else None,
+                  vmin=0, vmax=255, interpolation="nearest")
+        ax.set(xticks=[], yticks=[])
+        ax.set_xlabel(f"true: {classes[true][:14]}\npred: {classes[guess][:14]} {100 * p:.0f}%", fontsize=8,
+                      color="red" if wrong else "black")
+        for spine in ax.spines.values():
+            spine.set(color="red" if wrong else "lightgray", linewidth=3 if wrong else 0.5)
+    for ax in axes[len(images):]:
+        ax.axis("off")
+    _save(fig, path, dpi=80)
+
+
+def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float,
+                  path: str | Path) -> None:
+    """train.py --find-lr: the loss of each step against its lr (log scale), raw and smoothed, and the suggested
+    lr. The y axis stops above the first loss, so that the explosion at the end does not flatten the rest."""
+    fig = require_matplotlib()(figsize=(7, 4), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="lightgray", label="loss of each step")
+    ax.plot(lrs, smoothed, color="tab:blue", label="smoothed")
+    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested --lr {suggestion:.2g}")
+    finite = [v for v in losses + smoothed if math.isfinite(v)]
+    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss",
+           title="learning-rate range test", ylim=(0.95 * min(finite), 1.1 * max(smoothed[0], min(finite))))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def check_output(path: str | Path) -> None:
+    """Refuse, before any work, a picture path that cannot be written: a folder, or in a folder that is not there."""
+    path = Path(path)
+    if path.is_dir():
+        raise PlotError(f"{path} is a folder; give the path of a .png file")
+    if not path.parent.is_dir():
+        raise PlotError(f"cannot write {path}: {path.parent} is not a folder")
+
+
+def _save(fig, path: str | Path, dpi: int = 100) -> None:
+    """Render, then write atomically: a full disk or a signal never leaves half a PNG (nor hides the old one)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
     try:
-        fig.savefig(path, format="png", dpi=100)
+        write_atomically(Path(path), buffer.getbuffer())
     except OSError as e:
         raise PlotError(f"cannot write {path}: {e.strerror}") from None
 

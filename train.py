@@ -6,11 +6,14 @@
     python train.py --model resnet18 --pretrained --image-size 64   # fine-tune torchvision's ImageNet weights
     python train.py --list-models                   # ours, then every torchvision classification model
     python train.py --resume runs/cifar10-simplecnn-20261123-120000/last.pth   # go on where it stopped
+    python train.py --preset fast --mlflow --tensorboard   # also record the run (README: Watching a run)
+    python train.py --find-lr                       # the lr range test: draws find-lr.png, prints a suggested --lr
     torchrun --nproc_per_node 2 train.py ...        # data-parallel (DDP); --batch-size stays the global batch
 
 Each epoch prints one line and adds it to <out-dir>/metrics.csv; <out-dir>/last.pth is written every epoch
 and <out-dir>/best.pth whenever the validation loss improves. At the end best.pth is evaluated once on the test
-set and <out-dir>/results.json is written. Ctrl-C (or SIGTERM) stops at the next optimizer step, saves a
+set and <out-dir>/results.json is written (and curves.png drawn, when matplotlib is installed). On a terminal a live
+line shows each epoch's progress (--log-interval). Ctrl-C (or SIGTERM) stops at the next optimizer step, saves a
 last.pth that resumes mid-epoch, and prints the command that resumes it. The README says which flags --resume
 lets you change.
 """
@@ -26,6 +29,7 @@ import math
 import os
 import secrets
 import shlex
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -38,7 +42,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import plot
 import runtime
+import tracking
 from checkpoint import (FORMAT, CheckpointError, EpochTally, RunFolder, RunState, as_dict, checkpoint_bytes,
                         load_checkpoint, load_weights, model_from_checkpoint, save_checkpoint, torchvision_weights,
                         validate_for_resume)
@@ -101,6 +107,7 @@ def train_one_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch:
     runtime.sync(device)
     start = time.perf_counter()
     total_steps, warmup_steps = args.epochs * t.steps_per_epoch, round(args.warmup_epochs * t.steps_per_epoch)
+    progress = Progress.for_run(args, epoch, len(data), t.steps_per_epoch, tally) if rank == 0 else None
     for group, crop_flip in zip(samples[tally.step:], crop_flips[tally.step:]):
         if t.stop.requested():
             break
@@ -138,6 +145,10 @@ def train_one_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch:
         if t.ema is not None:
             ema_update(t.ema, t.model, ema_decay(args.ema, step + 1))
         tally.step += 1
+        if progress and tally.step % progress.interval == 0:  # (reads the sums: a GPU sync every N steps only)
+            progress.show(tally.step, loss_sum, correct)
+    if progress:
+        progress.clear()
     runtime.sync(device)
     if world > 1:
         dist.all_reduce(loss_sum)
@@ -260,11 +271,6 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     if resumed and (resumed["mean"] != train.mean.tolist() or resumed["classes"] != classes):
         raise TrainError("--resume: the data differs from the checkpoint's (another --data-dir?)")
     t = build_trainer(args, train, len(classes), device, resumed, start)
-    # What every checkpoint of this run repeats: the model card, the flags, whose run it is
-    card = {"format": FORMAT, "model_name": args.model, "widths": getattr(t.model, "widths", None),
-            "num_classes": len(classes), "in_channels": train.images.shape[1], "image_size": train.images.shape[2],
-            "classes": classes, "mean": train.mean.tolist(), "std": train.std.tolist(), "args": vars(args),
-            "argv": argv, "run_id": folder.run_id}
     state, tally = RunState(), EpochTally()
     if resumed:
         state, tally = validate_for_resume(resumed, Path(args.resume))
@@ -283,7 +289,36 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         print(f"{args.dataset}: {len(train)} train, {len(val) if val else 0} val, {len(test)} test images on "
               f"{device} x {world}; {args.model} with {sum(p.numel() for p in t.model.parameters()):,} "
               f"parameters{f' ({trained:,} trained)' if trained else ''}; writing to {folder.path}", flush=True)
-    stopped_early = fit(t, args, train, val, folder, card, state, tally)
+    mlflow_run_id = resumed.get("mlflow_run_id") if resumed else None
+    trackers = []  # --mlflow, --tensorboard (rank 0)
+    if rank == 0:
+        trackers = tracking.start(args, folder.path, state.history, mlflow_run_id, train.images[:32].cpu())
+        mlflow_run_id = next((k.run_id for k in trackers if isinstance(k, tracking.MlflowTracker)), mlflow_run_id)
+    # What every checkpoint of this run repeats: the model card, the flags, whose run it is
+    card = {"format": FORMAT, "model_name": args.model, "widths": getattr(t.model, "widths", None),
+            "num_classes": len(classes), "in_channels": train.images.shape[1], "image_size": train.images.shape[2],
+            "classes": classes, "mean": train.mean.tolist(), "std": train.std.tolist(), "args": vars(args),
+            "argv": argv, "run_id": folder.run_id, "mlflow_run_id": mlflow_run_id}
+    ended, results = "FAILED", None  # how the trackers record the run's end
+    try:
+        stopped_early = fit(t, args, train, val, folder, card, state, tally, trackers)
+        results = test_unless_stopped(t, args, test, classes, state, stopped_early, folder, device)
+        ended = "FINISHED"
+        return results
+    except SystemExit:  # a signal: the run stopped, resumable
+        ended = "KILLED"
+        raise
+    finally:
+        if rank == 0:  # also when stopped early or by Ctrl-C
+            draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED")
+            files = ["results.json", "metrics.csv", "curves.png", *(["best.pth", "last.pth"]
+                                                                     if args.mlflow_log_checkpoints else [])]
+            tracking.end(trackers, ended, [folder.path / name for name in files], results)
+
+
+def test_unless_stopped(t: Trainer, args: argparse.Namespace, test: ImageSet, classes: list[str], state: RunState,
+                        stopped_early: bool, folder: RunFolder, device: torch.device) -> dict:
+    rank, world = runtime.rank_world()
     try:
         if t.stop.signum:  # noted after the last optimizer step, during the last validation or save
             raise cli.Interrupted(t.stop.signum)
@@ -296,8 +331,24 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         raise
 
 
+def draw_curves(history: list[dict], path: Path, quiet: bool) -> None:
+    """curves.png of the epochs so far, when matplotlib is installed: the one picture drawn without a flag.
+    quiet: the run failed, and its error is the one line to print."""
+    if not history:
+        return
+    try:
+        plot.require_matplotlib()
+    except plot.PlotError:
+        return  # not installed: training never needs it
+    try:
+        plot.plot_curves({c: [row[c] for row in history] for c in plot.CURVES}, path)
+    except plot.PlotError as e:
+        if not quiet:
+            print(f"warning: {path.name} not drawn: {e}", file=sys.stderr)
+
+
 def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | None, folder: RunFolder,
-        card: dict, state: RunState, tally: EpochTally) -> bool:
+        card: dict, state: RunState, tally: EpochTally, trackers: list) -> bool:
     """Train epoch after epoch from state.epoch + 1, validating and saving after each. Returns True when early
     stopping ended the run; a signal ends it with a mid-epoch last.pth and the command that resumes it."""
     rank, world = runtime.rank_world()
@@ -320,6 +371,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
                                 *([folder.path / "best.pth"] if improved else []))
                 folder.write_metrics(state.history)
                 print(format_epoch(row, args.epochs), flush=True)
+                tracking.log_epoch(trackers, row)
             if args.patience and state.bad_epochs >= args.patience:
                 if rank == 0:
                     print(f"early stop: no validation improvement for {args.patience} epochs")
@@ -509,11 +561,136 @@ def format_epoch(row: dict, epochs: int) -> str:
             f"{row['images_per_s']:,.0f} img/s")
 
 
+class Progress:
+    """The --log-interval line inside an epoch: step, the epoch's running loss and accuracy, images/s and the
+    epoch's ETA. On a terminal it is one live line, rewritten in place and cleared before the epoch line; when
+    stdout is not a terminal (a log file) it is a plain line each time, and only when --log-interval is given."""
+
+    def __init__(self, interval: int, live: bool, args: argparse.Namespace, epoch: int, n: int, steps: int,
+                 tally: EpochTally):
+        self.interval, self.live, self.epoch, self.epochs = interval, live, epoch, args.epochs
+        self.n, self.steps, self.group = n, steps, args.batch_size * args.accum_steps
+        self.tally, self.first_step, self.start = tally, tally.step, time.perf_counter()
+
+    @classmethod
+    def for_run(cls, args: argparse.Namespace, epoch: int, n: int, steps: int,
+                tally: EpochTally) -> "Progress | None":
+        live = sys.stdout.isatty()
+        interval = args.log_interval
+        if interval is None:  # auto: on a terminal only, 20 updates per epoch (1-2 s apart for --preset fast)
+            interval = math.ceil(steps / 20) if live else 0
+        return cls(interval, live, args, epoch, n, steps, tally) if interval else None
+
+    def show(self, step: int, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        """`loss_sum`, `correct`: this process's sums since the epoch (or the resume) began, on the device."""
+        world = runtime.rank_world()[1]  # (under torchrun, rank 0's share stands for all: an estimate)
+        loss_sum, correct = loss_sum.item() * world, correct.item() * world  # the one sync, every N steps
+        seconds = time.perf_counter() - self.start
+        seen, before = min(step * self.group, self.n), min(self.first_step * self.group, self.n)
+        eta = round(seconds / (step - self.first_step) * (self.steps - step))
+        line = (f"epoch {self.epoch:>{len(str(self.epochs))}}/{self.epochs}  step {step:>{len(str(self.steps))}}/"
+                f"{self.steps}  loss {(self.tally.loss_sum + loss_sum) / seen:.4f} "
+                f"acc {100 * (self.tally.correct + correct) / seen:6.2f}%  {(seen - before) / seconds:,.0f} img/s  "
+                f"ETA {eta // 60}:{eta % 60:02d}")
+        if self.live:  # \r: back to the line's start; ESC[K: erase what a longer line left
+            sys.stdout.write("\r" + line[:shutil.get_terminal_size().columns - 1] + "\x1b[K")
+            sys.stdout.flush()
+        else:
+            print(line, flush=True)
+
+    def clear(self) -> None:
+        if self.live:
+            sys.stdout.write("\r\x1b[K")
+            sys.stdout.flush()
+
+
 def resume_command(argv: list[str], path: Path) -> str:
     """The command line that continues this run: its flags, with --resume pointing at `path`."""
     launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if dist.is_initialized() \
         else ["python"]
     return shlex.join([*launcher, "train.py", *argv, "--resume", str(path)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The learning-rate range test (--find-lr)
+
+def find_lr(args: argparse.Namespace) -> float:
+    """Train a fresh model for --find-lr-steps optimizer steps, the lr rising exponentially from --find-lr-start
+    to --find-lr-end, until the loss explodes; draw the loss against the lr to <out-dir>/find-lr.png and return
+    the suggested --lr: a tenth of the lr where the smoothed loss was lowest. Writes no checkpoint and no run file,
+    and takes no lock, so it can draw into a run's folder without touching the run."""
+    device = runtime.pick_device(args.device)
+    if device.type == "cpu":  # as run() does
+        runtime.keep_freed_memory()
+        torch.set_flush_denormal(True)
+    path = out_dir_for(args) / "find-lr.png"
+    created = not path.parent.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot.check_output(path)
+        torch.manual_seed(args.seed)
+        train, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
+                                       image_size=args.image_size)
+        t = build_trainer(args, train, len(classes), device, resumed=None)
+        lrs, losses = lr_range_test(t, train, args)
+        smoothed = smooth(losses)
+        best = min(range(len(smoothed)), key=smoothed.__getitem__)
+        suggestion = lrs[best] / 10
+        plot.plot_lr_range(lrs[:len(losses)], losses, smoothed, suggestion, path)
+    except BaseException:
+        if created and path.parent.is_dir() and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # failed before drawing: leave no empty folder
+        raise
+    why = "the loss exploded" if len(losses) < len(lrs) else "the last lr"
+    print(f"lr range test: {len(losses)} steps of {args.batch_size * args.accum_steps} images from lr "
+          f"{lrs[0]:.2g} until {why} ({lrs[len(losses) - 1]:.2g}); smoothed loss lowest ({smoothed[best]:.3f}) at lr "
+          f"{lrs[best]:.2g}; drawn to {path}\nsuggested --lr (a tenth of that):\n{suggestion:.2g}")
+    return float(f"{suggestion:.2g}")
+
+
+def lr_range_test(t: Trainer, data: ImageSet, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """The lrs of the test, and each step's loss until the smoothed loss passes 4x its lowest (or is not finite).
+    The steps are those of training (its batches, augmentation, optimizer, precision), with the lr set per step;
+    --bias-lr-scale keeps its ratio."""
+    start, end, steps = args.find_lr_start, args.find_lr_end, args.find_lr_steps
+    lrs = [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
+    group_size = args.batch_size * args.accum_steps
+    epochs = (epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip)
+              for epoch in range(1, 10_001))
+    groups = (group for plan in epochs for group in plan.split(group_size))  # as many epochs as the steps need
+    losses = []
+    t.step_model.train()
+    for lr, group in zip(lrs, groups):
+        for g in t.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * lr / args.lr
+        t.optimizer.zero_grad(set_to_none=True)                                 # 1. zero the gradients
+        loss_sum = 0.0
+        for part in group.tensor_split(math.ceil(len(group) / args.batch_size)):
+            x, y = data.batch(part[:, 0], part[:, 1:] if args.augment else None, args.crop_pad)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with t.autocast:
+                logits = t.step_model(x)                                        # 2. forward
+            loss = F.cross_entropy(logits.float(), y, reduction="sum",          # 3. loss
+                                   label_smoothing=args.label_smoothing)
+            t.scaler.scale(loss / len(group)).backward()                        # 4. backward
+            loss_sum += loss.item()  # (a sync per step: this is a 100-step test, not training)
+        t.scaler.step(t.optimizer)                                              # 5. step
+        t.scaler.update()
+        losses.append(loss_sum / len(group))
+        smoothed = smooth(losses)
+        if not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed):
+            break
+    return lrs, losses
+
+
+def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average of the losses, bias-corrected (the first values are not pulled toward 0)."""
+    average, out = 0.0, []
+    for i, loss in enumerate(losses):
+        average = beta * average + (1 - beta) * loss
+        out.append(average / (1 - beta ** (i + 1)))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -590,6 +767,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--amp", default="off", choices=runtime.AMP_MODES,
         help="mixed precision: bf16 on CUDA or a CPU with bf16 units, fp16 on CUDA (default: off)")
     add("--compile", action="store_true", help="torch.compile the model (pays off on GPUs, for long runs)")
+    add("--log-interval", type=int, metavar="N",
+        help="every N optimizer steps, a line with the epoch's running loss and accuracy, images/s and ETA; "
+             "0 = off (default: on a terminal, one live line updated 20 times per epoch; none in a log)")
+    # (--no-mlflow and the like: a resumed run may turn them off)
+    add("--mlflow", action=argparse.BooleanOptionalAction, default=False,
+        help="record the run in MLflow: MLFLOW_TRACKING_URI, else sqlite:///<out-dir's parent>/mlflow.db "
+             "(runs/mlflow.db); open it with mlflow ui --backend-store-uri sqlite:///runs/mlflow.db (default: off)")
+    add("--mlflow-log-checkpoints", action=argparse.BooleanOptionalAction, default=False,
+        help="--mlflow also keeps best.pth and last.pth as artifacts at the end (they can be large) (default: off)")
+    add("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+        help="write TensorBoard event files to <out-dir>/tensorboard (tensorboard --logdir runs) (default: off)")
+    add("--find-lr", action="store_true",
+        help="instead of training: the learning-rate range test from a fresh model; draws <out-dir>/find-lr.png "
+             "and prints the suggested --lr on the last line (no checkpoint, no run files; needs matplotlib)")
+    add("--find-lr-start", type=float, default=1e-6, metavar="LR", help="--find-lr's first lr (default: 1e-6)")
+    add("--find-lr-end", type=float, default=10.0, metavar="LR",
+        help="--find-lr's last lr, reached unless the loss explodes first (default: 10)")
+    add("--find-lr-steps", type=int, default=100, metavar="N",
+        help="--find-lr's optimizer steps, the lr rising exponentially (default: 100)")
     add("--out-dir", metavar="DIR", help="(default: runs/<dataset>-<model>-<date-time>, or the --resume folder)")
     add("--resume", metavar="PATH", help="continue exactly from a last.pth; flags not given are the run's own "
         "(README: which flags may change)")
@@ -641,6 +837,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         (args.image_size is None or 8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
+        (args.log_interval is None or args.log_interval >= 0, "--log-interval must be >= 0 (0 = off)"),
         (all(p != "" for p in (args.out_dir, args.resume, args.data_dir, args.init_from)),
          "--out-dir, --resume, --data-dir and --init-from must not be empty"),
         (not args.nesterov or args.optimizer in ("sgd", "muon") and args.momentum > 0,
@@ -649,6 +846,12 @@ def check_args(args: argparse.Namespace) -> str | None:
                                                    "give one of them"),
         (not args.freeze_backbone or args.pretrained or args.init_from,
          "--freeze-backbone needs --pretrained or --init-from: it trains the classifier on top of loaded weights"),
+        (args.mlflow or not args.mlflow_log_checkpoints, "--mlflow-log-checkpoints needs --mlflow"),
+        (0 < args.find_lr_start < args.find_lr_end < math.inf, "--find-lr-start and --find-lr-end must be "
+                                                               "positive, the start below the end"),
+        (10 <= args.find_lr_steps <= 10_000, "--find-lr-steps must be in [10, 10000]"),
+        (not args.find_lr or not (args.mlflow or args.tensorboard or os.environ.get("WORLD_SIZE", "1") != "1"),
+         "--find-lr runs in one process and records nothing: not with --mlflow, --tensorboard or torchrun"),
     ]
     problem = next((message for ok, message in rules if not ok), None)
     try:
@@ -660,7 +863,7 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 # What --resume lets change (README: "Resuming: what may change"); every other flag given must equal the run's.
 MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",
-                        "out_dir", "resume"}
+                        "out_dir", "resume", "log_interval", "mlflow", "mlflow_log_checkpoints", "tensorboard"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -707,12 +910,14 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
     return saved, without_resume(saved_argv) + without_resume(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | float:
     argv = sys.argv[1:] if argv is None else argv
     try:
         with cli.one_line_errors("train.py"):
             args = parse_args(argv)
             resumed, run_argv = None, without_resume(argv)
+            if args.find_lr and args.resume:
+                raise TrainError("--find-lr starts from a fresh model; it cannot --resume a run")
             if args.resume:
                 resumed = load_checkpoint(args.resume)
                 validate_for_resume(resumed, Path(args.resume))  # now, not after the data has loaded
@@ -720,6 +925,10 @@ def main(argv: list[str] | None = None) -> dict:
             problem = check_args(args)
             if problem:
                 raise TrainError(problem)
+            tracking.require(args)  # a missing package: one line, before any work
+            if args.find_lr:
+                plot.require_matplotlib()
+                return find_lr(args)
             start = None if resumed else starting_weights(args)  # (a resumed run has its weights)
             return run(args, resumed, run_argv, start)
     finally:
