@@ -150,7 +150,7 @@ def step_cost(all_widths: list[tuple[int, ...]], optimizers: list[str], batch_si
         for name in optimizers:
             args = train.parse_args(["--preset", "fast", "--optimizer", name])
             model = AirNet(widths=widths).to(memory_format=torch.channels_last)
-            runs[",".join(map(str, widths)) + " " + name] = (model, train.make_optimizer(model, args, cpu), [])
+            runs[",".join(map(str, widths)) + " " + name] = (model, train.make_optimizer(model, args, cpu, 10), [])
 
     def step(model, optimizer):
         optimizer.zero_grad(set_to_none=True)

@@ -188,7 +188,8 @@ def ema_decay(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
-def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device,
+                   num_classes: int) -> torch.optim.Optimizer:
     # The fused kernels compute the same update as the default loop, in one call per step instead of ~10 per
     # parameter tensor: for a small model that is a large share of the step.
     kw = {"lr": args.lr, "weight_decay": args.weight_decay, "fused": device.type in ("cpu", "cuda")}
@@ -197,10 +198,9 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
     shifts = {id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine}
     trainable = [p for p in model.parameters() if p.requires_grad]  # AirNet freezes its whitening and BN scales
     matrices = set()
-    if args.optimizer == "muon":  # conv filters and hidden linear layers; the head (the last Linear) stays with SGD
-        linears = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
-        head = id(linears[-1]) if linears else None
-        matrices = {id(p) for p in trainable if p.dim() >= 2 and id(p) != head}
+    if args.optimizer == "muon":  # conv filters and hidden linear layers; the classifier stays with SGD
+        head = {id(p) for p in model.get_submodule(find_head(model, num_classes)).parameters()}
+        matrices = {id(p) for p in trainable if p.dim() >= 2 and id(p) not in head}
     scale = args.bias_lr_scale
     groups = [{"params": [p for p in trainable if id(p) not in shifts | matrices]},  # first: metrics.csv's lr
               {"params": [p for p in trainable if id(p) in matrices], "lr": args.muon_lr,
@@ -450,7 +450,7 @@ def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, d
         step_model = nn.parallel.DistributedDataParallel(model,
                                                          device_ids=[device.index] if device.type == "cuda" else None)
     return Trainer(model=model, step_model=torch.compile(step_model) if args.compile else step_model,
-                   optimizer=make_optimizer(model, args, device),
+                   optimizer=make_optimizer(model, args, device, num_classes),
                    scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
                    autocast=runtime.autocast(args.amp, device), ema=copy.deepcopy(model) if args.ema else None,
                    stop=runtime.StopSignal(),

@@ -137,7 +137,7 @@ def test_batchnorm_shifts_get_the_scaled_lr_and_the_same_decay_per_step():
     model = AirNet(widths=(8, 8, 8))
     args = train.parse_args(["--preset", "fast", "--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0.01",
                              "--bias-lr-scale", "64"])
-    groups = train.make_optimizer(model, args, torch.device("cpu")).param_groups
+    groups = train.make_optimizer(model, args, torch.device("cpu"), 10).param_groups
     shifts = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert [len(g["params"]) for g in groups] == [7, 6] and all(p is q for p, q in zip(groups[1]["params"], shifts))
     assert (groups[0]["lr"], groups[0]["weight_decay"]) == (0.5, 0.01)

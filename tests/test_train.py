@@ -35,7 +35,7 @@ def one_epoch(data, *argv: str, model_seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(model_seed)
     model = build_model("simplecnn", 10, 3, 32)
     steps = math.ceil(len(data) / (args.batch_size * args.accum_steps))
-    optimizer = train.make_optimizer(model, args, torch.device("cpu"))
+    optimizer = train.make_optimizer(model, args, torch.device("cpu"), 10)
     trainer = train.Trainer(model=model, step_model=model, optimizer=optimizer,
                             scaler=torch.amp.GradScaler("cuda", enabled=False), autocast=nullcontext(), ema=None,
                             stop=runtime.StopSignal(), steps_per_epoch=steps)
