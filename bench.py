@@ -35,6 +35,8 @@ from torchvision import transforms
 
 import cli
 import runtime
+import config
+import optim
 import train
 from checkpoint import EpochTally
 from data import ImageSet, load_raw
@@ -148,9 +150,9 @@ def step_cost(all_widths: list[tuple[int, ...]], optimizers: list[str], batch_si
     runs = {}
     for widths in all_widths:
         for name in optimizers:
-            args = train.parse_args(["--preset", "fast", "--optimizer", name])
+            args = config.parse_args(["--preset", "fast", "--optimizer", name])
             model = AirNet(widths=widths).to(memory_format=torch.channels_last)
-            runs[",".join(map(str, widths)) + " " + name] = (model, train.make_optimizer(model, args, cpu, 10), [])
+            runs[",".join(map(str, widths)) + " " + name] = (model, optim.make_optimizer(model, args, cpu, 10), [])
 
     def step(model, optimizer):
         optimizer.zero_grad(set_to_none=True)
@@ -172,7 +174,7 @@ def step_cost(all_widths: list[tuple[int, ...]], optimizers: list[str], batch_si
 
 
 def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5, log_interval: int = 0) -> dict[int, float]:
-    """train.py's training loop (train_one_epoch, the seed recipe) against the bare five steps on one fixed batch
+    """train.py's training loop (train_epoch, the seed recipe) against the bare five steps on one fixed batch
     (same model, fused Adam, channels_last), images/s side by side on the CPU; the two take turns, so machine noise
     hits both alike. With log_interval > 0 the loop also runs with train.py's --log-interval (its lines to
     /dev/null), in the same turns. Prints and returns the loop's share of the bare step's images/s per batch size
@@ -181,8 +183,8 @@ def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5, log_i
     torch.set_flush_denormal(True)
     cpu, shares = torch.device("cpu"), {}
     for batch_size in batch_sizes:
-        args = train.parse_args(["--batch-size", str(batch_size), "--device", "cpu", "--log-interval", "0"])
-        logged_args = train.parse_args(["--batch-size", str(batch_size), "--device", "cpu", "--log-interval",
+        args = config.parse_args(["--batch-size", str(batch_size), "--device", "cpu", "--log-interval", "0"])
+        logged_args = config.parse_args(["--batch-size", str(batch_size), "--device", "cpu", "--log-interval",
                                         str(log_interval)])
         generator = torch.Generator().manual_seed(0)
         data = ImageSet(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
@@ -197,12 +199,12 @@ def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5, log_i
         loop_rates, bare_rates, logged_rates = [], [], []
         for epoch in range(1, rounds + 1):
             tally = EpochTally()
-            train.train_one_epoch(trainer, data, args, epoch, tally)
+            train.train_epoch(trainer, data, args, epoch, tally)
             loop_rates.append(images / tally.seconds)
             if log_interval:
                 tally = EpochTally()
                 with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
-                    train.train_one_epoch(logged_trainer, data, logged_args, epoch, tally)
+                    train.train_epoch(logged_trainer, data, logged_args, epoch, tally)
                 logged_rates.append(images / tally.seconds)
             start = time.perf_counter()
             for _ in range(images // batch_size):
@@ -230,7 +232,7 @@ def run_benchmark() -> None:
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
     p.add_argument("--epochs", type=int, default=5, metavar="N", help="epochs for each pipeline (default: 5)")
     p.add_argument("--preset", metavar="NAME", help="time a train.py preset to accuracy instead")
-    p.add_argument("--step-cost", nargs="+", type=train.widths_list, metavar="A,B,C",
+    p.add_argument("--step-cost", nargs="+", type=config.widths_list, metavar="A,B,C",
                    help="time an AirNet training step for each of these widths instead (CPU, no data needed)")
     p.add_argument("--optimizers", nargs="+", default=["sgd"], choices=["sgd", "muon", "adam", "adamw"],
                    metavar="NAME", help="--step-cost: time the step with each of these optimizers (default: sgd)")

@@ -17,13 +17,13 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
     partial_epoch the epoch in progress (EpochTally) in a checkpoint saved by Ctrl-C, else None
     optimizer, scaler, rng   what exact resume needs (scaler: fp16 only)
 """
+import argparse
 import csv
 import io
 import math
 import os
 import pickle
 import shutil
-import urllib.parse
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -100,6 +100,64 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
 def checkpoint_bytes(model: nn.Module, copies: int) -> int:
     """About what a checkpoint takes: `copies` of the model's state (weights, optimizer moments, EMA) + 1 MiB."""
     return copies * sum(t.numel() * t.element_size() for t in model.state_dict().values()) + 2**20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building: what train.py saves, and what it reads back on resume
+
+def run_card(args: argparse.Namespace, argv: list[str], model: nn.Module, images: torch.Tensor, mean: list[float],
+             std: list[float], classes: list[str], run_id: str, mlflow_run_id: str | None) -> dict:
+    """What every checkpoint of a run repeats: the model card, the flags, whose run it is. `images`: the training
+    set's uint8 (N, C, H, W) tensor (its shape is the model's input)."""
+    return {"format": FORMAT, "model_name": args.model, "widths": getattr(model, "widths", None),
+            "num_classes": len(classes), "in_channels": images.shape[1], "image_size": images.shape[2],
+            "classes": classes, "mean": mean, "std": std, "args": vars(args), "argv": argv, "run_id": run_id,
+            "mlflow_run_id": mlflow_run_id}
+
+
+def make_checkpoint(card: dict, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler, state: RunState, tally: EpochTally | None) -> dict:
+    """The checkpoint of the module docstring: the run's card, then what changes every step. Non-finite weights are
+    refused (the files on disk keep the last finite ones)."""
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+        raise CheckpointError("the weights or BatchNorm statistics are no longer finite; not saving them (try a "
+                              "lower --lr or --grad-clip 1.0)")
+    rng = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state_all()}
+                                              if torch.cuda.is_available() else {})}
+    return {**card, "model": model.state_dict(), **({"ema_model": ema.state_dict()} if ema is not None else {}),
+            "state": as_dict(state), "partial_epoch": as_dict(tally), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng}
+
+
+def load_training_state(ckpt: dict, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
+                        scaler: torch.amp.GradScaler) -> None:
+    """Weights, optimizer, loss scaler and random number generators as the checkpoint left them."""
+    load_weights(model, ckpt["model"])
+    if ema is not None:
+        load_weights(ema, ckpt.get("ema_model", {}))
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for p, moments in optimizer.state.items():  # torch checks the groups, not the shapes of the moments
+            if any(m.dim() and m.shape != p.shape for m in moments.values() if isinstance(m, torch.Tensor)):
+                raise ValueError("an optimizer moment does not have its parameter's shape")
+        scaler.load_state_dict(ckpt.get("scaler", {}))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if "cuda" in ckpt["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    except Exception as e:  # a crafted state fails in many ways; each is the same answer
+        raise CheckpointError(f"--resume: the checkpoint's training state does not fit this run: "
+                              f"{str(e).splitlines()[0][:200]}") from None
+
+
+def init_weights(path: str, model_name: str) -> dict:
+    """What --init-from starts from: the checkpoint's weights (its EMA ones where it has them) and what they were
+    trained with, as model.pretrained_start returns it."""
+    ckpt = load_checkpoint(path)
+    if ckpt["model_name"] != model_name:
+        raise CheckpointError(f"--init-from {path} holds a {ckpt['model_name']}, not a {model_name}; give --model "
+                              f"{ckpt['model_name']}")
+    return {"model": ckpt.get("ema_model", ckpt["model"]), "num_classes": ckpt["num_classes"],
+            "in_channels": ckpt["in_channels"], "mean": ckpt["mean"], "std": ckpt["std"]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,6 +252,17 @@ def validate_for_resume(ckpt: dict, path: Path) -> tuple[RunState, EpochTally | 
     return state, tally
 
 
+def resume_state(ckpt: dict, path: Path, steps_per_epoch: int, epochs: int) -> tuple[RunState, EpochTally]:
+    """Where a resumed run goes on: its RunState, and the epoch in progress (an empty EpochTally at an epoch's end),
+    checked against the run's steps per epoch and --epochs."""
+    state, tally = validate_for_resume(ckpt, path)
+    tally = tally or EpochTally()
+    if not (0 <= tally.step < steps_per_epoch and 0 <= state.epoch <= epochs):
+        raise CheckpointError(f"--resume: {path} says step {tally.step} of epoch {state.epoch + 1}, which this run "
+                              f"does not have ({steps_per_epoch} steps per epoch)")
+    return state, tally
+
+
 def typed(cls: type, values: object, path: Path):
     """A RunState or EpochTally from a checkpoint's dict, with every field of its declared type."""
     kinds = {int: (int,), float: (float, int), list: (list,)}
@@ -233,30 +302,6 @@ def load_weights(model: nn.Module, weights: dict) -> None:
         model.load_state_dict(weights)
     except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
         raise CheckpointError(f"checkpoint does not match its model: {' '.join(str(e).split())[:300]}") from None
-
-
-def torchvision_weights(weights) -> dict:
-    """The state_dict of torchvision `weights` (e.g. ResNet18_Weights.DEFAULT) from torch's cache,
-    $TORCH_HOME/hub/checkpoints/<the file name of weights.url>, downloaded there first when it is missing. A file
-    already there is used as it is; read with weights_only=True, like every checkpoint."""
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(weights.url).path).name
-    if not path.is_file():
-        match = torch.hub.HASH_REGEX.search(path.name)  # the file name's hash prefix: what torch.hub checks too
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None, progress=False)
-        except Exception as e:  # no network, a proxy, a wrong checksum, a full disk: the same answer
-            raise CheckpointError(f"the pretrained weights {weights} are not in torch's cache and the download failed "
-                                  f"({type(e).__name__}); put {path.name} (from {weights.url}) in {path.parent}/ "
-                                  f"(or set TORCH_HOME to a folder whose hub/checkpoints/ has it)") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read the pretrained weights {path} ({type(e).__name__}); delete it to "
-                              f"download it again") from None
-    if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
-        raise CheckpointError(f"{path} is not a state_dict of pretrained weights; delete it to download it again")
-    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import pickle
 import struct
 import sys
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,6 +269,22 @@ class ImageSet:
         if crop_flip is not None:
             x = random_crop_flip(x, crop_flip, pad)
         return normalize(x, self.mean, self.std), self.labels.index_select(0, idx)
+
+
+class MicroBatches(Sequence):
+    """The micro-batches (x, y) of one optimizer step, each made (cropped, flipped, normalized) only when it is read.
+    `parts`: the step's rows of the epoch plan, one tensor per micro-batch."""
+
+    def __init__(self, data: ImageSet, parts: Sequence[torch.Tensor], augment: bool, pad: int, channels_last: bool):
+        self.data, self.parts, self.augment, self.pad, self.channels_last = data, parts, augment, pad, channels_last
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        part = self.parts[i]  # rows: sample, dy, dx, flip
+        x, y = self.data.batch(part[:, 0], part[:, 1:] if self.augment else None, self.pad)
+        return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

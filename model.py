@@ -7,6 +7,8 @@ name and the shape arguments, is enough to rebuild it (checkpoint.model_from_che
 the classes and its first convolution for the input channels.
 """
 import difflib
+import urllib.parse
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -129,7 +131,7 @@ class AirNet(nn.Module):
         """Set the 2x2 conv to project each patch of `images` (normalized, N x C x H x W) onto the principal
         directions of all patches, scaled to unit variance; the negated copy lets the GELU pass both signs.
         eps is added to each variance first, so that directions with almost none (on JPEG-compressed images:
-        fine colour detail, variance ~1e-4) are not blown up into loud noise; 1e-2 measured best (README)."""
+        fine colour detail, variance ~1e-4) are not blown up into loud noise; 1e-2 measured best (EXPERIMENTS.md)."""
         c = images.shape[1]
         patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1)      # N, C, H-1, W-1, 2, 2
         patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4).double()
@@ -299,3 +301,79 @@ def replace_head(model: nn.Module, old_classes: int, num_classes: int) -> None:
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent), child, new)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting from learned weights: --pretrained (torchvision's) and --init-from (checkpoint.init_weights); a
+# ValueError for anything the user can fix, which the scripts print as one line
+
+def pretrained_start(name: str) -> dict:
+    """What --pretrained starts `name` from: {"model": state_dict, "num_classes", "in_channels", "mean", "std"}, the
+    last four those the weights were trained with."""
+    weights = pretrained_weights(name)
+    state = {k: v for k, v in torchvision_weights(weights).items() if not k.startswith(AUX_PREFIXES)}
+    mean, std = pretrained_stats(name, weights)
+    return {"model": state, "num_classes": len(weights.meta["categories"]), "in_channels": 3, "mean": mean,
+            "std": std}
+
+
+def torchvision_weights(weights) -> dict:
+    """The state_dict of torchvision `weights` (e.g. ResNet18_Weights.DEFAULT) from torch's cache,
+    $TORCH_HOME/hub/checkpoints/<the file name of weights.url>, downloaded there first when it is missing. A file
+    already there is used as it is; read with weights_only=True, like every checkpoint."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(weights.url).path).name
+    if not path.is_file():
+        match = torch.hub.HASH_REGEX.search(path.name)  # the file name's hash prefix: what torch.hub checks too
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None, progress=False)
+        except Exception as e:  # no network, a proxy, a wrong checksum, a full disk: the same answer
+            raise ValueError(f"the pretrained weights {weights} are not in torch's cache and the download failed "
+                                  f"({type(e).__name__}); put {path.name} (from {weights.url}) in {path.parent}/ "
+                                  f"(or set TORCH_HOME to a folder whose hub/checkpoints/ has it)") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"cannot read the pretrained weights {path} ({type(e).__name__}); delete it to "
+                              f"download it again") from None
+    if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
+        raise ValueError(f"{path} is not a state_dict of pretrained weights; delete it to download it again")
+    return state
+
+
+def model_from_start(name: str, widths: tuple[int, ...] | None, start: dict, source: str, num_classes: int,
+                     in_channels: int, image_size: int) -> nn.Module:
+    """The model with the weights it starts from (`source`: the flag that chose them, for messages), then fitted
+    to this data: pretrained RGB filters to its channels, a new classifier where the number of classes differs."""
+    model = build_model(name, start["num_classes"], start["in_channels"], image_size, widths)
+    try:
+        model.load_state_dict(start["model"])
+    except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
+        raise ValueError(f"{source}: the weights do not fit {name} (another --widths?): "
+                         f"{' '.join(str(e).split())[:300]}") from None
+    fit_first_conv(model, in_channels)
+    if start["num_classes"] != num_classes:
+        replace_head(model, start["num_classes"], num_classes)
+    return model
+
+
+def freeze_backbone(model: nn.Module, num_classes: int) -> list[nn.Module]:
+    """Let only the classifier learn. Returns the other modules, which training keeps in eval mode, so that their
+    BatchNorm statistics stay as loaded too (and their dropout is off: the features are fixed)."""
+    head = find_head(model, num_classes)
+    model.requires_grad_(False)
+    model.get_submodule(head).requires_grad_(True)
+    return [m for name, m in model.named_modules()
+            if not (name == head or name.startswith(head + ".") or any(True for _ in m.children()))]
+
+
+@torch.no_grad()
+def check_image_size(model: nn.Module, name: str, x: torch.Tensor) -> None:
+    """A torchvision model says at its first forward pass which image sizes it cannot take: try one image `x`."""
+    model.eval()
+    try:
+        model(x)
+    except Exception as e:  # a kernel larger than what is left of the image, a ViT's fixed size, ...
+        size = "x".join(map(str, x.shape[1:]))
+        raise ValueError(f"{name} cannot take {size} images ({str(e).splitlines()[0][:200]}); try a larger "
+                         f"--image-size") from None

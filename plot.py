@@ -123,7 +123,7 @@ def plot_predictions(images: torch.Tensor, labels: list[int], predicted: list[in
     _save(fig, path, dpi=80)
 
 
-def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float,
+def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float | None,
                   path: str | Path) -> None:
     """train.py --find-lr: the loss of each step against its lr (log scale), raw and smoothed, and the suggested
     lr. The y axis stops above the first loss, so that the explosion at the end does not flatten the rest."""
@@ -131,7 +131,8 @@ def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], 
     ax = fig.subplots()
     ax.plot(lrs, losses, color="lightgray", label="loss of each step")
     ax.plot(lrs, smoothed, color="tab:blue", label="smoothed")
-    ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested --lr {suggestion:.2g}")
+    if suggestion is not None:  # (None: the loss never fell, no suggestion)
+        ax.axvline(suggestion, color="tab:red", linestyle="--", label=f"suggested --lr {suggestion:.2g}")
     finite = [v for v in losses + smoothed if math.isfinite(v)]
     ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="training loss",
            title="learning-rate range test", ylim=(0.95 * min(finite), 1.1 * max(smoothed[0], min(finite))))

@@ -55,7 +55,7 @@ def sync(device: torch.device) -> None:
 def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the OS. By default every block over
     ~32 MB (a batch of activations) is a fresh mmap, returned to the OS when freed, so each training step on the
-    CPU page-faults all of its activations in again (README: 14-19% of an AirNet step). True if applied."""
+    CPU page-faults all of its activations in again (docs/performance.md: 14-19% of an AirNet step). True if applied."""
     if platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)  # the C library this process already runs on

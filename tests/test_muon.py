@@ -4,6 +4,8 @@ import math
 import pytest
 import torch
 
+import config
+import optim
 import train
 from model import build_model, find_head
 from muon import NS_COEFFICIENTS, Muon, orthogonalize
@@ -86,8 +88,8 @@ def test_groups_without_orthogonalization_step_exactly_as_torch_sgd(nesterov):
 @pytest.mark.parametrize("name", ["airnet", "simplecnn", "squeezenet1_1"])  # squeezenet: a 1x1-conv classifier
 def test_muon_takes_the_filters_and_hidden_layers_sgd_the_head_and_shifts(name):
     model = build_model(name, 10, 3, 32, (8, 16, 16) if name == "airnet" else None)
-    args = train.parse_args(["--optimizer", "muon", "--muon-lr", "0.3", "--lr", "0.1", "--bias-lr-scale", "4"])
-    groups = train.make_optimizer(model, args, torch.device("cpu"), 10).param_groups
+    args = config.parse_args(["--optimizer", "muon", "--muon-lr", "0.3", "--lr", "0.1", "--bias-lr-scale", "4"])
+    groups = optim.make_optimizer(model, args, torch.device("cpu"), 10).param_groups
     by_id = {id(p): g for g in groups for p in g["params"]}
     head = model.get_submodule(find_head(model, 10))
     for name, p in model.named_parameters():

@@ -9,6 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import evaluate
+import config
+import optim
 import train
 from conftest import ROOT, fails_with
 from data import ImageSet, prepare
@@ -31,31 +33,31 @@ def test_resnet9_shapes_for_cifar_and_mnist():
 
 
 def test_a_preset_sets_defaults_and_explicit_flags_win():
-    seed = train.parse_args([])
+    seed = config.parse_args([])
     assert (seed.model, seed.optimizer, seed.lr, seed.batch_size) == ("simplecnn", "adam", 1e-3, 32)
-    fast = train.parse_args(["--preset", "fast"])
-    for key, value in train.PRESETS["fast"].items():
+    fast = config.parse_args(["--preset", "fast"])
+    for key, value in config.PRESETS["fast"].items():
         assert getattr(fast, key) == value, key
-    mixed = train.parse_args(["--lr", "0.1", "--preset", "fast", "--epochs", "3", "--no-channels-last"])
+    mixed = config.parse_args(["--lr", "0.1", "--preset", "fast", "--epochs", "3", "--no-channels-last"])
     assert (mixed.lr, mixed.epochs, mixed.model, mixed.batch_size, mixed.channels_last) == \
         (0.1, 3, "airnet", 512, False)
-    assert train.check_args(fast) is None
-    assert train.parse_args(["--widths", "1,2,3,4"]).widths == (1, 2, 3, 4)
+    assert config.check_args(fast) is None
+    assert config.parse_args(["--widths", "1,2,3,4"]).widths == (1, 2, 3, 4)
     with pytest.raises(SystemExit, match="expected channel counts"):
-        train.parse_args(["--widths", "16,x"])
+        config.parse_args(["--widths", "16,x"])
     with pytest.raises(ValueError, match="resnet9 takes 4 widths, got 2"):
         build_model("resnet9", 10, 3, 32, (16, 32))
 
 
 def test_lr_schedule_warms_up_then_decays():
-    factors = [train.lr_factor(s, 10, 2, "linear") for s in range(10)]
+    factors = [optim.lr_factor(s, 10, 2, "linear") for s in range(10)]
     assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] == pytest.approx(1 / 8)
     assert all(a > b for a, b in zip(factors[2:], factors[3:]))  # decays after the warm-up
-    assert train.lr_factor(0, 100, 0, "cosine") == 1.0
-    assert train.lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
-    assert [train.lr_factor(s, 8, 0, "step") for s in (0, 3, 4, 6)] == [1.0, 1.0, pytest.approx(0.1),
+    assert optim.lr_factor(0, 100, 0, "cosine") == 1.0
+    assert optim.lr_factor(50, 100, 0, "cosine") == pytest.approx(0.5)
+    assert [optim.lr_factor(s, 8, 0, "step") for s in (0, 3, 4, 6)] == [1.0, 1.0, pytest.approx(0.1),
                                                                          pytest.approx(0.01)]
-    assert train.lr_factor(7, 8, 0, "none") == 1.0
+    assert optim.lr_factor(7, 8, 0, "none") == 1.0
 
 
 def test_ema_update_rule_for_weights_and_batchnorm_counts():
@@ -63,12 +65,12 @@ def test_ema_update_rule_for_weights_and_batchnorm_counts():
     model, ema = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)), nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     model[1].num_batches_tracked += 7
     before = {k: v.clone() for k, v in ema.state_dict().items()}
-    train.ema_update(ema, model, 0.9)
+    optim.ema_update(ema, model, 0.9)
     for k, v in ema.state_dict().items():
         if v.is_floating_point():
             assert torch.allclose(v, 0.9 * before[k] + 0.1 * model.state_dict()[k], atol=1e-7), k
     assert ema[1].num_batches_tracked.item() == 7
-    assert train.ema_decay(0.99, 0) == pytest.approx(0.1) and train.ema_decay(0.99, 10_000) == 0.99
+    assert optim.ema_decay(0.99, 0) == pytest.approx(0.1) and optim.ema_decay(0.99, 10_000) == 0.99
 
 
 def test_mirror_tta_equals_plain_prediction_on_symmetric_images():
@@ -135,9 +137,9 @@ def test_whitening_makes_the_patches_of_the_data_uncorrelated_with_unit_variance
 
 def test_batchnorm_shifts_get_the_scaled_lr_and_the_same_decay_per_step():
     model = AirNet(widths=(8, 8, 8))
-    args = train.parse_args(["--preset", "fast", "--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0.01",
+    args = config.parse_args(["--preset", "fast", "--optimizer", "sgd", "--lr", "0.5", "--weight-decay", "0.01",
                              "--bias-lr-scale", "64"])
-    groups = train.make_optimizer(model, args, torch.device("cpu"), 10).param_groups
+    groups = optim.make_optimizer(model, args, torch.device("cpu"), 10).param_groups
     shifts = [m.bias for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert [len(g["params"]) for g in groups] == [7, 6] and all(p is q for p, q in zip(groups[1]["params"], shifts))
     assert (groups[0]["lr"], groups[0]["weight_decay"]) == (0.5, 0.01)

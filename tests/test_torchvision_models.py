@@ -19,6 +19,7 @@ import data
 import evaluate
 import export
 import predict
+import config
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, fails_with, write_cifar10, write_mnist
@@ -88,7 +89,7 @@ def test_list_models_and_unknown_names(capsys):
     assert {"resnet18", "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny", "vgg11_bn"} <= set(names)
     fails_with(["--model", "resnet81"], "unknown model 'resnet81'; did you mean resnet18, resnet152, resnet101? "
                                         "(python train.py --list-models lists them all)")
-    assert "--list-models" in train.build_parser().format_help()
+    assert "--list-models" in config.build_parser().format_help()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_pretrained_weights_come_from_the_cache_and_a_frozen_backbone_stays_bit_
     head = {"classifier.3.weight", "classifier.3.bias"}
     assert weights["classifier.3.weight"].shape == (10, 1024) and set(weights) == set(planted)
     assert all(torch.equal(weights[k], planted[k]) for k in set(planted) - head)  # BatchNorm statistics included
-    fresh_head = train.starting_weights(train.parse_args(["--model", "mobilenet_v3_small", "--pretrained"]))
+    fresh_head = train.starting_weights(config.parse_args(["--model", "mobilenet_v3_small", "--pretrained"]))
     assert all(torch.equal(fresh_head["model"][k], planted[k]) for k in planted)
     # normalized as the weights were trained (their transforms' ImageNet mean and std), not with the data's own
     preprocess = get_model_weights("mobilenet_v3_small").DEFAULT.transforms()

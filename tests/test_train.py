@@ -16,16 +16,18 @@ import torch
 
 import evaluate
 import runtime
+import config
+import optim
 import train
 from checkpoint import METRICS, EpochTally
 from conftest import ROOT, fails_with, write_cifar10
-from data import prepare
+from data import epoch_plan, prepare
 from model import build_model
 
 
 def args_for(*argv: str):
-    args = train.parse_args(list(argv))
-    assert train.check_args(args) is None
+    args = config.parse_args(list(argv))
+    assert config.check_args(args) is None
     return args
 
 
@@ -35,12 +37,12 @@ def one_epoch(data, *argv: str, model_seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(model_seed)
     model = build_model("simplecnn", 10, 3, 32)
     steps = math.ceil(len(data) / (args.batch_size * args.accum_steps))
-    optimizer = train.make_optimizer(model, args, torch.device("cpu"), 10)
+    optimizer = optim.make_optimizer(model, args, torch.device("cpu"), 10)
     trainer = train.Trainer(model=model, step_model=model, optimizer=optimizer,
                             scaler=torch.amp.GradScaler("cuda", enabled=False), autocast=nullcontext(), ema=None,
                             stop=runtime.StopSignal(), steps_per_epoch=steps)
     tally = EpochTally()
-    assert train.train_one_epoch(trainer, data, args, 1, tally)
+    assert train.train_epoch(trainer, data, args, 1, tally)
     assert tally.step == steps
     return model
 
@@ -131,7 +133,7 @@ def test_early_stopping_uses_validation_and_patience(tmp_path, cifar_dir):
 
 
 def test_default_flags_are_the_seed_recipe():
-    args = train.parse_args([])
+    args = config.parse_args([])
     assert (args.model, args.optimizer, args.lr, args.batch_size, args.epochs, args.augment, args.dataset) == \
         ("simplecnn", "adam", 1e-3, 32, 5, False, "cifar10")
 
@@ -255,3 +257,36 @@ def test_keep_freed_memory_stops_large_blocks_faulting_in_again_each_step():
         return int(run.stdout)
     assert faults("default") > 0  # every 64 MiB block is a fresh mmap: 16,384 pages of 4 KiB to fault in (here)
     assert faults("keep") == 0     # reused from the heap, already mapped
+
+
+def test_the_loop_copies_into_another_project(cifar_dir):
+    """train_one_epoch's source, run in a fresh namespace that holds only torch (and the standard library names its
+    signature uses), on plain lists of batches, ends at the same weights as train.py's own call: accumulation
+    over a short last step (80 images, steps of 4 x 8) and clipping included."""
+    import inspect
+    namespace: dict = {}
+    exec("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+         "from collections.abc import Callable, Iterable, Sequence\nfrom contextlib import nullcontext\n"
+         "from typing import ContextManager\n" + inspect.getsource(train.train_one_epoch), namespace)
+    copied = namespace["train_one_epoch"]
+    assert copied is not train.train_one_epoch and copied.__globals__ is namespace
+    data = prepare("cifar10", cifar_dir, 0, seed=0, device="cpu")[0]
+    data.images, data.labels = data.images[:80], data.labels[:80]
+    flags = ("--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05", "--grad-clip", "0.05", "--batch-size", "8",
+             "--accum-steps", "4", "--no-channels-last")
+    ours = one_epoch(data, *flags)  # train.py's own call: train_epoch -> train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model("simplecnn", 10, 3, 32)
+    optimizer = optim.make_optimizer(model, args_for(*flags), torch.device("cpu"), 10)
+    plan = epoch_plan(len(data), 0, 1)  # the same samples in the same order
+    steps = [(1.0, [data.batch(part[:, 0]) for part in group.tensor_split(math.ceil(len(group) / 8))], len(group))
+             for group in plan.split(32)]
+    assert [len(s[1]) for s in steps] == [4, 4, 2]  # the short last step: two micro-batches of 8
+    model.train()
+    loss_sum, correct = copied(model, optimizer, steps, torch.amp.GradScaler("cuda", enabled=False), grad_clip=0.05)
+    assert 0 < loss_sum.item() and 0 <= correct.item() <= 80
+    for (name, a), b in zip(ours.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    unclipped = one_epoch(data, *flags[:6], *flags[8:])  # the test tells clipping apart
+    assert not torch.equal(unclipped.fc3.weight, model.fc3.weight)

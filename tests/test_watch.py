@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import evaluate
+import config
 import train
 from checkpoint import METRICS, RUN_FILES, load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
@@ -128,7 +129,7 @@ def test_ctrl_c_and_resume_make_one_mlflow_run_and_one_tensorboard_history(tmp_p
     results = json.loads((out / "results.json").read_text())
     for name in ("test_accuracy", "test_loss"):  # results.json's numbers, at the last epoch
         assert [(m.step, m.value) for m in client.get_metric_history(run_id, name)] == [(3, results[name])]
-    assert run.data.params == {k: str(v) for k, v in vars(train.parse_args(flags)).items()}  # every flag
+    assert run.data.params == {k: str(v) for k, v in vars(config.parse_args(flags)).items()}  # every flag
     rows = metrics_rows(out / "metrics.csv")
     for column in METRICS:  # every metrics.csv column, per epoch, once each
         history = client.get_metric_history(run_id, column)

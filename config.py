@@ -1,0 +1,340 @@
+"""train.py's command line: the presets, the flags in groups (`python train.py --help`), their checks, and what
+--resume lets change. find_lr.py takes the same flags.
+
+A preset replaces the parser's defaults; flags given on the command line still win. On resume the run's own flags
+come back from its checkpoint and those given now replace them where MAY_CHANGE_ON_RESUME allows.
+"""
+import argparse
+import math
+import os
+import shlex
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+import cli
+import runtime
+from checkpoint import load_checkpoint, validate_for_resume
+from data import DATASETS
+from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, torchvision_models
+
+
+class ConfigError(cli.UserError):
+    """Flags that do not fit together, or a resume that would change what cannot change."""
+
+
+# Named recipes. A preset replaces the defaults; flags given on the command line still win.
+PRESETS = {
+    "seed": {},  # the parser's defaults: the seed guide's SimpleCNN, Adam 1e-3, batch 32, 5 epochs, no augmentation
+    "fast": {    # AirNet sized for a 2-core CPU; measured in the README
+        "model": "airnet", "widths": (32, 192, 192),  # channels of the three stages: 1.07M parameters
+        "epochs": 11, "batch_size": 512,  # 512 images per step keep 2 CPU cores as busy as 1024 do, in 2x the steps
+        "optimizer": "muon", "muon_lr": 0.2, "muon_momentum": 0.6,  # conv filters: orthogonalized steps (muon.py)
+        "lr": 0.75, "momentum": 0.85, "nesterov": True,  # the head and BN shifts: SGD; lr for the batch-mean loss
+        "weight_decay": 1.33e-3,          # per unit of lr: each step shrinks the weights by lr x 1.33e-3
+        "bias_lr_scale": 64,              # BatchNorm shifts learn 64x faster (AirNet fixes the BN scales)
+        "scheduler": "linear", "warmup_epochs": 2,  # one cycle: 0 -> 0.75 over 2 epochs, then linearly to 0
+        "label_smoothing": 0.2, "augment": True, "crop_pad": 2, "alt_flip": True,  # shifts of <= 2 px
+        "val_split": 0.0, "tta": "shifts", "amp": "bf16",  # all 50,000 images train; 6-view TTA at test
+    },
+}
+
+
+def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.ArgumentParser:
+    """train.py's flags, in the groups --help shows."""
+    p = cli.parser(prog, doc)
+    p.add_argument("--preset", default="seed", choices=sorted(PRESETS),
+                   help="a named recipe; flags given override it (default: seed)")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="(default: cifar10)")
+    g.add_argument("--data-dir", default="./data", metavar="DIR",
+                   help="where datasets are found or downloaded (default: ./data)")
+    g.add_argument("--image-size", type=int, metavar="PX", help="side images are resized to, once, into the "
+                   "in-memory dataset (default: the dataset's own: 32 for CIFAR, 28 for MNIST; 32 for imagefolder)")
+    g.add_argument("--val-split", type=float, default=0.1, metavar="F",
+                   help="fraction of the training set held out for validation, 0 = none (default: 0.1)")
+
+    g = p.add_argument_group("model and starting weights")
+    g.add_argument("--model", default="simplecnn", metavar="NAME",
+                   help="simplecnn, resnet9, airnet, or any torchvision classification model by its name (resnet18, "
+                        "mobilenet_v3_small, efficientnet_b0, ...); --list-models lists them (default: simplecnn)")
+    g.add_argument("--list-models", action=ListModels, help="print the names --model takes, and exit")
+    g.add_argument("--widths", type=widths_list, metavar="A,B,...",
+                   help="channels per stage: four for resnet9 (default: %s), three for airnet (default: %s)"
+                        % tuple(",".join(map(str, m.DEFAULT_WIDTHS)) for m in (ResNet9, AirNet)))
+    g.add_argument("--pretrained", action="store_true",
+                   help="start from torchvision's default weights for --model (from torch's cache, "
+                        "$TORCH_HOME/hub/checkpoints, or downloaded there), with a new classifier")
+    g.add_argument("--init-from", metavar="PATH", help="start from the weights of a train.py checkpoint of the "
+                   "same --model (a new classifier where the classes differ)")
+    g.add_argument("--freeze-backbone", action="store_true",
+                   help="with --pretrained or --init-from: train the classifier only; the rest, BatchNorm "
+                        "statistics included, keeps its loaded weights")
+
+    add_training_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=5, metavar="N", help="(default: 5)")
+    g.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="images per forward pass, over all processes under torchrun (default: 32)")
+    g.add_argument("--accum-steps", type=int, default=1, metavar="K",
+                   help="forward passes per optimizer step; the update equals one batch of N*K images "
+                        "(models with BatchNorm: see the README's FAQ) (default: 1)")
+    g.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "muon"],
+                   help="muon: Muon for conv filters and hidden linear layers (--muon-lr, --muon-momentum), SGD "
+                        "for the rest (--lr, --momentum, --nesterov) (default: adam)")
+    g.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="peak learning rate (default: 1e-3)")
+    g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD")
+    g.add_argument("--muon-lr", type=float, default=0.2, metavar="LR", help="Muon's peak lr: each step moves a "
+                   "filter by LR x a matrix whose singular values are ~1 (default: 0.2)")
+    g.add_argument("--muon-momentum", type=float, default=0.6, metavar="M",
+                   help="Muon's (Nesterov) momentum (default: 0.6)")
+    g.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
+                   help="L2 penalty; with sgd each step shrinks the weights by lr x WD (default: 0)")
+    g.add_argument("--bias-lr-scale", type=float, default=1.0, metavar="S", help="BatchNorm shifts learn with S x "
+                   "the lr (their weight decay / S, the same decay per step) (default: 1)")
+    g.add_argument("--grad-clip", type=float, default=0.0, metavar="NORM",
+                   help="max global gradient norm, 0 = off (default: 0)")
+
+    g = p.add_argument_group("schedule and stopping")
+    g.add_argument("--scheduler", default="none", choices=["none", "step", "cosine", "linear"],
+                   help="lr schedule over all steps after warm-up: step = x0.1 at 50%% and 75%%, cosine or linear "
+                        "decay to 0 (default: none)")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, metavar="E",
+                   help="ramp the lr linearly from 0 over the first E epochs (default: 0)")
+    g.add_argument("--patience", type=int, default=0, metavar="N",
+                   help="stop after N epochs without validation-loss improvement, 0 = off (default: 0)")
+    g.add_argument("--min-delta", type=float, default=0.0, metavar="D",
+                   help="smallest drop in validation loss that counts as improvement (default: 0)")
+
+    add_regularization_flags(p)
+
+
+def add_regularization_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("regularization and augmentation")
+    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="(default: 0)")
+    g.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="evaluate and save an exponential moving average of the weights, updated every step, "
+                        "0 = off (default: 0)")
+    g.add_argument("--augment", action="store_true",
+                   help="random crop (from an image padded by mirroring) and horizontal flip")
+    g.add_argument("--crop-pad", type=int, default=4, metavar="PX",
+                   help="--augment's crops shift images by up to PX pixels (default: 4)")
+    g.add_argument("--alt-flip", action="store_true",
+                   help="--augment flips each image in every other epoch, not at random")
+    g.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seeds init, split, order and augmentation (default: 0)")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--tta", nargs="?", const="mirror", default="none", choices=TTA_MODES,
+                   help="final test: average the logits over the image and its mirror image (--tta or --tta "
+                        "mirror), and also over 1-pixel shifts of both (--tta shifts, 3x the cost) (default: none)")
+
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("hardware and precision")
+    runtime.add_device_flag(g)
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory layout: same math, faster convolutions on CPU and tensor-core GPUs (default: on)")
+    g.add_argument("--amp", default="off", choices=runtime.AMP_MODES,
+                   help="mixed precision: bf16 on CUDA or a CPU with bf16 units, fp16 on CUDA (default: off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on GPUs, for long runs)")
+
+    g = p.add_argument_group("watching and tracking")
+    g.add_argument("--log-interval", type=int, metavar="N",
+                   help="every N optimizer steps, a line with the epoch's running loss and accuracy, images/s and "
+                        "ETA; 0 = off (default: on a terminal, one live line updated 20 times per epoch; none in a "
+                        "log)")
+    # (--no-mlflow and the like: a resumed run may turn them off)
+    g.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=False,
+                   help="record the run in MLflow: MLFLOW_TRACKING_URI, else sqlite:///<out-dir's parent>/mlflow.db "
+                        "(runs/mlflow.db) (default: off)")
+    g.add_argument("--mlflow-log-checkpoints", action=argparse.BooleanOptionalAction, default=False,
+                   help="--mlflow also keeps best.pth and last.pth as artifacts at the end (they can be large) "
+                        "(default: off)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                   help="write TensorBoard event files to <out-dir>/tensorboard (tensorboard --logdir runs) "
+                        "(default: off)")
+
+    g = p.add_argument_group("learning-rate range test (find_lr.py)")
+    g.add_argument("--find-lr", action="store_true",
+                   help="instead of training: the lr range test of find_lr.py (python find_lr.py takes the same flags)")
+    g.add_argument("--find-lr-start", type=float, default=1e-6, metavar="LR", help="first lr (default: 1e-6)")
+    g.add_argument("--find-lr-end", type=float, default=10.0, metavar="LR",
+                   help="last lr, reached unless the loss explodes first (default: 10)")
+    g.add_argument("--find-lr-steps", type=int, default=100, metavar="N",
+                   help="optimizer steps, the lr rising exponentially (default: 100)")
+
+    g = p.add_argument_group("run folder and resume")
+    g.add_argument("--out-dir", metavar="DIR",
+                   help="(default: runs/<dataset>-<model>-<date-time>, or the --resume folder)")
+    g.add_argument("--resume", metavar="PATH", help="continue from a last.pth; flags not given are the run's own "
+                   "(docs: which flags may change)")
+
+
+class ListModels(argparse.Action):
+    """--list-models: print every name --model takes, one per line (ours first), and exit."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None):
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("\n".join([*MODELS, *torchvision_models()]))
+        parser.exit()
+
+
+def widths_list(text: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if not widths or len(widths) > 8 or not all(1 <= w <= 4096 for w in widths):
+        raise argparse.ArgumentTypeError(f"expected channel counts in [1, 4096] like 64,128,128, got {text!r}")
+    return widths
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, as a message, or None."""
+    def number_in(x, low, high):
+        return math.isfinite(x) and low <= x < high
+    rules = [
+        (1 <= args.epochs <= 10_000, "--epochs must be in [1, 10000]"),  # epoch_plan's seeds are distinct to 10,000
+        (1 <= args.batch_size <= 2**31, "--batch-size must be in [1, 2**31]"),
+        (1 <= args.accum_steps <= 2**20, "--accum-steps must be in [1, 2**20]"),
+        (math.isfinite(args.lr) and args.lr > 0, "--lr must be a positive number"),
+        (number_in(args.momentum, 0, 1), "--momentum must be in [0, 1)"),
+        (math.isfinite(args.muon_lr) and args.muon_lr > 0, "--muon-lr must be a positive number"),
+        (number_in(args.muon_momentum, 0, 1), "--muon-momentum must be in [0, 1)"),
+        (number_in(args.weight_decay, 0, math.inf), "--weight-decay must be >= 0"),
+        (math.isfinite(args.bias_lr_scale) and args.bias_lr_scale > 0, "--bias-lr-scale must be a positive number"),
+        (number_in(args.warmup_epochs, 0, args.epochs), "--warmup-epochs must be >= 0 and below --epochs"),
+        (number_in(args.label_smoothing, 0, 1), "--label-smoothing must be in [0, 1)"),
+        (number_in(args.ema, 0, 1), "--ema must be in [0, 1) (0 = off)"),
+        (number_in(args.grad_clip, 0, math.inf), "--grad-clip must be >= 0 (0 = off)"),
+        (args.patience >= 0, "--patience must be >= 0 (0 = off)"),
+        (number_in(args.min_delta, 0, math.inf), "--min-delta must be >= 0"),
+        (number_in(args.val_split, 0, 1), "--val-split must be in [0, 1)"),
+        (args.image_size is None or 8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
+        (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
+        (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
+        (args.log_interval is None or args.log_interval >= 0, "--log-interval must be >= 0 (0 = off)"),
+        (all(p != "" for p in (args.out_dir, args.resume, args.data_dir, args.init_from)),
+         "--out-dir, --resume, --data-dir and --init-from must not be empty"),
+        (not args.nesterov or args.optimizer in ("sgd", "muon") and args.momentum > 0,
+         "--nesterov needs sgd or muon, and --momentum above 0"),
+        (not (args.pretrained and args.init_from), "--pretrained and --init-from both choose the starting weights: "
+                                                   "give one of them"),
+        (not args.freeze_backbone or args.pretrained or args.init_from,
+         "--freeze-backbone needs --pretrained or --init-from: it trains the classifier on top of loaded weights"),
+        (args.mlflow or not args.mlflow_log_checkpoints, "--mlflow-log-checkpoints needs --mlflow"),
+        (0 < args.find_lr_start < args.find_lr_end < math.inf, "--find-lr-start and --find-lr-end must be "
+                                                               "positive, the start below the end"),
+        (10 <= args.find_lr_steps <= 10_000, "--find-lr-steps must be in [10, 10000]"),
+        (not args.find_lr or not (args.mlflow or args.tensorboard or os.environ.get("WORLD_SIZE", "1") != "1"),
+         "--find-lr runs in one process and records nothing: not with --mlflow, --tensorboard or torchrun"),
+    ]
+    problem = next((message for ok, message in rules if not ok), None)
+    try:
+        check_model_name(args.model)
+    except ValueError as e:
+        problem = problem or str(e)
+    return problem
+
+
+# What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
+MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",
+                        "out_dir", "resume", "log_interval", "mlflow", "mlflow_log_checkpoints", "tensorboard"}
+
+
+def parse_args(argv: list[str], prog: str = "train.py", doc: str | None = None) -> argparse.Namespace:
+    parser = build_parser(prog, doc)
+    preset = parser.parse_known_args(argv)[0].preset
+    parser.set_defaults(**PRESETS[preset])  # so that explicit flags override the preset
+    return parser.parse_args(argv)
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The flags (as argparse dests) given on the command line, as opposed to defaulted."""
+    unset = object()
+    namespace = argparse.Namespace(**{dest: unset for dest in vars(parse_args([]))})
+    build_parser().parse_args(argv, namespace=namespace)  # argparse leaves attributes that are already set alone
+    return {dest for dest, value in vars(namespace).items() if value is not unset}
+
+
+def without_resume(argv: list[str]) -> list[str]:
+    return [a for i, a in enumerate(argv) if not (a == "--resume" or a.startswith("--resume=")
+                                                  or i and argv[i - 1] == "--resume")]
+
+
+def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[argparse.Namespace, list[str]]:
+    """The resumed run's flags: the checkpoint's, then those given now. A flag given now must equal the run's,
+    unless it is one MAY_CHANGE_ON_RESUME; --epochs may rise but not fall below the epochs already done."""
+    saved_argv = ckpt.get("argv")
+    if not (isinstance(saved_argv, list) and len(saved_argv) < 10_000 and all(isinstance(a, str) for a in saved_argv)):
+        raise ConfigError(f"--resume: {args.resume} holds no command line to resume (written by an older train.py?)")
+    try:
+        saved = parse_args(saved_argv)
+    except SystemExit as e:
+        raise ConfigError(f"--resume: the checkpoint's own flags do not parse: {e.code}") from None
+    for dest in sorted(given_flags(argv) - MAY_CHANGE_ON_RESUME):
+        if getattr(args, dest) != getattr(saved, dest):
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(f"--resume: the run was trained with {flag} {getattr(saved, dest)}, not "
+                             f"{getattr(args, dest)}; {flag} cannot change on resume (docs/runs.md: what may change)")
+    done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
+    for dest in given_flags(argv) & MAY_CHANGE_ON_RESUME:
+        setattr(saved, dest, getattr(args, dest))
+    if saved.epochs < done:
+        raise ConfigError(f"--resume: the run has already done {done} epochs; --epochs {saved.epochs} is fewer")
+    saved.out_dir, saved.resume = args.out_dir, args.resume  # (not the saved run's: its folder is the default)
+    return saved, without_resume(saved_argv) + without_resume(argv)
+
+
+
+def resume_command(argv: list[str], path: Path) -> str:
+    """The command line that continues this run: its flags, with --resume pointing at `path`."""
+    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if dist.is_initialized() \
+        else ["python"]
+    return shlex.join([*launcher, "train.py", *argv, "--resume", str(path)])
+
+
+
+def out_dir_for(args: argparse.Namespace) -> Path:
+    if args.out_dir:
+        return Path(args.out_dir)
+    if args.resume:
+        return Path(args.resume).parent
+    name = f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if dist.is_initialized():  # the processes may start in different seconds: take rank 0's name
+        names = [name]
+        dist.broadcast_object_list(names, src=0)
+        name = names[0]
+    return Path("runs") / name
+
+
+
+def parse_run_args(argv: list[str], prog: str = "train.py",
+                   doc: str | None = None) -> tuple[argparse.Namespace, dict | None, list[str]]:
+    """train.py's flags, checked: (args, the checkpoint --resume continues or None, the run's flags as a command
+    line). A resumed run's flags are its checkpoint's, with those given now where they may change. `prog`, `doc`:
+    the script's name and --help text."""
+    args = parse_args(argv, prog, doc)
+    resumed, run_argv = None, without_resume(argv)
+    if args.find_lr and args.resume:
+        raise ConfigError("--find-lr starts from a fresh model; it cannot --resume a run")
+    if args.resume:
+        resumed = load_checkpoint(args.resume)
+        validate_for_resume(resumed, Path(args.resume))  # now, not after the data has loaded
+        args, run_argv = resume_args(argv, args, resumed)
+    problem = check_args(args)
+    if problem:
+        raise ConfigError(problem)
+    return args, resumed, run_argv

@@ -1,0 +1,129 @@
+"""The learning-rate range test: train from the run's starting weights for --find-lr-steps optimizer steps, the lr
+rising exponentially from --find-lr-start to --find-lr-end, until the loss explodes; draw the loss against the lr
+and print a suggested --lr on the last line.
+
+    python find_lr.py                              # the seed recipe's model and optimizer
+    python find_lr.py --preset fast --out-dir runs/fast-lr   # draws runs/fast-lr/find-lr.png
+    python find_lr.py --model resnet18 --pretrained --image-size 64 --optimizer sgd
+    python train.py --find-lr ...                  # the same
+
+It takes train.py's flags (python train.py --help) and runs train.py's own steps (train_one_epoch: its batches,
+augmentation, optimizer, precision, clipping), with the lr set per step. It writes find-lr.png and nothing else:
+no checkpoint, no run file and no lock, so it can draw into a run's folder without touching the run. Needs
+matplotlib.
+"""
+import cli
+
+if __name__ == "__main__":
+    cli.handle_signals()
+
+import argparse
+import math
+import sys
+from collections.abc import Iterator
+
+import torch
+
+import config
+import plot
+import runtime
+import train
+from data import ImageSet, MicroBatches, epoch_plan, prepare
+
+
+class FindLrError(cli.UserError):
+    """A range test that gives no suggestion."""
+
+
+def find_lr(args: argparse.Namespace) -> float:
+    """Run the test for train.py's `args`; returns the suggested --lr: a tenth of the lr where the smoothed loss was
+    lowest. Raises FindLrError (after drawing) when the loss never fell below its first value."""
+    plot.require_matplotlib()
+    device = runtime.pick_device(args.device)
+    if device.type == "cpu":  # as train.py's run() does
+        runtime.keep_freed_memory()
+        torch.set_flush_denormal(True)
+    start = train.starting_weights(args)  # --pretrained, --init-from: the weights the run would start from
+    path = config.out_dir_for(args) / "find-lr.png"
+    created = not path.parent.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot.check_output(path)
+        torch.manual_seed(args.seed)
+        stats = (start["mean"], start["std"]) if start else None
+        data, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
+                                      image_size=args.image_size, stats=stats)
+        t = train.build_trainer(args, data, len(classes), device, resumed=None, start=start)
+        lrs, losses = lr_range_test(t, data, args)
+        smoothed = smooth(losses)
+        best = min(range(len(smoothed)), key=smoothed.__getitem__)
+        suggestion = lrs[best] / 10
+        plot.plot_lr_range(lrs[:len(losses)], losses, smoothed, suggestion if best else None, path)
+    except BaseException:
+        if created and path.parent.is_dir() and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # failed before drawing: leave no empty folder
+        raise
+    exploded = len(losses) < len(lrs)
+    if best == 0:  # no valley: the loss only rose from the first lr on
+        raise FindLrError(f"no suggestion: the loss {'diverged' if exploded else 'never fell'} from the first lr "
+                          f"on (lr {lrs[0]:.2g} to {lrs[len(losses) - 1]:.2g}; drawn to {path}); try a lower "
+                          f"--find-lr-start")
+    why = "the loss exploded" if exploded else "the last lr"
+    print(f"lr range test: {len(losses)} steps of {args.batch_size * args.accum_steps} images from lr "
+          f"{lrs[0]:.2g} until {why} ({lrs[len(losses) - 1]:.2g}); smoothed loss lowest ({smoothed[best]:.3f}) at lr "
+          f"{lrs[best]:.2g}; drawn to {path}\nsuggested --lr (a tenth of that):\n{suggestion:.2g}")
+    return float(f"{suggestion:.2g}")
+
+
+def lr_range_test(t: train.Trainer, data: ImageSet, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+    """The lrs of the test, and each step's mean loss until the smoothed loss passes 4x its lowest (or is not
+    finite). --bias-lr-scale and Muon's own lr keep their ratio to --lr."""
+    start, end, n = args.find_lr_start, args.find_lr_end, args.find_lr_steps
+    lrs = [start * (end / start) ** (i / (n - 1)) for i in range(n)]
+    losses, sizes, summed = [], [], [0.0]
+
+    def steps() -> Iterator[tuple[float, MicroBatches, int]]:
+        group_size = args.batch_size * args.accum_steps
+        plans = (epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip)
+                 for epoch in range(1, 10_001))
+        groups = (group for plan in plans for group in plan.split(group_size))  # as many epochs as needed
+        for lr, group in zip(lrs, groups):
+            smoothed = smooth(losses)
+            if smoothed and (not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed)):
+                return
+            sizes.append(len(group))
+            parts = group.tensor_split(math.ceil(len(group) / args.batch_size))
+            micro_batches = MicroBatches(data, parts, args.augment, args.crop_pad, args.channels_last)
+            yield lr / args.lr, micro_batches, len(group)
+
+    def after_step(loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
+        total = loss_sum.item()  # (a sync per step: this is a 100-step test, not training)
+        losses.append((total - summed[0]) / sizes[-1])
+        summed[0] = total
+
+    t.step_model.train()
+    for m in t.frozen:  # --freeze-backbone
+        m.eval()
+    train.train_one_epoch(t.step_model, t.optimizer, steps(), t.scaler, t.autocast, args.grad_clip,
+                          args.label_smoothing, after_step)
+    return lrs, losses
+
+
+def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average of the losses, bias-corrected (the first values are not pulled toward 0)."""
+    average, out = 0.0, []
+    for i, loss in enumerate(losses):
+        average = beta * average + (1 - beta) * loss
+        out.append(average / (1 - beta ** (i + 1)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> float:
+    argv = sys.argv[1:] if argv is None else argv
+    with cli.one_line_errors("find_lr.py"):
+        args, _, _ = config.parse_run_args(["--find-lr", *argv], "find_lr.py", __doc__)
+        return find_lr(args)
+
+
+if __name__ == "__main__":
+    main()
