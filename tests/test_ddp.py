@@ -90,7 +90,7 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes_exactly(
     assert proc.returncode != 0 and "Traceback" not in err.split("stopping after this optimizer step")[0]
     ckpt = torch.load(out / "last.pth", weights_only=True)
     assert ckpt["state"]["epoch"] == 1 and ckpt["partial_epoch"]["step"] > 0
-    command = next(l for l in err.splitlines() if l.strip().startswith("torchrun "))
+    command = next(line for line in err.splitlines() if line.strip().startswith("torchrun "))
     assert command.strip().startswith("torchrun --nproc_per_node=2 train.py ")
     torchrun(*shlex.split(command)[3:])  # the printed command, minus the launcher and the --device we add
 

@@ -90,7 +90,7 @@ def run_train(tmp_path, data_dir, *argv, name="run"):
 
 def test_a_run_writes_metrics_checkpoints_and_results(tmp_path, cifar_dir, capsys):
     out, results = run_train(tmp_path, cifar_dir, "--epochs", "2", "--augment", "--scheduler", "cosine")
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 2 and "img/s" in lines[0]
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
