@@ -9,7 +9,12 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
     model_name, widths, num_classes, in_channels, image_size
                   what model.build_model needs to rebuild the net (model_name: ours, or a torchvision name)
     classes       the class names, index = label;  mean, std: per-channel normalization, [0, 1] pixel units
-    args          every train.py flag of the run (a dict)
+    data_hash     a fingerprint of the training images and labels: --resume refuses other data, whatever the
+                  start (optional: older checkpoints have none)
+    args          every train.py flag of the run (a dict; data_dir resolved)
+    argv          the run's flags as given (a list of strings): what --resume parses again
+    changes       [{"epoch", "step", "flags"}]: what each resume changed (config.TAKE_EFFECT_ON_RESUME), from
+                  which step of which epoch (optional)
     run_id        random hex, the same in every checkpoint of one run: whose files a run folder holds
     mlflow_run_id the MLflow run that records this run (--mlflow), else None: a resumed run goes on in it
                   (optional: checkpoints written before it was added have none)
@@ -31,7 +36,7 @@ import torch
 import torch.nn as nn
 
 import cli
-from model import build_model, check_model_name
+from model import build_model, check_model_name, pretrained_start
 
 FORMAT = 2
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s"]
@@ -106,13 +111,16 @@ def checkpoint_bytes(model: nn.Module, copies: int) -> int:
 # Building: what train.py saves, and what it reads back on resume
 
 def run_card(args: argparse.Namespace, argv: list[str], model: nn.Module, images: torch.Tensor, mean: list[float],
-             std: list[float], classes: list[str], run_id: str, mlflow_run_id: str | None) -> dict:
-    """What every checkpoint of a run repeats: the model card, the flags, whose run it is. `images`: the training
-    set's uint8 (N, C, H, W) tensor (its shape is the model's input)."""
+             std: list[float], classes: list[str], run_id: str, mlflow_run_id: str | None, changes: list[dict],
+             data_hash: str) -> dict:
+    """What every checkpoint of a run repeats: the model card, the flags, whose run it is, what resumes changed.
+    `images`: the training set's uint8 (N, C, H, W) tensor (its shape is the model's input). args' data_dir is
+    stored resolved, so that evaluate.py finds the data from any folder."""
     return {"format": FORMAT, "model_name": args.model, "widths": getattr(model, "widths", None),
             "num_classes": len(classes), "in_channels": images.shape[1], "image_size": images.shape[2],
-            "classes": classes, "mean": mean, "std": std, "args": vars(args), "argv": argv, "run_id": run_id,
-            "mlflow_run_id": mlflow_run_id}
+            "classes": classes, "mean": mean, "std": std, "data_hash": data_hash,
+            "args": {**vars(args), "data_dir": str(Path(args.data_dir).resolve())}, "argv": argv, "run_id": run_id,
+            "mlflow_run_id": mlflow_run_id, "changes": changes}
 
 
 def make_checkpoint(card: dict, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
@@ -131,12 +139,16 @@ def make_checkpoint(card: dict, model: nn.Module, ema: nn.Module | None, optimiz
 
 def load_training_state(ckpt: dict, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler) -> None:
-    """Weights, optimizer, loss scaler and random number generators as the checkpoint left them."""
+    """Weights, optimizer state, loss scaler and random number generators as the checkpoint left them. The
+    optimizer's hyperparameters stay those it was built with: this run's flags (config.TAKE_EFFECT_ON_RESUME)."""
     load_weights(model, ckpt["model"])
+    hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if ema is not None:
         load_weights(ema, ckpt.get("ema_model", {}))
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group, chosen in zip(optimizer.param_groups, hyperparameters):
+            group.update(chosen)
         for p, moments in optimizer.state.items():  # torch checks the groups, not the shapes of the moments
             if any(m.dim() and m.shape != p.shape for m in moments.values() if isinstance(m, torch.Tensor)):
                 raise ValueError("an optimizer moment does not have its parameter's shape")
@@ -149,6 +161,17 @@ def load_training_state(ckpt: dict, model: nn.Module, ema: nn.Module | None, opt
                               f"{str(e).splitlines()[0][:200]}") from None
 
 
+def starting_weights(args: argparse.Namespace) -> dict | None:
+    """What --pretrained or --init-from start from, or None: {"model": state_dict, "num_classes", "in_channels",
+    "mean", "std", "source"}, the middle four those the weights were trained with, "source" what they are (for
+    the run's first lines). Read before the run folder is made: a missing, foreign or corrupt file writes nothing."""
+    try:
+        return pretrained_start(args.model) if args.pretrained else \
+            init_weights(args.init_from, args.model) if args.init_from else None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def init_weights(path: str, model_name: str) -> dict:
     """What --init-from starts from: the checkpoint's weights (its EMA ones where it has them) and what they were
     trained with, as model.pretrained_start returns it."""
@@ -156,8 +179,10 @@ def init_weights(path: str, model_name: str) -> dict:
     if ckpt["model_name"] != model_name:
         raise CheckpointError(f"--init-from {path} holds a {ckpt['model_name']}, not a {model_name}; give --model "
                               f"{ckpt['model_name']}")
+    epoch = ckpt["state"]["epoch"] if isinstance(ckpt.get("state"), dict) else "?"
     return {"model": ckpt.get("ema_model", ckpt["model"]), "num_classes": ckpt["num_classes"],
-            "in_channels": ckpt["in_channels"], "mean": ckpt["mean"], "std": ckpt["std"]}
+            "in_channels": ckpt["in_channels"], "mean": ckpt["mean"], "std": ckpt["std"],
+            "source": f"{path} ({ckpt['model_name']} after epoch {epoch}{', its EMA weights' * ('ema_model' in ckpt)})"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,14 +267,27 @@ def validate_for_resume(ckpt: dict, path: Path) -> tuple[RunState, EpochTally | 
     rows_ok = len(state.history) == state.epoch and all(
         isinstance(r, dict) and list(r) == METRICS and all(isinstance(v, (int, float)) for v in r.values())
         for r in state.history)
-    mlflow_run_id = ckpt.get("mlflow_run_id")
-    if not (rows_ok and isinstance(ckpt["args"], dict) and isinstance(ckpt["run_id"], str)
+    mlflow_run_id, changes = ckpt.get("mlflow_run_id"), ckpt.get("changes", [])
+    changes_ok = isinstance(changes, list) and len(changes) <= 10_000 and all(
+        isinstance(c, dict) and set(c) == {"epoch", "step", "flags"} and is_int(c["epoch"]) and is_int(c["step"])
+        and isinstance(c["flags"], str) and len(c["flags"]) <= 1000 for c in changes)
+    if not (rows_ok and changes_ok and isinstance(ckpt["args"], dict) and isinstance(ckpt["run_id"], str)
             and isinstance(ckpt["rng"], dict) and isinstance(ckpt["rng"].get("torch"), torch.Tensor)
             and (mlflow_run_id is None or isinstance(mlflow_run_id, str) and 0 < len(mlflow_run_id) <= 256
                  and mlflow_run_id.isprintable())):
-        raise CheckpointError(f"{path} cannot be resumed: its history, args, run_id, mlflow_run_id or rng state is "
-                              f"malformed")
+        raise CheckpointError(f"{path} cannot be resumed: its history, changes, args, run_id, mlflow_run_id or rng "
+                              f"state is malformed")
     return state, tally
+
+
+def check_same_data(ckpt: dict, card: dict) -> None:
+    """Refuse to resume a run on other data than its own: other classes, other normalization, or other images
+    (the data_hash; checkpoints older than it are checked on the first two only)."""
+    if (ckpt["classes"], ckpt["mean"], ckpt.get("data_hash", card["data_hash"])) != \
+            (card["classes"], card["mean"], card["data_hash"]):
+        raise CheckpointError("--resume: the training data differs from the checkpoint's (other images, classes or "
+                              "--val-split; another --data-dir?): give --data-dir the run's own data, or start a new "
+                              "run from these weights with --init-from")
 
 
 def resume_state(ckpt: dict, path: Path, steps_per_epoch: int, epochs: int) -> tuple[RunState, EpochTally]:
@@ -393,19 +431,25 @@ class RunFolder:
             if self.created and not any(self.path.iterdir()):
                 self.path.rmdir()
 
-    def check_space(self, need: int) -> None:
+    def check_space(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> None:
+        """Room for the checkpoints at their largest: the old best.pth and last.pth, and the new one's temp file."""
+        moments = {"SGD": 1, "Muon": 1}.get(type(optimizer).__name__, 2)  # per weight: momentum, or Adam's two
+        need = 3 * checkpoint_bytes(model, 1 + moments + (ema is not None))
         free = shutil.disk_usage(self.path).free
         if free < need:
             raise RunFolderError(f"not enough free space in {self.path}: the checkpoints need up to "
                                  f"{need / 2**20:.0f} MiB at once, {free / 2**20:.0f} MiB free")
 
-    def write_metrics(self, history: list[dict]) -> None:
+    def write_metrics(self, history: list[dict], changes: list[dict]) -> None:
         """metrics.csv from the whole history, after every epoch (a few hundred bytes each): never read back, so
-        on resume it is rebuilt from the checkpoint, and a run that fails in epoch 1 leaves no run file."""
+        on resume it is rebuilt from the checkpoint, and a run that fails in epoch 1 leaves no run file. Its last
+        column, `changed`, says which flags a resume changed in that epoch, from which step."""
         text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, METRICS, lineterminator="\n")
+        writer = csv.DictWriter(text, [*METRICS, "changed"], lineterminator="\n")
         writer.writeheader()
-        writer.writerows(history)
+        for row in history:
+            changed = "; ".join(f"{c['flags']} from step {c['step']}" for c in changes if c["epoch"] == row["epoch"])
+            writer.writerow({**row, "changed": changed})
         write_atomically(self.path / "metrics.csv", text.getvalue().encode())
 
     def write_results(self, text: str) -> None:

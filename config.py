@@ -252,6 +252,11 @@ def check_args(args: argparse.Namespace) -> str | None:
 # What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
 MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",
                         "out_dir", "resume", "log_interval", "mlflow", "mlflow_log_checkpoints", "tensorboard"}
+# ...and these take effect from the next optimizer step: the schedule keeps its shape, with the new peak. The
+# checkpoint and metrics.csv record each change and the step it took effect at.
+TAKE_EFFECT_ON_RESUME = {"lr", "muon_lr", "bias_lr_scale", "momentum", "muon_momentum", "nesterov", "weight_decay",
+                         "grad_clip", "label_smoothing"}
+NEW_RUN_ONLY = {"model", "widths", "pretrained", "init_from", "freeze_backbone", "preset"}  # --init-from cannot help
 
 
 def parse_args(argv: list[str], prog: str = "train.py", doc: str | None = None) -> argparse.Namespace:
@@ -269,14 +274,25 @@ def given_flags(argv: list[str]) -> set[str]:
     return {dest for dest, value in vars(namespace).items() if value is not unset}
 
 
+def without(argv: list[str], *flags: str, switches: tuple[str, ...] = ()) -> list[str]:
+    """`argv` without the given flags (and their values) and `switches` (flags that take no value)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a in switches or a in flags or a.startswith(tuple(f + "=" for f in flags)):
+            skip = not skip and a in flags
+            continue
+        out.append(a)
+    return out
+
+
 def without_resume(argv: list[str]) -> list[str]:
-    return [a for i, a in enumerate(argv) if not (a == "--resume" or a.startswith("--resume=")
-                                                  or i and argv[i - 1] == "--resume")]
+    return without(argv, "--resume")
 
 
 def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[argparse.Namespace, list[str]]:
     """The resumed run's flags: the checkpoint's, then those given now. A flag given now must equal the run's,
-    unless it is one MAY_CHANGE_ON_RESUME; --epochs may rise but not fall below the epochs already done."""
+    unless it is one MAY_CHANGE_ON_RESUME or TAKE_EFFECT_ON_RESUME; --epochs may rise but not fall below the epochs
+    already done."""
     saved_argv = ckpt.get("argv")
     if not (isinstance(saved_argv, list) and len(saved_argv) < 10_000 and all(isinstance(a, str) for a in saved_argv)):
         raise ConfigError(f"--resume: {args.resume} holds no command line to resume (written by an older train.py?)")
@@ -284,19 +300,36 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
         saved = parse_args(saved_argv)
     except SystemExit as e:
         raise ConfigError(f"--resume: the checkpoint's own flags do not parse: {e.code}") from None
-    for dest in sorted(given_flags(argv) - MAY_CHANGE_ON_RESUME):
+    given = given_flags(argv)
+    for dest in sorted(given - MAY_CHANGE_ON_RESUME - TAKE_EFFECT_ON_RESUME):
         if getattr(args, dest) != getattr(saved, dest):
-            flag = "--" + dest.replace("_", "-")
+            flag = f"--{dest.replace('_', '-')}"
             raise ConfigError(f"--resume: the run was trained with {flag} {getattr(saved, dest)}, not "
-                             f"{getattr(args, dest)}; {flag} cannot change on resume (docs/runs.md: what may change)")
+                              f"{getattr(args, dest)}; that would be another run: "
+                              f"{new_run_hint(dest, saved_argv + argv, args.resume)}")
     done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
-    for dest in given_flags(argv) & MAY_CHANGE_ON_RESUME:
+    for dest in given & (MAY_CHANGE_ON_RESUME | TAKE_EFFECT_ON_RESUME):
         setattr(saved, dest, getattr(args, dest))
     if saved.epochs < done:
         raise ConfigError(f"--resume: the run has already done {done} epochs; --epochs {saved.epochs} is fewer")
-    saved.out_dir, saved.resume = args.out_dir, args.resume  # (not the saved run's: its folder is the default)
+    saved.out_dir, saved.resume = args.out_dir, args.resume
     return saved, without_resume(saved_argv) + without_resume(argv)
 
+
+def new_run_hint(dest: str, argv: list[str], path: str) -> str:
+    """The way forward when a flag that makes another run is given with --resume: a new run with the run's flags
+    and those given now (`argv`), from the resumed checkpoint's weights (`path`) where they fit (--init-from)."""
+    flags = without(argv, "--resume", "--out-dir", "--init-from", switches=("--pretrained",))
+    if dest in NEW_RUN_ONLY:
+        return f"start a new run without --resume: python train.py {shlex.join(flags)}"
+    return f"start a new run from its weights: {shlex.join(['python', 'train.py', *flags, '--init-from', path])}"
+
+
+def changes_on_resume(args: argparse.Namespace, resumed: dict) -> str:
+    """The TAKE_EFFECT_ON_RESUME flags that differ from the resumed checkpoint's, as "--lr 0.75 -> 0.3; ..."."""
+    saved = resumed["args"]
+    return "; ".join(f"--{d.replace('_', '-')} {saved.get(d)} -> {getattr(args, d)}"
+                     for d in sorted(TAKE_EFFECT_ON_RESUME) if saved.get(d) != getattr(args, d))
 
 
 def resume_command(argv: list[str], path: Path) -> str:

@@ -287,6 +287,16 @@ class MicroBatches(Sequence):
         return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
 
+def fingerprint(data: ImageSet) -> str:
+    """A short hash of the set's labels and of up to 4,096 of its images (evenly spaced): what tells --resume that
+    it trains on the run's own data, whatever normalization the run uses. Cheap: a few MB hashed."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(tuple(data.images.shape)).encode())
+    h.update(data.labels.cpu().numpy().tobytes())
+    h.update(data.images[::max(1, len(data) // 4096)].cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 images (N, C, H, W) -> float (pixel / 255 - mean) / std per channel: what every model here takes."""
     return images.float().div_(255).sub_(mean[:, None, None]).div_(std[:, None, None])
@@ -333,6 +343,16 @@ def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu"
     else:
         flips = torch.randint(0, 2, (n, 1), generator=g)
     return torch.cat([order[:, None], offsets, flips], 1).to(device)
+
+
+def images_per_epoch(n: int, step_images: int, batch_size: int, world: int) -> int:
+    """How many of `n` images an epoch of a model with BatchNorm trains on: all of them, unless the epoch's last,
+    short step would give some process a micro-batch of a single image, which BatchNorm cannot normalize in
+    training; then that last step is left out of the epoch (other images each epoch: the order is shuffled)."""
+    rest = n % step_images
+    shares = torch.arange(rest).tensor_split(world)
+    sizes = [len(part) for share in shares for part in share.tensor_split(max(1, math.ceil(rest / batch_size)))]
+    return n - rest if 1 in sizes else n
 
 
 def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -> torch.Tensor:

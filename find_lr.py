@@ -28,6 +28,7 @@ import config
 import plot
 import runtime
 import train
+from checkpoint import starting_weights
 from data import ImageSet, MicroBatches, epoch_plan, prepare
 
 
@@ -43,7 +44,7 @@ def find_lr(args: argparse.Namespace) -> float:
     if device.type == "cpu":  # as train.py's run() does
         runtime.keep_freed_memory()
         torch.set_flush_denormal(True)
-    start = train.starting_weights(args)  # --pretrained, --init-from: the weights the run would start from
+    start = starting_weights(args)  # --pretrained, --init-from: the weights the run would start from
     path = config.out_dir_for(args) / "find-lr.png"
     created = not path.parent.exists()
     try:
@@ -86,7 +87,7 @@ def lr_range_test(t: train.Trainer, data: ImageSet, args: argparse.Namespace) ->
         group_size = args.batch_size * args.accum_steps
         plans = (epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip)
                  for epoch in range(1, 10_001))
-        groups = (group for plan in plans for group in plan.split(group_size))  # as many epochs as needed
+        groups = (group for plan in plans for group in plan[:t.images_per_epoch].split(group_size))  # (as needed)
         for lr, group in zip(lrs, groups):
             smoothed = smooth(losses)
             if smoothed and (not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed)):

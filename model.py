@@ -308,13 +308,13 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 # ValueError for anything the user can fix, which the scripts print as one line
 
 def pretrained_start(name: str) -> dict:
-    """What --pretrained starts `name` from: {"model": state_dict, "num_classes", "in_channels", "mean", "std"}, the
-    last four those the weights were trained with."""
+    """What --pretrained starts `name` from: {"model": state_dict, "num_classes", "in_channels", "mean", "std",
+    "source"}, the middle four those the weights were trained with."""
     weights = pretrained_weights(name)
     state = {k: v for k, v in torchvision_weights(weights).items() if not k.startswith(AUX_PREFIXES)}
     mean, std = pretrained_stats(name, weights)
     return {"model": state, "num_classes": len(weights.meta["categories"]), "in_channels": 3, "mean": mean,
-            "std": std}
+            "std": std, "source": f"torchvision's {weights} (ImageNet)"}
 
 
 def torchvision_weights(weights) -> dict:

@@ -92,12 +92,29 @@ def draw_curves(history: list[dict], path: Path, quiet: bool) -> None:
 
 
 def announce(args: argparse.Namespace, model: nn.Module, train: ImageSet, val: ImageSet | None, test: ImageSet,
-             device: torch.device, folder: Path, state: RunState, tally: EpochTally) -> None:
-    """The lines a run starts with: where a resumed run goes on, then the data, the device, the model, the folder."""
+             device: torch.device, folder: Path, state: RunState, tally: EpochTally, start: dict | None,
+             card: dict) -> None:
+    """The lines a run starts with: where a resumed run goes on and what it changed, or the weights a new run
+    starts from; then the data, the device, the model, the folder."""
     if args.resume:
         at = f"step {tally.step} of epoch {state.epoch + 1}" if tally.step else f"the end of epoch {state.epoch}"
         print(f"resumed from {args.resume} at {at}")
+        changes = card["changes"]
+        if changes and (changes[-1]["epoch"], changes[-1]["step"]) == (state.epoch + 1, tally.step):
+            print(f"changed from here on: {changes[-1]['flags']}")
+    if start:
+        head = (f"; its classifier of {start['num_classes']} classes replaced by a new one of {card['num_classes']}"
+                if start["num_classes"] != card["num_classes"] else "")
+        print(f"starting from {start['source']}{head}")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) if args.freeze_backbone else None
     print(f"{args.dataset}: {len(train)} train, {len(val) if val else 0} val, {len(test)} test images on "
           f"{device} x {runtime.rank_world()[1]}; {args.model} with {sum(p.numel() for p in model.parameters()):,} "
           f"parameters{f' ({trained:,} trained)' if trained else ''}; writing to {folder}", flush=True)
+
+
+def diverged(what: str, last: Path, lr: float) -> str:
+    """The one line a diverged run ends with: what happened, and the way forward from the last good weights."""
+    if not last.exists():
+        return f"{what}; start again with a lower --lr (e.g. --lr {lr / 10:.2g}) or --grad-clip 1.0"
+    return (f"{what}; {last} holds the weights before it: go on from there with a lower lr and clipping: "
+            f"python train.py --resume {last} --lr {lr / 10:.2g} --grad-clip 1.0")

@@ -9,13 +9,10 @@
     python train.py --preset fast --mlflow --tensorboard   # also record the run (README: watching a run)
     torchrun --nproc_per_node 2 train.py ...        # data-parallel (DDP); --batch-size stays the global batch
 
-Each epoch prints one line and adds it to <out-dir>/metrics.csv; <out-dir>/last.pth is written every epoch
-and <out-dir>/best.pth whenever the validation loss improves. At the end best.pth is evaluated once on the test
-set and <out-dir>/results.json is written (and curves.png drawn, when matplotlib is installed). Ctrl-C (or
-SIGTERM) stops at the next optimizer step, saves a last.pth that resumes mid-epoch, and prints the command that
-resumes it. The flags are in config.py; `--help` shows them in groups.
-
-Reading order: train_one_epoch (the five steps), then the epochs (validate, save, early stop), then the run.
+Each epoch prints a line and adds it to <out-dir>/metrics.csv, writes last.pth, and best.pth when the validation
+loss improves; at the end best.pth is tested once (results.json, curves.png). Ctrl-C saves a last.pth that resumes
+mid-epoch and prints the command. The flags are in config.py (--help shows them in groups). Read on in order: the
+five steps (train_one_epoch), the epochs (validate, save, stop early), the run.
 """
 import cli
 
@@ -44,12 +41,11 @@ import config
 import report
 import runtime
 import tracking
-from checkpoint import (EpochTally, RunFolder, RunState, checkpoint_bytes, init_weights, load_checkpoint,
-                        load_training_state, make_checkpoint, model_from_checkpoint, run_card, resume_state,
-                        save_checkpoint)
-from data import ImageSet, MicroBatches, epoch_plan, prepare
-from model import (MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start,
-                   pretrained_start)
+from checkpoint import (EpochTally, RunFolder, RunState, check_same_data,
+                        load_checkpoint, load_training_state, make_checkpoint, model_from_checkpoint, resume_state,
+                        run_card, save_checkpoint, starting_weights)
+from data import ImageSet, MicroBatches, epoch_plan, fingerprint, images_per_epoch, prepare
+from model import MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,6 +100,10 @@ class TrainError(cli.UserError):
     """A run that cannot start or go on: a mismatched resume, a model that cannot take the data, a diverged loss."""
 
 
+class Diverged(Exception):
+    """A loss that is not finite, or far above chance level: fit() says what to do next."""
+
+
 @dataclass
 class Trainer:
     """What an optimizer step needs, built once by build_trainer()."""
@@ -115,6 +115,7 @@ class Trainer:
     ema: nn.Module | None         # the moving average of the weights (--ema)
     stop: runtime.StopSignal      # Ctrl-C / SIGTERM, noted; acted on between optimizer steps
     steps_per_epoch: int
+    images_per_epoch: int         # all of them, but for a last micro-batch of 1 image with BatchNorm (data.py)
     frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
 
 
@@ -124,6 +125,7 @@ def epoch_steps(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch: int
     signal asks the run to stop (at a step boundary, the same one in every process)."""
     rank, world = runtime.rank_world()
     plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip)
+    plan = plan[:t.images_per_epoch]
     total, warmup = args.epochs * t.steps_per_epoch, round(args.warmup_epochs * t.steps_per_epoch)
     for step, group in enumerate(plan.split(args.batch_size * args.accum_steps)[first_step:], first_step):
         if t.stop.requested():
@@ -142,7 +144,7 @@ def train_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch: int
     t.step_model.train()
     for m in t.frozen:
         m.eval()
-    progress = report.Progress.start_epoch(args.log_interval, epoch, args.epochs, len(data), t.steps_per_epoch,
+    progress = report.Progress.start_epoch(args.log_interval, epoch, args.epochs, t.images_per_epoch, t.steps_per_epoch,
                                            args.batch_size * args.accum_steps, tally.step, tally.loss_sum,
                                            tally.correct, world) if rank == 0 else None
 
@@ -187,12 +189,15 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
                 if world > 1:
                     dist.barrier()  # no process leaves (and makes torchrun stop the others) before the save is done
                 raise SystemExit(128 + t.stop.signum)
-            row, improved = end_of_epoch(t, args, train, val, card, state, tally, epoch)
+            try:
+                row, improved = end_of_epoch(t, args, train, val, card, state, tally, epoch)
+            except Diverged as e:
+                raise TrainError(report.diverged(str(e), folder.path / "last.pth", args.lr)) from None
             tally = EpochTally()
             if rank == 0:
                 save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
                                 folder.path / "last.pth", *([folder.path / "best.pth"] if improved else []))
-                folder.write_metrics(state.history)
+                folder.write_metrics(state.history, card["changes"])
                 print(report.format_epoch(row, args.epochs), flush=True)
                 tracking.log_epoch(trackers, row)
             if args.patience and state.bad_epochs >= args.patience:
@@ -205,17 +210,19 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
 def end_of_epoch(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | None, card: dict,
                  state: RunState, tally: EpochTally, epoch: int) -> tuple[dict, bool]:
     """Validate, update the run state, and return the epoch's metrics row and whether it is the best so far."""
-    n = len(train)
+    n = t.images_per_epoch
     row = {"epoch": epoch, "train_loss": tally.loss_sum / n, "train_acc": 100.0 * tally.correct / n,
            "val_loss": math.nan, "val_acc": math.nan, "lr": t.optimizer.param_groups[0]["lr"],
            "train_seconds": tally.seconds, "images_per_s": n / tally.seconds}
-    if not math.isfinite(row["train_loss"]):
-        raise TrainError(f"the training loss became {row['train_loss']} in epoch {epoch}; try a lower --lr or "
-                         f"--grad-clip 1.0 (the checkpoints keep the last finite weights)")
+    # A loss far above chance level (ln C: a uniform guess) has diverged, even while it is still finite
+    if not row["train_loss"] <= max(10.0, 10 * math.log(card["num_classes"])):
+        raise Diverged(f"the training loss became {row['train_loss']:.3g} in epoch {epoch}")
     if val is not None:
         with t.autocast:
             result = evaluate(t.ema if t.ema is not None else t.model, val, card["num_classes"])
         row.update(val_loss=result["loss"], val_acc=result["accuracy"])
+        if not math.isfinite(row["val_loss"]):
+            raise Diverged(f"the validation loss became {row['val_loss']} in epoch {epoch}")
     improved = val is None or row["val_loss"] < state.best_val_loss - args.min_delta
     if improved:
         state.best_val_loss, state.best_epoch, state.bad_epochs = row["val_loss"] if val else math.inf, epoch, 0
@@ -260,26 +267,22 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         runtime.keep_freed_memory()
     if args.patience and val is None:
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
-    if resumed and (resumed["mean"] != train.mean.tolist() or resumed["classes"] != classes):
-        raise TrainError("--resume: the data differs from the checkpoint's (another --data-dir?)")
     t = build_trainer(args, train, len(classes), device, resumed, start)
-    state, tally = RunState(), EpochTally()
-    if resumed:
-        state, tally = resume_state(resumed, Path(args.resume), t.steps_per_epoch, args.epochs)
-        load_training_state(resumed, t.model, t.ema, t.optimizer, t.scaler)
-    mlflow_run_id, trackers = resumed.get("mlflow_run_id") if resumed else None, []
-    if rank == 0:
-        moments = {"sgd": 1, "muon": 1, "adam": 2, "adamw": 2}[args.optimizer] + (args.ema > 0)
-        folder.check_space(3 * checkpoint_bytes(t.model, 1 + moments))  # old best + old last + the new temp file
-        report.announce(args, t.model, train, val, test, device, folder.path, state, tally)
-        trackers = tracking.start(args, folder.path, state.history, mlflow_run_id, train.images[:32].cpu())
-        mlflow_run_id = next((k.run_id for k in trackers if isinstance(k, tracking.MlflowTracker)), mlflow_run_id)
+    changes = list(resumed.get("changes", [])) if resumed else []
     card = run_card(args, argv, t.model, train.images, train.mean.tolist(), train.std.tolist(), classes,
-                    folder.run_id, mlflow_run_id)
+                    folder.run_id, resumed.get("mlflow_run_id") if resumed else None, changes, fingerprint(train))
+    state, tally = (resume(t, args, resumed, card) if resumed else (RunState(), EpochTally()))
+    trackers = []
+    if rank == 0:
+        folder.check_space(t.model, t.optimizer, t.ema)
+        report.announce(args, t.model, train, val, test, device, folder.path, state, tally, start, card)
+        trackers = tracking.start(args, folder.path, state.history, card["mlflow_run_id"], train.images[:32].cpu())
+        card["mlflow_run_id"] = next((k.run_id for k in trackers if isinstance(k, tracking.MlflowTracker)),
+                                     card["mlflow_run_id"])
     ended, results = "FAILED", None  # how the trackers record the run's end
     try:
         stopped_early = fit(t, args, train, val, folder, card, state, tally, trackers)
-        results = test_unless_stopped(t, args, test, classes, state, stopped_early, folder, device)
+        results = final_test(t, args, test, classes, state, stopped_early, folder, device)
         ended = "FINISHED"
         return results
     except SystemExit:  # a signal: the run stopped, resumable
@@ -293,31 +296,39 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
             tracking.end(trackers, ended, [folder.path / name for name in files], results)
 
 
-def test_unless_stopped(t: Trainer, args: argparse.Namespace, test: ImageSet, classes: list[str], state: RunState,
-                        stopped_early: bool, folder: RunFolder, device: torch.device) -> dict:
+def resume(t: Trainer, args: argparse.Namespace, resumed: dict, card: dict) -> tuple[RunState, EpochTally]:
+    """Load the resumed checkpoint's training state into `t`, after checking it is this run's data; a flag that
+    takes effect on resume (config.TAKE_EFFECT_ON_RESUME) and differs is recorded in card["changes"]."""
+    check_same_data(resumed, card)
+    state, tally = resume_state(resumed, Path(args.resume), t.steps_per_epoch, args.epochs)
+    load_training_state(resumed, t.model, t.ema, t.optimizer, t.scaler)
+    changed = config.changes_on_resume(args, resumed)
+    if changed:
+        card["changes"].append({"epoch": state.epoch + 1, "step": tally.step, "flags": changed})
+    return state, tally
+
+
+def final_test(t: Trainer, args: argparse.Namespace, test: ImageSet, classes: list[str], state: RunState,
+               stopped_early: bool, folder: RunFolder, device: torch.device) -> dict:
+    """Evaluate best.pth once on the test set and write results.json. A signal (noted after the last optimizer
+    step, or arriving now) leaves the test to evaluate.py, and says so."""
+    rank, world = runtime.rank_world()
     try:
-        if t.stop.signum:  # noted after the last optimizer step, during the last validation or save
+        if t.stop.signum:
             raise cli.Interrupted(t.stop.signum)
-        return final_test(args, test, classes, state, stopped_early, folder, device)
+        if world > 1:
+            dist.barrier()  # best.pth is written by rank 0
+        best = model_from_checkpoint(load_checkpoint(folder.path / "best.pth")).to(device)
+        if args.channels_last:
+            best = best.to(memory_format=torch.channels_last)
+        with runtime.autocast(args.amp, device):  # the test runs in the precision the model trained in
+            result = evaluate(best, test, len(classes), tta=args.tta)
     except cli.Interrupted:
-        if runtime.rank_world()[0] == 0:
+        if rank == 0:
             print(f"training finished ({state.epoch} epochs, best.pth from epoch {state.best_epoch}); the final "
                   f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint {folder.path / 'best.pth'}",
                   file=sys.stderr)
         raise
-
-
-def final_test(args: argparse.Namespace, test: ImageSet, classes: list[str], state: RunState, stopped_early: bool,
-               folder: RunFolder, device: torch.device) -> dict:
-    """Evaluate best.pth once on the test set and write results.json."""
-    rank, world = runtime.rank_world()
-    if world > 1:
-        dist.barrier()  # best.pth is written by rank 0
-    best = model_from_checkpoint(load_checkpoint(folder.path / "best.pth")).to(device)
-    if args.channels_last:
-        best = best.to(memory_format=torch.channels_last)
-    with runtime.autocast(args.amp, device):  # the test runs in the precision the model trained in
-        result = evaluate(best, test, len(classes), tta=args.tta)
     results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"], "best_epoch": state.best_epoch,
                "epochs_completed": state.epoch, "stopped_early": stopped_early,
                "train_seconds": state.train_seconds}
@@ -329,16 +340,6 @@ def final_test(args: argparse.Namespace, test: ImageSet, classes: list[str], sta
     if world > 1:
         dist.barrier()  # all processes leave together: gloo aborts a process whose peer is already gone
     return results
-
-
-def starting_weights(args: argparse.Namespace) -> dict | None:
-    """What --pretrained or --init-from start from (model.pretrained_start's dict), or None. Read before the run
-    folder is made: a missing, foreign or corrupt file writes nothing."""
-    try:
-        return pretrained_start(args.model) if args.pretrained else \
-            init_weights(args.init_from, args.model) if args.init_from else None
-    except ValueError as e:
-        raise TrainError(str(e)) from None
 
 
 def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, device: torch.device,
@@ -365,12 +366,16 @@ def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, d
     if dist.is_initialized():
         step_model = nn.parallel.DistributedDataParallel(model,
                                                          device_ids=[device.index] if device.type == "cuda" else None)
+    step_images = args.batch_size * args.accum_steps
+    images = len(train)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        images = images_per_epoch(images, step_images, args.batch_size, runtime.rank_world()[1])
     return Trainer(model=model, step_model=torch.compile(step_model) if args.compile else step_model,
                    optimizer=make_optimizer(model, args, device, num_classes),
                    scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
                    autocast=runtime.autocast(args.amp, device), ema=copy.deepcopy(model) if args.ema else None,
                    stop=runtime.StopSignal(),
-                   steps_per_epoch=math.ceil(len(train) / (args.batch_size * args.accum_steps)), frozen=frozen)
+                   steps_per_epoch=math.ceil(images / step_images), images_per_epoch=images, frozen=frozen)
 
 
 def main(argv: list[str] | None = None) -> dict | float:

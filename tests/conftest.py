@@ -34,13 +34,14 @@ def as_from_a_terminal() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def fails_with(argv: list[str], message: str) -> None:
-    """train.py with argv exits with one `train.py: error:` line that contains message."""
+def fails_with(argv: list[str], message: str) -> str:
+    """train.py with argv exits with one `train.py: error:` line that contains message; returns that line."""
     import train  # here, not at the top: sys.path must hold the repository root first
     with pytest.raises(SystemExit) as exc:
         train.main(argv)
     text = str(exc.value.code)
     assert text.startswith("train.py: error: ") and message in text and "\n" not in text, text
+    return text
 
 
 @pytest.fixture

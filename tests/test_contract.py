@@ -2,7 +2,9 @@
 exit, and nothing on disk is lost. Real processes, real signals, a real full disk (tmpfs), real concurrent runs."""
 import importlib
 import importlib.util
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,12 +125,14 @@ def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
 # The resume contract
 
 @pytest.mark.parametrize("flags, message", [
-    (["--lr", "0.01"], "trained with --lr 0.05, not 0.01; --lr cannot change on resume"),
-    (["--momentum", "0.5"], "trained with --momentum 0.9, not 0.5"),
-    (["--weight-decay", "0.1"], "trained with --weight-decay 0.0, not 0.1"),
-    (["--optimizer", "adam"], "trained with --optimizer sgd, not adam"),
-    (["--batch-size", "16"], "trained with --batch-size 32, not 16"),
+    (["--optimizer", "adam"], "trained with --optimizer sgd, not adam; that would be another run: start a new run "
+                              "from its weights: python train.py --data-dir {data} --device cpu --epochs 2 --optimizer "
+                              "sgd --lr 0.05 --data-dir {data} --device cpu --optimizer adam --init-from {out}/last.pth"),
+    (["--batch-size", "16"], "trained with --batch-size 32, not 16; that would be another run"),
     (["--augment"], "trained with --augment False, not True"),
+    (["--scheduler", "cosine"], "trained with --scheduler none, not cosine"),
+    (["--model", "resnet9"], "trained with --model simplecnn, not resnet9; that would be another run: start a new "
+                             "run without --resume: python train.py"),
     (["--epochs", "1"], "has already done 2 epochs; --epochs 1 is fewer"),
 ])
 def test_resume_refuses_a_flag_that_must_not_change_naming_both_values(tmp_path, cifar_dir, flags, message):
@@ -136,7 +140,7 @@ def test_resume_refuses_a_flag_that_must_not_change_naming_both_values(tmp_path,
     base = ["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out)]
     train.main([*base, "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05"])
     before = snapshot(out)
-    fails_with([*base, "--resume", str(out / "last.pth"), *flags], message)
+    fails_with([*base, "--resume", str(out / "last.pth"), *flags], message.format(data=cifar_dir, out=out))
     assert snapshot(out) == before
 
 
@@ -151,6 +155,44 @@ def test_resume_takes_the_runs_own_flags_and_uses_the_ones_that_may_change(tmp_p
     assert (ckpt["args"]["optimizer"], ckpt["args"]["lr"], ckpt["args"]["scheduler"]) == ("sgd", 0.05, "cosine")
     assert (ckpt["args"]["epochs"], ckpt["args"]["patience"], ckpt["args"]["channels_last"]) == (3, 1, False)
     assert results["stopped_early"] is True and results["epochs_completed"] == 2  # --patience 1 was used
+
+
+def test_the_faqs_way_out_of_a_diverged_run_works_and_is_recorded(tmp_path, cifar_dir, capsys):
+    """The FAQ's answer to a loss that blows up: the run stops with one line that names last.pth, and resuming from
+    it with a lower --lr and --grad-clip 1.0 (the FAQ's exact command) goes on; the change takes effect from that
+    step on, and the checkpoint and metrics.csv record it."""
+    out = tmp_path / "run"
+    base = ["--data-dir", str(cifar_dir), *CPU]
+    train.main([*base, "--out-dir", str(out), "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05"])
+    before = snapshot(out)
+    # the same run, on with a far too large lr (now allowed on resume): it diverges in epoch 2
+    error = fails_with(["--resume", str(out / "last.pth"), "--epochs", "3", "--lr", "1e12"], " in epoch 2; ")
+    assert re.fullmatch(r"train.py: error: the training loss became \S+ in epoch 2; \S+last.pth holds the weights "
+                        r"before it: go on from there with a lower lr and clipping: python train.py --resume "
+                        r"\S+last.pth --lr 1e\+11 --grad-clip 1.0", error), error
+    assert "Traceback" not in error and snapshot(out) == before  # nothing saved from the diverged epoch
+    capsys.readouterr()
+    results = train.main(["--resume", str(out / "last.pth"), "--epochs", "3", "--lr", "0.01", "--grad-clip", "1.0"])
+    assert "changed from here on: --grad-clip 0.0 -> 1.0; --lr 0.05 -> 0.01" in capsys.readouterr().out
+    assert results["epochs_completed"] == 3
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["changes"] == [{"epoch": 2, "step": 0, "flags": "--grad-clip 0.0 -> 1.0; --lr 0.05 -> 0.01"}]
+    assert (ckpt["args"]["lr"], ckpt["args"]["grad_clip"]) == (0.01, 1.0)
+    assert [g["initial_lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.01]  # the new peak, in the optimizer
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0].endswith(",lr,train_seconds,images_per_s,changed")
+    assert [r.split(",")[-1] for r in rows[1:]] == ["", "--grad-clip 0.0 -> 1.0; --lr 0.05 -> 0.01 from step 0", ""]
+    assert [float(r.split(",")[5]) for r in rows[1:]] == [0.05, 0.01, 0.01]  # the lr column (no schedule)
+
+
+def test_a_loss_that_diverges_but_stays_finite_is_caught(tmp_path, cifar_dir):
+    """A training loss far above chance level (ln 10 = 2.3 here) stops the run, finite or not."""
+    out = tmp_path / "run"
+    error = fails_with(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--optimizer", "adam", "--lr", "1",
+                        "--epochs", "3"], "in epoch 1; start again with a lower --lr (e.g. --lr 0.1) or --grad-clip 1.0")
+    loss = float(re.search(r"the training loss became (\S+) in epoch 1", error)[1])
+    assert 23 < loss < math.inf, error  # finite, and caught
+    assert not (out / "last.pth").exists()
 
 
 def test_a_damaged_metrics_csv_is_rebuilt_from_the_checkpoint_on_resume(tmp_path, cifar_dir):

@@ -40,7 +40,7 @@ def one_epoch(data, *argv: str, model_seed: int = 0) -> torch.nn.Module:
     optimizer = optim.make_optimizer(model, args, torch.device("cpu"), 10)
     trainer = train.Trainer(model=model, step_model=model, optimizer=optimizer,
                             scaler=torch.amp.GradScaler("cuda", enabled=False), autocast=nullcontext(), ema=None,
-                            stop=runtime.StopSignal(), steps_per_epoch=steps)
+                            stop=runtime.StopSignal(), steps_per_epoch=steps, images_per_epoch=len(data))
     tally = EpochTally()
     assert train.train_epoch(trainer, data, args, 1, tally)
     assert tally.step == steps
@@ -94,7 +94,7 @@ def test_a_run_writes_metrics_checkpoints_and_results(tmp_path, cifar_dir, capsy
     assert len(lines) == 2 and "img/s" in lines[0]
     with open(out / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == METRICS and [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == [*METRICS, "changed"] and [r["epoch"] for r in rows] == ["1", "2"]
     assert all(float(r["images_per_s"]) > 0 and 0 <= float(r["val_acc"]) <= 100 for r in rows)
     assert json.loads((out / "results.json").read_text()) == results
     assert set(results) == {"test_accuracy", "test_loss", "best_epoch", "epochs_completed", "stopped_early",
