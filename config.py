@@ -7,6 +7,7 @@ come back from its checkpoint and those given now replace them where MAY_CHANGE_
 import argparse
 import math
 import os
+import re
 import shlex
 import time
 from pathlib import Path
@@ -260,10 +261,19 @@ NEW_RUN_ONLY = {"model", "widths", "pretrained", "init_from", "freeze_backbone",
 
 
 def parse_args(argv: list[str], prog: str = "train.py", doc: str | None = None) -> argparse.Namespace:
+    """The flags: those given, then the preset's, then the parser's defaults. A preset's values follow the flags
+    given: its warm-up keeps its share of the --epochs given (--preset fast --epochs 2: 2/11 of its 2 epochs), and
+    its --nesterov goes with an --optimizer that has none."""
     parser = build_parser(prog, doc)
-    preset = parser.parse_known_args(argv)[0].preset
-    parser.set_defaults(**PRESETS[preset])  # so that explicit flags override the preset
-    return parser.parse_args(argv)
+    preset = PRESETS[parser.parse_known_args(argv)[0].preset]
+    parser.set_defaults(**preset)  # so that explicit flags override the preset
+    args = parser.parse_args(argv)
+    given = given_flags(argv) if preset else set()
+    if "warmup_epochs" in preset and args.epochs != preset["epochs"] and "warmup_epochs" not in given:
+        args.warmup_epochs = preset["warmup_epochs"] * args.epochs / preset["epochs"]
+    if preset.get("nesterov") and args.optimizer not in ("sgd", "muon") and "nesterov" not in given:
+        args.nesterov = False  # (Adam has no Nesterov momentum)
+    return args
 
 
 def given_flags(argv: list[str]) -> set[str]:
@@ -369,5 +379,14 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
         args, run_argv = resume_args(argv, args, resumed)
     problem = check_args(args)
     if problem:
-        raise ConfigError(problem)
+        raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
     return args, resumed, run_argv
+
+
+def from_preset(problem: str, args: argparse.Namespace, argv: list[str]) -> str:
+    """Where a refused value came from, when it is a preset's and not a flag the user gave."""
+    given = given_flags(argv)
+    named = [d for d in dict.fromkeys(f.replace("-", "_") for f in re.findall(r"--([a-z][a-z-]*)", problem))
+             if d in PRESETS[args.preset] and d not in given]
+    return "".join(f" (--{d.replace('_', '-')} {getattr(args, d)} comes from --preset {args.preset}; give "
+                   f"--{d.replace('_', '-')} to change it)" for d in named)

@@ -32,6 +32,18 @@ def test_resnet9_shapes_for_cifar_and_mnist():
     assert ResNet9(7, 1, 28, widths=(8, 8, 8, 8))(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
 
 
+def test_a_presets_values_follow_the_flags_given_and_refusals_name_the_preset(tmp_path):
+    short = config.parse_args(["--preset", "fast", "--epochs", "2"])
+    assert short.warmup_epochs == 2 * 2 / 11 and config.check_args(short) is None  # its share of the run, kept
+    assert config.parse_args(["--preset", "fast", "--epochs", "4", "--warmup-epochs", "1"]).warmup_epochs == 1
+    assert config.parse_args(["--preset", "fast", "--optimizer", "adam"]).nesterov is False
+    with pytest.raises(config.ConfigError, match=r"^--nesterov needs sgd or muon, and --momentum above 0 \(--momentum "
+                                                 r"0.85 comes from --preset fast; give --momentum to change it\)$"):
+        config.parse_run_args(["--preset", "fast", "--nesterov", "--optimizer", "adam"])
+    with pytest.raises(config.ConfigError, match=r"^--warmup-epochs must be >= 0 and below --epochs$"):
+        config.parse_run_args(["--preset", "fast", "--epochs", "2", "--warmup-epochs", "2"])  # given: no preset note
+
+
 def test_a_preset_sets_defaults_and_explicit_flags_win():
     seed = config.parse_args([])
     assert (seed.model, seed.optimizer, seed.lr, seed.batch_size) == ("simplecnn", "adam", 1e-3, 32)
