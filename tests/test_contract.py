@@ -126,8 +126,9 @@ def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--optimizer", "adam"], "trained with --optimizer sgd, not adam; that would be another run: start a new run "
-                              "from its weights: python train.py --data-dir {data} --device cpu --epochs 2 --optimizer "
-                              "sgd --lr 0.05 --data-dir {data} --device cpu --optimizer adam --init-from {out}/last.pth"),
+                              "from its weights: python train.py --data-dir {data} --device cpu --epochs 2 "
+                              "--optimizer sgd --lr 0.05 --data-dir {data} --device cpu --optimizer adam --init-from "
+                              "{out}/last.pth"),
     (["--batch-size", "16"], "trained with --batch-size 32, not 16; that would be another run"),
     (["--augment"], "trained with --augment False, not True"),
     (["--scheduler", "cosine"], "trained with --scheduler none, not cosine"),
@@ -189,7 +190,7 @@ def test_a_loss_that_diverges_but_stays_finite_is_caught(tmp_path, cifar_dir):
     """A training loss far above chance level (ln 10 = 2.3 here) stops the run, finite or not."""
     out = tmp_path / "run"
     error = fails_with(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--optimizer", "adam", "--lr", "1",
-                        "--epochs", "3"], "in epoch 1; start again with a lower --lr (e.g. --lr 0.1) or --grad-clip 1.0")
+                        "--epochs", "3"], "in epoch 1; start again with a lower --lr (e.g. --lr 0.1) or --grad-clip 1")
     loss = float(re.search(r"the training loss became (\S+) in epoch 1", error)[1])
     assert 23 < loss < math.inf, error  # finite, and caught
     assert not (out / "last.pth").exists()

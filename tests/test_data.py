@@ -205,3 +205,22 @@ def test_prepare_holds_out_validation_and_computes_stats_on_training_part(cifar_
 def test_a_validation_split_that_leaves_no_training_image_is_refused(cifar_dir):
     with pytest.raises(DataError, match="no training images left"):
         prepare("cifar10", cifar_dir, 0.999, seed=0, device="cpu")
+
+
+def test_an_epoch_leaves_out_a_last_step_that_would_give_batchnorm_a_single_image():
+    from data import images_per_epoch
+    assert images_per_epoch(81, 16, 16, 1) == 80      # resnet18 on 81 images, --batch-size 16
+    assert images_per_epoch(82, 16, 16, 1) == 82      # a last batch of 2 is fine
+    assert images_per_epoch(80, 16, 16, 1) == 80      # no remainder
+    assert images_per_epoch(66, 32, 8, 1) == 66       # a last step of 2 images: one micro-batch of 2
+    assert images_per_epoch(65, 32, 8, 1) == 64       # one image left: dropped
+    assert images_per_epoch(34, 32, 32, 2) == 32      # torchrun x 2 splitting a last step of 2: one image each
+    assert images_per_epoch(36, 32, 32, 2) == 36      # two each
+
+
+def test_a_batchnorm_model_trains_on_a_last_batch_of_one_image(tmp_path, cifar_dir):
+    import train
+    out = tmp_path / "run"
+    results = train.main(["--data-dir", str(cifar_dir), "--device", "cpu", "--model", "resnet9", "--widths", "8,8,8,8",
+                          "--val-split", "0", "--batch-size", "199", "--epochs", "1", "--out-dir", str(out)])
+    assert results["epochs_completed"] == 1  # 200 images: the 200th (a batch of 1) is left out of the epoch

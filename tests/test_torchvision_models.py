@@ -23,7 +23,7 @@ import config
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, fails_with, write_cifar10, write_mnist
-from image_files import make_image_folder
+from image_files import make_image_folder, write_class_images
 
 CPU = ["--device", "cpu"]
 
@@ -178,13 +178,16 @@ def test_pretrained_weights_neither_cached_nor_downloadable_are_one_line_naming_
 # ---------------------------------------------------------------------------------------------------------------
 # --init-from
 
-def test_init_from_a_run_with_other_classes_replaces_the_head_only(resnet18_run, tmp_path):
+def test_init_from_a_run_with_other_classes_replaces_the_head_only(resnet18_run, tmp_path, capsys):
     source = resnet18_run
     photos = make_image_folder(tmp_path / "photos")  # two classes, blue and red
     out = tmp_path / "run"
     train.main(["--dataset", "imagefolder", "--data-dir", str(photos), *CPU, "--model", "resnet18", "--init-from",
                 str(source / "best.pth"), "--freeze-backbone", "--epochs", "1", "--val-split", "0",
                 "--out-dir", str(out)])
+    epoch = load_checkpoint(source / "best.pth")["state"]["epoch"]
+    assert f"starting from {source / 'best.pth'} (resnet18 after epoch {epoch}); its classifier of 10 classes " \
+           f"replaced by a new one of 2\n" in capsys.readouterr().out  # what --init-from loaded, said
     start, ckpt = load_checkpoint(source / "best.pth"), load_checkpoint(out / "last.pth")
     loaded = start["model"]
     assert ckpt["classes"] == ["blue", "red"] and ckpt["model"]["fc.weight"].shape == (2, 512)
@@ -193,9 +196,16 @@ def test_init_from_a_run_with_other_classes_replaces_the_head_only(resnet18_run,
     assert (ckpt["mean"], ckpt["std"]) == (start["mean"], start["std"])  # the source's normalization
     # resume keeps all of it, and the flags that define the start cannot change
     fails_with(["--resume", str(out / "last.pth"), "--epochs", "2", "--init-from", str(out / "best.pth")],
-               "--init-from cannot change on resume")
+               f"not {out / 'best.pth'}; that would be another run: start a new run without --resume")
     fails_with(["--resume", str(out / "last.pth"), "--epochs", "2", "--image-size", "16"],
-               "--image-size cannot change on resume")
+               "trained with --image-size None, not 16; that would be another run: start a new run from its weights")
+    # other images of the same classes (the normalization is the weights', so only the data's fingerprint tells)
+    other = tmp_path / "other"
+    for split in ("train", "test"):
+        for name, color in (("blue", (0, 0, 200)), ("red", (200, 0, 0))):
+            write_class_images(other / split / name, color)
+    fails_with(["--resume", str(out / "last.pth"), "--epochs", "2", "--data-dir", str(other)],
+               "--resume: the training data differs from the checkpoint's")
     train.main(["--resume", str(out / "last.pth"), "--epochs", "2"])
     again = load_checkpoint(out / "last.pth")["model"]
     assert all(torch.equal(again[k], loaded[k]) for k in loaded if not k.startswith("fc."))
