@@ -288,10 +288,12 @@ def without(argv: list[str], *flags: str, switches: tuple[str, ...] = ()) -> lis
     """`argv` without the given flags (and their values) and `switches` (flags that take no value)."""
     out, skip = [], False
     for a in argv:
-        if skip or a in switches or a in flags or a.startswith(tuple(f + "=" for f in flags)):
-            skip = not skip and a in flags
+        if skip and not a.startswith("--"):  # (--tta takes its value or none)
+            skip = False
             continue
-        out.append(a)
+        skip = a in flags
+        if not (skip or a in switches or a.startswith(tuple(f + "=" for f in flags))):
+            out.append(a)
     return out
 
 
@@ -316,7 +318,7 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
             flag = f"--{dest.replace('_', '-')}"
             raise ConfigError(f"--resume: the run was trained with {flag} {getattr(saved, dest)}, not "
                               f"{getattr(args, dest)}; that would be another run: "
-                              f"{new_run_hint(dest, saved_argv + argv, args.resume)}")
+                              f"{new_run_hint(dest, saved_argv, argv, args.resume)}")
     done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
     for dest in given & (MAY_CHANGE_ON_RESUME | TAKE_EFFECT_ON_RESUME):
         setattr(saved, dest, getattr(args, dest))
@@ -326,10 +328,14 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
     return saved, without_resume(saved_argv) + without_resume(argv)
 
 
-def new_run_hint(dest: str, argv: list[str], path: str) -> str:
+def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str) -> str:
     """The way forward when a flag that makes another run is given with --resume: a new run with the run's flags
-    and those given now (`argv`), from the resumed checkpoint's weights (`path`) where they fit (--init-from)."""
-    flags = without(argv, "--resume", "--out-dir", "--init-from", switches=("--pretrained",))
+    and those given now, from the resumed checkpoint's weights (`path`) where they fit (--init-from)."""
+    defaults, given = vars(parse_args([])), given_flags(argv)
+    flags = [f"--{d.replace('_', '-')}" for d in given if not isinstance(defaults[d], bool)]
+    switches = [f"--{no}{d.replace('_', '-')}" for d in given if isinstance(defaults[d], bool) for no in ("", "no-")]
+    flags = without(without(saved_argv, *flags, switches=tuple(switches)) + argv, "--resume", "--out-dir",
+                    "--init-from", switches=("--pretrained",))
     if dest in NEW_RUN_ONLY:
         return f"start a new run without --resume: python train.py {shlex.join(flags)}"
     return f"start a new run from its weights: {shlex.join(['python', 'train.py', *flags, '--init-from', path])}"

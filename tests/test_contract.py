@@ -126,9 +126,8 @@ def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--optimizer", "adam"], "trained with --optimizer sgd, not adam; that would be another run: start a new run "
-                              "from its weights: python train.py --data-dir {data} --device cpu --epochs 2 "
-                              "--optimizer sgd --lr 0.05 --data-dir {data} --device cpu --optimizer adam --init-from "
-                              "{out}/last.pth"),
+                              "from its weights: python train.py --epochs 2 --lr 0.05 --data-dir {data} --device cpu "
+                              "--optimizer adam --init-from {out}/last.pth"),
     (["--batch-size", "16"], "trained with --batch-size 32, not 16; that would be another run"),
     (["--augment"], "trained with --augment False, not True"),
     (["--scheduler", "cosine"], "trained with --scheduler none, not cosine"),
