@@ -130,6 +130,9 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
                    help="--augment's crops shift images by up to PX pixels (default: 4)")
     g.add_argument("--alt-flip", action="store_true",
                    help="--augment flips each image in every other epoch, not at random")
+    g.add_argument("--color-jitter", type=float, default=0.0, metavar="S",
+                   help="scale each image's brightness, then its contrast, by factors drawn in [1-S, 1+S] each epoch "
+                        "(the beginner guide's ColorJitter(0.2, 0.2) is 0.2), 0 = off (default: 0)")
     g.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seeds init, split, order and augmentation (default: 0)")
 
@@ -225,6 +228,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         (number_in(args.val_split, 0, 1), "--val-split must be in [0, 1)"),
         (args.image_size is None or 8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
+        (number_in(args.color_jitter, 0, 1), "--color-jitter must be in [0, 1) (0 = off)"),
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
         (args.log_interval is None or args.log_interval >= 0, "--log-interval must be >= 0 (0 = off)"),
         (all(p != "" for p in (args.out_dir, args.resume, args.data_dir, args.init_from)),

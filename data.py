@@ -44,6 +44,7 @@ CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+JITTER_UNIT = 2**16  # epoch_plan's jitter factors are integers in units of 1/65536
 PAD = 4  # random-crop padding, pixels (default)
 RESIZE_CHUNK = 1000  # images resized at a time (--image-size): their float copies stay small
 MAX_IDX_BYTES = 2**31  # the largest IDX file read (MNIST's training images: 47 MB)
@@ -262,12 +263,15 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, idx: torch.Tensor, crop_flip: torch.Tensor | None = None,
-              pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized float images and labels for the samples `idx`, augmented where crop_flip is given."""
+    def batch(self, idx: torch.Tensor, crop_flip: torch.Tensor | None = None, pad: int = PAD,
+              jitter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized float images and labels for the samples `idx`, cropped and flipped where crop_flip is given,
+        brightness and contrast jittered where `jitter` (epoch_plan's factors) is given."""
         x = self.images.index_select(0, idx)  # several times faster than images[idx] on the CPU
         if crop_flip is not None:
             x = random_crop_flip(x, crop_flip, pad)
+        if jitter is not None:
+            x = color_jitter(x, jitter)
         return normalize(x, self.mean, self.std), self.labels.index_select(0, idx)
 
 
@@ -282,8 +286,9 @@ class MicroBatches(Sequence):
         return len(self.parts)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        part = self.parts[i]  # rows: sample, dy, dx, flip
-        x, y = self.data.batch(part[:, 0], part[:, 1:] if self.augment else None, self.pad)
+        part = self.parts[i]  # rows: sample, dy, dx, flip (, brightness, contrast)
+        x, y = self.data.batch(part[:, 0], part[:, 1:4] if self.augment else None, self.pad,
+                               part[:, 4:] if part.shape[1] > 4 else None)
         return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
 
@@ -298,7 +303,8 @@ def fingerprint(data: ImageSet) -> str:
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float (pixel / 255 - mean) / std per channel: what every model here takes."""
+    """uint8 images (N, C, H, W) -> float (pixel / 255 - mean) / std per channel: what every model here takes.
+    (Float images in [0, 255], color_jitter's, are normalized in place.)"""
     return images.float().div_(255).sub_(mean[:, None, None]).div_(std[:, None, None])
 
 
@@ -329,11 +335,13 @@ def split_train_val(images, labels, val_split: float, seed: int):
 
 
 def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu", pad: int = PAD,
-               alternate_flips: bool = False) -> torch.Tensor:
+               alternate_flips: bool = False, jitter: float = 0.0) -> torch.Tensor:
     """Every random choice of one epoch, from (seed, epoch) alone: an (n, 4) int64 tensor whose rows are
     (sample index, crop offset y, crop offset x, flip 0/1), in the order the samples are visited; offsets are
     in [0, 2 * pad]. alternate_flips: each image is flipped in every other epoch (a random half in epoch 1, the
-    other half in epoch 2, ...), so consecutive epochs always show both sides of it; short runs gain from that."""
+    other half in epoch 2, ...), so consecutive epochs always show both sides of it; short runs gain from that.
+    jitter > 0 adds two columns: each image's brightness and contrast factors, drawn in [1 - jitter, 1 + jitter],
+    in units of 1/JITTER_UNIT (drawn last, so that the other columns are those of a plan without jitter)."""
     g = torch.Generator().manual_seed(seed * 10_000 + epoch)  # distinct per epoch for runs under 10,000 epochs
     order = torch.randperm(n, generator=g)
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
@@ -342,7 +350,11 @@ def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu"
         flips = (first[order] ^ (epoch + 1) % 2)[:, None]
     else:
         flips = torch.randint(0, 2, (n, 1), generator=g)
-    return torch.cat([order[:, None], offsets, flips], 1).to(device)
+    columns = [order[:, None], offsets, flips]
+    if jitter > 0:
+        columns.append(((1 + jitter * (2 * torch.rand(n, 2, generator=g, dtype=torch.float64) - 1)) * JITTER_UNIT)
+                       .round().long())
+    return torch.cat(columns, 1).to(device)
 
 
 def images_per_epoch(n: int, step_images: int, batch_size: int, world: int) -> int:
@@ -353,6 +365,16 @@ def images_per_epoch(n: int, step_images: int, batch_size: int, world: int) -> i
     shares = torch.arange(rest).tensor_split(world)
     sizes = [len(part) for share in shares for part in share.tensor_split(max(1, math.ceil(rest / batch_size)))]
     return n - rest if 1 in sizes else n
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, then contrast, per image of the uint8 batch x (N, C, H, W), as float pixels in [0, 255]: x * b,
+    then (x - its mean) * c + its mean (the mean over the image's pixels and channels), clipped; `factors`: (N, 2)
+    integer (b, c) in units of 1/JITTER_UNIT, from epoch_plan. Whole-batch tensor operations, no per-image Python."""
+    b, c = (factors.to(torch.float32) / JITTER_UNIT).view(-1, 2, 1, 1, 1).unbind(1)
+    f = x.float().mul_(b)
+    mean = f.mean((1, 2, 3), keepdim=True)
+    return f.sub_(mean).mul_(c).add_(mean).clamp_(0, 255)
 
 
 def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -> torch.Tensor:

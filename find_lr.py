@@ -85,7 +85,8 @@ def lr_range_test(t: train.Trainer, data: ImageSet, args: argparse.Namespace) ->
 
     def steps() -> Iterator[tuple[float, MicroBatches, int]]:
         group_size = args.batch_size * args.accum_steps
-        plans = (epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip)
+        plans = (epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
+                            args.color_jitter)
                  for epoch in range(1, 10_001))
         groups = (group for plan in plans for group in plan[:t.images_per_epoch].split(group_size))  # (as needed)
         for lr, group in zip(lrs, groups):

@@ -124,8 +124,8 @@ def epoch_steps(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch: int
     """The optimizer steps of epoch `epoch` from `first_step` on, as train_one_epoch takes them; ends early when a
     signal asks the run to stop (at a step boundary, the same one in every process)."""
     rank, world = runtime.rank_world()
-    plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip)
-    plan = plan[:t.images_per_epoch]
+    plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
+                      args.color_jitter)[:t.images_per_epoch]  # (images_per_epoch: see data.py)
     total, warmup = args.epochs * t.steps_per_epoch, round(args.warmup_epochs * t.steps_per_epoch)
     for step, group in enumerate(plan.split(args.batch_size * args.accum_steps)[first_step:], first_step):
         if t.stop.requested():

@@ -224,3 +224,19 @@ def test_a_batchnorm_model_trains_on_a_last_batch_of_one_image(tmp_path, cifar_d
     results = train.main(["--data-dir", str(cifar_dir), "--device", "cpu", "--model", "resnet9", "--widths", "8,8,8,8",
                           "--val-split", "0", "--batch-size", "199", "--epochs", "1", "--out-dir", str(out)])
     assert results["epochs_completed"] == 1  # 200 images: the 200th (a batch of 1) is left out of the epoch
+
+
+def test_color_jitter_is_planned_per_image_and_epoch_and_leaves_the_rest_of_the_plan_alone():
+    from data import JITTER_UNIT, color_jitter
+    plain, jittered = epoch_plan(500, seed=1, epoch=2), epoch_plan(500, seed=1, epoch=2, jitter=0.2)
+    assert jittered.shape == (500, 6) and torch.equal(jittered[:, :4], plain)  # order, crops and flips unchanged
+    assert torch.equal(jittered, epoch_plan(500, seed=1, epoch=2, jitter=0.2))  # from (seed, epoch) alone: resumable
+    assert not torch.equal(jittered[:, 4:], epoch_plan(500, seed=1, epoch=3, jitter=0.2)[:, 4:])
+    factors = jittered[:, 4:].double() / JITTER_UNIT
+    assert 0.8 <= factors.min() < 0.82 and 1.18 < factors.max() <= 1.2  # brightness and contrast in [0.8, 1.2]
+    # one image with two pixel values: brightness x1.5, then contrast x0.5 around the image's mean
+    x = torch.tensor([[[[40, 80]]]], dtype=torch.uint8)  # (1, 1, 1, 2)
+    out = color_jitter(x, torch.tensor([[int(1.5 * JITTER_UNIT), int(0.5 * JITTER_UNIT)]]))
+    assert out.tolist() == [[[[75.0, 105.0]]]]  # 60, 120 -> mean 90 -> 90 -/+ 15
+    bright = color_jitter(torch.tensor([[[[200]]]], dtype=torch.uint8), torch.tensor([[2 * JITTER_UNIT, JITTER_UNIT]]))
+    assert bright.item() == 255.0  # clipped
