@@ -7,6 +7,7 @@
     python bench.py --step-cost 64,128,128 32,192,192  # AirNet training step time per widths, side by side (no data)
     python bench.py --step-cost 32,192,192 --optimizers sgd muon   # ... and per optimizer
     python bench.py --loop-cost 4 32                   # train.py's loop against the bare five steps (no data)
+    python bench.py --flops seed fast                  # FLOPs per image and of each recipe; achieved FLOP/s vs peak
     python bench.py --data-dir ./data --memory         # peak memory of one epoch: the seed pipeline vs train.py
     python bench.py --data-dir ./data --memory -- --preset fast   # the same for a preset
     python bench.py --loop-cost 32 --log-interval 1    # the same, also with a progress line after every step
@@ -222,6 +223,67 @@ def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5, log_i
     return shares
 
 
+def model_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, autocast) -> tuple[float, float]:
+    """(forward + backward, forward) FLOPs per image of `model` on the batch x, counted by torch's FlopCounterMode
+    (matrix multiplies and convolutions: 2 FLOPs per multiply-add; what the counter does not count, such as
+    BatchNorm and activations, is left out)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model.train()
+    with FlopCounterMode(display=False) as forward, autocast:
+        logits = model(x)
+    with FlopCounterMode(display=False) as backward:
+        F.cross_entropy(logits.float(), y).backward()
+    model.zero_grad(set_to_none=True)
+    fwd = forward.get_total_flops() / len(x)
+    return fwd + backward.get_total_flops() / len(x), fwd
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, seconds: float = 3.0) -> float:
+    """FLOP/s of a large square matrix multiply in `dtype` on this process's threads: the machine's practical peak."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def efficiency(presets: list[str], steps: int = 30, train_images: int = 50_000, test_images: int = 10_000) -> None:
+    """For each preset on CIFAR-10-sized data: FLOPs per image, the training and test FLOPs of the whole recipe,
+    the images/s of train.py's own training loop (train_epoch, on `steps` steps of random images) and the FLOP/s
+    that makes, against the peak of a large bf16 and fp32 matrix multiply measured right before, in this process
+    and on its threads. Prints a table."""
+    runtime.keep_freed_memory()  # as train.py does on the CPU
+    torch.set_flush_denormal(True)
+    cpu, rows = torch.device("cpu"), []
+    peaks = {"bf16": matmul_peak(torch.bfloat16), "fp32": matmul_peak(torch.float32)}
+    for preset in presets:
+        args = config.parse_args(["--preset", preset, "--device", "cpu", "--log-interval", "0", "--val-split", "0"])
+        n = steps * args.batch_size * args.accum_steps
+        generator = torch.Generator().manual_seed(0)
+        data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator),
+                        torch.randint(0, 10, (n,), generator=generator), torch.full((3,), 0.5), torch.full((3,), 0.25))
+        t = train.build_trainer(args, data, 10, cpu, resumed=None)
+        x, y = data.batch(torch.arange(min(64, n)))
+        train_flops, test_flops = model_flops(t.model, x.contiguous(memory_format=torch.channels_last), y, t.autocast)
+        views = {"none": 1, "mirror": 2, "shifts": 6}[args.tta]
+        train.train_epoch(t, data, args, 1, EpochTally(step=steps - 2))  # warm-up: the last 2 steps
+        tally = EpochTally()
+        train.train_epoch(t, data, args, 1, tally)
+        rate = n / tally.seconds
+        peak = peaks["bf16" if args.amp == "bf16" else "fp32"]
+        rows.append((preset, train_flops, args.epochs * train_images * train_flops,
+                     test_images * views * test_flops, rate, rate * train_flops, peak))
+    print(f"peak of a 4096x4096 matrix multiply on {torch.get_num_threads()} threads: bf16 {peaks['bf16'] / 1e9:,.0f} "
+          f"GFLOP/s, fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s")
+    print(f"{'preset':<8}{'MFLOP/img':>11}{'train PFLOP':>13}{'test PFLOP':>12}{'img/s':>9}{'GFLOP/s':>10}"
+          f"{'peak':>8}{'share':>8}")
+    for preset, per_image, total, test, rate, achieved, peak in rows:
+        print(f"{preset:<8}{per_image / 1e6:>11,.0f}{total / 1e15:>13.4f}{test / 1e15:>12.4f}{rate:>9,.0f}"
+              f"{achieved / 1e9:>10,.0f}{peak / 1e9:>8,.0f}{100 * achieved / peak:>7.1f}%")
+
+
 def main() -> None:
     with cli.one_line_errors("bench.py"):
         run_benchmark()
@@ -238,6 +300,9 @@ def run_benchmark() -> None:
                    metavar="NAME", help="--step-cost: time the step with each of these optimizers (default: sgd)")
     p.add_argument("--loop-cost", nargs="+", type=int, metavar="BATCH",
                    help="train.py's loop against the bare model step at these batch sizes instead (CPU, no data)")
+    p.add_argument("--flops", nargs="+", metavar="PRESET", choices=sorted(config.PRESETS),
+                   help="FLOPs per image, of the whole recipe and per second of train.py's loop, against the "
+                        "machine's matrix-multiply peak, for these presets instead (CPU, no data)")
     p.add_argument("--memory", action="store_true",
                    help="peak resident memory of one epoch instead: the seed guide's pipeline against train.py")
     p.add_argument("--log-interval", type=int, default=0, metavar="N",
@@ -251,6 +316,8 @@ def run_benchmark() -> None:
     if args.step_cost and any(len(w) != 3 for w in args.step_cost):
         p.error("--step-cost takes AirNet widths: three channel counts each, like 32,192,192")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.flops:
+        return efficiency(args.flops)
     if args.step_cost:
         return step_cost(args.step_cost, args.optimizers)
     if args.loop_cost:

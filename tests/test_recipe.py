@@ -1,4 +1,5 @@
 """The fast recipe's pieces: the ResNet-9 and AirNet models, whitening, presets, the lr schedule, EMA and TTA."""
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,13 @@ def test_bench_step_cost_times_each_airnet_widths_against_the_first(capsys):
     run = subprocess.run([sys.executable, "bench.py", "--step-cost", "8,8"], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode != 0 and run.stdout == "" and run.stderr.strip() == \
         "bench.py: error: --step-cost takes AirNet widths: three channel counts each, like 32,192,192"
+
+
+def test_bench_counts_flops_per_image_forward_and_backward():
+    import bench
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3, bias=False))
+    x, y = torch.randn(2, 1, 2, 2), torch.tensor([0, 2])
+    # forward: 2 x 4 x 3 per image; backward: the weight's gradient, as much again (the input needs none)
+    assert bench.model_flops(model, x, y, contextlib.nullcontext()) == (48, 24)
+    assert model[1].weight.grad is None  # the counting leaves no gradient behind
+    assert bench.matmul_peak(torch.float32, n=64, seconds=0.05) > 0
