@@ -46,10 +46,20 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 PAD = 4  # random-crop padding, pixels (default)
 RESIZE_CHUNK = 1000  # images resized at a time (--image-size): their float copies stay small
 MAX_IDX_BYTES = 2**31  # the largest IDX file read (MNIST's training images: 47 MB)
+# The fewest images a split may hold: two to train on (a std, batch norm's statistics), one to test on. Fewer would
+# run and report a meaningless result (an empty test set scores 0.00% with loss 0.0000).
+MIN_IMAGES = {"train": 2, "val": 1, "test": 1}
 
 
 class DataError(cli.UserError):
     """Data that is missing, unreadable or not in the expected format."""
+
+
+def require_images(n: int, split: str, source: object) -> None:
+    """Refuse a split with fewer than MIN_IMAGES[split] images, naming the file or folder they come from."""
+    if n < MIN_IMAGES[split]:
+        raise DataError(f"the {split} split holds {n} image{'s' * (n != 1)} ({source}); it needs at least "
+                        f"{MIN_IMAGES[split]}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,6 +123,7 @@ def load_cifar10(data_dir: Path):
         if missing:
             raise DataError(f"incomplete CIFAR-10 folder {folder}: missing {', '.join(missing)}")
         xs, ys = zip(*(_read_cifar_batch(p) for p in files[split]))
+        require_images(sum(map(len, ys)), split, ", ".join(map(str, files[split])))
         out += [torch.cat(xs), torch.cat(ys)]
     return (*out, CIFAR10_CLASSES)
 
@@ -131,6 +142,8 @@ def load_cifar100(data_dir: Path):
         raise DataError(f"broken CIFAR-100 file {folder / 'meta'}: expected 100 fine_label_names")
     train = _read_cifar_batch(folder / "train", "fine_labels", 100)
     test = _read_cifar_batch(folder / "test", "fine_labels", 100)
+    for split, (_, labels) in (("train", train), ("test", test)):
+        require_images(len(labels), split, folder / split)
     return (*train, *test, classes)
 
 
@@ -190,6 +203,7 @@ def load_idx_dataset(name: str, data_dir: Path):
         images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
         if len(images) != len(labels) or (len(labels) and labels.max() > 9):
             raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels, or a label over 9")
+        require_images(len(images), split, paths[0])
         out += [images.unsqueeze(1), labels.long()]  # (N, 1, 28, 28)
     classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
     return (*out, classes)
@@ -341,9 +355,14 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
     if name == "imagefolder" and (Path(data_dir) / "val").is_dir():  # the user's own split beats a random one
         val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32)
     else:
+        n = len(train_y)
         (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
-    if len(train_x) == 0:
-        raise DataError(f"no training images left after holding out a validation fraction of {val_split}")
+        if val_split > 0 and len(val_y) < MIN_IMAGES["val"]:
+            raise DataError(f"--val-split {val_split} of the {n} training images holds out none; give a larger "
+                            f"--val-split, or 0 for no validation")
+        if len(train_y) < MIN_IMAGES["train"]:
+            raise DataError(f"--val-split {val_split} of the {n} training images leaves {len(train_y)} to train on; "
+                            f"it needs at least {MIN_IMAGES['train']}: give a smaller --val-split")
     if stats is not None and train_x.shape[1] == 1:
         stats = tuple([sum(s) / len(s)] for s in stats)
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in (stats or channel_stats(train_x)))

@@ -1,0 +1,85 @@
+"""Careless or hostile data: splits too small to mean anything, images too large to decode, caches and files that
+lie. Every case is a real file in the real format, refused with one line that names it."""
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import data
+import train
+from conftest import write_idx, write_mnist
+from image_files import make_image_folder
+
+
+def write_cifar_batch(path: Path, n: int, label_key: str = "labels") -> None:
+    path.write_bytes(pickle.dumps({"data": np.zeros((n, 3072), np.uint8), label_key: [0] * n}))
+
+
+def write_cifar100(data_dir: Path, n_train: int = 20, n_test: int = 10) -> Path:
+    folder = data_dir / "cifar-100-python"
+    folder.mkdir(parents=True)
+    write_cifar_batch(folder / "train", n_train, "fine_labels")
+    write_cifar_batch(folder / "test", n_test, "fine_labels")
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"c{i}" for i in range(100)]}))
+    return data_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Splits too small to train or test on
+
+def test_an_empty_cifar10_test_batch_is_refused_by_train_and_evaluate(cifar_dir, tmp_path):
+    test_batch = cifar_dir / "cifar-10-batches-py" / "test_batch"
+    write_cifar_batch(test_batch, 0)
+    message = f"the test split holds 0 images ({test_batch}); it needs at least 1"
+    with pytest.raises(data.DataError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        data.load_raw("cifar10", cifar_dir)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--data-dir", str(cifar_dir), "--epochs", "1", "--device", "cpu", "--out-dir", str(out)])
+    assert exc.value.code == f"train.py: error: {message}"
+    assert not out.exists()  # no results.json, no run folder
+
+
+def test_a_cifar10_training_set_of_one_image_is_refused(cifar_dir):
+    folder = cifar_dir / "cifar-10-batches-py"
+    write_cifar_batch(folder / "data_batch_1", 1)
+    for i in range(2, 6):
+        write_cifar_batch(folder / f"data_batch_{i}", 0)
+    with pytest.raises(data.DataError, match=r"^the train split holds 1 image \(.*data_batch_1, .*data_batch_5\); "
+                                             r"it needs at least 2$"):
+        data.load_raw("cifar10", cifar_dir)
+
+
+@pytest.mark.parametrize("split, n_train, n_test", [("test", 20, 0), ("train", 1, 10)])
+def test_cifar100_splits_too_small_are_refused(tmp_path, split, n_train, n_test):
+    write_cifar100(tmp_path, n_train, n_test)
+    with pytest.raises(data.DataError, match=rf"^the {split} split holds . images? \(.*cifar-100-python/{split}\)"):
+        data.load_raw("cifar100", tmp_path)
+
+
+def test_an_idx_file_of_zero_images_is_refused(tmp_path):
+    folder = write_mnist(tmp_path / "mnist", compress=False)
+    write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), compress=False)
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros((0,), np.uint8), compress=False)
+    with pytest.raises(data.DataError, match=r"t10k-images-idx3-ubyte holds no images"):
+        data.load_raw("mnist", tmp_path)
+    write_idx(folder / "train-images-idx3-ubyte", np.zeros((1, 28, 28), np.uint8), compress=False)
+    write_idx(folder / "train-labels-idx1-ubyte", np.zeros((1,), np.uint8), compress=False)
+    with pytest.raises(data.DataError, match=r"^the train split holds 1 image \(.*train-images-idx3-ubyte\)"):
+        data.load_raw("mnist", tmp_path)
+
+
+def test_an_image_folder_with_an_empty_test_folder_is_refused(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    for p in (root / "test").rglob("*.*"):
+        p.unlink()
+    with pytest.raises(data.DataError, match=r"class folder .*images/test/blue holds no readable images"):
+        data.load_raw("imagefolder", root, image_size=16)
+
+
+def test_a_val_split_that_rounds_to_no_image_is_refused(cifar_dir):
+    with pytest.raises(data.DataError, match=r"^--val-split 0.001 of the 200 training images holds out none; give "
+                                             r"a larger --val-split, or 0 for no validation$"):
+        data.prepare("cifar10", cifar_dir, 0.001, seed=0, device="cpu")
+    assert data.prepare("cifar10", cifar_dir, 0.0, seed=0, device="cpu")[1] is None
