@@ -85,10 +85,25 @@ def one_line_errors(prog: str) -> Iterator[None]:
         restore_signals(previous_handlers)
 
 
-def describe_os_error(e: OSError) -> str:
-    reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e) or type(e).__name__)
+def describe_os_error(e: OSError, filename: bool = True) -> str:
+    """The reason of an OSError, after the file it names (filename=False: without it, where the message names the
+    file already, or the file is a temporary one the user never sees)."""
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else shorten(str(e)) or type(e).__name__)
     hint = "; free some space and try again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    return f"{e.filename}: {reason}{hint}" if e.filename else f"{reason}{hint}"
+    return f"{e.filename}: {reason}{hint}" if e.filename and filename else f"{reason}{hint}"
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """What a message echoes from a file or an exception, cut to `limit` characters (an ellipsis marks the cut):
+    a crafted file must not turn one error line into 100 KB."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def printable(text: str) -> str:
+    """text with every non-printable character (newline, escape, other terminal controls) written as \\xNN (\\uNNNN
+    above 0xff): a class name or file name printed to a terminal can then neither break a line nor drive it."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) <= 0xff else f"\\u{ord(c):04x}"
+                   for c in text)
 
 
 def refuse_overwriting(output: str | Path, *inputs: str | Path | None) -> None:

@@ -15,21 +15,27 @@ same whatever the batch size, accumulation or resume point.
 """
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
 import pickle
+import stat
 import struct
 import sys
+import threading
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import cli
 
@@ -49,6 +55,11 @@ MAX_IDX_BYTES = 2**31  # the largest IDX file read (MNIST's training images: 47 
 # The fewest images a split may hold: two to train on (a std, batch norm's statistics), one to test on. Fewer would
 # run and report a meaningless result (an empty test set scores 0.00% with loss 0.0000).
 MIN_IMAGES = {"train": 2, "val": 1, "test": 1}
+# The most pixels one image may decode to (after JPEG's draft scaling): 50 megapixels is a 200 MB RGBA frame.
+# Pillow's own limit (89 megapixels warns, 179 errors) lets a 518 KB PNG of 13000x13000 take 0.7 GB per copy.
+MAX_IMAGE_PIXELS = 50_000_000
+DECODE_COPIES = 3 * 4  # bytes per decoded pixel at the peak of load_image: RGBA, and two converted copies
+DECODE_BUFFER = 2**30  # bytes the decoding threads may hold at once, beyond the result (a larger image decodes alone)
 
 
 class DataError(cli.UserError):
@@ -209,15 +220,15 @@ def load_idx_dataset(name: str, data_dir: Path):
     return (*out, classes)
 
 
-def load_raw(name: str, data_dir: str | Path, image_size: int | None = None):
+def load_raw(name: str, data_dir: str | Path, image_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
     """(train_images, train_labels, test_images, test_labels, classes), images uint8 (N, C, H, W).
-    image_size is the side imagefolder images are decoded to (None: 32); the packed datasets come at their own size
-    (32 or 28: resize_images resizes them)."""
+    image_size is the side imagefolder images are decoded to (None: 32), max_pixels the most one image may decode
+    to; the packed datasets come at their own size (32 or 28: resize_images resizes them)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     data_dir = Path(data_dir)
     if name == "imagefolder":
-        return load_imagefolder(data_dir, image_size or 32)
+        return load_imagefolder(data_dir, image_size or 32, max_pixels)
     if name in ("cifar10", "cifar100"):
         return load_cifar10(data_dir) if name == "cifar10" else load_cifar100(data_dir)
     return load_idx_dataset(name, data_dir)
@@ -238,14 +249,16 @@ def resize_images(images: torch.Tensor, size: int | None, what: str) -> torch.Te
     return out
 
 
-def allocate_images(n: int, channels: int, size: int, what: str) -> torch.Tensor:
+def allocate_images(n: int, channels: int, size: int, what: str, extra: int = 0) -> torch.Tensor:
     """An empty uint8 (n, channels, size, size) tensor, after saying on stderr (`what` it is for) how much memory it
-    takes; a DataError instead when that is more than the memory available."""
-    need, available = n * channels * size * size, available_memory()
-    if available is not None and need > available:
-        raise DataError(f"{what}: {need / 2**30:,.1f} GiB of memory needed, {available / 2**30:,.1f} GiB available; "
-                        f"choose a smaller --image-size")
-    print(f"{what} ({need / 2**20:,.1f} MiB in memory)", file=sys.stderr, flush=True)
+    takes, and the `extra` bytes that filling it takes at most on top (decoding or resizing buffers); a DataError
+    instead when the two are more than the memory available."""
+    result, available = n * channels * size * size, available_memory()
+    if available is not None and result + extra > available:
+        raise DataError(f"{what}: {(result + extra) / 2**30:,.1f} GiB of memory needed, {available / 2**30:,.1f} GiB "
+                        f"available; choose a smaller --image-size")
+    also = f", plus up to {extra / 2**20:,.1f} MiB while filling it" if extra else ""
+    print(f"{what} ({result / 2**20:,.1f} MiB in memory{also})", file=sys.stderr, flush=True)
     return torch.empty(n, channels, size, size, dtype=torch.uint8)
 
 
@@ -346,14 +359,15 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -
 
 
 def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,
-            image_size: int | None = None, stats: tuple[list[float], list[float]] | None = None):
+            image_size: int | None = None, stats: tuple[list[float], list[float]] | None = None,
+            max_pixels: int = MAX_IMAGE_PIXELS):
     """Load a dataset, hold out validation (imagefolder: DATA_DIR/val/ when it exists, instead of val_split),
     resize to image_size (None: the dataset's own size), and compute normalization from the training part (before
     resizing: the same statistics, from fewer pixels) unless `stats` (mean, std) gives it: a pretrained net's own,
     averaged over RGB for 1-channel images. Returns (train, val or None, test, classes) as ImageSets on `device`."""
-    train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size)
+    train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size, max_pixels)
     if name == "imagefolder" and (Path(data_dir) / "val").is_dir():  # the user's own split beats a random one
-        val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32)
+        val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32, max_pixels)
     else:
         n = len(train_y)
         (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
@@ -378,24 +392,89 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGEFOLDER_CHANNELS = 3  # grayscale, RGBA and palette images all become RGB
-CACHE_VERSION = 2  # part of the cache key: bump it whenever load_image changes, so old decodings are never used
+CACHE_VERSION = 3  # part of the cache key: bump it whenever load_image changes, so old decodings are never used
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # load_image checks max_pixels itself
 
 
-def load_image(path: str | Path, channels: int, image_size: int) -> torch.Tensor:
+class UnreadableImage(DataError):
+    """An image file whose own bytes cannot be decoded (not an image, corrupt, more pixels than allowed): the same
+    on every try, so the image-folder cache records it as skipped. Every other failure (out of memory, an I/O error,
+    too many open files) may pass, is never cached, and stops the run."""
+
+
+def open_regular(path: str | Path, what: str = "file") -> io.BufferedReader:
+    """`path` opened for reading, if it is a regular file. O_NONBLOCK: opening a FIFO then returns at once (where a
+    plain open waits for a writer forever), and fstat refuses it, a folder or a device, on the file actually
+    opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path}: {cli.describe_os_error(e, filename=False)}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise DataError(f"cannot read {what} {path}: it is {kind}; give a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _ByteBudget:
+    """Bytes that threads reserve before they use them and give back after: at most `limit` at once, except for a
+    single reservation larger than that, which waits until it can run alone."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.lock = limit, 0, threading.Condition()
+
+    @contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        with self.lock:
+            self.lock.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.used -= n
+                self.lock.notify_all()
+
+
+def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
+               budget: _ByteBudget | None = None) -> torch.Tensor:
     """Decode an image file to uint8 (channels, image_size, image_size), channels 1 = grayscale or 3 = RGB.
     Training and prediction both decode through here, so a predicted image is seen exactly as a training one:
-    EXIF orientation applied, transparency flattened onto white, squashed (not cropped) to a square."""
+    EXIF orientation applied, transparency flattened onto white, squashed (not cropped) to a square.
+    The header's size is checked against max_pixels before anything is decoded (an UnreadableImage if over); the
+    decoding reserves its bytes from `budget` (the image folder's threads share one)."""
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"cannot decode images to {channels} channels: only 1 (grayscale) or 3 (RGB)")
-    try:
-        with Image.open(path) as im:
-            im.draft(None, (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers the size
-            im = _to_mode(ImageOps.exif_transpose(im), mode)
-            # Pillow widens the bilinear kernel when shrinking, so this averages (antialiases), not point-samples
-            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError, ...
-        raise DataError(f"cannot read image {path}: {e}") from None
+    with open_regular(path, "image") as f:
+        try:
+            with Image.open(f) as im:
+                im.draft(None, (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers it
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise UnreadableImage(f"cannot read image {path}: {width}x{height} pixels is over the limit of "
+                                          f"{max_pixels:,} per image; downscale it")
+                with budget.reserve(width * height * DECODE_COPIES) if budget else nullcontext():
+                    im = _to_mode(ImageOps.exif_transpose(im), mode)
+                    # Pillow widens the bilinear kernel when shrinking: this averages (antialiases), not samples
+                    im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        except DataError:
+            raise
+        except UnidentifiedImageError:  # (its own message names the open file object, not the path)
+            raise UnreadableImage(f"cannot read image {path}: cannot identify image file {str(path)!r}") from None
+        except (MemoryError, OSError) as e:
+            if isinstance(e, MemoryError) or e.errno is not None:  # the system's, not the file's: may pass
+                reason = "out of memory" if isinstance(e, MemoryError) else cli.describe_os_error(e, filename=False)
+                raise DataError(f"cannot read image {path}: {reason}") from None
+            raise UnreadableImage(f"cannot read image {path}: {cli.shorten(str(e))}") from None  # PIL's own
+        except Exception as e:  # PIL's decoders raise ValueError, SyntaxError, DecompressionBombError, ...
+            raise UnreadableImage(f"cannot read image {path}: {cli.shorten(str(e)) or type(e).__name__}") from None
     return torch.from_numpy(np.array(im).reshape(image_size, image_size, channels)).permute(2, 0, 1).contiguous()
 
 
@@ -420,7 +499,7 @@ def _subfolders(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files anywhere under `folder`, sorted; hidden ones (such as macOS's ._x.jpg) left out."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
@@ -434,16 +513,16 @@ def imagefolder_classes(root: Path) -> list[str]:
     return classes
 
 
-def load_imagefolder(root: Path, image_size: int):
+def load_imagefolder(root: Path, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
     """(train_images, train_labels, test_images, test_labels, classes) from DATA_DIR/train/ and /test/."""
     classes = imagefolder_classes(root)
-    train = load_imagefolder_split(root, "train", classes, image_size)
-    test = load_imagefolder_split(root, "test", classes, image_size)
+    train = load_imagefolder_split(root, "train", classes, image_size, max_pixels)
+    test = load_imagefolder_split(root, "test", classes, image_size, max_pixels)
     return (*train, *test, classes)
 
 
-def load_imagefolder_split(root: Path, split: str, classes: list[str],
-                           image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_imagefolder_split(root: Path, split: str, classes: list[str], image_size: int,
+                           max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/, from the cache while it is
     current. Unreadable files are skipped with a warning; a class left without images is an error."""
     folder = _split_dir(root, split)
@@ -452,12 +531,12 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str],
         differences = [f"{what} {', '.join(sorted(names))}" for what, names in
                        (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
         raise DataError(f"imagefolder: the class folders of {folder} differ from train/'s: {'; '.join(differences)}")
-    files = [(p, label) for label, name in enumerate(classes) for p in _image_files(folder / name)]
-    cache = _cache_path(root, split, image_size, [p for p, _ in files])
+    files = [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
+    cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)
     data = _read_cache(cache, len(files), image_size)
     if data is None:
-        data = _decode(files, image_size, f"imagefolder: decoding {len(files)} images of {folder} to "
-                                          f"{image_size}x{image_size}, cached for the next run")
+        data = _decode(files, image_size, max_pixels, f"imagefolder: decoding {len(files)} images of {folder} to "
+                                                      f"{image_size}x{image_size}, cached for the next run")
         _write_cache(cache, data)
     for message in data["skipped"]:
         print(f"warning: {message}; skipped", file=sys.stderr)
@@ -468,23 +547,28 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str],
     return data["images"], data["labels"]
 
 
-def _cache_path(root: Path, split: str, image_size: int, files: list[Path]) -> Path:
-    """DATA_DIR/.cache-<split>-<size>-<hash>: the hash covers every file's path, size and mtime and the decoding,
-    so adding, removing, renaming or editing an image, or a new decoder, makes a new key."""
+def _cache_path(root: Path, split: str, image_size: int, files: list[Path], max_pixels: int) -> Path:
+    """DATA_DIR/.cache-<split>-<size>-<hash>: the hash covers every file's path, size and mtime and the decoding
+    (max_pixels included: what it refused is in the cache), so adding, removing, renaming or editing an image, or a
+    new decoder, makes a new key."""
     stats = [(p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p, st in ((p, p.stat()) for p in files)]
-    key = json.dumps([CACHE_VERSION, IMAGEFOLDER_CHANNELS, image_size, stats])
+    key = json.dumps([CACHE_VERSION, IMAGEFOLDER_CHANNELS, image_size, max_pixels, stats])
     return root / f".cache-{split}-{image_size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
-def _decode(files: list[tuple[Path, int]], image_size: int, what: str) -> dict:
-    """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor."""
-    images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what)
+def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, what: str) -> dict:
+    """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor.
+    Only what is the file's own (an UnreadableImage) is skipped; any other failure (out of memory, an I/O error)
+    may pass, so it stops the run before anything is cached."""
+    images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what,
+                             extra=min(DECODE_BUFFER, len(files) * max_pixels * DECODE_COPIES))
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    budget = _ByteBudget(DECODE_BUFFER)  # the threads' decoded frames: up to max_pixels * DECODE_COPIES bytes each
 
     def decode(i: int) -> str | None:
         try:
-            images[i] = load_image(files[i][0], IMAGEFOLDER_CHANNELS, image_size)
-        except DataError as e:
+            images[i] = load_image(files[i][0], IMAGEFOLDER_CHANNELS, image_size, max_pixels, budget)
+        except UnreadableImage as e:
             return str(e)
         return None
 

@@ -1,14 +1,18 @@
 """Careless or hostile data: splits too small to mean anything, images too large to decode, caches and files that
 lie. Every case is a real file in the real format, refused with one line that names it."""
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import data
 import train
-from conftest import write_idx, write_mnist
+from conftest import ROOT, write_idx, write_mnist
 from image_files import make_image_folder
 
 
@@ -83,3 +87,65 @@ def test_a_val_split_that_rounds_to_no_image_is_refused(cifar_dir):
                                              r"a larger --val-split, or 0 for no validation$"):
         data.prepare("cifar10", cifar_dir, 0.001, seed=0, device="cpu")
     assert data.prepare("cifar10", cifar_dir, 0.0, seed=0, device="cpu")[1] is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. A failure that may pass is never cached as a skipped image
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_an_image_that_fails_for_a_passing_reason_stops_the_run_and_is_never_cached(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    # Too many open files: a real OS error, the system's and not the file's. The limit is set once Pillow's plugins
+    # are imported (one decode first), so only the opening of the images fails.
+    proc = run_python(f"""
+import resource, cli, data
+data.load_image({str(root / "test" / "red" / "d_opaque.png")!r}, 3, 8)
+with cli.one_line_errors("x"):
+    import os
+    fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(fds) + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    data.load_imagefolder_split(data.Path({str(root)!r}), "train", ["blue", "red"], 16)
+""")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("x: error: cannot read image ")
+    assert proc.stderr.splitlines()[-1].endswith(": Too many open files")
+    assert not list(root.glob(".cache-*"))  # nothing cached: the next run decodes every image again
+    images, labels = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    assert labels.tolist() == [0] * 6 + [1] * 6  # only the corrupt file is skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. An image may decode to so many pixels, no more
+
+def test_a_small_png_of_13000x13000_pixels_is_refused_before_it_is_decoded(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images")
+    bomb = root / "train" / "blue" / "bomb.png"
+    Image.new("1", (13000, 13000)).save(bomb)  # 20 KB on disk, 169 megapixels: 0.5 GB as RGB
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(data.UnreadableImage, match=rf"^cannot read image {bomb}: 13000x13000 pixels is over the "
+                                                   rf"limit of 50,000,000 per image; downscale it$"):
+        data.load_image(bomb, 3, 32)
+    # The image folder skips it, with that line; decoding it (each of 8 threads at once) is what would cost memory
+    proc = run_python(f"""
+import resource, data
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+images, labels = data.load_imagefolder_split(data.Path({str(root)!r}), "train", ["blue", "red"], 16)
+print(len(labels), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+""")
+    n, grown_mib = map(int, proc.stdout.split())
+    assert n == 12 and grown_mib < 100, (n, grown_mib)
+    assert f"warning: cannot read image {bomb}: 13000x13000 pixels is over the limit" in proc.stderr
+    assert "DecompressionBombWarning" not in proc.stderr  # Pillow's own (multi-line) warning is ours, in one line
+
+
+def test_max_pixels_is_part_of_the_cache_key(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images")  # its largest image: 64x48 = 3,072 pixels
+    _, labels = data.load_imagefolder_split(root, "train", ["blue", "red"], 16, max_pixels=2000)
+    assert len(labels) == 10  # the 64x48 webp of each class skipped (and z_broken.jpg, always)
+    assert capsys.readouterr().err.count("pixels is over the limit of 2,000 per image") == 2
+    _, labels = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    assert len(labels) == 12 and "over the limit" not in capsys.readouterr().err
