@@ -50,7 +50,7 @@ CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 PAD = 4  # random-crop padding, pixels (default)
-RESIZE_CHUNK = 1000  # images resized at a time (--image-size): their float copies stay small
+RESIZE_BUFFER = 64 * 2**20  # bytes of float copies --image-size's resizing may hold beyond its result (>= 1 image)
 MAX_IDX_BYTES = 2**31  # the largest IDX file read (MNIST's training images: 47 MB)
 # The fewest images a split may hold: two to train on (a std, batch norm's statistics), one to test on. Fewer would
 # run and report a meaningless result (an empty test set scores 0.00% with loss 0.0000).
@@ -236,16 +236,19 @@ def load_raw(name: str, data_dir: str | Path, image_size: int | None = None, max
 
 def resize_images(images: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
     """uint8 images (N, C, H, W) resized to size x size (None, or their own size: returned as they are), with
-    antialiased bilinear interpolation (what Pillow does for image folders), into one new uint8 tensor, a chunk at
-    a time so that the float copies stay small."""
+    antialiased bilinear interpolation (what Pillow does for image folders), into one preallocated uint8 tensor, a
+    few images at a time: their float copies (input, output and the separable pass between) stay within
+    RESIZE_BUFFER, and the memory check counts them."""
     if size is None or images.shape[2:] == (size, size):
         return images
-    out = allocate_images(len(images), images.shape[1], size,
-                          f"{what}: resizing {len(images):,} images to {size}x{size}")
-    for start in range(0, len(images), RESIZE_CHUNK):
-        chunk = images[start:start + RESIZE_CHUNK].float()
-        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + RESIZE_CHUNK] = resized.round_().clamp_(0, 255)
+    n, c, h, w = images.shape
+    per_image = 4 * c * (h * w + size * size + max(h, size) * max(w, size))  # float32 bytes at the peak
+    chunk = max(1, min(n, RESIZE_BUFFER // per_image))
+    out = allocate_images(n, c, size, f"{what}: resizing {n:,} images to {size}x{size}", extra=chunk * per_image)
+    for start in range(0, n, chunk):
+        resized = F.interpolate(images[start:start + chunk].float(), size=(size, size), mode="bilinear",
+                                antialias=True, align_corners=False)
+        out[start:start + chunk] = resized.round_().clamp_(0, 255)  # converted straight into the uint8 result
     return out
 
 
@@ -253,13 +256,19 @@ def allocate_images(n: int, channels: int, size: int, what: str, extra: int = 0)
     """An empty uint8 (n, channels, size, size) tensor, after saying on stderr (`what` it is for) how much memory it
     takes, and the `extra` bytes that filling it takes at most on top (decoding or resizing buffers); a DataError
     instead when the two are more than the memory available."""
-    result, available = n * channels * size * size, available_memory()
-    if available is not None and result + extra > available:
-        raise DataError(f"{what}: {(result + extra) / 2**30:,.1f} GiB of memory needed, {available / 2**30:,.1f} GiB "
-                        f"available; choose a smaller --image-size")
+    result = n * channels * size * size
+    check_memory(result + extra, what)
     also = f", plus up to {extra / 2**20:,.1f} MiB while filling it" if extra else ""
     print(f"{what} ({result / 2**20:,.1f} MiB in memory{also})", file=sys.stderr, flush=True)
     return torch.empty(n, channels, size, size, dtype=torch.uint8)
+
+
+def check_memory(need: int, what: str) -> None:
+    """A DataError when `need` bytes are more than the memory available."""
+    available = available_memory()
+    if available is not None and need > available:
+        raise DataError(f"{what}: {need / 2**30:,.1f} GiB of memory needed, {available / 2**30:,.1f} GiB available; "
+                        f"choose a smaller --image-size")
 
 
 def available_memory() -> int | None:
@@ -370,6 +379,7 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
         val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32, max_pixels)
     else:
         n = len(train_y)
+        check_memory(train_x.nbytes, f"{name}: holding out --val-split {val_split} of {n:,} training images (a copy)")
         (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
         if val_split > 0 and len(val_y) < MIN_IMAGES["val"]:
             raise DataError(f"--val-split {val_split} of the {n} training images holds out none; give a larger "

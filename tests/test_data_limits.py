@@ -2,12 +2,15 @@
 lie. Every case is a real file in the real format, refused with one line that names it."""
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import data
@@ -149,3 +152,30 @@ def test_max_pixels_is_part_of_the_cache_key(tmp_path, capsys):
     assert capsys.readouterr().err.count("pixels is over the limit of 2,000 per image") == 2
     _, labels = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     assert len(labels) == 12 and "over the limit" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. --image-size: the resize holds a small fixed buffer beyond its result, and the memory check counts both
+
+def test_resizing_in_chunks_gives_the_images_of_one_whole_resize(monkeypatch):
+    images = torch.randint(0, 256, (7, 3, 10, 12), dtype=torch.uint8)
+    whole = F.interpolate(images.float(), size=(20, 20), mode="bilinear", antialias=True, align_corners=False)
+    monkeypatch.setattr(data, "RESIZE_BUFFER", 1)  # one image at a time
+    assert torch.equal(data.resize_images(images, 20, "test"), whole.round().clamp(0, 255).to(torch.uint8))
+
+
+def test_resizing_to_a_large_size_peaks_at_what_the_memory_check_announced(cifar_dir):
+    proc = run_python(f"""
+import re, resource, sys, torch, data
+x, *_ = data.load_raw("cifar10", {str(cifar_dir)!r})
+data.resize_images(x[:2], 64, "warm-up")  # the kernels' own first-use allocations, not counted below
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+out = data.resize_images(x, 384, "cifar10 train")  # 200 images: 88 MB; as floats at once, 350 MB more
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(out.shape[2], grown // 2**20)
+""")
+    size, grown_mib = map(int, proc.stdout.split())
+    result_mib, extra_mib = map(float, re.search(r"cifar10 train: resizing 200 images to 384x384 \(([\d.]+) MiB in "
+                                                 r"memory, plus up to ([\d.]+) MiB", proc.stderr).groups())
+    assert size == 384 and extra_mib <= data.RESIZE_BUFFER / 2**20
+    assert grown_mib <= result_mib + extra_mib + 16, (grown_mib, result_mib, extra_mib)
