@@ -17,6 +17,7 @@ import data
 import train
 from conftest import ROOT, write_idx, write_mnist
 from image_files import make_image_folder
+from model import build_model
 
 
 def write_cifar_batch(path: Path, n: int, label_key: str = "labels") -> None:
@@ -179,3 +180,47 @@ print(out.shape[2], grown // 2**20)
                                                  r"memory, plus up to ([\d.]+) MiB", proc.stderr).groups())
     assert size == 384 and extra_mib <= data.RESIZE_BUFFER / 2**20
     assert grown_mib <= result_mib + extra_mib + 16, (grown_mib, result_mib, extra_mib)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Checkpoints: tensors larger than their storage, and memory that runs out while mapping one
+
+def small_checkpoint(**extra) -> dict:
+    torch.manual_seed(0)
+    state = build_model("simplecnn", 3, 3, 32).state_dict()
+    return {"model": {**state, **extra}, "model_name": "simplecnn", "num_classes": 3, "in_channels": 3,
+            "image_size": 32, "classes": ["cat", "dog", "fox"], "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def test_an_expanded_tensor_in_a_checkpoint_is_refused_before_it_is_materialized(tmp_path):
+    evil = tmp_path / "evil.pth"
+    torch.save(small_checkpoint(evil=torch.zeros(1).expand(2**20, 2**10)), evil)  # 4 GiB as float32, 4 bytes stored
+    assert evil.stat().st_size < 1_000_000
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    proc = run_python(f"""
+import resource, predict
+try:
+    predict.main(["--checkpoint", {str(evil)!r}, {str(image)!r}])
+finally:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+""")
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"predict.py: error: {evil} holds a tensor of shape (1048576, 1024) over a storage of 4 bytes (an expanded "
+        f"tensor, a crafted file?); refusing it"], proc.stderr
+    assert int(proc.stdout) < 1500  # MiB: torch itself, not the 4 GiB
+
+
+def test_running_out_of_memory_while_mapping_a_checkpoint_says_so(tmp_path):
+    path = tmp_path / "big.pth"
+    torch.save(small_checkpoint(big=torch.zeros(16 * 2**20)), path)  # 64 MiB
+    proc = run_python(f"""
+import resource, checkpoint, cli
+vm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize"))
+with cli.one_line_errors("x"):
+    resource.setrlimit(resource.RLIMIT_AS, (vm + 16 * 2**20, resource.RLIM_INFINITY))
+    checkpoint.load_checkpoint({str(path)!r})
+""")
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"x: error: cannot read checkpoint {path}: out of memory while mapping it (64.2 MiB); free some memory and "
+        f"try again"], proc.stderr
