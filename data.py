@@ -215,6 +215,9 @@ def load_idx_dataset(name: str, data_dir: Path):
         if len(images) != len(labels) or (len(labels) and labels.max() > 9):
             raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels, or a label over 9")
         require_images(len(images), split, paths[0])
+        if out and images.shape[1:] != out[0].shape[2:]:  # one model takes both: one size
+            raise DataError(f"{name}: the test images of {paths[0]} are {images.shape[1]}x{images.shape[2]}, the "
+                            f"training images {out[0].shape[2]}x{out[0].shape[3]}; both splits need one size")
         out += [images.unsqueeze(1), labels.long()]  # (N, 1, 28, 28)
     classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
     return (*out, classes)
@@ -543,13 +546,13 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str], image_siz
         raise DataError(f"imagefolder: the class folders of {folder} differ from train/'s: {'; '.join(differences)}")
     files = [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
     cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)
-    data = _read_cache(cache, len(files), image_size)
+    data = _read_cache(cache, torch.tensor([label for _, label in files], dtype=torch.int64), image_size)
     if data is None:
         data = _decode(files, image_size, max_pixels, f"imagefolder: decoding {len(files)} images of {folder} to "
                                                       f"{image_size}x{image_size}, cached for the next run")
         _write_cache(cache, data)
     for message in data["skipped"]:
-        print(f"warning: {message}; skipped", file=sys.stderr)
+        print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
     counts = torch.bincount(data["labels"], minlength=len(classes)).tolist()
     if 0 in counts:
         raise DataError(f"imagefolder: class folder {folder / classes[counts.index(0)]} holds no readable images "
@@ -591,17 +594,38 @@ def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, wha
     return {"images": images, "labels": labels, "skipped": skipped}
 
 
-def _read_cache(path: Path, n_files: int, image_size: int) -> dict | None:
+def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | None:
+    """The cache's {"images", "labels", "skipped"} if it holds what _decode would for files of the labels
+    `expected`, else None (decode again), with a warning when the file is there but is not that: checked as
+    checkpoints are (weights_only, tensors no larger than their storage), then every field against the folder."""
     if not path.is_file():
         return None
+    from checkpoint import CheckpointError, check_tensor_sizes  # (checkpoint imports model: only when needed)
     try:
         data = torch.load(path, weights_only=True)
+        check_tensor_sizes(data, path)
         images, labels, skipped = data["images"], data["labels"], data["skipped"]
-        ok = (images.dtype == torch.uint8 and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
-              and labels.dtype == torch.int64 and len(images) == len(labels) == n_files - len(skipped))
-    except Exception:  # truncated, foreign or mangled: only a cache miss, decode again
-        return None
-    return data if ok else None
+        shape_ok = (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                    and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
+                    and isinstance(skipped, list) and all(isinstance(m, str) for m in skipped)
+                    and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.ndim == 1
+                    and len(images) == len(labels) == len(expected) - len(skipped))
+        # The files are listed class by class, so the labels must run in order, each class no more often than it
+        # has files: a negative or out-of-range label, or one class's images under another's, is refused.
+        labels_ok = shape_ok and (len(labels) == 0 or (
+            0 <= labels.min() and labels.max() <= expected.max() and bool((labels.diff() >= 0).all())
+            and bool((torch.bincount(labels, minlength=int(expected.max()) + 1)
+                      <= torch.bincount(expected)).all())))
+        problem = None if labels_ok else "its images, labels or skipped files do not match the folder"
+    except CheckpointError as e:
+        problem = str(e)
+    except Exception as e:  # truncated, foreign or mangled
+        problem = f"unreadable ({type(e).__name__})"
+    if problem is None:
+        return data
+    print(f"warning: ignoring the image cache {path}: {cli.shorten(cli.printable(problem))}; decoding again",
+          file=sys.stderr)
+    return None
 
 
 def _write_cache(path: Path, data: dict) -> None:

@@ -224,3 +224,43 @@ with cli.one_line_errors("x"):
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"x: error: cannot read checkpoint {path}: out of memory while mapping it (64.2 MiB); free some memory and "
         f"try again"], proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Files that disagree with each other: test images of another size, an image cache that lies
+
+def test_mnist_test_images_of_another_size_are_refused(tmp_path):
+    folder = write_mnist(tmp_path / "mnist", compress=True)
+    test_images = write_idx(folder / "t10k-images-idx3-ubyte", np.zeros((40, 32, 32), np.uint8), compress=True)
+    with pytest.raises(data.DataError, match=rf"^mnist: the test images of {test_images} are 32x32, the training "
+                                             rf"images 28x28; both splits need one size$"):
+        data.load_raw("mnist", tmp_path)
+
+
+def rewrite_cache(root: Path, change) -> None:
+    [cache] = root.glob(".cache-train-16-*.pt")
+    content = torch.load(cache, weights_only=True)
+    change(content)
+    torch.save(content, cache)
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: c["labels"].__setitem__(0, -1),                     # a negative label
+    lambda c: c["labels"].__setitem__(-1, 7),                     # a label past the classes
+    lambda c: c["labels"].__setitem__(slice(None), 0),            # every image in one class
+    lambda c: c.__setitem__("skipped", ["x"] * 20),               # more skipped files than there are
+    lambda c: c.__setitem__("images", torch.zeros(1, dtype=torch.uint8).expand(12, 3, 16, 16)),  # expanded
+], ids=["negative", "out-of-range", "one-class", "skipped", "expanded"])
+def test_an_image_cache_that_does_not_match_its_folder_is_decoded_again(tmp_path, capsys, change):
+    root = make_image_folder(tmp_path / "images")
+    first = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    rewrite_cache(root, change)
+    capsys.readouterr()
+    again = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    warning, decoding, skipped = capsys.readouterr().err.splitlines()
+    assert warning.startswith(f"warning: ignoring the image cache {root}/.cache-train-16-")
+    assert warning.endswith("; decoding again") and decoding.startswith("imagefolder: decoding 13 images")
+    # decoded again and cached again: the next run uses the cache, silently
+    data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    assert "decoding" not in capsys.readouterr().err
