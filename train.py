@@ -913,7 +913,7 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
 def main(argv: list[str] | None = None) -> dict | float:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with cli.one_line_errors("train.py"):
+        with cli.one_line_errors("train.py", "lower --batch-size (--accum-steps keeps the update the same)"):
             args = parse_args(argv)
             resumed, run_argv = None, without_resume(argv)
             if args.find_lr and args.resume:

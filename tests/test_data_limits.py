@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import predict
 import train
 from conftest import ROOT, write_idx, write_mnist
 from image_files import make_image_folder
+from checkpoint import CheckpointError, load_checkpoint
 from model import build_model
 
 
@@ -264,3 +266,55 @@ def test_an_image_cache_that_does_not_match_its_folder_is_decoded_again(tmp_path
     # decoded again and cached again: the next run uses the cache, silently
     data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     assert "decoding" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. predict.py: files that are not regular files, folders, --top-k over the classes
+
+def write_predict_checkpoint(path: Path, classes: list[str]) -> Path:
+    torch.save({**small_checkpoint(), "classes": classes, "num_classes": len(classes)}, path)
+    return path
+
+
+def test_predict_refuses_a_fifo_at_once(tmp_path):
+    checkpoint = write_predict_checkpoint(tmp_path / "best.pth", ["cat", "dog", "fox"])
+    fifo = tmp_path / "photo.png"
+    os.mkfifo(fifo)  # nothing ever writes to it: a plain open() would wait forever
+    proc = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(checkpoint), str(fifo)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f"predict.py: error: cannot read image {fifo}: it is a FIFO; give a regular file"]
+    with pytest.raises(CheckpointError, match="^cannot read checkpoint .*photo.png: not a regular file"):
+        load_checkpoint(fifo)
+
+
+def test_predict_takes_the_image_files_of_a_folder_sorted(tmp_path, capsys):
+    checkpoint = write_predict_checkpoint(tmp_path / "best.pth", ["cat", "dog", "fox"])
+    root = make_image_folder(tmp_path / "images")
+    (root / "test" / "blue" / "notes.txt").write_text("not an image")
+    (root / "test" / "blue" / ".hidden.png").write_bytes(b"macOS resource fork")
+    results = predict.main(["--checkpoint", str(checkpoint), "--json", str(root / "test")])
+    expected = sorted(str(p) for p in (root / "test").rglob("*.*") if p.suffix != ".txt" and "hidden" not in p.name)
+    assert [r["path"] for r in results] == expected and len(expected) == 12
+    (root / "empty").mkdir()
+    with pytest.raises(SystemExit, match=r"^predict.py: error: .*empty is a folder with no image files \(.jpg, "):
+        predict.main(["--checkpoint", str(checkpoint), str(root / "empty")])
+
+
+def test_predict_top_k_over_the_classes_lists_them_all_with_a_note(tmp_path, capsys):
+    checkpoint = write_predict_checkpoint(tmp_path / "best.pth", ["cat", "dog", "fox"])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8), (10, 200, 30)).save(image)
+    [result] = predict.main(["--checkpoint", str(checkpoint), "--top-k", "5", str(image)])
+    assert sorted(t["label"] for t in result["top_k"]) == ["cat", "dog", "fox"]
+    assert capsys.readouterr().err == "predict.py: note: --top-k 5 is more than the checkpoint's 3 classes; listing 3\n"
+
+
+def test_predict_refuses_an_image_over_max_image_pixels(tmp_path):
+    checkpoint = write_predict_checkpoint(tmp_path / "best.pth", ["cat", "dog", "fox"])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (100, 100)).save(image)
+    with pytest.raises(SystemExit) as exc:
+        predict.main(["--checkpoint", str(checkpoint), "--max-image-pixels", "9999", str(image)])
+    assert exc.value.code == (f"predict.py: error: cannot read image {image}: 100x100 pixels is over the limit of "
+                              f"9,999 per image; downscale it")
