@@ -17,6 +17,7 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
     partial_epoch the epoch in progress (EpochTally) in a checkpoint saved by Ctrl-C, else None
     optimizer, scaler, rng   what exact resume needs (scaler: fp16 only)
 """
+import contextlib
 import csv
 import io
 import math
@@ -79,8 +80,8 @@ def save_checkpoint(ckpt: dict, *paths: Path) -> None:
         try:
             write_atomically(path, buffer.getbuffer())
         except OSError as e:
-            raise CheckpointError(f"cannot write {path}: {cli.describe_os_error(e)} (the previous {path.name}, "
-                                  f"if any, is intact)") from None
+            raise CheckpointError(f"cannot write {path}: {cli.describe_os_error(e, filename=False)} (the previous "
+                                  f"{path.name}, if any, is intact)") from None
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
@@ -92,8 +93,11 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, or a signal: never leave the temporary file behind
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:  # a full disk, or a signal: never leave the temporary file behind
+        with contextlib.suppress(OSError):  # (a cleanup that fails must not hide why the write failed)
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):  # name the file the user asked for, not our .tmp
+            e.filename = str(path)
         raise
 
 
@@ -253,8 +257,8 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
         shapes = {k: tuple(t.shape) for k, t in weights.items()}  # their size is fixed by the name and num_classes
     if shapes != {k: tuple(t.shape) for k, t in weights.items()}:
         wrong = sorted(set(shapes) ^ set(weights) or {k for k in shapes if shapes[k] != tuple(weights[k].shape)})
-        raise CheckpointError(f"checkpoint does not match its model: {', '.join(wrong[:5])} missing, extra or "
-                              f"of another shape")
+        raise CheckpointError(f"checkpoint does not match its model: {cli.shorten(', '.join(wrong[:5]))} missing, "
+                              f"extra or of another shape")
     model = build()
     load_weights(model, weights)
     return model.eval()
@@ -265,7 +269,8 @@ def load_weights(model: nn.Module, weights: dict) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
-        raise CheckpointError(f"checkpoint does not match its model: {' '.join(str(e).split())[:300]}") from None
+        details = cli.shorten(" ".join(str(e).split()), 300)
+        raise CheckpointError(f"checkpoint does not match its model: {details}") from None
 
 
 def torchvision_weights(weights) -> dict:

@@ -27,7 +27,7 @@ import threading
 import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -92,7 +92,7 @@ def _read_pickle(path: Path, what: str) -> dict:
         with open(path, "rb") as f:
             content = _ArraysOnly(f, encoding="latin1").load()
     except Exception as e:  # truncated, not a pickle, a forbidden global, ...
-        raise DataError(f"broken {what} file {path}: {type(e).__name__}: {e}"[:300]) from None
+        raise DataError(f"broken {what} file {path}: {type(e).__name__}: {cli.shorten(str(e))}") from None
     if not isinstance(content, dict):
         raise DataError(f"broken {what} file {path}: not a dict")
     return content
@@ -543,7 +543,8 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str], image_siz
     if found != classes:
         differences = [f"{what} {', '.join(sorted(names))}" for what, names in
                        (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
-        raise DataError(f"imagefolder: the class folders of {folder} differ from train/'s: {'; '.join(differences)}")
+        raise DataError(f"imagefolder: the class folders of {folder} differ from train/'s: "
+                        f"{cli.shorten('; '.join(differences))}")
     files = [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
     cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)
     data = _read_cache(cache, torch.tensor([label for _, label in files], dtype=torch.int64), image_size)
@@ -639,7 +640,10 @@ def _write_cache(path: Path, data: dict) -> None:
             if old != path:
                 old.unlink(missing_ok=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = (cli.describe_os_error(e, filename=False) if isinstance(e, OSError) else  # (never our .tmp's name)
+                  cli.shorten(str(e).strip().splitlines()[0].replace(str(tmp), str(path))) if str(e).strip()
+                  else type(e).__name__)
         print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)
     finally:  # a failed write, or Ctrl-C in the middle of one (after the rename there is nothing left to remove)
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # (a cleanup that fails must not hide why the write failed)
+            tmp.unlink(missing_ok=True)

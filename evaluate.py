@@ -32,6 +32,7 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 
 
 def format_report(result: dict, classes: list[str]) -> str:
+    classes = [cli.printable(c) for c in classes]  # a class name cannot break a line or send the terminal escapes
     width = max(len(c) for c in classes) + 2
     lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%", "",
              f"{'class':<{width}}accuracy"]
@@ -82,7 +83,8 @@ def report(args) -> dict:
     tta = args.tta or run_args.get("tta", "none")
     amp = args.amp or run_args.get("amp", "off")
     if tta not in TTA_MODES or amp not in runtime.AMP_MODES:
-        raise DataError(f"{args.checkpoint} records --tta {tta!r} / --amp {amp!r}; give --tta and --amp")
+        raise DataError(f"{args.checkpoint} records --tta {cli.shorten(repr(tta), 50)} / --amp "
+                        f"{cli.shorten(repr(amp), 50)}; give --tta and --amp")
     model = model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)  # as train.py
     dataset, data_dir = run_args.get("dataset", "cifar10"), args.data_dir or run_args.get("data_dir", "./data")
     if not isinstance(dataset, str) or not isinstance(data_dir, str):

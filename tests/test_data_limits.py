@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cli
 import data
+import evaluate
 import predict
 import train
 from conftest import ROOT, write_idx, write_mnist
 from image_files import make_image_folder
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_atomically
 from model import build_model
 
 
@@ -318,3 +320,70 @@ def test_predict_refuses_an_image_over_max_image_pixels(tmp_path):
         predict.main(["--checkpoint", str(checkpoint), "--max-image-pixels", "9999", str(image)])
     assert exc.value.code == (f"predict.py: error: cannot read image {image}: 100x100 pixels is over the limit of "
                               f"9,999 per image; downscale it")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Messages: never an internal .tmp name, one line, of bounded length, with the script's own advice, escaped
+
+def test_a_failed_save_names_the_file_asked_for_not_its_temporary_file(tmp_path):
+    (tmp_path / "results.json.tmp").mkdir()  # what the write goes through, made unwritable: a real OSError
+    with pytest.raises(OSError) as exc:
+        write_atomically(tmp_path / "results.json", b"{}")
+    assert exc.value.filename == str(tmp_path / "results.json") and not (tmp_path / "results.json").exists()
+    (tmp_path / "last.pth.tmp").mkdir()
+    with pytest.raises(CheckpointError) as exc:
+        save_checkpoint({"format": 2}, tmp_path / "last.pth")
+    assert str(exc.value) == f"cannot write {tmp_path / 'last.pth'}: Is a directory (the previous last.pth, if any, " \
+                             f"is intact)"
+
+
+def test_a_failed_cache_write_warns_without_the_temporary_name(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images")
+    files = [p for name in ("blue", "red") for p in data.image_files(root / "train" / name)]
+    cache = data._cache_path(root, "train", 16, files, data.MAX_IMAGE_PIXELS)
+    cache.with_name(f"{cache.name}.{os.getpid()}.tmp").mkdir()
+    data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if "cannot write the cache" in line]
+    assert warning.startswith(f"warning: cannot write the cache {cache}: ") and ".tmp" not in warning, warning
+
+
+def test_an_error_about_a_file_name_with_a_newline_is_one_line(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    (root / "test" / "x\ny\x1b[31m").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--dataset", "imagefolder", "--data-dir", str(root), "--device", "cpu",
+                    "--out-dir", str(tmp_path / "run")])
+    assert exc.value.code == (f"train.py: error: imagefolder: the class folders of {root / 'test'} differ from "
+                              f"train/'s: extra x\\x0ay\\x1b[31m")
+
+
+def test_an_error_that_lists_many_names_stays_short(tmp_path):
+    root = make_image_folder(tmp_path / "images")
+    for i in range(2000):
+        (root / "test" / f"{i:04d}-{'a-long-class-name' * 3}").mkdir()
+    with pytest.raises(data.DataError) as exc:
+        data.load_raw("imagefolder", root, image_size=16)
+    assert len(str(exc.value)) < 400 and str(exc.value).endswith("…")
+
+
+def test_out_of_memory_advice_is_the_scripts_own():
+    with pytest.raises(SystemExit) as exc, cli.one_line_errors("predict.py", "give fewer images at a time"):
+        bytearray(2**62)  # a real allocation the system refuses
+    assert exc.value.code == "predict.py: error: out of memory; give fewer images at a time"
+    with pytest.raises(SystemExit) as exc, cli.one_line_errors("evaluate.py"):
+        bytearray(2**62)
+    assert exc.value.code == "evaluate.py: error: out of memory"
+
+
+def test_class_names_with_terminal_controls_are_printed_escaped(tmp_path, capsys):
+    checkpoint = write_predict_checkpoint(tmp_path / "best.pth", ["\x1b[2Jcat", "dog\nfox", "emu\u009b"])
+    image = tmp_path / "new\nline.png"
+    Image.new("RGB", (8, 8)).save(image)
+    predict.main(["--checkpoint", str(checkpoint), "--top-k", "3", str(image)])
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"{tmp_path}/new\\x0aline.png: ") and "\x1b" not in line and "\x9b" not in line
+    assert {"\\x1b[2Jcat", "dog\\x0afox", "emu\\x9b"} == {part.rsplit(" ", 1)[0] for part in
+                                                         line.split(": ", 1)[1].split(", ")}
+    result = evaluate.format_report({"loss": 0.0, "accuracy": 0.0, "confusion": torch.eye(3, dtype=torch.int64)},
+                                    ["\x1b[2Jcat", "dog\nfox", "emu"])
+    assert "\x1b" not in result and len(result.splitlines()) == 12  # 3 classes: 6 lines each table
