@@ -120,16 +120,18 @@ def _download_cifar(url: str, md5: str, folder: Path) -> None:
         download_and_extract_archive(url, str(folder.parent), md5=md5)
     except Exception as e:
         raise DataError(f"{folder.name} not found in {folder.parent} and the download failed "
-                        f"({type(e).__name__}); put the extracted {url} there") from None
+                        f"({type(e).__name__}); put the extracted {url} there, or give --data-dir the folder that "
+                        f"holds {folder.name}") from None
 
 
-def load_cifar10(data_dir: Path):
+def load_cifar10(data_dir: Path, splits: tuple[str, ...] = ("train", "test")):
+    """(images, labels) of each of `splits`, then the class names."""
     folder = data_dir / "cifar-10-batches-py"
     if not folder.is_dir():
         _download_cifar(CIFAR10_URL, CIFAR10_MD5, folder)
     files = {"train": [folder / f"data_batch_{i}" for i in range(1, 6)], "test": [folder / "test_batch"]}
     out = []
-    for split in ("train", "test"):
+    for split in splits:
         missing = [p.name for p in files[split] if not p.is_file()]
         if missing:
             raise DataError(f"incomplete CIFAR-10 folder {folder}: missing {', '.join(missing)}")
@@ -139,23 +141,24 @@ def load_cifar10(data_dir: Path):
     return (*out, CIFAR10_CLASSES)
 
 
-def load_cifar100(data_dir: Path):
+def load_cifar100(data_dir: Path, splits: tuple[str, ...] = ("train", "test")):
     """CIFAR-100 in its official python layout: the files train and test ({"data", "fine_labels", ...}) and meta,
-    whose fine_label_names are the 100 class names."""
+    whose fine_label_names are the 100 class names. (images, labels) of each of `splits`, then the class names."""
     folder = data_dir / "cifar-100-python"
     if not folder.is_dir():
         _download_cifar(CIFAR100_URL, CIFAR100_MD5, folder)
-    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+    missing = [name for name in (*splits, "meta") if not (folder / name).is_file()]
     if missing:
         raise DataError(f"incomplete CIFAR-100 folder {folder}: missing {', '.join(missing)}")
     classes = _read_pickle(folder / "meta", "CIFAR-100").get("fine_label_names")
     if not (isinstance(classes, list) and len(classes) == 100 and all(isinstance(c, str) for c in classes)):
         raise DataError(f"broken CIFAR-100 file {folder / 'meta'}: expected 100 fine_label_names")
-    train = _read_cifar_batch(folder / "train", "fine_labels", 100)
-    test = _read_cifar_batch(folder / "test", "fine_labels", 100)
-    for split, (_, labels) in (("train", train), ("test", test)):
+    out = []
+    for split in splits:
+        images, labels = _read_cifar_batch(folder / split, "fine_labels", 100)
         require_images(len(labels), split, folder / split)
-    return (*train, *test, classes)
+        out += [images, labels]
+    return (*out, classes)
 
 
 def _read_idx(path: Path, ndim: int) -> torch.Tensor:
@@ -192,22 +195,24 @@ def _find_idx(dirs: list[Path], name: str) -> Path | None:
     return None
 
 
-def load_idx_dataset(name: str, data_dir: Path):
-    """MNIST or Fashion-MNIST from the four standard IDX files, wherever the usual layouts put them."""
+def load_idx_dataset(name: str, data_dir: Path, splits: tuple[str, ...] = ("train", "test")):
+    """MNIST or Fashion-MNIST from the four standard IDX files, wherever the usual layouts put them: (images,
+    labels) of each of `splits`, then the class names."""
     tv_name = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
     dirs = [data_dir / tv_name / "raw", data_dir / name, data_dir]
     if name == "fashion-mnist":
         dirs.append(Path("/usr/share/datasets/fashion-mnist"))  # Debian's dataset-fashion-mnist
-    if _find_idx(dirs, IDX_FILES["train"][0]) is None:
+    if _find_idx(dirs, IDX_FILES[splits[0]][0]) is None:
         import torchvision  # its download verifies checksums and writes DATA_DIR/<MNIST|FashionMNIST>/raw
         try:
             getattr(torchvision.datasets, tv_name)(str(data_dir), download=True)
         except Exception as e:
             hint = " or apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else ""
             raise DataError(f"{name} not found in {', '.join(map(str, dirs))} and the download failed "
-                            f"({type(e).__name__}); put the IDX files in {dirs[0]}{hint}") from None
+                            f"({type(e).__name__}); put the IDX files in {dirs[0]}{hint}, or give --data-dir the "
+                            f"folder that holds them") from None
     out = []
-    for split in ("train", "test"):
+    for split in splits:
         paths = [_find_idx(dirs, f) for f in IDX_FILES[split]]
         if None in paths:
             raise DataError(f"{name}: {IDX_FILES[split][paths.index(None)]}[.gz] not found in {dirs[0]}")
@@ -227,14 +232,39 @@ def load_raw(name: str, data_dir: str | Path, image_size: int | None = None, max
     """(train_images, train_labels, test_images, test_labels, classes), images uint8 (N, C, H, W).
     image_size is the side imagefolder images are decoded to (None: 32), max_pixels the most one image may decode
     to; the packed datasets come at their own size (32 or 28: resize_images resizes them)."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    _check_name(name)
+    if name == "imagefolder":
+        return load_imagefolder(Path(data_dir), image_size or 32, max_pixels)
+    return _load_packed(name, Path(data_dir), ("train", "test"))
+
+
+def load_test(name: str, data_dir: str | Path, classes: list[str], image_size: int,
+              max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split alone, images uint8 (N, C, image_size, image_size) and labels, for a model trained on
+    `classes`: what evaluate.py reads. The normalization is the checkpoint's, so no training image is read or
+    decoded, and the data may travel without them. A DataError when the dataset's classes are not `classes`."""
+    _check_name(name)
     data_dir = Path(data_dir)
     if name == "imagefolder":
-        return load_imagefolder(data_dir, image_size or 32, max_pixels)
-    if name in ("cifar10", "cifar100"):
-        return load_cifar10(data_dir) if name == "cifar10" else load_cifar100(data_dir)
-    return load_idx_dataset(name, data_dir)
+        return load_imagefolder_split(data_dir, "test", classes, image_size, max_pixels, against="the checkpoint's")
+    images, labels, found = _load_packed(name, data_dir, ("test",))
+    if found != classes:
+        raise DataError(f"the classes of {name} in {data_dir} are not the checkpoint's; give --data-dir the data the "
+                        f"model was trained on")
+    return resize_images(images, image_size, f"{name} test"), labels
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def _load_packed(name: str, data_dir: Path, splits: tuple[str, ...]):
+    if name == "cifar10":
+        return load_cifar10(data_dir, splits)
+    if name == "cifar100":
+        return load_cifar100(data_dir, splits)
+    return load_idx_dataset(name, data_dir, splits)
 
 
 def resize_images(images: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
@@ -503,8 +533,8 @@ def _to_mode(im: Image.Image, mode: str) -> Image.Image:
 def _split_dir(root: Path, split: str) -> Path:
     folder = root / split
     if not folder.is_dir():
-        raise DataError(f"imagefolder: {folder} not found; {root} needs train/ and test/ (and optionally val/), "
-                        f"each with one sub-folder of images per class")
+        raise DataError(f"imagefolder: {folder} not found; --data-dir {root} needs train/ and test/ (and optionally "
+                        f"val/), each with one sub-folder of images per class")
     return folder
 
 
@@ -535,7 +565,8 @@ def load_imagefolder(root: Path, image_size: int, max_pixels: int = MAX_IMAGE_PI
 
 
 def load_imagefolder_split(root: Path, split: str, classes: list[str], image_size: int,
-                           max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+                           max_pixels: int = MAX_IMAGE_PIXELS,
+                           against: str = "train/'s") -> tuple[torch.Tensor, torch.Tensor]:
     """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/, from the cache while it is
     current. Unreadable files are skipped with a warning; a class left without images is an error."""
     folder = _split_dir(root, split)
@@ -543,7 +574,7 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str], image_siz
     if found != classes:
         differences = [f"{what} {', '.join(sorted(names))}" for what, names in
                        (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
-        raise DataError(f"imagefolder: the class folders of {folder} differ from train/'s: "
+        raise DataError(f"imagefolder: the class folders of {folder} differ from {against}: "
                         f"{cli.shorten('; '.join(differences))}")
     files = [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
     cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)

@@ -387,3 +387,54 @@ def test_class_names_with_terminal_controls_are_printed_escaped(tmp_path, capsys
     result = evaluate.format_report({"loss": 0.0, "accuracy": 0.0, "confusion": torch.eye(3, dtype=torch.int64)},
                                     ["\x1b[2Jcat", "dog\nfox", "emu"])
     assert "\x1b" not in result and len(result.splitlines()) == 12  # 3 classes: 6 lines each table
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. evaluate.py reads the test split alone: the training images need not travel with the checkpoint
+
+def write_eval_checkpoint(path: Path, dataset: str, data_dir: Path, classes: list[str]) -> Path:
+    torch.manual_seed(0)
+    state = build_model("simplecnn", len(classes), 3, 32).state_dict()
+    torch.save({"model": state, "model_name": "simplecnn", "num_classes": len(classes), "in_channels": 3,
+                "image_size": 32, "classes": classes, "mean": [0.5] * 3, "std": [0.25] * 3,
+                "args": {"dataset": dataset, "data_dir": str(data_dir)}}, path)
+    return path
+
+
+def test_evaluate_on_an_image_folder_without_its_training_images(tmp_path, capsys):
+    root = make_image_folder(tmp_path / "images")
+    checkpoint = write_eval_checkpoint(tmp_path / "best.pth", "imagefolder", root, ["blue", "red"])
+    for p in sorted((root / "train").rglob("*"), reverse=True):  # the training images stayed behind
+        p.rmdir() if p.is_dir() else p.unlink()
+    (root / "train").rmdir()
+    result = evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--json"])
+    assert result["confusion"].sum() == 12
+    err = capsys.readouterr().err
+    assert "z_broken" not in err and "/train" not in err  # train/ was never looked at
+    (root / "test" / "green").mkdir()
+    (root / "test" / "green" / "g.png").write_bytes((root / "test" / "red" / "d_opaque.png").read_bytes())
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu"])
+    assert exc.value.code == (f"evaluate.py: error: imagefolder: the class folders of {root / 'test'} differ from "
+                              f"the checkpoint's: extra green")
+
+
+def test_evaluate_on_cifar10_reads_the_test_batch_alone(cifar_dir, tmp_path, capsys):
+    checkpoint = write_eval_checkpoint(tmp_path / "best.pth", "cifar10", cifar_dir, data.CIFAR10_CLASSES)
+    for i in range(1, 6):
+        (cifar_dir / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--json"])["confusion"].sum() == 50
+    test_batch = cifar_dir / "cifar-10-batches-py" / "test_batch"
+    write_cifar_batch(test_batch, 0)  # 1. an empty test set is refused here too
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu"])
+    assert exc.value.code == f"evaluate.py: error: the test split holds 0 images ({test_batch}); it needs at least 1"
+
+
+def test_evaluate_where_the_data_is_not_found_says_data_dir(tmp_path):
+    checkpoint = write_eval_checkpoint(tmp_path / "best.pth", "imagefolder", tmp_path / "gone", ["blue", "red"])
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu"])
+    assert exc.value.code == (f"evaluate.py: error: imagefolder: {tmp_path / 'gone' / 'test'} not found; --data-dir "
+                              f"{tmp_path / 'gone'} needs train/ and test/ (and optionally val/), each with one "
+                              f"sub-folder of images per class")
