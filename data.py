@@ -13,6 +13,7 @@ a small model's step time (--image-size resizes the packed datasets once, into t
 choice of an epoch (order, crop offsets, flips) is drawn up front from (seed, epoch) alone, so an epoch is the
 same whatever the batch size, accumulation or resume point.
 """
+import ctypes
 import gzip
 import hashlib
 import io
@@ -20,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import stat
 import struct
 import sys
@@ -59,7 +61,7 @@ MIN_IMAGES = {"train": 2, "val": 1, "test": 1}
 # Pillow's own limit (89 megapixels warns, 179 errors) lets a 518 KB PNG of 13000x13000 take 0.7 GB per copy.
 MAX_IMAGE_PIXELS = 50_000_000
 DECODE_COPIES = 3 * 4  # bytes per decoded pixel at the peak of load_image: RGBA, and two converted copies
-DECODE_BUFFER = 2**30  # bytes the decoding threads may hold at once, beyond the result (a larger image decodes alone)
+DECODE_BUFFER = 2**30  # the most bytes decoding threads hold at once beyond the result (a larger image decodes alone)
 
 
 class DataError(cli.UserError):
@@ -467,7 +469,10 @@ def open_regular(path: str | Path, what: str = "file") -> io.BufferedReader:
 
 class _ByteBudget:
     """Bytes that threads reserve before they use them and give back after: at most `limit` at once, except for a
-    single reservation larger than that, which waits until it can run alone."""
+    single reservation larger than that, which waits until it can run alone. A large reservation's memory is handed
+    back to the system when it ends: glibc keeps what a thread frees in that thread's own arena, so without that
+    each decoding thread would go on holding its largest image (measured: 1.7 GB for 8 images of 49 megapixels on
+    6 threads, 0.4 GB with it)."""
 
     def __init__(self, limit: int):
         self.limit, self.used, self.lock = limit, 0, threading.Condition()
@@ -480,9 +485,14 @@ class _ByteBudget:
         try:
             yield
         finally:
+            if n >= 2**25 and _LIBC is not None:  # (smaller blocks are glibc's to keep: reused, not piled up)
+                _LIBC.malloc_trim(0)
             with self.lock:
                 self.used -= n
                 self.lock.notify_all()
+
+
+_LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None  # for malloc_trim
 
 
 def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
@@ -605,10 +615,15 @@ def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, wha
     """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor.
     Only what is the file's own (an UnreadableImage) is skipped; any other failure (out of memory, an I/O error)
     may pass, so it stops the run before anything is cached."""
-    images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what,
-                             extra=min(DECODE_BUFFER, len(files) * max_pixels * DECODE_COPIES))
+    # The threads' decoded frames (up to max_pixels * DECODE_COPIES bytes each) share a budget: DECODE_BUFFER, or
+    # half of what the result leaves available, so that it never alone refuses a folder that fits; an image larger
+    # than the budget decodes alone (and one that does not fit at all is an out-of-memory error, never cached).
+    result, available = len(files) * IMAGEFOLDER_CHANNELS * image_size**2, available_memory()
+    limit = min(DECODE_BUFFER, len(files) * max_pixels * DECODE_COPIES,
+                DECODE_BUFFER if available is None else max(0, available - result) // 2)
+    images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what, extra=limit)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    budget = _ByteBudget(DECODE_BUFFER)  # the threads' decoded frames: up to max_pixels * DECODE_COPIES bytes each
+    budget = _ByteBudget(limit)
 
     def decode(i: int) -> str | None:
         try:

@@ -438,3 +438,22 @@ def test_evaluate_where_the_data_is_not_found_says_data_dir(tmp_path):
     assert exc.value.code == (f"evaluate.py: error: imagefolder: {tmp_path / 'gone' / 'test'} not found; --data-dir "
                               f"{tmp_path / 'gone'} needs train/ and test/ (and optionally val/), each with one "
                               f"sub-folder of images per class")
+
+
+def test_decoding_threads_hold_no_more_than_their_budget(tmp_path):
+    """Six 25-megapixel PNGs (under the limit; 0.1 GB each as RGB) on the image folder's threads: with a budget of
+    one image at a time, and each large decode's memory handed back, the peak stays near one image, not six."""
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / "train" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("1", (5000, 5000)).save(root / "train" / name / f"{i}.png")
+    proc = run_python(f"""
+import resource, data
+data.DECODE_BUFFER = 2**27
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+images, labels = data.load_imagefolder_split(data.Path({str(root)!r}), "train", ["a", "b"], 16)
+print(len(labels), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+""")
+    n, grown_mib = map(int, proc.stdout.split())
+    assert n == 6 and grown_mib < 400, (n, grown_mib, proc.stderr)
