@@ -104,10 +104,10 @@ def shorten(text: str, limit: int = 200) -> str:
 
 
 def printable(text: str) -> str:
-    """text with every non-printable character (newline, escape, other terminal controls) written as \\xNN (\\uNNNN
-    above 0xff): a class name or file name printed to a terminal can then neither break a line nor drive it."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) <= 0xff else f"\\u{ord(c):04x}"
-                   for c in text)
+    """text with every non-printable character (newline, escape, other terminal controls, the surrogates that stand
+    for undecodable bytes of a file name) written as Python writes them, \\xNN, \\uNNNN or \\UNNNNNNNN: a class or
+    file name printed to a terminal can then neither break a line nor drive it (nor fail to encode)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def refuse_overwriting(output: str | Path, *inputs: str | Path | None) -> None:

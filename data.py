@@ -217,7 +217,8 @@ def load_idx_dataset(name: str, data_dir: Path, splits: tuple[str, ...] = ("trai
     for split in splits:
         paths = [_find_idx(dirs, f) for f in IDX_FILES[split]]
         if None in paths:
-            raise DataError(f"{name}: {IDX_FILES[split][paths.index(None)]}[.gz] not found in {dirs[0]}")
+            raise DataError(f"{name}: {IDX_FILES[split][paths.index(None)]}[.gz] not found in {dirs[0]}; give "
+                            f"--data-dir the folder that holds it")
         images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
         if len(images) != len(labels) or (len(labels) and labels.max() > 9):
             raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels, or a label over 9")

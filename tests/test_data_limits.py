@@ -354,7 +354,7 @@ def test_an_error_about_a_file_name_with_a_newline_is_one_line(tmp_path):
         train.main(["--dataset", "imagefolder", "--data-dir", str(root), "--device", "cpu",
                     "--out-dir", str(tmp_path / "run")])
     assert exc.value.code == (f"train.py: error: imagefolder: the class folders of {root / 'test'} differ from "
-                              f"train/'s: extra x\\x0ay\\x1b[31m")
+                              f"train/'s: extra x\\ny\\x1b[31m")
 
 
 def test_an_error_that_lists_many_names_stays_short(tmp_path):
@@ -381,8 +381,8 @@ def test_class_names_with_terminal_controls_are_printed_escaped(tmp_path, capsys
     Image.new("RGB", (8, 8)).save(image)
     predict.main(["--checkpoint", str(checkpoint), "--top-k", "3", str(image)])
     [line] = capsys.readouterr().out.splitlines()
-    assert line.startswith(f"{tmp_path}/new\\x0aline.png: ") and "\x1b" not in line and "\x9b" not in line
-    assert {"\\x1b[2Jcat", "dog\\x0afox", "emu\\x9b"} == {part.rsplit(" ", 1)[0] for part in
+    assert line.startswith(f"{tmp_path}/new\\nline.png: ") and "\x1b" not in line and "\x9b" not in line
+    assert {"\\x1b[2Jcat", "dog\\nfox", "emu\\x9b"} == {part.rsplit(" ", 1)[0] for part in
                                                          line.split(": ", 1)[1].split(", ")}
     result = evaluate.format_report({"loss": 0.0, "accuracy": 0.0, "confusion": torch.eye(3, dtype=torch.int64)},
                                     ["\x1b[2Jcat", "dog\nfox", "emu"])
