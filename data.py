@@ -655,7 +655,7 @@ def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | N
         images, labels, skipped = data["images"], data["labels"], data["skipped"]
         shape_ok = (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
                     and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
-                    and isinstance(skipped, list) and all(isinstance(m, str) for m in skipped)
+                    and isinstance(skipped, list) and all(isinstance(m, str) and len(m) <= 8192 for m in skipped)
                     and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.ndim == 1
                     and len(images) == len(labels) == len(expected) - len(skipped))
         # The files are listed class by class, so the labels must run in order, each class no more often than it

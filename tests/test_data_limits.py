@@ -253,8 +253,9 @@ def rewrite_cache(root: Path, change) -> None:
     lambda c: c["labels"].__setitem__(-1, 7),                     # a label past the classes
     lambda c: c["labels"].__setitem__(slice(None), 0),            # every image in one class
     lambda c: c.__setitem__("skipped", ["x"] * 20),               # more skipped files than there are
+    lambda c: c["skipped"].__setitem__(0, "x\n" * 50_000),        # a 100 KB warning of many lines
     lambda c: c.__setitem__("images", torch.zeros(1, dtype=torch.uint8).expand(12, 3, 16, 16)),  # expanded
-], ids=["negative", "out-of-range", "one-class", "skipped", "expanded"])
+], ids=["negative", "out-of-range", "one-class", "skipped", "long-message", "expanded"])
 def test_an_image_cache_that_does_not_match_its_folder_is_decoded_again(tmp_path, capsys, change):
     root = make_image_folder(tmp_path / "images")
     first = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
