@@ -129,6 +129,7 @@ with cli.one_line_errors("x"):
 # ---------------------------------------------------------------------------------------------------------------
 # 4. An image may decode to so many pixels, no more
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # (pytest resets data.py's filter)
 def test_a_small_png_of_13000x13000_pixels_is_refused_before_it_is_decoded(tmp_path, capsys):
     root = make_image_folder(tmp_path / "images")
     bomb = root / "train" / "blue" / "bomb.png"
