@@ -81,7 +81,7 @@ def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int,
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    with cli.one_line_errors("predict.py", "give fewer images at a time, or --device cpu"):
+    with cli.one_line_errors("predict.py", "try --device cpu, or a lower --max-image-pixels"):
         args = parse_args(argv)
         if args.top_k < 1:
             raise PredictError("--top-k must be at least 1")
