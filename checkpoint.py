@@ -23,6 +23,7 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
     optimizer, scaler, rng   what exact resume needs (scaler: fp16 only)
 """
 import argparse
+import contextlib
 import csv
 import io
 import math
@@ -84,8 +85,8 @@ def save_checkpoint(ckpt: dict, *paths: Path) -> None:
         try:
             write_atomically(path, buffer.getbuffer())
         except OSError as e:
-            raise CheckpointError(f"cannot write {path}: {cli.describe_os_error(e)} (the previous {path.name}, "
-                                  f"if any, is intact)") from None
+            raise CheckpointError(f"cannot write {path}: {cli.describe_os_error(e, filename=False)} (the previous "
+                                  f"{path.name}, if any, is intact)") from None
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
@@ -97,8 +98,11 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, or a signal: never leave the temporary file behind
-        tmp.unlink(missing_ok=True)
+    except BaseException as e:  # a full disk, or a signal: never leave the temporary file behind
+        with contextlib.suppress(OSError):  # (a cleanup that fails must not hide why the write failed)
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename == str(tmp):  # name the file the user asked for, not our .tmp
+            e.filename = str(path)
         raise
 
 
@@ -192,20 +196,53 @@ def load_checkpoint(path: str | Path) -> dict:
     """Read and validate a checkpoint (on the CPU). Never unpickles code: weights_only admits only tensors and
     plain containers; mmap maps the tensors from the file instead of allocating them."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not path.is_file():  # a folder, or a FIFO (that torch.load would wait on forever)
+        raise CheckpointError(f"cannot read checkpoint {path}: not a regular file; give the .pth file itself")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # a class or function: what code needs
             raise CheckpointError(f"cannot read checkpoint {path}: it holds Python objects other than tensors and "
                                   f"plain containers (a code payload?); refusing to load it") from None
+        if isinstance(e, MemoryError) or any(s in str(e) for s in ("Cannot allocate memory", "can't allocate memory",
+                                                                   "out of memory")):  # the system's, not the file's
+            raise CheckpointError(f"cannot read checkpoint {path}: out of memory while mapping it "
+                                  f"({path.stat().st_size / 2**20:,.1f} MiB); free some memory and try again") from None
+        if isinstance(e, OSError) and e.errno is not None:  # no permission, an I/O error: the system's reason
+            reason = cli.describe_os_error(e, filename=False)
+            raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a .pth file, or truncated "
                               f"({type(e).__name__})") from None
+    check_tensor_sizes(ckpt, path)
     if isinstance(ckpt, dict) and "training_model" in ckpt and "format" not in ckpt:  # format 1 (2026-11-24)
         ckpt = {**ckpt, "model": ckpt["training_model"], "ema_model": ckpt["model"]}
     validate(ckpt, path)
     return ckpt
+
+
+def check_tensor_sizes(content: object, path: Path) -> None:
+    """Refuse, before anything reads a tensor, one whose elements are more than its storage holds (an expanded,
+    zero-stride tensor: a few bytes in the file, gigabytes once an operation materializes it) or reach past it, or
+    a storage larger than the file. Each container is visited once, however often a crafted file refers to it."""
+    file_size, seen, stack = path.stat().st_size, set(), [content]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, dict):
+            stack += [*x.keys(), *x.values()]
+        elif isinstance(x, (list, tuple, set)):
+            stack += x
+        elif isinstance(x, torch.Tensor):
+            storage, size = x.untyped_storage().nbytes(), x.element_size()
+            reach = x.storage_offset() + sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1
+            if storage > file_size or x.numel() and (x.numel() * size > storage or reach * size > storage):
+                raise CheckpointError(f"{path} holds a tensor of shape {cli.shorten(str(tuple(x.shape)), 100)} over a "
+                                      f"storage of {storage:,} bytes (an expanded tensor, a crafted file?); refusing "
+                                      f"it")
 
 
 def validate(ckpt: object, path: Path) -> None:
@@ -327,8 +364,8 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
         shapes = {k: tuple(t.shape) for k, t in weights.items()}  # their size is fixed by the name and num_classes
     if shapes != {k: tuple(t.shape) for k, t in weights.items()}:
         wrong = sorted(set(shapes) ^ set(weights) or {k for k in shapes if shapes[k] != tuple(weights[k].shape)})
-        raise CheckpointError(f"checkpoint does not match its model: {', '.join(wrong[:5])} missing, extra or "
-                              f"of another shape")
+        raise CheckpointError(f"checkpoint does not match its model: {cli.shorten(', '.join(wrong[:5]))} missing, "
+                              f"extra or of another shape")
     model = build()
     load_weights(model, weights)
     return model.eval()
@@ -339,7 +376,8 @@ def load_weights(model: nn.Module, weights: dict) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
-        raise CheckpointError(f"checkpoint does not match its model: {' '.join(str(e).split())[:300]}") from None
+        details = cli.shorten(" ".join(str(e).split()), 300)
+        raise CheckpointError(f"checkpoint does not match its model: {details}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

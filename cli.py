@@ -60,35 +60,54 @@ def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
 
 
 @contextmanager
-def one_line_errors(prog: str) -> Iterator[None]:
+def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
     """Turn what a user can cause into `prog: error: <one line>` and a non-zero exit: a UserError, a file the
-    system refuses (full disk, name too long, no permission), memory that is not there, a signal (exit 128 + N).
-    Ctrl-C and SIGTERM stop the work at once inside it (train.py's loop defers them to a step boundary)."""
+    system refuses (full disk, name too long, no permission), memory that is not there (followed by `oom_hint`,
+    the way forward in this script's own flags), a signal (exit 128 + N). The line is printable() (a file name
+    with a newline or a terminal escape in it cannot break or drive the terminal). Ctrl-C and SIGTERM stop the work
+    at once inside it (train.py's loop defers them to a step boundary)."""
+    def fail(message: str) -> SystemExit:
+        return SystemExit(f"{prog}: error: {printable(message)}")
+    hint = f"; {oom_hint}" if oom_hint else ""
     previous_handlers = handle_signals(raise_interrupted)
     try:
         yield
     except UserError as e:
-        raise SystemExit(f"{prog}: error: {e}") from None
+        raise fail(str(e)) from None
     except Interrupted as e:
         print(f"{prog}: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
         raise SystemExit(e.code) from None
     except OSError as e:
-        raise SystemExit(f"{prog}: error: {describe_os_error(e)}") from None
+        raise fail(describe_os_error(e)) from None
     except MemoryError:
-        raise SystemExit(f"{prog}: error: out of memory") from None
+        raise fail(f"out of memory{hint}") from None
     except RuntimeError as e:  # torch reports memory it cannot get as a RuntimeError (CUDA: OutOfMemoryError)
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
-        raise SystemExit(f"{prog}: error: out of memory: {str(e).splitlines()[0][:200]}; lower --batch-size "
-                         f"(--accum-steps keeps the update the same)") from None
+        raise fail(f"out of memory: {shorten(str(e).splitlines()[0])}{hint}") from None
     finally:
         restore_signals(previous_handlers)
 
 
-def describe_os_error(e: OSError) -> str:
-    reason = e.strerror or (os.strerror(e.errno) if e.errno else str(e) or type(e).__name__)
+def describe_os_error(e: OSError, filename: bool = True) -> str:
+    """The reason of an OSError, after the file it names (filename=False: without it, where the message names the
+    file already, or the file is a temporary one the user never sees)."""
+    reason = e.strerror or (os.strerror(e.errno) if e.errno else shorten(str(e)) or type(e).__name__)
     hint = "; free some space and try again" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-    return f"{e.filename}: {reason}{hint}" if e.filename else f"{reason}{hint}"
+    return f"{e.filename}: {reason}{hint}" if e.filename and filename else f"{reason}{hint}"
+
+
+def shorten(text: str, limit: int = 200) -> str:
+    """What a message echoes from a file or an exception, cut to `limit` characters (an ellipsis marks the cut):
+    a crafted file must not turn one error line into 100 KB."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def printable(text: str) -> str:
+    """text with every non-printable character (newline, escape, other terminal controls, the surrogates that stand
+    for undecodable bytes of a file name) written as Python writes them, \\xNN, \\uNNNN or \\UNNNNNNNN: a class or
+    file name printed to a terminal can then neither break a line nor drive it (nor fail to encode)."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def refuse_overwriting(output: str | Path, *inputs: str | Path | None) -> None:

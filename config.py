@@ -17,7 +17,7 @@ import torch.distributed as dist
 import cli
 import runtime
 from checkpoint import load_checkpoint, validate_for_resume
-from data import DATASETS
+from data import DATASETS, MAX_IMAGE_PIXELS
 from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, torchvision_models
 
 
@@ -56,6 +56,9 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
                    "in-memory dataset (default: the dataset's own: 32 for CIFAR, 28 for MNIST; 32 for imagefolder)")
     g.add_argument("--val-split", type=float, default=0.1, metavar="F",
                    help="fraction of the training set held out for validation, 0 = none (default: 0.1)")
+    g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help="imagefolder: a file that would decode to more pixels is skipped with a warning, read from "
+                        "its header (default: %(default)s)")
 
     g = p.add_argument_group("model and starting weights")
     g.add_argument("--model", default="simplecnn", metavar="NAME",
@@ -229,6 +232,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         (args.image_size is None or 8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
         (number_in(args.color_jitter, 0, 1), "--color-jitter must be in [0, 1) (0 = off)"),
+        (args.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
         (args.log_interval is None or args.log_interval >= 0, "--log-interval must be >= 0 (0 = off)"),
         (all(p != "" for p in (args.out_dir, args.resume, args.data_dir, args.init_from)),
@@ -256,7 +260,8 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 # What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
 MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",
-                        "out_dir", "resume", "log_interval", "mlflow", "mlflow_log_checkpoints", "tensorboard"}
+                        "out_dir", "resume", "log_interval", "mlflow", "mlflow_log_checkpoints", "tensorboard",
+                        "max_image_pixels"}
 # ...and these take effect from the next optimizer step: the schedule keeps its shape, with the new peak. The
 # checkpoint and metrics.csv record each change and the step it took effect at.
 TAKE_EFFECT_ON_RESUME = {"lr", "muon_lr", "bias_lr_scale", "momentum", "muon_momentum", "nesterov", "weight_decay",

@@ -13,24 +13,32 @@ a small model's step time (--image-size resizes the packed datasets once, into t
 choice of an epoch (order, crop offsets, flips) is drawn up front from (seed, epoch) alone, so an epoch is the
 same whatever the batch size, accumulation or resume point.
 """
+import ctypes
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
 import pickle
+import platform
+import stat
 import struct
 import sys
+import threading
+import warnings
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 import cli
 
@@ -46,12 +54,27 @@ IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 JITTER_UNIT = 2**16  # epoch_plan's jitter factors are integers in units of 1/65536
 PAD = 4  # random-crop padding, pixels (default)
-RESIZE_CHUNK = 1000  # images resized at a time (--image-size): their float copies stay small
+RESIZE_BUFFER = 64 * 2**20  # bytes of float copies --image-size's resizing may hold beyond its result (>= 1 image)
 MAX_IDX_BYTES = 2**31  # the largest IDX file read (MNIST's training images: 47 MB)
+# The fewest images a split may hold: two to train on (a std, batch norm's statistics), one to test on. Fewer would
+# run and report a meaningless result (an empty test set scores 0.00% with loss 0.0000).
+MIN_IMAGES = {"train": 2, "val": 1, "test": 1}
+# The most pixels one image may decode to (after JPEG's draft scaling): 50 megapixels is a 200 MB RGBA frame.
+# Pillow's own limit (89 megapixels warns, 179 errors) lets a 518 KB PNG of 13000x13000 take 0.7 GB per copy.
+MAX_IMAGE_PIXELS = 50_000_000
+DECODE_COPIES = 3 * 4  # bytes per decoded pixel at the peak of load_image: RGBA, and two converted copies
+DECODE_BUFFER = 2**30  # the most bytes decoding threads hold at once beyond the result (a larger image decodes alone)
 
 
 class DataError(cli.UserError):
     """Data that is missing, unreadable or not in the expected format."""
+
+
+def require_images(n: int, split: str, source: object) -> None:
+    """Refuse a split with fewer than MIN_IMAGES[split] images, naming the file or folder they come from."""
+    if n < MIN_IMAGES[split]:
+        raise DataError(f"the {split} split holds {n} image{'s' * (n != 1)} ({source}); it needs at least "
+                        f"{MIN_IMAGES[split]}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,7 +96,7 @@ def _read_pickle(path: Path, what: str) -> dict:
         with open(path, "rb") as f:
             content = _ArraysOnly(f, encoding="latin1").load()
     except Exception as e:  # truncated, not a pickle, a forbidden global, ...
-        raise DataError(f"broken {what} file {path}: {type(e).__name__}: {e}"[:300]) from None
+        raise DataError(f"broken {what} file {path}: {type(e).__name__}: {cli.shorten(str(e))}") from None
     if not isinstance(content, dict):
         raise DataError(f"broken {what} file {path}: not a dict")
     return content
@@ -101,39 +124,45 @@ def _download_cifar(url: str, md5: str, folder: Path) -> None:
         download_and_extract_archive(url, str(folder.parent), md5=md5)
     except Exception as e:
         raise DataError(f"{folder.name} not found in {folder.parent} and the download failed "
-                        f"({type(e).__name__}); put the extracted {url} there") from None
+                        f"({type(e).__name__}); put the extracted {url} there, or give --data-dir the folder that "
+                        f"holds {folder.name}") from None
 
 
-def load_cifar10(data_dir: Path):
+def load_cifar10(data_dir: Path, splits: tuple[str, ...] = ("train", "test")):
+    """(images, labels) of each of `splits`, then the class names."""
     folder = data_dir / "cifar-10-batches-py"
     if not folder.is_dir():
         _download_cifar(CIFAR10_URL, CIFAR10_MD5, folder)
     files = {"train": [folder / f"data_batch_{i}" for i in range(1, 6)], "test": [folder / "test_batch"]}
     out = []
-    for split in ("train", "test"):
+    for split in splits:
         missing = [p.name for p in files[split] if not p.is_file()]
         if missing:
             raise DataError(f"incomplete CIFAR-10 folder {folder}: missing {', '.join(missing)}")
         xs, ys = zip(*(_read_cifar_batch(p) for p in files[split]))
+        require_images(sum(map(len, ys)), split, ", ".join(map(str, files[split])))
         out += [torch.cat(xs), torch.cat(ys)]
     return (*out, CIFAR10_CLASSES)
 
 
-def load_cifar100(data_dir: Path):
+def load_cifar100(data_dir: Path, splits: tuple[str, ...] = ("train", "test")):
     """CIFAR-100 in its official python layout: the files train and test ({"data", "fine_labels", ...}) and meta,
-    whose fine_label_names are the 100 class names."""
+    whose fine_label_names are the 100 class names. (images, labels) of each of `splits`, then the class names."""
     folder = data_dir / "cifar-100-python"
     if not folder.is_dir():
         _download_cifar(CIFAR100_URL, CIFAR100_MD5, folder)
-    missing = [name for name in ("train", "test", "meta") if not (folder / name).is_file()]
+    missing = [name for name in (*splits, "meta") if not (folder / name).is_file()]
     if missing:
         raise DataError(f"incomplete CIFAR-100 folder {folder}: missing {', '.join(missing)}")
     classes = _read_pickle(folder / "meta", "CIFAR-100").get("fine_label_names")
     if not (isinstance(classes, list) and len(classes) == 100 and all(isinstance(c, str) for c in classes)):
         raise DataError(f"broken CIFAR-100 file {folder / 'meta'}: expected 100 fine_label_names")
-    train = _read_cifar_batch(folder / "train", "fine_labels", 100)
-    test = _read_cifar_batch(folder / "test", "fine_labels", 100)
-    return (*train, *test, classes)
+    out = []
+    for split in splits:
+        images, labels = _read_cifar_batch(folder / split, "fine_labels", 100)
+        require_images(len(labels), split, folder / split)
+        out += [images, labels]
+    return (*out, classes)
 
 
 def _read_idx(path: Path, ndim: int) -> torch.Tensor:
@@ -170,71 +199,114 @@ def _find_idx(dirs: list[Path], name: str) -> Path | None:
     return None
 
 
-def load_idx_dataset(name: str, data_dir: Path):
-    """MNIST or Fashion-MNIST from the four standard IDX files, wherever the usual layouts put them."""
+def load_idx_dataset(name: str, data_dir: Path, splits: tuple[str, ...] = ("train", "test")):
+    """MNIST or Fashion-MNIST from the four standard IDX files, wherever the usual layouts put them: (images,
+    labels) of each of `splits`, then the class names."""
     tv_name = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
     dirs = [data_dir / tv_name / "raw", data_dir / name, data_dir]
     if name == "fashion-mnist":
         dirs.append(Path("/usr/share/datasets/fashion-mnist"))  # Debian's dataset-fashion-mnist
-    if _find_idx(dirs, IDX_FILES["train"][0]) is None:
+    if _find_idx(dirs, IDX_FILES[splits[0]][0]) is None:
         import torchvision  # its download verifies checksums and writes DATA_DIR/<MNIST|FashionMNIST>/raw
         try:
             getattr(torchvision.datasets, tv_name)(str(data_dir), download=True)
         except Exception as e:
             hint = " or apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else ""
             raise DataError(f"{name} not found in {', '.join(map(str, dirs))} and the download failed "
-                            f"({type(e).__name__}); put the IDX files in {dirs[0]}{hint}") from None
+                            f"({type(e).__name__}); put the IDX files in {dirs[0]}{hint}, or give --data-dir the "
+                            f"folder that holds them") from None
     out = []
-    for split in ("train", "test"):
+    for split in splits:
         paths = [_find_idx(dirs, f) for f in IDX_FILES[split]]
         if None in paths:
-            raise DataError(f"{name}: {IDX_FILES[split][paths.index(None)]}[.gz] not found in {dirs[0]}")
+            raise DataError(f"{name}: {IDX_FILES[split][paths.index(None)]}[.gz] not found in {dirs[0]}; give "
+                            f"--data-dir the folder that holds it")
         images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
         if len(images) != len(labels) or (len(labels) and labels.max() > 9):
             raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels, or a label over 9")
+        require_images(len(images), split, paths[0])
+        if out and images.shape[1:] != out[0].shape[2:]:  # one model takes both: one size
+            raise DataError(f"{name}: the test images of {paths[0]} are {images.shape[1]}x{images.shape[2]}, the "
+                            f"training images {out[0].shape[2]}x{out[0].shape[3]}; both splits need one size")
         out += [images.unsqueeze(1), labels.long()]  # (N, 1, 28, 28)
     classes = FASHION_CLASSES if name == "fashion-mnist" else [str(i) for i in range(10)]
     return (*out, classes)
 
 
-def load_raw(name: str, data_dir: str | Path, image_size: int | None = None):
+def load_raw(name: str, data_dir: str | Path, image_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
     """(train_images, train_labels, test_images, test_labels, classes), images uint8 (N, C, H, W).
-    image_size is the side imagefolder images are decoded to (None: 32); the packed datasets come at their own size
-    (32 or 28: resize_images resizes them)."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    image_size is the side imagefolder images are decoded to (None: 32), max_pixels the most one image may decode
+    to; the packed datasets come at their own size (32 or 28: resize_images resizes them)."""
+    _check_name(name)
+    if name == "imagefolder":
+        return load_imagefolder(Path(data_dir), image_size or 32, max_pixels)
+    return _load_packed(name, Path(data_dir), ("train", "test"))
+
+
+def load_test(name: str, data_dir: str | Path, classes: list[str], image_size: int,
+              max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split alone, images uint8 (N, C, image_size, image_size) and labels, for a model trained on
+    `classes`: what evaluate.py reads. The normalization is the checkpoint's, so no training image is read or
+    decoded, and the data may travel without them. A DataError when the dataset's classes are not `classes`."""
+    _check_name(name)
     data_dir = Path(data_dir)
     if name == "imagefolder":
-        return load_imagefolder(data_dir, image_size or 32)
-    if name in ("cifar10", "cifar100"):
-        return load_cifar10(data_dir) if name == "cifar10" else load_cifar100(data_dir)
-    return load_idx_dataset(name, data_dir)
+        return load_imagefolder_split(data_dir, "test", classes, image_size, max_pixels, against="the checkpoint's")
+    images, labels, found = _load_packed(name, data_dir, ("test",))
+    if found != classes:
+        raise DataError(f"the classes of {name} in {data_dir} are not the checkpoint's; give --data-dir the data the "
+                        f"model was trained on")
+    return resize_images(images, image_size, f"{name} test"), labels
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def _load_packed(name: str, data_dir: Path, splits: tuple[str, ...]):
+    if name == "cifar10":
+        return load_cifar10(data_dir, splits)
+    if name == "cifar100":
+        return load_cifar100(data_dir, splits)
+    return load_idx_dataset(name, data_dir, splits)
 
 
 def resize_images(images: torch.Tensor, size: int | None, what: str) -> torch.Tensor:
     """uint8 images (N, C, H, W) resized to size x size (None, or their own size: returned as they are), with
-    antialiased bilinear interpolation (what Pillow does for image folders), into one new uint8 tensor, a chunk at
-    a time so that the float copies stay small."""
+    antialiased bilinear interpolation (what Pillow does for image folders), into one preallocated uint8 tensor, a
+    few images at a time: their float copies (input, output and the separable pass between) stay within
+    RESIZE_BUFFER, and the memory check counts them."""
     if size is None or images.shape[2:] == (size, size):
         return images
-    out = allocate_images(len(images), images.shape[1], size,
-                          f"{what}: resizing {len(images):,} images to {size}x{size}")
-    for start in range(0, len(images), RESIZE_CHUNK):
-        chunk = images[start:start + RESIZE_CHUNK].float()
-        resized = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + RESIZE_CHUNK] = resized.round_().clamp_(0, 255)
+    n, c, h, w = images.shape
+    per_image = 4 * c * (h * w + size * size + max(h, size) * max(w, size))  # float32 bytes at the peak
+    chunk = max(1, min(n, RESIZE_BUFFER // per_image))
+    out = allocate_images(n, c, size, f"{what}: resizing {n:,} images to {size}x{size}", extra=chunk * per_image)
+    for start in range(0, n, chunk):
+        resized = F.interpolate(images[start:start + chunk].float(), size=(size, size), mode="bilinear",
+                                antialias=True, align_corners=False)
+        out[start:start + chunk] = resized.round_().clamp_(0, 255)  # converted straight into the uint8 result
     return out
 
 
-def allocate_images(n: int, channels: int, size: int, what: str) -> torch.Tensor:
+def allocate_images(n: int, channels: int, size: int, what: str, extra: int = 0) -> torch.Tensor:
     """An empty uint8 (n, channels, size, size) tensor, after saying on stderr (`what` it is for) how much memory it
-    takes; a DataError instead when that is more than the memory available."""
-    need, available = n * channels * size * size, available_memory()
+    takes, and the `extra` bytes that filling it takes at most on top (decoding or resizing buffers); a DataError
+    instead when the two are more than the memory available."""
+    result = n * channels * size * size
+    check_memory(result + extra, what)
+    also = f", plus up to {extra / 2**20:,.1f} MiB while filling it" if extra else ""
+    print(f"{what} ({result / 2**20:,.1f} MiB in memory{also})", file=sys.stderr, flush=True)
+    return torch.empty(n, channels, size, size, dtype=torch.uint8)
+
+
+def check_memory(need: int, what: str) -> None:
+    """A DataError when `need` bytes are more than the memory available."""
+    available = available_memory()
     if available is not None and need > available:
         raise DataError(f"{what}: {need / 2**30:,.1f} GiB of memory needed, {available / 2**30:,.1f} GiB available; "
                         f"choose a smaller --image-size")
-    print(f"{what} ({need / 2**20:,.1f} MiB in memory)", file=sys.stderr, flush=True)
-    return torch.empty(n, channels, size, size, dtype=torch.uint8)
 
 
 def available_memory() -> int | None:
@@ -391,18 +463,25 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -
 
 
 def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,
-            image_size: int | None = None, stats: tuple[list[float], list[float]] | None = None):
+            image_size: int | None = None, stats: tuple[list[float], list[float]] | None = None,
+            max_pixels: int = MAX_IMAGE_PIXELS):
     """Load a dataset, hold out validation (imagefolder: DATA_DIR/val/ when it exists, instead of val_split),
     resize to image_size (None: the dataset's own size), and compute normalization from the training part (before
     resizing: the same statistics, from fewer pixels) unless `stats` (mean, std) gives it: a pretrained net's own,
     averaged over RGB for 1-channel images. Returns (train, val or None, test, classes) as ImageSets on `device`."""
-    train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size)
+    train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size, max_pixels)
     if name == "imagefolder" and (Path(data_dir) / "val").is_dir():  # the user's own split beats a random one
-        val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32)
+        val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32, max_pixels)
     else:
+        n = len(train_y)
+        check_memory(train_x.nbytes, f"{name}: holding out --val-split {val_split} of {n:,} training images (a copy)")
         (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
-    if len(train_x) == 0:
-        raise DataError(f"no training images left after holding out a validation fraction of {val_split}")
+        if val_split > 0 and len(val_y) < MIN_IMAGES["val"]:
+            raise DataError(f"--val-split {val_split} of the {n} training images holds out none; give a larger "
+                            f"--val-split, or 0 for no validation")
+        if len(train_y) < MIN_IMAGES["train"]:
+            raise DataError(f"--val-split {val_split} of the {n} training images leaves {len(train_y)} to train on; "
+                            f"it needs at least {MIN_IMAGES['train']}: give a smaller --val-split")
     if stats is not None and train_x.shape[1] == 1:
         stats = tuple([sum(s) / len(s)] for s in stats)
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in (stats or channel_stats(train_x)))
@@ -418,24 +497,97 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGEFOLDER_CHANNELS = 3  # grayscale, RGBA and palette images all become RGB
-CACHE_VERSION = 2  # part of the cache key: bump it whenever load_image changes, so old decodings are never used
+CACHE_VERSION = 3  # part of the cache key: bump it whenever load_image changes, so old decodings are never used
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # load_image checks max_pixels itself
 
 
-def load_image(path: str | Path, channels: int, image_size: int) -> torch.Tensor:
+class UnreadableImage(DataError):
+    """An image file whose own bytes cannot be decoded (not an image, corrupt, more pixels than allowed): the same
+    on every try, so the image-folder cache records it as skipped. Every other failure (out of memory, an I/O error,
+    too many open files) may pass, is never cached, and stops the run."""
+
+
+def open_regular(path: str | Path, what: str = "file") -> io.BufferedReader:
+    """`path` opened for reading, if it is a regular file. O_NONBLOCK: opening a FIFO then returns at once (where a
+    plain open waits for a writer forever), and fstat refuses it, a folder or a device, on the file actually
+    opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path}: {cli.describe_os_error(e, filename=False)}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise DataError(f"cannot read {what} {path}: it is {kind}; give a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _ByteBudget:
+    """Bytes that threads reserve before they use them and give back after: at most `limit` at once, except for a
+    single reservation larger than that, which waits until it can run alone. A large reservation's memory is handed
+    back to the system when it ends: glibc keeps what a thread frees in that thread's own arena, so without that
+    each decoding thread would go on holding its largest image (measured: 1.7 GB for 8 images of 49 megapixels on
+    6 threads, 0.4 GB with it)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.lock = limit, 0, threading.Condition()
+
+    @contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        with self.lock:
+            self.lock.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            if n >= 2**25 and _LIBC is not None:  # (smaller blocks are glibc's to keep: reused, not piled up)
+                _LIBC.malloc_trim(0)
+            with self.lock:
+                self.used -= n
+                self.lock.notify_all()
+
+
+_LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None  # for malloc_trim
+
+
+def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
+               budget: _ByteBudget | None = None) -> torch.Tensor:
     """Decode an image file to uint8 (channels, image_size, image_size), channels 1 = grayscale or 3 = RGB.
     Training and prediction both decode through here, so a predicted image is seen exactly as a training one:
-    EXIF orientation applied, transparency flattened onto white, squashed (not cropped) to a square."""
+    EXIF orientation applied, transparency flattened onto white, squashed (not cropped) to a square.
+    The header's size is checked against max_pixels before anything is decoded (an UnreadableImage if over); the
+    decoding reserves its bytes from `budget` (the image folder's threads share one)."""
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"cannot decode images to {channels} channels: only 1 (grayscale) or 3 (RGB)")
-    try:
-        with Image.open(path) as im:
-            im.draft(None, (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers the size
-            im = _to_mode(ImageOps.exif_transpose(im), mode)
-            # Pillow widens the bilinear kernel when shrinking, so this averages (antialiases), not point-samples
-            im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    except Exception as e:  # PIL's decoders raise OSError, ValueError, SyntaxError, DecompressionBombError, ...
-        raise DataError(f"cannot read image {path}: {e}") from None
+    with open_regular(path, "image") as f:
+        try:
+            with Image.open(f) as im:
+                im.draft(None, (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers it
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise UnreadableImage(f"cannot read image {path}: {width}x{height} pixels is over the limit of "
+                                          f"{max_pixels:,} per image; downscale it")
+                with budget.reserve(width * height * DECODE_COPIES) if budget else nullcontext():
+                    im = _to_mode(ImageOps.exif_transpose(im), mode)
+                    # Pillow widens the bilinear kernel when shrinking: this averages (antialiases), not samples
+                    im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        except DataError:
+            raise
+        except UnidentifiedImageError:  # (its own message names the open file object, not the path)
+            raise UnreadableImage(f"cannot read image {path}: cannot identify image file {str(path)!r}") from None
+        except (MemoryError, OSError) as e:
+            if isinstance(e, MemoryError) or e.errno is not None:  # the system's, not the file's: may pass
+                reason = "out of memory" if isinstance(e, MemoryError) else cli.describe_os_error(e, filename=False)
+                raise DataError(f"cannot read image {path}: {reason}") from None
+            raise UnreadableImage(f"cannot read image {path}: {cli.shorten(str(e))}") from None  # PIL's own
+        except Exception as e:  # PIL's decoders raise ValueError, SyntaxError, DecompressionBombError, ...
+            raise UnreadableImage(f"cannot read image {path}: {cli.shorten(str(e)) or type(e).__name__}") from None
     return torch.from_numpy(np.array(im).reshape(image_size, image_size, channels)).permute(2, 0, 1).contiguous()
 
 
@@ -451,8 +603,8 @@ def _to_mode(im: Image.Image, mode: str) -> Image.Image:
 def _split_dir(root: Path, split: str) -> Path:
     folder = root / split
     if not folder.is_dir():
-        raise DataError(f"imagefolder: {folder} not found; {root} needs train/ and test/ (and optionally val/), "
-                        f"each with one sub-folder of images per class")
+        raise DataError(f"imagefolder: {folder} not found; --data-dir {root} needs train/ and test/ (and optionally "
+                        f"val/), each with one sub-folder of images per class")
     return folder
 
 
@@ -460,7 +612,7 @@ def _subfolders(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     """Image files anywhere under `folder`, sorted; hidden ones (such as macOS's ._x.jpg) left out."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
@@ -474,16 +626,17 @@ def imagefolder_classes(root: Path) -> list[str]:
     return classes
 
 
-def load_imagefolder(root: Path, image_size: int):
+def load_imagefolder(root: Path, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
     """(train_images, train_labels, test_images, test_labels, classes) from DATA_DIR/train/ and /test/."""
     classes = imagefolder_classes(root)
-    train = load_imagefolder_split(root, "train", classes, image_size)
-    test = load_imagefolder_split(root, "test", classes, image_size)
+    train = load_imagefolder_split(root, "train", classes, image_size, max_pixels)
+    test = load_imagefolder_split(root, "test", classes, image_size, max_pixels)
     return (*train, *test, classes)
 
 
-def load_imagefolder_split(root: Path, split: str, classes: list[str],
-                           image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_imagefolder_split(root: Path, split: str, classes: list[str], image_size: int,
+                           max_pixels: int = MAX_IMAGE_PIXELS,
+                           against: str = "train/'s") -> tuple[torch.Tensor, torch.Tensor]:
     """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/, from the cache while it is
     current. Unreadable files are skipped with a warning; a class left without images is an error."""
     folder = _split_dir(root, split)
@@ -491,16 +644,17 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str],
     if found != classes:
         differences = [f"{what} {', '.join(sorted(names))}" for what, names in
                        (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
-        raise DataError(f"imagefolder: the class folders of {folder} differ from train/'s: {'; '.join(differences)}")
-    files = [(p, label) for label, name in enumerate(classes) for p in _image_files(folder / name)]
-    cache = _cache_path(root, split, image_size, [p for p, _ in files])
-    data = _read_cache(cache, len(files), image_size)
+        raise DataError(f"imagefolder: the class folders of {folder} differ from {against}: "
+                        f"{cli.shorten('; '.join(differences))}")
+    files = [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
+    cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)
+    data = _read_cache(cache, torch.tensor([label for _, label in files], dtype=torch.int64), image_size)
     if data is None:
-        data = _decode(files, image_size, f"imagefolder: decoding {len(files)} images of {folder} to "
-                                          f"{image_size}x{image_size}, cached for the next run")
+        data = _decode(files, image_size, max_pixels, f"imagefolder: decoding {len(files)} images of {folder} to "
+                                                      f"{image_size}x{image_size}, cached for the next run")
         _write_cache(cache, data)
     for message in data["skipped"]:
-        print(f"warning: {message}; skipped", file=sys.stderr)
+        print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
     counts = torch.bincount(data["labels"], minlength=len(classes)).tolist()
     if 0 in counts:
         raise DataError(f"imagefolder: class folder {folder / classes[counts.index(0)]} holds no readable images "
@@ -508,23 +662,33 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str],
     return data["images"], data["labels"]
 
 
-def _cache_path(root: Path, split: str, image_size: int, files: list[Path]) -> Path:
-    """DATA_DIR/.cache-<split>-<size>-<hash>: the hash covers every file's path, size and mtime and the decoding,
-    so adding, removing, renaming or editing an image, or a new decoder, makes a new key."""
+def _cache_path(root: Path, split: str, image_size: int, files: list[Path], max_pixels: int) -> Path:
+    """DATA_DIR/.cache-<split>-<size>-<hash>: the hash covers every file's path, size and mtime and the decoding
+    (max_pixels included: what it refused is in the cache), so adding, removing, renaming or editing an image, or a
+    new decoder, makes a new key."""
     stats = [(p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p, st in ((p, p.stat()) for p in files)]
-    key = json.dumps([CACHE_VERSION, IMAGEFOLDER_CHANNELS, image_size, stats])
+    key = json.dumps([CACHE_VERSION, IMAGEFOLDER_CHANNELS, image_size, max_pixels, stats])
     return root / f".cache-{split}-{image_size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
-def _decode(files: list[tuple[Path, int]], image_size: int, what: str) -> dict:
-    """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor."""
-    images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what)
+def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, what: str) -> dict:
+    """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor.
+    Only what is the file's own (an UnreadableImage) is skipped; any other failure (out of memory, an I/O error)
+    may pass, so it stops the run before anything is cached."""
+    # The threads' decoded frames (up to max_pixels * DECODE_COPIES bytes each) share a budget: DECODE_BUFFER, or
+    # half of what the result leaves available, so that it never alone refuses a folder that fits; an image larger
+    # than the budget decodes alone (and one that does not fit at all is an out-of-memory error, never cached).
+    result, available = len(files) * IMAGEFOLDER_CHANNELS * image_size**2, available_memory()
+    limit = min(DECODE_BUFFER, len(files) * max_pixels * DECODE_COPIES,
+                DECODE_BUFFER if available is None else max(0, available - result) // 2)
+    images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what, extra=limit)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    budget = _ByteBudget(limit)
 
     def decode(i: int) -> str | None:
         try:
-            images[i] = load_image(files[i][0], IMAGEFOLDER_CHANNELS, image_size)
-        except DataError as e:
+            images[i] = load_image(files[i][0], IMAGEFOLDER_CHANNELS, image_size, max_pixels, budget)
+        except UnreadableImage as e:
             return str(e)
         return None
 
@@ -537,17 +701,38 @@ def _decode(files: list[tuple[Path, int]], image_size: int, what: str) -> dict:
     return {"images": images, "labels": labels, "skipped": skipped}
 
 
-def _read_cache(path: Path, n_files: int, image_size: int) -> dict | None:
+def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | None:
+    """The cache's {"images", "labels", "skipped"} if it holds what _decode would for files of the labels
+    `expected`, else None (decode again), with a warning when the file is there but is not that: checked as
+    checkpoints are (weights_only, tensors no larger than their storage), then every field against the folder."""
     if not path.is_file():
         return None
+    from checkpoint import CheckpointError, check_tensor_sizes  # (checkpoint imports model: only when needed)
     try:
         data = torch.load(path, weights_only=True)
+        check_tensor_sizes(data, path)
         images, labels, skipped = data["images"], data["labels"], data["skipped"]
-        ok = (images.dtype == torch.uint8 and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
-              and labels.dtype == torch.int64 and len(images) == len(labels) == n_files - len(skipped))
-    except Exception:  # truncated, foreign or mangled: only a cache miss, decode again
-        return None
-    return data if ok else None
+        shape_ok = (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                    and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
+                    and isinstance(skipped, list) and all(isinstance(m, str) and len(m) <= 8192 for m in skipped)
+                    and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.ndim == 1
+                    and len(images) == len(labels) == len(expected) - len(skipped))
+        # The files are listed class by class, so the labels must run in order, each class no more often than it
+        # has files: a negative or out-of-range label, or one class's images under another's, is refused.
+        labels_ok = shape_ok and (len(labels) == 0 or (
+            0 <= labels.min() and labels.max() <= expected.max() and bool((labels.diff() >= 0).all())
+            and bool((torch.bincount(labels, minlength=int(expected.max()) + 1)
+                      <= torch.bincount(expected)).all())))
+        problem = None if labels_ok else "its images, labels or skipped files do not match the folder"
+    except CheckpointError as e:
+        problem = str(e)
+    except Exception as e:  # truncated, foreign or mangled
+        problem = f"unreadable ({type(e).__name__})"
+    if problem is None:
+        return data
+    print(f"warning: ignoring the image cache {path}: {cli.shorten(cli.printable(problem))}; decoding again",
+          file=sys.stderr)
+    return None
 
 
 def _write_cache(path: Path, data: dict) -> None:
@@ -561,7 +746,10 @@ def _write_cache(path: Path, data: dict) -> None:
             if old != path:
                 old.unlink(missing_ok=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = (cli.describe_os_error(e, filename=False) if isinstance(e, OSError) else  # (never our .tmp's name)
+                  cli.shorten(str(e).strip().splitlines()[0].replace(str(tmp), str(path))) if str(e).strip()
+                  else type(e).__name__)
         print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)
     finally:  # a failed write, or Ctrl-C in the middle of one (after the rename there is nothing left to remove)
-        tmp.unlink(missing_ok=True)
+        with suppress(OSError):  # (a cleanup that fails must not hide why the write failed)
+            tmp.unlink(missing_ok=True)

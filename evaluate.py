@@ -20,7 +20,7 @@ import torch
 
 import runtime
 from checkpoint import load_checkpoint, model_from_checkpoint
-from data import DataError, ImageSet, load_raw, resize_images
+from data import DataError, ImageSet, load_test
 from model import EVAL_BATCH, TTA_MODES, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
 
@@ -32,6 +32,7 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 
 
 def format_report(result: dict, classes: list[str]) -> str:
+    classes = [cli.printable(c) for c in classes]  # a class name cannot break a line or send the terminal escapes
     width = max(len(c) for c in classes) + 2
     lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%", "",
              f"{'class':<{width}}accuracy"]
@@ -82,16 +83,17 @@ def report(args) -> dict:
     tta = args.tta or run_args.get("tta", "none")
     amp = args.amp or run_args.get("amp", "off")
     if tta not in TTA_MODES or amp not in runtime.AMP_MODES:
-        raise DataError(f"{args.checkpoint} records --tta {tta!r} / --amp {amp!r}; give --tta and --amp")
+        raise DataError(f"{args.checkpoint} records --tta {cli.shorten(repr(tta), 50)} / --amp "
+                        f"{cli.shorten(repr(amp), 50)}; give --tta and --amp")
     model = model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)  # as train.py
     dataset, data_dir = run_args.get("dataset", "cifar10"), args.data_dir or run_args.get("data_dir", "./data")
     if not isinstance(dataset, str) or not isinstance(data_dir, str):
         raise DataError(f"{args.checkpoint} does not say which dataset it was trained on")
-    _, _, test_x, test_y, classes = load_raw(dataset, data_dir, image_size=ckpt["image_size"])
-    test_x = resize_images(test_x, ckpt["image_size"], f"{dataset} test")  # as train.py did (--image-size)
-    if classes != ckpt["classes"] or test_x.shape[1:] != (ckpt["in_channels"], ckpt["image_size"],
-                                                          ckpt["image_size"]):
-        raise DataError("the data in the data dir does not match the checkpoint's classes or shape")
+    classes = ckpt["classes"]
+    test_x, test_y = load_test(dataset, data_dir, classes, ckpt["image_size"])  # resized as train.py did
+    if test_x.shape[1] != ckpt["in_channels"]:
+        raise DataError(f"the {dataset} images in {data_dir} have {test_x.shape[1]} channels, the checkpoint's model "
+                        f"takes {ckpt['in_channels']}; give --data-dir the data the model was trained on")
     test = ImageSet(test_x.to(device), test_y.to(device), torch.tensor(ckpt["mean"], device=device),
                     torch.tensor(ckpt["std"], device=device))
     with runtime.autocast(amp, device):

@@ -53,7 +53,7 @@ def find_lr(args: argparse.Namespace) -> float:
         torch.manual_seed(args.seed)
         stats = (start["mean"], start["std"]) if start else None
         data, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
-                                      image_size=args.image_size, stats=stats)
+                                      image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels)
         t = train.build_trainer(args, data, len(classes), device, resumed=None, start=start)
         lrs, losses = lr_range_test(t, data, args)
         smoothed = smooth(losses)

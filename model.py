@@ -329,13 +329,15 @@ def torchvision_weights(weights) -> dict:
             torch.hub.download_url_to_file(weights.url, str(path), match.group(1) if match else None, progress=False)
         except Exception as e:  # no network, a proxy, a wrong checksum, a full disk: the same answer
             raise ValueError(f"the pretrained weights {weights} are not in torch's cache and the download failed "
-                                  f"({type(e).__name__}); put {path.name} (from {weights.url}) in {path.parent}/ "
-                                  f"(or set TORCH_HOME to a folder whose hub/checkpoints/ has it)") from None
+                             f"({type(e).__name__}); put {path.name} (from {weights.url}) in {path.parent}/ "
+                             f"(or set TORCH_HOME to a folder whose hub/checkpoints/ has it)") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"cannot read the pretrained weights {path} ({type(e).__name__}); delete it to "
-                              f"download it again") from None
+                         f"download it again") from None
+    from checkpoint import check_tensor_sizes  # (checkpoint imports this module)
+    check_tensor_sizes(state, path)
     if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
         raise ValueError(f"{path} is not a state_dict of pretrained weights; delete it to download it again")
     return state

@@ -2,6 +2,7 @@
 
     python predict.py --checkpoint runs/my-photos/best.pth photo.jpg
     python predict.py --checkpoint runs/my-photos/best.pth --top-k 3 --json photos/*.jpg
+    python predict.py --checkpoint runs/my-photos/best.pth new/     # every image file in new/, sorted
 
 Nothing but the checkpoint is needed: it holds the classes, the image size and the normalization. Each image is
 decoded exactly as training decoded it (data.load_image: EXIF rotation, transparency on white, grayscale or RGB
@@ -14,13 +15,15 @@ if __name__ == "__main__":
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 import runtime
 from checkpoint import load_checkpoint, model_from_checkpoint
-from data import load_image, normalize
+from data import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_files, load_image, normalize
 
 BATCH = 256  # images decoded and run at a time: memory stays flat for any number of files
 
@@ -36,19 +39,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="classes listed per image, best first (default: 1)")
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {path, label, probability, top_k} instead of one line per image")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help=f"refuse an image of more pixels than this: a small file can decode to gigabytes "
+                        f"(default: {MAX_IMAGE_PIXELS:,})")
     runtime.add_device_flag(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (jpg, png, bmp, webp, ...)")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help=f"image files, or folders: their image files ({', '.join(IMAGE_SUFFIXES)}), sorted")
     return p.parse_args(argv)
 
 
+def expand_folders(given: list[str]) -> list[str]:
+    """The files given, with each folder replaced by the image files under it (sorted, hidden ones left out)."""
+    paths = []
+    for name in given:
+        if Path(name).is_dir():
+            found = image_files(Path(name))
+            if not found:
+                raise PredictError(f"{name} is a folder with no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
+            paths += [str(p) for p in found]
+        else:
+            paths.append(name)
+    return paths
+
+
 @torch.no_grad()
-def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int,
+            max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and class indices (len(paths), top_k) of the top_k classes of each image, best first."""
     device = next(model.parameters()).device
     mean, std = (torch.tensor(ckpt[k], dtype=torch.float32, device=device) for k in ("mean", "std"))
     probs = []
     for start in range(0, len(paths), BATCH):
-        x = torch.stack([load_image(p, ckpt["in_channels"], ckpt["image_size"]) for p in paths[start:start + BATCH]])
+        x = torch.stack([load_image(p, ckpt["in_channels"], ckpt["image_size"], max_pixels)
+                         for p in paths[start:start + BATCH]])
         x = normalize(x.to(device), mean, std)  # exactly as training batches are normalized
         probs.append(model(x).float().softmax(1).cpu())
     probs = torch.cat(probs)
@@ -58,24 +81,31 @@ def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int) -> tuple
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    with cli.one_line_errors("predict.py"):
+    with cli.one_line_errors("predict.py", "try --device cpu, or a lower --max-image-pixels"):
         args = parse_args(argv)
+        if args.top_k < 1:
+            raise PredictError("--top-k must be at least 1")
+        if args.max_image_pixels < 1:
+            raise PredictError("--max-image-pixels must be at least 1")
+        paths = expand_folders(args.images)
         device = runtime.pick_device(args.device)
         ckpt = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt).to(device)
         classes = ckpt["classes"]
-        if not 1 <= args.top_k <= len(classes):
-            raise PredictError(f"--top-k must be in [1, {len(classes)}], the checkpoint's number of classes")
-        probs, indices = predict(model, ckpt, args.images, args.top_k)
+        if args.top_k > len(classes):  # more than there are: list them all
+            print(f"predict.py: note: --top-k {args.top_k} is more than the checkpoint's {len(classes)} classes; "
+                  f"listing {len(classes)}", file=sys.stderr)
+        probs, indices = predict(model, ckpt, paths, min(args.top_k, len(classes)), args.max_image_pixels)
     results = []
-    for path, p_row, i_row in zip(args.images, probs.tolist(), indices.tolist()):
+    for path, p_row, i_row in zip(paths, probs.tolist(), indices.tolist()):
         top = [{"label": classes[i], "probability": p} for i, p in zip(i_row, p_row)]
         results.append({"path": path, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        for r in results:
-            print(f"{r['path']}: " + ", ".join(f"{t['label']} {100 * t['probability']:.2f}%" for t in r["top_k"]))
+        for r in results:  # printable: a file or class name cannot break the line or send the terminal escapes
+            print(f"{cli.printable(r['path'])}: " + ", ".join(f"{cli.printable(t['label'])} "
+                                                             f"{100 * t['probability']:.2f}%" for t in r["top_k"]))
     return results
 
 

@@ -262,7 +262,7 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     stats = ((start["mean"], start["std"]) if start else (resumed["mean"], resumed["std"])
              if resumed and (args.pretrained or args.init_from) else None)
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
-                                        image_size=args.image_size, stats=stats)
+                                        image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels)
     if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
         runtime.keep_freed_memory()
     if args.patience and val is None:
@@ -381,8 +381,9 @@ def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, d
 def main(argv: list[str] | None = None) -> dict | float:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        with cli.one_line_errors("train.py"):
-            args, resumed, run_argv = config.parse_run_args(argv)
+        with cli.one_line_errors("train.py", "lower --batch-size (--accum-steps keeps the update the same)"):
+            args, resumed, run_argv = config.parse_run_args(argv, "train.py", __doc__)
+            tracking.require(args)  # a missing package: one line, before any work
             if args.find_lr:
                 import find_lr  # (it imports this module)
                 return find_lr.find_lr(args)

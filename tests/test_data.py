@@ -203,7 +203,8 @@ def test_prepare_holds_out_validation_and_computes_stats_on_training_part(cifar_
 
 
 def test_a_validation_split_that_leaves_no_training_image_is_refused(cifar_dir):
-    with pytest.raises(DataError, match="no training images left"):
+    with pytest.raises(DataError, match="--val-split 0.999 of the 200 training images leaves 0 to train on; it "
+                                        "needs at least 2: give a smaller --val-split"):
         prepare("cifar10", cifar_dir, 0.999, seed=0, device="cpu")
 
 

@@ -250,7 +250,8 @@ def test_image_size_resizes_cifar_once_and_evaluate_does_the_same(cifar, tmp_pat
     expected = F.interpolate(native[2].float(), size=(20, 20), mode="bilinear", antialias=True).round().clamp(0, 255)
     assert test.images.dtype == torch.uint8 and torch.equal(test.images, expected.to(torch.uint8))
     assert train_set.mean.tolist() == pytest.approx(data.channel_stats(native[0])[0])  # from the images as they come
-    assert "cifar10 train: resizing 80 images to 20x20 (0.1 MiB in memory)" in capsys.readouterr().err
+    assert ("cifar10 train: resizing 80 images to 20x20 (0.1 MiB in memory, plus up to 2.2 MiB while filling it)"
+            in capsys.readouterr().err)
     default = data.prepare("cifar10", cifar, 0.0, 0, "cpu")[2]
     assert torch.equal(default.images, native[2])  # no --image-size: the images as they are, not a copy of them
     out = tmp_path / "run"
