@@ -8,7 +8,7 @@ import signal
 import sys
 import traceback
 from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ import torch.distributed as dist
 import cli
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+T = TypeVar("T")
 AMP_MODES = ("off", "bf16", "fp16")
 
 
@@ -69,6 +70,36 @@ def keep_freed_memory() -> bool:
 
 def rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def print0(*values: object, **kwargs) -> None:
+    """print(), in rank 0 only: under torchrun one process speaks for all."""
+    if rank_world()[0] == 0:
+        print(*values, **kwargs)
+
+
+def on_rank0(work: Callable[[], T]) -> T | None:
+    """work() in rank 0 only (what one process does for all: claim the run folder, save, start the trackers).
+    Under torchrun every process learns whether it failed and leaves with the same one line, instead of waiting
+    for a peer that has gone (gloo's "Connection closed by peer"). Returns work()'s result in rank 0, else None."""
+    rank, world = rank_world()
+    result, error, message = None, None, None
+    if rank == 0:
+        try:
+            result = work()
+        except Exception as e:  # (a signal, a SystemExit, is not caught: every process gets its own)
+            error = e
+            message = str(e) if isinstance(e, cli.UserError) else cli.describe_os_error(e) \
+                if isinstance(e, OSError) else f"rank 0 failed ({type(e).__name__})"
+    if world > 1:
+        shared = [message]
+        dist.broadcast_object_list(shared, src=0)  # (a str or None, between our own processes)
+        message = shared[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise cli.UserError(message)
+    return result
 
 
 def start_processes(device_name: str) -> int:

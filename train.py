@@ -175,34 +175,33 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
         card: dict, state: RunState, tally: EpochTally, trackers: list) -> bool:
     """Train epoch after epoch from state.epoch + 1, validating and saving after each. Returns True when early
     stopping ended the run; a signal ends it with a mid-epoch last.pth and the command that resumes it."""
-    rank, world = runtime.rank_world()
     if args.patience and state.bad_epochs >= args.patience:  # a resumed run that had already stopped early
         return True
     with t.stop.deferred():
         for epoch in range(state.epoch + 1, args.epochs + 1):
             if not train_epoch(t, train, args, epoch, tally):
-                if rank == 0:
+                def save_stopped() -> None:
                     save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, tally),
                                     folder.path / "last.pth")
                     print(f"stopped at step {tally.step} of epoch {epoch}; saved {folder.path / 'last.pth'}. Resume "
                           f"with:\n  {config.resume_command(card['argv'], folder.path / 'last.pth')}", file=sys.stderr)
-                if world > 1:
-                    dist.barrier()  # no process leaves (and makes torchrun stop the others) before the save is done
+                runtime.on_rank0(save_stopped)  # (all wait for it: torchrun stops every process once one leaves)
                 raise SystemExit(128 + t.stop.signum)
             try:
                 row, improved = end_of_epoch(t, args, train, val, card, state, tally, epoch)
             except Diverged as e:
                 raise TrainError(report.diverged(str(e), folder.path / "last.pth", args.lr)) from None
             tally = EpochTally()
-            if rank == 0:
+
+            def save() -> None:  # (a full disk in rank 0 ends every process with its one line)
                 save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
                                 folder.path / "last.pth", *([folder.path / "best.pth"] if improved else []))
                 folder.write_metrics(state.history, card["changes"])
                 print(report.format_epoch(row, args.epochs), flush=True)
                 tracking.log_epoch(trackers, row)
+            runtime.on_rank0(save)
             if args.patience and state.bad_epochs >= args.patience:
-                if rank == 0:
-                    print(f"early stop: no validation improvement for {args.patience} epochs")
+                runtime.print0(f"early stop: no validation improvement for {args.patience} epochs")
                 return True
     return False
 
@@ -247,8 +246,8 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str], start: 
         torch.set_flush_denormal(True)
     folder = RunFolder(config.out_dir_for(args), resumed["run_id"] if resumed else secrets.token_hex(8))
     try:
-        if runtime.rank_world()[0] == 0:  # first: a second run into the same folder is refused before any work
-            folder.claim(resumed, Path(args.resume) if resumed else None)
+        # first: a second run into the same folder is refused before any work
+        runtime.on_rank0(lambda: folder.claim(resumed, Path(args.resume) if resumed else None))
         return train_and_test(args, resumed, argv, device, folder, start)
     finally:
         folder.release()
@@ -272,13 +271,14 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     card = run_card(args, argv, t.model, train.images, train.mean.tolist(), train.std.tolist(), classes,
                     folder.run_id, resumed.get("mlflow_run_id") if resumed else None, changes, fingerprint(train))
     state, tally = (resume(t, args, resumed, card) if resumed else (RunState(), EpochTally()))
-    trackers = []
-    if rank == 0:
+
+    def begin() -> list:  # room for the checkpoints, the run's first lines, the trackers
         folder.check_space(t.model, t.optimizer, t.ema)
         report.announce(args, t.model, train, val, test, device, folder.path, state, tally, start, card)
-        trackers = tracking.start(args, folder.path, state.history, card["mlflow_run_id"], train.images[:32].cpu())
-        card["mlflow_run_id"] = next((k.run_id for k in trackers if isinstance(k, tracking.MlflowTracker)),
-                                     card["mlflow_run_id"])
+        return tracking.start(args, folder.path, state.history, card["mlflow_run_id"], train.images[:32].cpu())
+    trackers = runtime.on_rank0(begin) or []
+    card["mlflow_run_id"] = next((k.run_id for k in trackers if isinstance(k, tracking.MlflowTracker)),
+                                 card["mlflow_run_id"])
     ended, results = "FAILED", None  # how the trackers record the run's end
     try:
         stopped_early = fit(t, args, train, val, folder, card, state, tally, trackers)
@@ -312,11 +312,10 @@ def final_test(t: Trainer, args: argparse.Namespace, test: ImageSet, classes: li
                stopped_early: bool, folder: RunFolder, device: torch.device) -> dict:
     """Evaluate best.pth once on the test set and write results.json. A signal (noted after the last optimizer
     step, or arriving now) leaves the test to evaluate.py, and says so."""
-    rank, world = runtime.rank_world()
     try:
         if t.stop.signum:
             raise cli.Interrupted(t.stop.signum)
-        if world > 1:
+        if dist.is_initialized():
             dist.barrier()  # best.pth is written by rank 0
         best = model_from_checkpoint(load_checkpoint(folder.path / "best.pth")).to(device)
         if args.channels_last:
@@ -324,21 +323,18 @@ def final_test(t: Trainer, args: argparse.Namespace, test: ImageSet, classes: li
         with runtime.autocast(args.amp, device):  # the test runs in the precision the model trained in
             result = evaluate(best, test, len(classes), tta=args.tta)
     except cli.Interrupted:
-        if rank == 0:
-            print(f"training finished ({state.epoch} epochs, best.pth from epoch {state.best_epoch}); the final "
-                  f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint {folder.path / 'best.pth'}",
-                  file=sys.stderr)
+        runtime.print0(f"training finished ({state.epoch} epochs, best.pth from epoch {state.best_epoch}); the final "
+                       f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint "
+                       f"{folder.path / 'best.pth'}", file=sys.stderr)
         raise
     results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"], "best_epoch": state.best_epoch,
                "epochs_completed": state.epoch, "stopped_early": stopped_early,
                "train_seconds": state.train_seconds}
-    if rank == 0:
-        folder.write_results(json.dumps(results, indent=2) + "\n")
-        tta = "" if args.tta == "none" else f" and {args.tta} TTA"
-        print(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}) with best.pth from epoch "
-              f"{state.best_epoch}{tta}; results in {folder.path / 'results.json'}")
-    if world > 1:
-        dist.barrier()  # all processes leave together: gloo aborts a process whose peer is already gone
+    # (all processes leave together, after the write: gloo aborts a process whose peer is already gone)
+    runtime.on_rank0(lambda: folder.write_results(json.dumps(results, indent=2) + "\n"))
+    tta = "" if args.tta == "none" else f" and {args.tta} TTA"
+    runtime.print0(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}) with best.pth from epoch "
+                   f"{state.best_epoch}{tta}; results in {folder.path / 'results.json'}")
     return results
 
 

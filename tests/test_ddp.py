@@ -96,3 +96,21 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes_exactly(
 
     a, b = weights(tmp_path / "straight" / "last.pth"), weights(out / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_when_rank_0_refuses_every_process_leaves_with_one_line(tmp_path):
+    """The run folder holds another run's files: rank 0 refuses to claim it, and rank 1 learns of it at once and
+    leaves with the same line, instead of a gloo "Connection closed by peer" traceback."""
+    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=21)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("someone else's\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--device", "cpu", "--data-dir", str(data), "--epochs", "1", "--out-dir", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert len(ours) == 2 and len(set(ours)) == 1 and "already holds run files (metrics.csv)" in ours[0], proc.stderr
+    assert "Connection closed by peer" not in proc.stderr and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
+    assert (out / "metrics.csv").read_text() == "someone else's\n"
