@@ -55,6 +55,8 @@ def find_lr(args: argparse.Namespace) -> float:
         data, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                       image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels)
         t = train.build_trainer(args, data, len(classes), device, resumed=None, start=start)
+        if start:
+            print(f"starting from {start['source']}")
         lrs, losses = lr_range_test(t, data, args)
         smoothed = smooth(losses)
         best = min(range(len(smoothed)), key=smoothed.__getitem__)
@@ -66,9 +68,9 @@ def find_lr(args: argparse.Namespace) -> float:
         raise
     exploded = len(losses) < len(lrs)
     if best == 0:  # no valley: the loss only rose from the first lr on
+        advice = "try a lower --find-lr-start" if exploded else "try another range, or more --find-lr-steps"
         raise FindLrError(f"no suggestion: the loss {'diverged' if exploded else 'never fell'} from the first lr "
-                          f"on (lr {lrs[0]:.2g} to {lrs[len(losses) - 1]:.2g}; drawn to {path}); try a lower "
-                          f"--find-lr-start")
+                          f"on (lr {lrs[0]:.2g} to {lrs[len(losses) - 1]:.2g}; drawn to {path}); {advice}")
     why = "the loss exploded" if exploded else "the last lr"
     print(f"lr range test: {len(losses)} steps of {args.batch_size * args.accum_steps} images from lr "
           f"{lrs[0]:.2g} until {why} ({lrs[len(losses) - 1]:.2g}); smoothed loss lowest ({smoothed[best]:.3f}) at lr "

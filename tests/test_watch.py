@@ -247,6 +247,28 @@ def test_find_lr_draws_into_a_runs_folder_and_leaves_the_run_alone(finished_run,
     assert not any((fresh / name).exists() for name in RUN_FILES)
 
 
+def test_find_lr_starts_from_the_runs_weights_and_gives_no_suggestion_without_a_valley(finished_run, tmp_path,
+                                                                                      capsys):
+    pytest.importorskip("matplotlib", reason="find_lr.py draws with the optional matplotlib")
+    import find_lr
+    data = load_checkpoint(finished_run / "last.pth")["args"]["data_dir"]
+    base = ["--data-dir", data, *CPU, "--find-lr-steps", "10"]
+    with pytest.raises(SystemExit, match=r"^find_lr.py: error: checkpoint not found: .*none.pth$"):
+        find_lr.main([*base, "--init-from", str(tmp_path / "none.pth"), "--out-dir", str(tmp_path / "a")])
+    assert not (tmp_path / "a").exists()
+    # the checkpoint's weights are what it trains (here, trained on random labels, they do not improve: no valley)
+    with pytest.raises(SystemExit, match=r"no suggestion: the loss never fell from the first lr on .*; try another "
+                                         r"range, or more --find-lr-steps$"):
+        find_lr.main([*base, "--init-from", str(finished_run / "best.pth"), "--out-dir", str(tmp_path / "b")])
+    assert f"starting from {finished_run / 'best.pth'} (simplecnn after epoch" in capsys.readouterr().out
+    out = tmp_path / "c"  # an lr that blows the loss up at once: no valley, no suggestion
+    with pytest.raises(SystemExit, match=r"^find_lr.py: error: no suggestion: the loss diverged from the first lr on "
+                                         r"\(lr 1e\+03 to .*; drawn to .*find-lr.png\); try a lower --find-lr-start$"):
+        find_lr.main([*base, "--optimizer", "sgd", "--find-lr-start", "1e3", "--find-lr-end", "1e6", "--out-dir",
+                      str(out)])
+    assert assert_png(out / "find-lr.png") == (700, 400)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--resume", "x.pth"], "--find-lr starts from a fresh model; it cannot --resume a run"),
     (["--mlflow"], "--find-lr runs in one process and records nothing: not with --mlflow"),
