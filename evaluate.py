@@ -15,11 +15,13 @@ if __name__ == "__main__":
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 import runtime
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import DataError, ImageSet, load_raw, resize_images
 from model import EVAL_BATCH, TTA_MODES, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
@@ -69,24 +71,27 @@ def main(argv: list[str] | None = None) -> dict:
 def report(args) -> dict:
     if not 1 <= args.show_count <= 256:
         raise DataError("--show-count must be in [1, 256]")
-    for picture in (args.plot, args.show):
-        if picture:
-            require_matplotlib()  # before any work: a missing package is the one message
-            check_output(picture)
-            cli.refuse_overwriting(picture, args.checkpoint)
-    if args.plot and args.show:
-        cli.refuse_overwriting(args.show, args.plot)
+    pictures = [picture for picture in (args.plot, args.show) if picture]
+    if pictures:
+        require_matplotlib()  # before any work: a missing package is the one message
+    if args.plot and args.show and Path(args.plot).resolve() == Path(args.show).resolve():
+        raise DataError(f"--plot and --show both name {args.show}; give each its own file")
+    checkpoint = checkpoint_path(args.checkpoint)
+    for picture in pictures:
+        check_output(picture, inputs=(checkpoint,))
     device = runtime.pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     tta = args.tta or run_args.get("tta", "none")
     amp = args.amp or run_args.get("amp", "off")
     if tta not in TTA_MODES or amp not in runtime.AMP_MODES:
-        raise DataError(f"{args.checkpoint} records --tta {tta!r} / --amp {amp!r}; give --tta and --amp")
+        raise DataError(f"{checkpoint} records --tta {tta!r} / --amp {amp!r}; give --tta and --amp")
     model = model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)  # as train.py
     dataset, data_dir = run_args.get("dataset", "cifar10"), args.data_dir or run_args.get("data_dir", "./data")
     if not isinstance(dataset, str) or not isinstance(data_dir, str):
-        raise DataError(f"{args.checkpoint} does not say which dataset it was trained on")
+        raise DataError(f"{checkpoint} does not say which dataset it was trained on")
+    for picture in pictures:  # now that the data is known: no picture may land on it or among it
+        check_output(picture, inputs=(checkpoint, data_dir))
     _, _, test_x, test_y, classes = load_raw(dataset, data_dir, image_size=ckpt["image_size"])
     test_x = resize_images(test_x, ckpt["image_size"], f"{dataset} test")  # as train.py did (--image-size)
     if classes != ckpt["classes"] or test_x.shape[1:] != (ckpt["in_channels"], ckpt["image_size"],
@@ -97,7 +102,7 @@ def report(args) -> dict:
     with runtime.autocast(amp, device):
         result = evaluate(model, test, len(classes), tta=tta)
     if not math.isfinite(result["loss"]):  # finite weights can still overflow: say so rather than report NaN
-        raise DataError(f"the model's outputs are not finite numbers on this data; {args.checkpoint} is unusable")
+        raise DataError(f"the model's outputs are not finite numbers on this data; {checkpoint} is unusable")
     if args.json:
         print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"], "tta": tta, "amp": amp,
                           "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),
@@ -115,6 +120,18 @@ def report(args) -> dict:
         if not args.json:
             print(f"{shown} test images with their predictions drawn to {args.show}")
     return result
+
+
+def checkpoint_path(given: str) -> Path:
+    """--checkpoint: a .pth, or a run folder, whose best.pth is taken (and said so)."""
+    path = Path(given)
+    if not path.is_dir():
+        return path
+    if not (path / "best.pth").is_file():
+        raise CheckpointError(f"{path} is a folder without a best.pth; give --checkpoint a .pth file (a run folder "
+                              f"holds best.pth once its first epoch has ended)")
+    print(f"{path} is a folder: evaluating its best.pth", file=sys.stderr)
+    return path / "best.pth"
 
 
 @torch.no_grad()

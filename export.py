@@ -16,7 +16,6 @@ if __name__ == "__main__":
 import argparse
 import importlib
 import json
-import os
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -88,23 +87,22 @@ def main(argv: list[str] | None = None) -> float:
     with cli.one_line_errors("export.py"):
         args = parse_args(argv)
         output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
-        cli.refuse_overwriting(output, args.checkpoint)
+        cli.check_output(output, inputs=(args.checkpoint,), what="ONNX output", new_folder=True)
         for package in ("onnx", "onnxruntime"):  # before any work: a missing package is the one message
             require(package)
         ckpt = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt)
-        tmp = output.with_name(output.name + ".tmp")  # renamed to `output` only once the check has passed
-        cli.refuse_overwriting(tmp, args.checkpoint)
+        run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        data_dir = run_args.get("data_dir") if isinstance(run_args.get("data_dir"), str) else None
+        # the data the model was trained on is no input of this command, but no place for a model either
+        cli.check_output(output, inputs=(args.checkpoint, data_dir), what="ONNX output", new_folder=True)
         output.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with cli.atomic_output(output) as tmp:  # becomes `output` only once the check has passed
             export_onnx(model, ckpt, tmp)
             difference = max_difference(model, tmp, ckpt["in_channels"], ckpt["image_size"])
             if not difference < TOLERANCE:  # `not <` so that a NaN fails too
                 raise ExportError(f"the ONNX model differs from PyTorch by up to {difference:.3g} (limit "
                                   f"{TOLERANCE:g}); nothing written")
-            os.replace(tmp, output)
-        finally:
-            tmp.unlink(missing_ok=True)
     print(f"wrote {output}; largest difference from PyTorch on random inputs (batch sizes "
           f"{', '.join(map(str, CHECK_BATCHES))}): {difference:.3g} (limit {TOLERANCE:g})")
     return difference

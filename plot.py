@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import write_atomically
-
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
 
 
@@ -140,23 +138,24 @@ def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], 
     _save(fig, path)
 
 
-def check_output(path: str | Path) -> None:
-    """Refuse, before any work, a picture path that cannot be written: a folder, or in a folder that is not there."""
-    path = Path(path)
-    if path.is_dir():
-        raise PlotError(f"{path} is a folder; give the path of a .png file")
-    if not path.parent.is_dir():
-        raise PlotError(f"cannot write {path}: {path.parent} is not a folder")
+def check_output(path: str | Path, inputs: tuple = ()) -> None:
+    """Refuse, before any work, a picture path whose file must not be replaced (cli.check_output): a PlotError."""
+    try:
+        cli.check_output(path, inputs, what="picture")
+    except cli.UserError as e:
+        raise PlotError(str(e)) from None
 
 
 def _save(fig, path: str | Path, dpi: int = 100) -> None:
     """Render, then write atomically: a full disk or a signal never leaves half a PNG (nor hides the old one)."""
+    check_output(path)  # every picture, whoever asks for it (train.py's curves.png too)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     try:
-        write_atomically(Path(path), buffer.getbuffer())
+        cli.write_output(path, buffer.getbuffer())
     except OSError as e:
-        raise PlotError(f"cannot write {path}: {e.strerror}") from None
+        reason = cli.describe_os_error(OSError(e.errno, e.strerror))  # (not e.filename: the temporary file's)
+        raise PlotError(f"cannot write {path}: {reason}") from None
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -167,7 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
         args = p.parse_args(argv)
         output = Path(args.output) if args.output else Path(args.metrics).with_name("curves.png")
         require_matplotlib()  # first, so that a missing package is the one message
-        cli.refuse_overwriting(output, args.metrics)
+        check_output(output, inputs=(args.metrics,))
         plot_curves(read_metrics(Path(args.metrics)), output)
     print(f"wrote {output}")
     return output

@@ -214,10 +214,10 @@ def test_show_draws_test_images_with_their_labels(finished_run, capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--show-count", "0"], "--show-count must be in [1, 256]"),
-    (["--show", "{run}"], "is a folder; give the path of a .png file"),
+    (["--show", "{run}"], "is a folder; give the path of a file in it"),
     (["--show", "{run}/nowhere/show.png"], "nowhere is not a folder"),
     (["--show", "{run}/best.pth"], "is also an input"),
-    (["--show", "{run}/a.png", "--plot", "{run}/a.png"], "is also an input"),
+    (["--show", "{run}/a.png", "--plot", "{run}/a.png"], "--plot and --show both name"),
 ])
 def test_show_refuses_bad_outputs_in_one_line(finished_run, flags, message):
     pytest.importorskip("matplotlib", reason="--show draws with the optional matplotlib")
