@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_cifar10
+from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
 
 import evaluate
 import export
@@ -128,3 +128,43 @@ def test_show_and_plot_on_one_path_and_a_run_folder_as_checkpoint(run, tmp_path,
     assert str(exc.value.code) == (f"evaluate.py: error: {tmp_path} is a folder without a best.pth; give "
                                    f"--checkpoint a .pth file (a run folder holds best.pth once its first epoch has "
                                    f"ended)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run folder: a user's own curves.png is not the run's; its lock cannot be deleted away
+
+def train_process(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *CPU, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)  # noqa: PLW1509
+
+
+def test_a_users_own_curves_png_keeps_a_run_out(tmp_path, cifar_dir):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "curves.png").write_bytes(b"my own picture")
+    fails_with(["--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--out-dir", str(folder)],
+               f"{folder} already holds run files (curves.png); move them elsewhere or give --out-dir a new folder")
+    assert sorted(p.name for p in folder.iterdir()) == ["curves.png"]
+    assert (folder / "curves.png").read_bytes() == b"my own picture"
+
+
+def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
+    data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(data), "--epochs", "50", "--out-dir", str(out)]
+    first = train_process(*flags)
+    try:
+        for line in first.stdout:
+            if line.startswith("cifar10: "):  # "... writing to <out>": it holds the folder
+                break
+        assert (out / ".lock").read_text() == str(first.pid)
+        (out / ".lock").unlink()
+        second = train_process(*flags)
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 1 and err == (f"train.py: error: {out} is in use by another run; wait for it to "
+                                                  f"end, or choose another --out-dir\n")
+        assert first.poll() is None  # the first run trains on, alone
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert first.returncode == 130
