@@ -16,7 +16,11 @@ if __name__ == "__main__":
 import argparse
 import importlib
 import json
+import os
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -59,14 +63,36 @@ def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:
         # torch >= 2.9 deprecates this TorchScript-based exporter (and warns from inside it) for dynamo=True, which
         # also needs onnxscript and takes seconds; for these plain conv nets this one is exact and needs onnx alone
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        try:
+            with without_c_output():
+                torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
+                                  input_names=["images"], output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        except Exception as e:  # an operator ONNX lacks at this size (vgg11 at 32 px, alexnet at 100 px: an
+            # adaptive pooling whose output does not divide its input); torch's reason is its first line
+            reason = " ".join(str(e).split("[Caused by")[0].split(" Please feel free")[0].split())
+            raise ExportError(f"{ckpt['model_name']} at {ckpt['image_size']} px cannot be exported to ONNX (opset "
+                              f"{OPSET}): {reason[:300] or type(e).__name__}; nothing written") from None
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(graph, {
         "classes": json.dumps(ckpt["classes"]), "mean": json.dumps(ckpt["mean"]), "std": json.dumps(ckpt["std"]),
         "image_size": str(ckpt["image_size"]), "model_name": ckpt["model_name"]})
     onnx.save(graph, str(path))
+
+
+@contextmanager
+def without_c_output() -> Iterator[None]:
+    """Silence what C++ code writes to the process's stdout (file descriptor 1), as torch.onnx does with the whole
+    graph when an export fails: the user gets our one line instead."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @torch.no_grad()

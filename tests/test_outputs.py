@@ -168,3 +168,20 @@ def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
         first.send_signal(signal.SIGINT)
         first.communicate(timeout=120)
     assert first.returncode == 130
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the libraries raise or log is one line of ours
+
+def test_a_model_onnx_cannot_express_at_its_size_is_one_line(tmp_path):
+    """alexnet at 64 px: its adaptive pooling to 6 x 6 gets a 1 x 1 map, which ONNX's operator cannot take."""
+    pytest.importorskip("onnxruntime", reason="export.py needs the optional onnx and onnxruntime")
+    from test_predict_export import write_checkpoint
+    ckpt = write_checkpoint(tmp_path / "alexnet.pth", ["cat", "dog"], image_size=64, model_name="alexnet")
+    result = subprocess.run([sys.executable, "export.py", "--checkpoint", str(ckpt)], check=False, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert result.stderr.startswith("export.py: error: alexnet at 64 px cannot be exported to ONNX (opset 17): "
+                                    "Unsupported: ONNX export of operator adaptive_avg_pool2d, output size that are "
+                                    "not factor of input size.") and result.stderr.count("\n") == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alexnet.pth"]  # no .onnx, no temporary file
