@@ -177,3 +177,12 @@ def write_output(path: str | Path, data: bytes | memoryview) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def readable(text: str) -> str:
+    """`text` with what cannot be printed as UTF-8 escaped: a file name that is not valid UTF-8 reaches Python with
+    its bytes as lone surrogates (os.fsdecode), which a terminal or a font cannot take; here they are \\xNN."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # surrogates that are no escaped bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")

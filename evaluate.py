@@ -34,6 +34,7 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 
 
 def format_report(result: dict, classes: list[str]) -> str:
+    classes = [cli.readable(c) for c in classes]  # (names from file names that are not UTF-8: escaped)
     width = max(len(c) for c in classes) + 2
     lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%", "",
              f"{'class':<{width}}accuracy"]

@@ -17,6 +17,7 @@ if __name__ == "__main__":
 import csv
 import io
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -58,6 +59,12 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
         raise PlotError(f"{path} has a row with a missing or non-numeric value") from None
 
 
+def label(name: str, width: int | None = None) -> str:
+    """A class name as matplotlib can draw it: bytes that are not UTF-8 escaped (cli.readable), `$` taken
+    literally (not as the start of a formula), cut to `width` characters."""
+    return cli.readable(name)[:width].replace("$", r"\$")
+
+
 def plot_curves(metrics: dict[str, list[float]], path: str | Path) -> None:
     """Loss (left) and accuracy (right) per epoch, train and validation, to a PNG."""
     fig = require_matplotlib()(figsize=(10, 4), layout="constrained")
@@ -88,8 +95,8 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path
     image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="share of the true class")
     ax.set(title="confusion matrix", xlabel="predicted class", ylabel="true class", xticks=range(n), yticks=range(n))
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_yticklabels(classes)
+    ax.set_xticklabels([label(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticklabels([label(c) for c in classes])
     if n <= 30:  # beyond that the numbers would be too small to read
         for i, (count_row, share_row) in enumerate(zip(counts.tolist(), share.tolist())):
             for j, (count, fraction) in enumerate(zip(count_row, share_row)):
@@ -99,26 +106,52 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path
 
 def plot_predictions(images: torch.Tensor, labels: list[int], predicted: list[int], confidence: list[float],
                      classes: list[str], path: str | Path, title: str = "", columns: int = 8) -> None:
-    """A grid of uint8 images (N, C, H, W), each with its true and predicted class under it; mistakes in red,
-    framed. Each image is drawn 112 px wide, pixels enlarged as squares (nearest neighbour), so 32x32 images stay
-    sharp."""
+    """A grid of uint8 images (N, C, H, W), each with its true class, predicted class and the model's probability
+    under it; mistakes in red, framed. Each image is drawn 128 px wide, pixels enlarged as squares (nearest
+    neighbour), so 32x32 images stay sharp. The cells are as wide as their longest label (in a monospaced
+    font, whose width is known before drawing): no label runs into its neighbour or off the picture."""
+    texts = [(f"true: {short(classes[true])}", f"pred: {short(classes[guess])}", percent(p))
+             for true, guess, p in zip(labels, predicted, confidence)]
+    columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
-    fig = require_matplotlib()(figsize=(1.4 * columns, 1.75 * rows), dpi=80, layout="constrained")
-    fig.suptitle(title, fontsize=10)
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax, image, true, guess, p in zip(axes, images, labels, predicted, confidence):
+    points = 9  # the labels' font size: at 80 dpi, 10 pixels
+    side, line, char = 1.6, points * 1.35 / 72, points * 0.602 / 72  # inches: an image, a line, a character
+    #   (0.602: a DejaVu Sans Mono character's width per point of size, its line 1.35 points with our spacing)
+    cell_w = max(side + 0.15, 0.2 + char * max(len(t) for lines in texts for t in lines))
+    cell_h = side + 3 * line + 0.2
+    width = max(columns * cell_w, 4)  # (a few images: room for the title on a few lines)
+    margin = (width - columns * cell_w) / 2
+    title_lines = textwrap.wrap(title, width=int(width / 0.0833)) or [""]  # (10-point characters)
+    top = 0.2 + 0.18 * len(title_lines)
+    height = rows * cell_h + top
+    fig = require_matplotlib()(figsize=(width, height), dpi=80)
+    fig.text(0.5, 1 - 0.1 / height, "\n".join(label(t) for t in title_lines), ha="center", va="top", fontsize=10)
+    for i, (image, lines, true, guess) in enumerate(zip(images, texts, labels, predicted)):
+        row, column = divmod(i, columns)
+        left = (margin + column * cell_w + (cell_w - side) / 2) / width
+        bottom = 1 - (top + row * cell_h + side) / height
+        ax = fig.add_axes((left, bottom, side / width, side / height))
         wrong = true != guess
         grayscale = image.shape[0] == 1
         ax.imshow((image[0] if grayscale else image.permute(1, 2, 0)).numpy(), cmap="gray" if grayscale else None,
-                  vmin=0, vmax=255, interpolation="nearest")
+                  vmin=0, vmax=255, interpolation="nearest", aspect="auto")
         ax.set(xticks=[], yticks=[])
-        ax.set_xlabel(f"true: {classes[true][:14]}\npred: {classes[guess][:14]} {100 * p:.0f}%", fontsize=8,
-                      color="red" if wrong else "black")
+        ax.text(0.5, -0.04, "\n".join(label(t) for t in lines), transform=ax.transAxes, ha="center", va="top",
+                fontsize=points, family="DejaVu Sans Mono", linespacing=1.1, color="red" if wrong else "black")
         for spine in ax.spines.values():
             spine.set(color="red" if wrong else "lightgray", linewidth=3 if wrong else 0.5)
-    for ax in axes[len(images):]:
-        ax.axis("off")
     _save(fig, path, dpi=80)
+
+
+def short(name: str, width: int = 18) -> str:
+    """A class name cut to `width` characters, an ellipsis marking the cut."""
+    name = cli.readable(name)
+    return name if len(name) <= width else name[:width - 1] + "\u2026"
+
+
+def percent(p: float) -> str:
+    """A probability to one decimal, never rounded up to a certainty: 0.99996 is ">99.9%", not "100.0%"."""
+    return ">99.9%" if 0.9995 <= p < 1 else "<0.1%" if 0 < p < 0.0005 else f"{100 * p:.1f}%"  # (those would round)
 
 
 def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float,

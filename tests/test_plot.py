@@ -115,3 +115,18 @@ def test_evaluate_plot_draws_the_confusion_matrix_of_a_real_run(cifar_dir, tmp_p
     with Image.open(png) as image:
         assert image.width > 300 and image.height > 300
     assert result["confusion"].sum().item() == 50
+
+
+def test_prediction_labels_get_the_room_they_need_and_never_round_to_certainty(tmp_path):
+    pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    sizes = {}
+    for name in ("cat", "a much longer class name"):
+        plot.plot_predictions(images, [0, 1, 1], [1, 1, 0], [0.99996, 0.5, 0.0004], [name, "dog"], tmp_path / "p.png")
+        with Image.open(tmp_path / "p.png") as im:
+            sizes[name] = im.size
+    assert sizes["cat"] == (420, 214)  # 3 cells of 1.75 in (1.6 in images) at 80 dpi; no title
+    # "true: a much longer cla…": 24 characters of 9-point mono (0.0753 in) + 0.2 in, in each of 3 cells
+    assert sizes["a much longer class name"] == (round(80 * 3 * (0.2 + 24 * 9 * 0.602 / 72)), 214)
+    shown = [plot.percent(p) for p in (1.0, 0.99996, 0.9994, 0.5, 0.0006, 0.0004, 0.0)]
+    assert shown == ["100.0%", ">99.9%", "99.9%", "50.0%", "0.1%", "<0.1%", "0.0%"]

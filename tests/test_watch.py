@@ -209,7 +209,8 @@ def test_show_draws_test_images_with_their_labels(finished_run, capsys):
     show = finished_run.parent / "show.png"
     evaluate.main(["--checkpoint", str(finished_run / "best.pth"), "--show", str(show), "--show-count", "12"])
     assert "12 test images with their predictions drawn to" in capsys.readouterr().out
-    assert assert_png(show) == (896, 280)  # 8 columns of 1.4 in, 2 rows of 1.75 in, at 80 dpi
+    # 8 columns of 1.75 in (a 1.6 in image and its margins), 2 rows of 2.3 in + the title's 0.38 in, at 80 dpi
+    assert assert_png(show) == (1120, 399)
 
 
 @pytest.mark.parametrize("flags, message", [
