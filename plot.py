@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
+OFF_SCALE = 1e6  # a loss or accuracy beyond this is drawn at the top of the rest (on_scale)
 
 
 class PlotError(cli.UserError):
@@ -66,18 +67,43 @@ def label(name: str, width: int | None = None) -> str:
 
 
 def plot_curves(metrics: dict[str, list[float]], path: str | Path) -> None:
-    """Loss (left) and accuracy (right) per epoch, train and validation, to a PNG."""
+    """Loss (left) and accuracy (right) per epoch, train and validation, to a PNG; a dashed line marks the epoch
+    of best.pth (the lowest validation loss) when there is validation."""
     fig = require_matplotlib()(figsize=(10, 4), layout="constrained")
+    from matplotlib.ticker import MaxNLocator
+    epochs = [int(e) if float(e).is_integer() else e for e in metrics["epoch"]]
+    # best.pth's epoch, as train.py chooses it: the lowest validation loss (the first of equal ones); none without
+    val_losses = [(v, e) for v, e in zip(metrics["val_loss"], epochs) if not math.isnan(v)]
+    best = min(val_losses, key=lambda pair: pair[0])[1] if val_losses else None
     for ax, name, title in zip(fig.subplots(1, 2), ("loss", "acc"), ("loss (cross-entropy)", "accuracy (%)")):
-        for split in ("train", "val"):
-            values = metrics[f"{split}_{name}"]
+        curves = {split: metrics[f"{split}_{name}"] for split in ("train", "val")}
+        curves, top = on_scale(curves)
+        for split, values in curves.items():
             if not all(math.isnan(v) for v in values):  # a run with --val-split 0 has no validation curve
-                ax.plot(metrics["epoch"], values, marker="o", label=split)
-        ax.set(title=title, xlabel="epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+                ax.plot(epochs, values, marker="o", label=split)
+        if top is not None:
+            title += f"\n(values beyond {OFF_SCALE:g} drawn at {top:.3g})"
+        if best is not None:
+            ax.axvline(best, color="tab:green", linestyle="--", linewidth=1, label=f"best.pth (epoch {best})")
+        ax.set(title=title, xlabel="epoch", xlim=(epochs[0] - 0.5, epochs[-1] + 0.5) if len(epochs) < 3 else None)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
+
+
+def on_scale(curves: dict[str, list[float]], limit: float = OFF_SCALE) -> tuple[dict[str, list[float]], float | None]:
+    """Values beyond `limit` (a diverged loss, infinity, a mangled file) cannot share an axis with the rest
+    (matplotlib cannot even place the ticks of 1e308): they are drawn at the top of the other values' range.
+    Returns the curves and that top (None when every value was on the scale)."""
+    values = [v for vs in curves.values() for v in vs if not math.isnan(v)]
+    sane = [v for v in values if abs(v) <= limit]
+    if len(sane) == len(values):
+        return curves, None
+    top = 1.1 * max(sane, default=1.0)
+    low = min(sane, default=0.0)
+    return {k: [v if math.isnan(v) or abs(v) <= limit else top if v > 0 else low for v in vs]
+            for k, vs in curves.items()}, top
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path) -> None:
