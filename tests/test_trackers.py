@@ -93,8 +93,8 @@ def test_a_disk_that_fills_mid_run_is_one_warning_line_per_failure(tmp_path, mou
     assert proc.returncode == 0, err  # the training goes on: the run's own files are elsewhere
     lines = err.splitlines()
     assert all(line.startswith(("warning: --mlflow: ", "warning: --tensorboard: ")) for line in lines), err
-    ends = ["warning: --mlflow: cannot record the end of the run: (sqlite3.OperationalError) database or disk is "
-            "full", "warning: --tensorboard: cannot record the end of the run: [Errno 28] No space left on device"]
+    ends = ["warning: --mlflow: cannot record the end of the run: (sqlite3.OperationalError) database or disk is full",
+            "warning: --tensorboard: cannot record the end of the run: [Errno 28] No space left on device"]
     assert lines[-2:] == ends, err
     assert len(lines) <= 4  # and before: each tracker's failure once, not once an epoch
     assert (out / "results.json").is_file()
