@@ -154,7 +154,7 @@ class MlflowTracker:
                 self.run_id = run_id
                 run = self.client.get_run(run_id)
                 self.client.update_run(run_id, status="RUNNING")
-                logged = run.data.params
+                logged, experiment = run.data.params, run.info.experiment_id
             params = {k: str(v) for k, v in sorted(vars(args).items())}
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items() if k not in logged])
             for k, v in params.items():
@@ -167,13 +167,17 @@ class MlflowTracker:
                     self.log_epoch(row)
         except Exception as e:  # a store that cannot be reached, written or read: each is the same answer
             raise TrackingError(f"--mlflow: cannot use the tracking store {uri}: {reason(e)}") from None
+        self.experiment = experiment
         print(f"--mlflow: recording MLflow run {self.run_id} ({folder.name}) in {uri}; to see it: "
               f"{self.ui_command()}", flush=True)
 
     def ui_command(self) -> str:
+        """How to see the run. MLflow 3's UI opens on its GenAI view, whose experiment pages have no runs table;
+        the workflowType parameter opens the machine-learning view (its "Machine learning" switch)."""
+        page = f"#/experiments/{self.experiment}/runs/{self.run_id}?workflowType=machine_learning"
         if self.uri.startswith(("http://", "https://")):
-            return f"open {self.uri}"
-        return f"mlflow ui --backend-store-uri {shlex.quote(self.uri)}"
+            return f"open {self.uri.rstrip('/')}/{page}"
+        return f"mlflow ui --backend-store-uri {shlex.quote(self.uri)}, then open http://127.0.0.1:5000/{page}"
 
     def experiment_id(self, name: str, uri: str) -> str:
         """The experiment named `name` (MLFLOW_EXPERIMENT_NAME when set, else the dataset), created if needed. In a

@@ -126,7 +126,7 @@ def test_ctrl_c_while_the_end_is_recorded_marks_the_run_killed(tmp_path, cifar_d
     run_id = load_checkpoint(tmp_path / "run" / "last.pth")["mlflow_run_id"]
     assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "KILLED"
     assert f"--mlflow: MLflow run {run_id} recorded (KILLED) in {uri}; to see it: mlflow ui --backend-store-uri " \
-           f"{uri}\n" in out
+           f"{uri}, then open http://127.0.0.1:5000/#/experiments/" in out
 
 
 def test_the_run_says_where_it_is_recorded_and_epoch_is_the_step_only(tmp_path, cifar_dir, monkeypatch, capsys):
@@ -136,12 +136,12 @@ def test_the_run_says_where_it_is_recorded_and_epoch_is_the_step_only(tmp_path, 
     train.main(["--data-dir", str(cifar_dir), *CPU, "--epochs", "2", "--out-dir", str(tmp_path / "run"), "--mlflow"])
     run_id = load_checkpoint(tmp_path / "run" / "last.pth")["mlflow_run_id"]
     out = capsys.readouterr().out
-    assert f"--mlflow: recording MLflow run {run_id} (run) in {uri}; to see it: mlflow ui --backend-store-uri {uri}\n" \
-        in out
-    assert f"--mlflow: MLflow run {run_id} recorded (FINISHED) in {uri}; to see it: mlflow ui --backend-store-uri " \
-           f"{uri}\n" in out
     client = mlflow.MlflowClient(uri)
     run = client.get_run(run_id)
+    see = (f"to see it: mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/#/experiments/"
+           f"{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning\n")
+    assert f"--mlflow: recording MLflow run {run_id} (run) in {uri}; {see}" in out
+    assert f"--mlflow: MLflow run {run_id} recorded (FINISHED) in {uri}; {see}" in out
     assert "epoch" not in run.data.metrics  # the step of every metric, not a metric of its own
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2]
     experiment = client.get_experiment(run.info.experiment_id)
