@@ -3,6 +3,7 @@
     python evaluate.py --checkpoint runs/cifar10-simplecnn-20261123-120000/best.pth
     python evaluate.py --checkpoint best.pth --data-dir ./data --json
     python evaluate.py --checkpoint best.pth --show predictions.png   # test images, true and predicted labels
+    python evaluate.py --checkpoint runs/my-photos                    # a run folder: its best.pth
 
 The model, its classes and its normalization come from the checkpoint alone; the data from --data-dir
 (default: the one the run was trained with). By default the test runs as the run's own final test did (its --tta
@@ -50,7 +51,8 @@ def format_report(result: dict, classes: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = cli.parser("evaluate.py", __doc__)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a .pth written by train.py, or a run folder (its best.pth)")
     p.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the training run's)")
     runtime.add_device_flag(p)
     p.add_argument("--tta", nargs="?", const="mirror", choices=TTA_MODES,

@@ -5,7 +5,9 @@ files into the run folder. Both take the same three calls: start (flags, and the
 Each package is optional and imported only when its flag is given; require() checks it before any work.
 MLflow's store is MLFLOW_TRACKING_URI when set, else sqlite:///<the run folder's parent>/mlflow.db (runs/mlflow.db
 by default), with artifacts in <that parent>/mlartifacts: no server, and every run of that parent in one store.
-Open it with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
+Open it with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`; the run prints, when it starts and when it
+ends, where it is recorded and the page of its MLflow run. A store that cannot be used is one line before the
+training starts; a tracker that fails later is one warning line and the training goes on.
 """
 import argparse
 import importlib
