@@ -70,7 +70,7 @@ def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:
                                   dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
         except Exception as e:  # an operator ONNX lacks at this size (vgg11 at 32 px, alexnet at 100 px: an
             # adaptive pooling whose output does not divide its input); torch's reason is its first line
-            reason = " ".join(str(e).split("[Caused by")[0].split(" Please feel free")[0].split())
+            reason = " ".join(str(e).split("[Caused by")[0].split(" Please feel free")[0].split()).rstrip(".")
             raise ExportError(f"{ckpt['model_name']} at {ckpt['image_size']} px cannot be exported to ONNX (opset "
                               f"{OPSET}): {reason[:300] or type(e).__name__}; nothing written") from None
     graph = onnx.load(str(path))
