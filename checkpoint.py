@@ -389,13 +389,18 @@ def run_position(ckpt: dict) -> tuple[int, int]:
 
 
 class RunFolder:
-    """A run's folder: last.pth, best.pth, metrics.csv, results.json. One process owns it for the run's life,
-    by an exclusive lock on its .lock file (the kernel drops the lock when the process dies, so a lock left by
-    a killed run is never in the way); a folder that holds another run's files is never written to."""
+    """A run's folder: last.pth, best.pth, metrics.csv, results.json (and curves.png). One process owns it for the
+    run's life, by an exclusive lock (flock) on the folder itself: unlike a lock file, nothing in the folder can be
+    deleted to take it away, and the kernel drops it when the process dies, so a lock left by a killed run is never
+    in the way. The .lock file only names the owner's process id, for the message to the next run. A folder that
+    holds another run's files is never written to."""
+
+    # What a run writes into its folder: a folder that holds any of them (a user's own curves.png too) is not claimed
+    FILES = (*RUN_FILES, "curves.png")
 
     def __init__(self, path: Path, run_id: str):
         self.path, self.run_id = path, run_id
-        self.lock_file, self.created = None, False
+        self.lock_fd, self.created = None, False
 
     def claim(self, resumed: dict | None, resumed_from: Path | None) -> None:
         """Lock the folder, then check, under the lock (so that two runs started at once cannot both pass), that
@@ -405,11 +410,11 @@ class RunFolder:
         self.lock()
         for name in RUN_FILES:  # what a SIGKILL in the middle of a save left behind (no live run holds the lock)
             (self.path / (name + ".tmp")).unlink(missing_ok=True)
-        found = [name for name in RUN_FILES if (self.path / name).exists()]
+        found = [name for name in self.FILES if os.path.lexists(self.path / name)]
         own_folder = resumed_from is not None and resumed_from.parent.resolve() == self.path.resolve()
         if found and not own_folder:
             hint = (f"resume it with --resume {self.path / 'last.pth'} or " if "last.pth" in found and not resumed
-                    else "resume into the checkpoint's own folder or ")
+                    else "resume into the checkpoint's own folder or " if resumed else "move them elsewhere or ")
             raise RunFolderError(f"{self.path} already holds run files ({', '.join(found)}); {hint}give --out-dir "
                                  f"a new folder")
         if own_folder and (self.path / "last.pth").exists():
@@ -436,36 +441,38 @@ class RunFolder:
     def lock(self) -> None:
         import fcntl  # POSIX only: imported here so that the module loads elsewhere
         self.created = not self.path.exists()
-        path = self.path / ".lock"
-        while True:
-            try:
-                self.path.mkdir(parents=True, exist_ok=True)
-                # O_NOFOLLOW: a .lock that is a symlink is refused, never followed to truncate its target
-                f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-            except OSError as e:
-                raise RunFolderError(f"cannot write to {self.path}: {e.strerror}") from None
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                owner = f.read().strip() or "?"
-                f.close()
-                raise RunFolderError(f"{self.path} is in use by another run (process {owner}); wait for it to "
-                                     f"end, or choose another --out-dir") from None
-            if path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-                break  # (else the owner removed the file between our open and our lock: take the new one)
-            f.close()
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        self.lock_file = f
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise RunFolderError(f"cannot write to {self.path}: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:  # (O_NOFOLLOW: a .lock that is a symlink is never followed)
+                with os.fdopen(os.open(self.path / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)) as f:
+                    owner = f.read(20).strip()
+            except (OSError, UnicodeDecodeError):
+                owner = ""  # (its .lock deleted: the lock holds all the same)
+            process = f" (process {owner})" if owner.isdigit() else ""
+            raise RunFolderError(f"{self.path} is in use by another run{process}; wait for it to end, or choose "
+                                 f"another --out-dir") from None
+        self.lock_fd = fd
+        try:  # O_NOFOLLOW: a .lock that is a symlink is refused, never followed to truncate its target
+            with os.fdopen(os.open(self.path / ".lock", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW,
+                                   0o644), "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            self.release()
+            raise RunFolderError(f"cannot write to {self.path}: {e.strerror}") from None
 
     def release(self) -> None:
         """Unlock; a folder this run created and left empty (it failed before writing) is removed."""
-        if self.lock_file is not None:
-            (self.path / ".lock").unlink(missing_ok=True)  # before unlocking: the next owner locks a new file
-            self.lock_file.close()
-            self.lock_file = None
+        if self.lock_fd is not None:
+            (self.path / ".lock").unlink(missing_ok=True)  # before unlocking: the next owner writes its own
+            os.close(self.lock_fd)
+            self.lock_fd = None
             if self.created and not any(self.path.iterdir()):
                 self.path.rmdir()
 

@@ -4,7 +4,9 @@ import argparse
 import errno
 import os
 import signal
+import stat
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -104,9 +106,14 @@ def shorten(text: str, limit: int = 200) -> str:
 
 
 def printable(text: str) -> str:
-    """text with every non-printable character (newline, escape, other terminal controls, the surrogates that stand
-    for undecodable bytes of a file name) written as Python writes them, \\xNN, \\uNNNN or \\UNNNNNNNN: a class or
-    file name printed to a terminal can then neither break a line nor drive it (nor fail to encode)."""
+    """text with every non-printable character (newline, escape, other terminal controls) written as Python writes
+    them, \\xNN, \\uNNNN or \\UNNNNNNNN, and the bytes of a file name that is not UTF-8 (which reach Python as lone
+    surrogates) as \\xNN: a class or file name printed to a terminal or drawn in a picture can then neither break a
+    line nor drive the terminal, nor fail to encode."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that stand for no byte: escaped below
+        pass
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
@@ -117,3 +124,81 @@ def refuse_overwriting(output: str | Path, *inputs: str | Path | None) -> None:
         if given is not None and (Path(given).resolve() == out or out.exists() and Path(given).exists()
                                   and os.path.samefile(out, given)):  # (samefile: hard links too)
             raise UserError(f"the output {output} is also an input ({given}); choose another output path")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs: what a script writes (a picture, an ONNX model) may replace only a file that nothing else needs
+
+# What train.py writes into a run folder and what its scripts read: never replaced by a picture or a model
+RUN_FILE_NAMES = ("last.pth", "best.pth", "metrics.csv", "results.json")
+
+
+def check_output(path: str | Path, inputs: tuple = (), what: str = "output", new_folder: bool = False) -> None:
+    """Refuse, before any work, an output path whose file must not be replaced: a folder, a device, a FIFO or
+    socket (or a symlink to one), one of the inputs (`inputs`: files, or folders whose every file is an input, such
+    as the data being read), or a run file (a .pth, metrics.csv, results.json). A regular file that is none of
+    those, or a path that does not exist (in a folder that does, unless new_folder: the caller creates it), is
+    fine. Raises UserError."""
+    path = Path(path)
+    try:
+        status = path.stat()  # follows symlinks: what a write to `path` would reach
+    except FileNotFoundError:
+        status = None
+    except OSError as e:
+        raise UserError(f"cannot write the {what} {path}: {describe_os_error(e)}") from None
+    if status is not None and stat.S_ISDIR(status.st_mode):
+        raise UserError(f"the {what} {path} is a folder; give the path of a file in it")
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        raise UserError(f"the {what} {path} is {kind_of_file(status.st_mode)}, not a regular file; it is not "
+                        f"replaced: give the path of a new file")
+    if not new_folder and not path.parent.is_dir():
+        raise UserError(f"cannot write the {what} {path}: {path.parent} is not a folder")
+    real = path.resolve()
+    for given in inputs:
+        if given is None or not Path(given).exists():
+            continue
+        given = Path(given)
+        if given.is_dir() and real.is_relative_to(given.resolve()):
+            raise UserError(f"the {what} {path} is inside {given}, which this command reads; choose a path "
+                            f"outside it")
+        if status is not None and os.path.samefile(path, given):  # (samefile: hard links and symlinks too)
+            raise UserError(f"the {what} {path} is also an input ({given}); choose another path")
+    ours = [p.name for p in (path, real) if p.name in RUN_FILE_NAMES or p.suffix == ".pth"]
+    if status is not None and ours:
+        raise UserError(f"the {what} {path} would replace {ours[-1]}, a file of a training run; choose another "
+                        f"path")
+
+
+def kind_of_file(mode: int) -> str:
+    kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """A new temporary file next to `path`, to write the output to; renamed over `path` when the block ends
+    without an exception, removed otherwise: a full disk, an error or a signal never leaves half a file, nor a
+    temporary one. (A fresh name, created exclusively: a leftover or planted `path.tmp` is never followed.)"""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private)
+        yield tmp
+        check_output(path)  # again: what the path names may have changed while the output was made
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_output(path: str | Path, data: bytes | memoryview) -> None:
+    """Write `data` to `path` atomically (atomic_output), flushed to disk."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+

@@ -3,6 +3,7 @@
     python evaluate.py --checkpoint runs/cifar10-simplecnn-20261123-120000/best.pth
     python evaluate.py --checkpoint best.pth --data-dir ./data --json
     python evaluate.py --checkpoint best.pth --show predictions.png   # test images, true and predicted labels
+    python evaluate.py --checkpoint runs/my-photos                    # a run folder: its best.pth
 
 The model, its classes and its normalization come from the checkpoint alone; the data from --data-dir
 (default: the one the run was trained with). By default the test runs as the run's own final test did (its --tta
@@ -15,12 +16,14 @@ if __name__ == "__main__":
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 import runtime
-from checkpoint import load_checkpoint, model_from_checkpoint
-from data import DataError, ImageSet, load_test
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from data import MAX_IMAGE_PIXELS, DataError, ImageSet, load_test
 from model import EVAL_BATCH, TTA_MODES, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
 
@@ -48,8 +51,11 @@ def format_report(result: dict, classes: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = cli.parser("evaluate.py", __doc__)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a .pth written by train.py, or a run folder (its best.pth)")
     p.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the training run's)")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
+                   help="imagefolder: a file that would decode to more pixels is skipped (default: %(default)s)")
     runtime.add_device_flag(p)
     p.add_argument("--tta", nargs="?", const="mirror", choices=TTA_MODES,
                    help="average the logits over the image and its mirror image (--tta or --tta mirror), and also "
@@ -70,27 +76,32 @@ def main(argv: list[str] | None = None) -> dict:
 def report(args) -> dict:
     if not 1 <= args.show_count <= 256:
         raise DataError("--show-count must be in [1, 256]")
-    for picture in (args.plot, args.show):
-        if picture:
-            require_matplotlib()  # before any work: a missing package is the one message
-            check_output(picture)
-            cli.refuse_overwriting(picture, args.checkpoint)
-    if args.plot and args.show:
-        cli.refuse_overwriting(args.show, args.plot)
+    if args.max_image_pixels < 1:
+        raise DataError("--max-image-pixels must be at least 1")
+    pictures = [picture for picture in (args.plot, args.show) if picture]
+    if pictures:
+        require_matplotlib()  # before any work: a missing package is the one message
+    if args.plot and args.show and Path(args.plot).resolve() == Path(args.show).resolve():
+        raise DataError(f"--plot and --show both name {args.show}; give each its own file")
+    checkpoint = checkpoint_path(args.checkpoint)
+    for picture in pictures:
+        check_output(picture, inputs=(checkpoint,))
     device = runtime.pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
     tta = args.tta or run_args.get("tta", "none")
     amp = args.amp or run_args.get("amp", "off")
     if tta not in TTA_MODES or amp not in runtime.AMP_MODES:
-        raise DataError(f"{args.checkpoint} records --tta {cli.shorten(repr(tta), 50)} / --amp "
+        raise DataError(f"{checkpoint} records --tta {cli.shorten(repr(tta), 50)} / --amp "
                         f"{cli.shorten(repr(amp), 50)}; give --tta and --amp")
     model = model_from_checkpoint(ckpt).to(device, memory_format=torch.channels_last)  # as train.py
     dataset, data_dir = run_args.get("dataset", "cifar10"), args.data_dir or run_args.get("data_dir", "./data")
     if not isinstance(dataset, str) or not isinstance(data_dir, str):
-        raise DataError(f"{args.checkpoint} does not say which dataset it was trained on")
+        raise DataError(f"{checkpoint} does not say which dataset it was trained on")
+    for picture in pictures:  # now that the data is known: no picture may land on it or among it
+        check_output(picture, inputs=(checkpoint, data_dir))
     classes = ckpt["classes"]
-    test_x, test_y = load_test(dataset, data_dir, classes, ckpt["image_size"])  # resized as train.py did
+    test_x, test_y = load_test(dataset, data_dir, classes, ckpt["image_size"], args.max_image_pixels)
     if test_x.shape[1] != ckpt["in_channels"]:
         raise DataError(f"the {dataset} images in {data_dir} have {test_x.shape[1]} channels, the checkpoint's model "
                         f"takes {ckpt['in_channels']}; give --data-dir the data the model was trained on")
@@ -99,7 +110,7 @@ def report(args) -> dict:
     with runtime.autocast(amp, device):
         result = evaluate(model, test, len(classes), tta=tta)
     if not math.isfinite(result["loss"]):  # finite weights can still overflow: say so rather than report NaN
-        raise DataError(f"the model's outputs are not finite numbers on this data; {args.checkpoint} is unusable")
+        raise DataError(f"the model's outputs are not finite numbers on this data; {checkpoint} is unusable")
     if args.json:
         print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"], "tta": tta, "amp": amp,
                           "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),
@@ -117,6 +128,18 @@ def report(args) -> dict:
         if not args.json:
             print(f"{shown} test images with their predictions drawn to {args.show}")
     return result
+
+
+def checkpoint_path(given: str) -> Path:
+    """--checkpoint: a .pth, or a run folder, whose best.pth is taken (and said so)."""
+    path = Path(given)
+    if not path.is_dir():
+        return path
+    if not (path / "best.pth").is_file():
+        raise CheckpointError(f"{path} is a folder without a best.pth; give --checkpoint a .pth file (a run folder "
+                              f"holds best.pth once its first epoch has ended)")
+    print(f"{path} is a folder: evaluating its best.pth", file=sys.stderr)
+    return path / "best.pth"
 
 
 @torch.no_grad()

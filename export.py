@@ -17,7 +17,10 @@ import argparse
 import importlib
 import json
 import os
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -60,14 +63,36 @@ def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:
         # torch >= 2.9 deprecates this TorchScript-based exporter (and warns from inside it) for dynamo=True, which
         # also needs onnxscript and takes seconds; for these plain conv nets this one is exact and needs onnx alone
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        try:
+            with without_c_output():
+                torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
+                                  input_names=["images"], output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        except Exception as e:  # an operator ONNX lacks at this size (vgg11 at 32 px, alexnet at 100 px: an
+            # adaptive pooling whose output does not divide its input); torch's reason is its first line
+            reason = " ".join(str(e).split("[Caused by")[0].split(" Please feel free")[0].split()).rstrip(".")
+            raise ExportError(f"{ckpt['model_name']} at {ckpt['image_size']} px cannot be exported to ONNX (opset "
+                              f"{OPSET}): {reason[:300] or type(e).__name__}; nothing written") from None
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(graph, {
         "classes": json.dumps(ckpt["classes"]), "mean": json.dumps(ckpt["mean"]), "std": json.dumps(ckpt["std"]),
         "image_size": str(ckpt["image_size"]), "model_name": ckpt["model_name"]})
     onnx.save(graph, str(path))
+
+
+@contextmanager
+def without_c_output() -> Iterator[None]:
+    """Silence what C++ code writes to the process's stdout (file descriptor 1), as torch.onnx does with the whole
+    graph when an export fails: the user gets our one line instead."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @torch.no_grad()
@@ -88,23 +113,22 @@ def main(argv: list[str] | None = None) -> float:
     with cli.one_line_errors("export.py"):
         args = parse_args(argv)
         output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
-        cli.refuse_overwriting(output, args.checkpoint)
+        cli.check_output(output, inputs=(args.checkpoint,), what="ONNX output", new_folder=True)
         for package in ("onnx", "onnxruntime"):  # before any work: a missing package is the one message
             require(package)
         ckpt = load_checkpoint(args.checkpoint)
         model = model_from_checkpoint(ckpt)
-        tmp = output.with_name(output.name + ".tmp")  # renamed to `output` only once the check has passed
-        cli.refuse_overwriting(tmp, args.checkpoint)
+        run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+        data_dir = run_args.get("data_dir") if isinstance(run_args.get("data_dir"), str) else None
+        # the data the model was trained on is no input of this command, but no place for a model either
+        cli.check_output(output, inputs=(args.checkpoint, data_dir), what="ONNX output", new_folder=True)
         output.parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with cli.atomic_output(output) as tmp:  # becomes `output` only once the check has passed
             export_onnx(model, ckpt, tmp)
             difference = max_difference(model, tmp, ckpt["in_channels"], ckpt["image_size"])
             if not difference < TOLERANCE:  # `not <` so that a NaN fails too
                 raise ExportError(f"the ONNX model differs from PyTorch by up to {difference:.3g} (limit "
                                   f"{TOLERANCE:g}); nothing written")
-            os.replace(tmp, output)
-        finally:
-            tmp.unlink(missing_ok=True)
     print(f"wrote {output}; largest difference from PyTorch on random inputs (batch sizes "
           f"{', '.join(map(str, CHECK_BATCHES))}): {difference:.3g} (limit {TOLERANCE:g})")
     return difference

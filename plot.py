@@ -17,13 +17,13 @@ if __name__ == "__main__":
 import csv
 import io
 import math
+import textwrap
 from pathlib import Path
 
 import torch
 
-from checkpoint import write_atomically
-
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
+OFF_SCALE = 1e6  # a loss or accuracy beyond this is drawn at the top of the rest (on_scale)
 
 
 class PlotError(cli.UserError):
@@ -60,19 +60,50 @@ def read_metrics(path: Path) -> dict[str, list[float]]:
         raise PlotError(f"{path} has a row with a missing or non-numeric value") from None
 
 
+def label(name: str, width: int | None = None) -> str:
+    """A class name as matplotlib can draw it: bytes that are not UTF-8 escaped (cli.readable), `$` taken
+    literally (not as the start of a formula), cut to `width` characters."""
+    return cli.printable(name)[:width].replace("$", r"\$")
+
+
 def plot_curves(metrics: dict[str, list[float]], path: str | Path) -> None:
-    """Loss (left) and accuracy (right) per epoch, train and validation, to a PNG."""
+    """Loss (left) and accuracy (right) per epoch, train and validation, to a PNG; a dashed line marks the epoch
+    of best.pth (the lowest validation loss) when there is validation."""
     fig = require_matplotlib()(figsize=(10, 4), layout="constrained")
+    from matplotlib.ticker import MaxNLocator
+    epochs = [int(e) if float(e).is_integer() else e for e in metrics["epoch"]]
+    # best.pth's epoch, as train.py chooses it: the lowest validation loss (the first of equal ones); none without
+    val_losses = [(v, e) for v, e in zip(metrics["val_loss"], epochs) if not math.isnan(v)]
+    best = min(val_losses, key=lambda pair: pair[0])[1] if val_losses else None
     for ax, name, title in zip(fig.subplots(1, 2), ("loss", "acc"), ("loss (cross-entropy)", "accuracy (%)")):
-        for split in ("train", "val"):
-            values = metrics[f"{split}_{name}"]
+        curves = {split: metrics[f"{split}_{name}"] for split in ("train", "val")}
+        curves, top = on_scale(curves)
+        for split, values in curves.items():
             if not all(math.isnan(v) for v in values):  # a run with --val-split 0 has no validation curve
-                ax.plot(metrics["epoch"], values, marker="o", label=split)
-        ax.set(title=title, xlabel="epoch")
-        ax.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole numbers
+                ax.plot(epochs, values, marker="o", label=split)
+        if top is not None:
+            title += f"\n(values beyond {OFF_SCALE:g} drawn at {top:.3g})"
+        if best is not None:
+            ax.axvline(best, color="tab:green", linestyle="--", linewidth=1, label=f"best.pth (epoch {best})")
+        ax.set(title=title, xlabel="epoch", xlim=(epochs[0] - 0.5, epochs[-1] + 0.5) if len(epochs) < 3 else None)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     _save(fig, path)
+
+
+def on_scale(curves: dict[str, list[float]], limit: float = OFF_SCALE) -> tuple[dict[str, list[float]], float | None]:
+    """Values beyond `limit` (a diverged loss, infinity, a mangled file) cannot share an axis with the rest
+    (matplotlib cannot even place the ticks of 1e308): they are drawn at the top of the other values' range.
+    Returns the curves and that top (None when every value was on the scale)."""
+    values = [v for vs in curves.values() for v in vs if not math.isnan(v)]
+    sane = [v for v in values if abs(v) <= limit]
+    if len(sane) == len(values):
+        return curves, None
+    top = 1.1 * max(sane, default=1.0)
+    low = min(sane, default=0.0)
+    return {k: [v if math.isnan(v) or abs(v) <= limit else top if v > 0 else low for v in vs]
+            for k, vs in curves.items()}, top
 
 
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path) -> None:
@@ -90,8 +121,8 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path
     image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="share of the true class")
     ax.set(title="confusion matrix", xlabel="predicted class", ylabel="true class", xticks=range(n), yticks=range(n))
-    ax.set_xticklabels(classes, rotation=45, ha="right")
-    ax.set_yticklabels(classes)
+    ax.set_xticklabels([label(c) for c in classes], rotation=45, ha="right")
+    ax.set_yticklabels([label(c) for c in classes])
     if n <= 30:  # beyond that the numbers would be too small to read
         for i, (count_row, share_row) in enumerate(zip(counts.tolist(), share.tolist())):
             for j, (count, fraction) in enumerate(zip(count_row, share_row)):
@@ -101,26 +132,52 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path
 
 def plot_predictions(images: torch.Tensor, labels: list[int], predicted: list[int], confidence: list[float],
                      classes: list[str], path: str | Path, title: str = "", columns: int = 8) -> None:
-    """A grid of uint8 images (N, C, H, W), each with its true and predicted class under it; mistakes in red,
-    framed. Each image is drawn 112 px wide, pixels enlarged as squares (nearest neighbour), so 32x32 images stay
-    sharp."""
+    """A grid of uint8 images (N, C, H, W), each with its true class, predicted class and the model's probability
+    under it; mistakes in red, framed. Each image is drawn 128 px wide, pixels enlarged as squares (nearest
+    neighbour), so 32x32 images stay sharp. The cells are as wide as their longest label (in a monospaced
+    font, whose width is known before drawing): no label runs into its neighbour or off the picture."""
+    texts = [(f"true: {short(classes[true])}", f"pred: {short(classes[guess])}", percent(p))
+             for true, guess, p in zip(labels, predicted, confidence)]
+    columns = min(columns, len(images))
     rows = math.ceil(len(images) / columns)
-    fig = require_matplotlib()(figsize=(1.4 * columns, 1.75 * rows), dpi=80, layout="constrained")
-    fig.suptitle(title, fontsize=10)
-    axes = fig.subplots(rows, columns, squeeze=False).ravel()
-    for ax, image, true, guess, p in zip(axes, images, labels, predicted, confidence):
+    points = 9  # the labels' font size: at 80 dpi, 10 pixels
+    side, line, char = 1.6, points * 1.35 / 72, points * 0.602 / 72  # inches: an image, a line, a character
+    #   (0.602: a DejaVu Sans Mono character's width per point of size, its line 1.35 points with our spacing)
+    cell_w = max(side + 0.15, 0.2 + char * max(len(t) for lines in texts for t in lines))
+    cell_h = side + 3 * line + 0.2
+    width = max(columns * cell_w, 4)  # (a few images: room for the title on a few lines)
+    margin = (width - columns * cell_w) / 2
+    title_lines = textwrap.wrap(title, width=int(width / 0.0833)) or [""]  # (10-point characters)
+    top = 0.2 + 0.18 * len(title_lines)
+    height = rows * cell_h + top
+    fig = require_matplotlib()(figsize=(width, height), dpi=80)
+    fig.text(0.5, 1 - 0.1 / height, "\n".join(label(t) for t in title_lines), ha="center", va="top", fontsize=10)
+    for i, (image, lines, true, guess) in enumerate(zip(images, texts, labels, predicted)):
+        row, column = divmod(i, columns)
+        left = (margin + column * cell_w + (cell_w - side) / 2) / width
+        bottom = 1 - (top + row * cell_h + side) / height
+        ax = fig.add_axes((left, bottom, side / width, side / height))
         wrong = true != guess
         grayscale = image.shape[0] == 1
         ax.imshow((image[0] if grayscale else image.permute(1, 2, 0)).numpy(), cmap="gray" if grayscale else None,
-                  vmin=0, vmax=255, interpolation="nearest")
+                  vmin=0, vmax=255, interpolation="nearest", aspect="auto")
         ax.set(xticks=[], yticks=[])
-        ax.set_xlabel(f"true: {classes[true][:14]}\npred: {classes[guess][:14]} {100 * p:.0f}%", fontsize=8,
-                      color="red" if wrong else "black")
+        ax.text(0.5, -0.04, "\n".join(label(t) for t in lines), transform=ax.transAxes, ha="center", va="top",
+                fontsize=points, family="DejaVu Sans Mono", linespacing=1.1, color="red" if wrong else "black")
         for spine in ax.spines.values():
             spine.set(color="red" if wrong else "lightgray", linewidth=3 if wrong else 0.5)
-    for ax in axes[len(images):]:
-        ax.axis("off")
     _save(fig, path, dpi=80)
+
+
+def short(name: str, width: int = 18) -> str:
+    """A class name cut to `width` characters, an ellipsis marking the cut."""
+    name = cli.printable(name)
+    return name if len(name) <= width else name[:width - 1] + "\u2026"
+
+
+def percent(p: float) -> str:
+    """A probability to one decimal, never rounded up to a certainty: 0.99996 is ">99.9%", not "100.0%"."""
+    return ">99.9%" if 0.9995 <= p < 1 else "<0.1%" if 0 < p < 0.0005 else f"{100 * p:.1f}%"  # (those would round)
 
 
 def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], suggestion: float | None,
@@ -141,23 +198,24 @@ def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], 
     _save(fig, path)
 
 
-def check_output(path: str | Path) -> None:
-    """Refuse, before any work, a picture path that cannot be written: a folder, or in a folder that is not there."""
-    path = Path(path)
-    if path.is_dir():
-        raise PlotError(f"{path} is a folder; give the path of a .png file")
-    if not path.parent.is_dir():
-        raise PlotError(f"cannot write {path}: {path.parent} is not a folder")
+def check_output(path: str | Path, inputs: tuple = ()) -> None:
+    """Refuse, before any work, a picture path whose file must not be replaced (cli.check_output): a PlotError."""
+    try:
+        cli.check_output(path, inputs, what="picture")
+    except cli.UserError as e:
+        raise PlotError(str(e)) from None
 
 
 def _save(fig, path: str | Path, dpi: int = 100) -> None:
     """Render, then write atomically: a full disk or a signal never leaves half a PNG (nor hides the old one)."""
+    check_output(path)  # every picture, whoever asks for it (train.py's curves.png too)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     try:
-        write_atomically(Path(path), buffer.getbuffer())
+        cli.write_output(path, buffer.getbuffer())
     except OSError as e:
-        raise PlotError(f"cannot write {path}: {e.strerror}") from None
+        reason = cli.describe_os_error(OSError(e.errno, e.strerror))  # (not e.filename: the temporary file's)
+        raise PlotError(f"cannot write {path}: {reason}") from None
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -168,7 +226,7 @@ def main(argv: list[str] | None = None) -> Path:
         args = p.parse_args(argv)
         output = Path(args.output) if args.output else Path(args.metrics).with_name("curves.png")
         require_matplotlib()  # first, so that a missing package is the one message
-        cli.refuse_overwriting(output, args.metrics)
+        check_output(output, inputs=(args.metrics,))
         plot_curves(read_metrics(Path(args.metrics)), output)
     print(f"wrote {output}")
     return output

@@ -6,8 +6,12 @@ import os
 import platform
 import signal
 import sys
+import tempfile
+import threading
 import traceback
 from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
 from typing import Callable, ContextManager, Iterator, TypeVar
 
 import torch
@@ -117,8 +121,64 @@ def start_processes(device_name: str) -> int:
     cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    join_process_group("nccl" if cuda else "gloo", local_rank if cuda else None)
     return local_rank
+
+
+JOIN_TIMEOUT = "DIST_JOIN_TIMEOUT"  # the environment variable: seconds to wait for the other processes
+
+
+def join_process_group(backend: str, cuda_device: int | None) -> None:
+    """dist.init_process_group, waiting at most DIST_JOIN_TIMEOUT seconds (default 60) for every process of
+    WORLD_SIZE to arrive (torch's own wait: 30 minutes, deaf to Ctrl-C). The wait runs in a thread, so that the main
+    thread still takes SIGINT and SIGTERM; after 2 s it says what it waits for. What c10d logs meanwhile (a
+    retry, with a C++ stack) is kept from the terminal: the outcome is our one line."""
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    try:
+        timeout = float(os.environ.get(JOIN_TIMEOUT, "60"))
+        if not 0 < timeout < 1e6:
+            raise ValueError
+    except ValueError:
+        raise DeviceError(f"{JOIN_TIMEOUT}={os.environ[JOIN_TIMEOUT]} must be a number of seconds") from None
+    outcome: list[BaseException | None] = []
+
+    def join() -> None:
+        try:
+            if cuda_device is not None:
+                torch.cuda.set_device(cuda_device)  # (the current device is the thread's own)
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                                  is_master=rank == 0, timeout=timedelta(seconds=timeout), wait_for_workers=True)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+            store.set_timeout(timedelta(minutes=30))  # torch's default from here on (setting up process groups)
+            outcome.append(None)
+        except BaseException as e:  # handed to the main thread
+            outcome.append(e)
+
+    sys.stderr.flush()
+    terminal, log = os.dup(2), tempfile.TemporaryFile()
+    os.dup2(log.fileno(), 2)  # c10d's C++ logging: kept, shown only if something unexpected goes wrong
+    try:
+        thread = threading.Thread(target=join, name="join-process-group", daemon=True)
+        thread.start()
+        thread.join(2)
+        if thread.is_alive():
+            os.write(terminal, f"{Path(sys.argv[0]).name}: rank {rank} of WORLD_SIZE={world}: waiting up to "
+                               f"{timeout:g} s ({JOIN_TIMEOUT}) for the other processes at {address}...\n".encode())
+        while thread.is_alive():
+            thread.join(0.2)  # (a signal's handler runs here, in the main thread)
+    finally:
+        os.dup2(terminal, 2)
+        os.close(terminal)
+    error = outcome[0]
+    if isinstance(error, dist.DistError):
+        what = " ".join(str(error).split())[:200]
+        raise DeviceError(f"the processes of WORLD_SIZE={world} did not all join at {address} within {timeout:g} s "
+                          f"({what}); start every one with torchrun (or raise {JOIN_TIMEOUT})") from None
+    if error is not None:
+        log.seek(0)
+        sys.stderr.write(log.read().decode(errors="replace"))
+        raise error
 
 
 def leave_processes() -> None:

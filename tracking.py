@@ -5,15 +5,24 @@ files into the run folder. Both take the same three calls: start (flags, and the
 Each package is optional and imported only when its flag is given; require() checks it before any work.
 MLflow's store is MLFLOW_TRACKING_URI when set, else sqlite:///<the run folder's parent>/mlflow.db (runs/mlflow.db
 by default), with artifacts in <that parent>/mlartifacts: no server, and every run of that parent in one store.
-Open it with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`.
+Open it with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`; the run prints, when it starts and when it
+ends, where it is recorded and the page of its MLflow run. A store that cannot be used is one line before the
+training starts; a tracker that fails later is one warning line and the training goes on.
 """
 import argparse
 import importlib
 import logging
 import math
 import os
+import re
+import shlex
+import sqlite3
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -57,22 +66,51 @@ def log_epoch(trackers: list, row: dict) -> None:
         try:
             tracker.log_epoch(row)
         except Exception as e:
-            warn(tracker, f"cannot log epoch {row['epoch']}", e)
+            warn(tracker, f"cannot log epoch {row['epoch']}", e, every_epoch=True)
 
 
 def end(trackers: list, status: str, files: list[Path], results: dict | None) -> None:
     """status: FINISHED, KILLED (a signal) or FAILED; files: the run's files to keep with it (those that exist);
-    results: results.json's dict (a finished run), whose test_accuracy and test_loss are logged as metrics."""
+    results: results.json's dict (a finished run), whose test_accuracy and test_loss are logged as metrics.
+    A signal in the middle (Ctrl-C while the files upload, a second Ctrl-C while a stopped run shuts down) skips
+    what is left to log, but every tracker still records that the run ended (KILLED), with further signals held
+    off for that moment; then the signal goes on to stop the process."""
     test = {k: results[k] for k in ("test_accuracy", "test_loss")} if results else {}
-    for tracker in trackers:
+    for i, tracker in enumerate(trackers):
         try:
             tracker.end(status, [f for f in files if f.is_file()], test, results["epochs_completed"] if results else 0)
+        except cli.Interrupted:
+            held = cli.handle_signals(lambda signum, frame: None)
+            try:
+                for unfinished in trackers[i:]:
+                    try:
+                        unfinished.close("KILLED")
+                    except Exception as e:
+                        warn(unfinished, "cannot record the end of the run", e)
+            finally:
+                cli.restore_signals(held)
+            raise
         except Exception as e:
             warn(tracker, "cannot record the end of the run", e)
 
 
-def warn(tracker, what: str, e: Exception) -> None:
-    print(f"warning: --{tracker.flag}: {what}: {' '.join(str(e).split())[:200]}", file=sys.stderr, flush=True)
+def warn(tracker, what: str, e: Exception, every_epoch: bool = False) -> None:
+    """One line. every_epoch: a tracker that keeps failing the same way (a full disk, a server gone) says so
+    once, not once an epoch."""
+    why = reason(e)
+    if every_epoch:
+        if why == getattr(tracker, "last_failure", None):
+            return
+        tracker.last_failure = why
+        why += " (the same failure in later epochs is not repeated)"
+    print(f"warning: --{tracker.flag}: {what}: {why}", file=sys.stderr, flush=True)
+
+
+def reason(e: Exception) -> str:
+    """An exception as a short line: SQLAlchemy's (under MLflow's) without its advice on autoflush and the SQL."""
+    text = " ".join(str(e).split())
+    text = re.sub(r"^\(raised as a result of Query-invoked autoflush;[^)]*\) ", "", text).split(" [SQL: ")[0]
+    return text[:200] or type(e).__name__
 
 
 def scalars(row: dict) -> dict[str, float]:
@@ -87,14 +125,20 @@ class MlflowTracker:
     flag = "mlflow"
 
     def __init__(self, args: argparse.Namespace, folder: Path, history: list[dict], run_id: str | None):
-        for name in ("mlflow", "alembic"):  # their INFO lines (creating tables, experiments) are not ours to print
-            logging.getLogger(name).setLevel(logging.WARNING)
+        # Their own reports (INFO lines, retry warnings, tracebacks logged at ERROR) are not ours to print: what
+        # fails reaches us as an exception, and is one line (TrackingError at the start, a warning later)
+        for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         from mlflow import MlflowClient
         from mlflow.entities import Metric, Param
         self.Metric = Metric
         uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(folder)
-        # A server that does not answer: an error in ~15 s, not after MLflow's default 7 retries (~4 minutes)
+        self.uri = uri
+        # A server that stops answering mid-run: an error in about a minute, not after MLflow's default 7 retries
+        # of 120 s each
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        probe(uri)
         if run_id is not None:
             try:
                 MlflowClient(uri).get_run(run_id)
@@ -112,19 +156,30 @@ class MlflowTracker:
                 self.run_id = run_id
                 run = self.client.get_run(run_id)
                 self.client.update_run(run_id, status="RUNNING")
-                logged = run.data.params
+                logged, experiment = run.data.params, run.info.experiment_id
             params = {k: str(v) for k, v in sorted(vars(args).items())}
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items() if k not in logged])
             for k, v in params.items():
                 if k in logged and logged[k] != v:
                     self.client.set_tag(self.run_id, f"changed_on_resume.{k}", f"{logged[k]} -> {v}")
-            done = {m.step for m in self.client.get_metric_history(self.run_id, "epoch")} if run_id else set()
+            done = ({m.step for m in self.client.get_metric_history(self.run_id, "train_seconds")} if run_id
+                    else set())  # (train_seconds: a number in every row)
             for row in history:  # epochs done before --mlflow was given, or whose logging a kill cut off
                 if row["epoch"] not in done:
                     self.log_epoch(row)
         except Exception as e:  # a store that cannot be reached, written or read: each is the same answer
-            raise TrackingError(f"--mlflow: cannot use the tracking store {uri}: "
-                                f"{' '.join(str(e).split())[:200]}") from None
+            raise TrackingError(f"--mlflow: cannot use the tracking store {uri}: {reason(e)}") from None
+        self.experiment = experiment
+        print(f"--mlflow: recording MLflow run {self.run_id} ({folder.name}) in {uri}; to see it: "
+              f"{self.ui_command()}", flush=True)
+
+    def ui_command(self) -> str:
+        """How to see the run. MLflow 3's UI opens on its GenAI view, whose experiment pages have no runs table;
+        the workflowType parameter opens the machine-learning view (its "Machine learning" switch)."""
+        page = f"#/experiments/{self.experiment}/runs/{self.run_id}?workflowType=machine_learning"
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.uri.rstrip('/')}/{page}"
+        return f"mlflow ui --backend-store-uri {shlex.quote(self.uri)}, then open http://127.0.0.1:5000/{page}"
 
     def experiment_id(self, name: str, uri: str) -> str:
         """The experiment named `name` (MLFLOW_EXPERIMENT_NAME when set, else the dataset), created if needed. In a
@@ -136,20 +191,61 @@ class MlflowTracker:
             return experiment.experiment_id
         location = None
         if uri.startswith("sqlite:///"):
-            location = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
-        return self.client.create_experiment(name, artifact_location=location)
+            location = (sqlite_path(uri).resolve().parent / "mlartifacts").as_uri()
+        # MLflow 3's UI shows an experiment of this kind as model training (the runs table), not as GenAI traces
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={"mlflow.experimentKind": "custom_model_development"})
 
     def log_epoch(self, row: dict) -> None:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, row["epoch"])
-                                                    for k, v in scalars(row).items()])
+                                                    for k, v in scalars(row).items() if k != "epoch"])
 
     def end(self, status: str, files: list[Path], test: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, step) for k, v in test.items()])
-        for path in files:
-            self.client.log_artifact(self.run_id, str(path))
+        try:
+            self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, step) for k, v in test.items()])
+            for path in files:
+                self.client.log_artifact(self.run_id, str(path))
+        except cli.Interrupted:
+            raise  # (tracking.end closes it, KILLED)
+        except Exception:
+            self.close(status)  # a file that could not be uploaded: the run has ended all the same
+            raise
+        self.close(status)
+
+    def close(self, status: str) -> None:
+        """Mark the MLflow run ended (FINISHED, KILLED, FAILED), and say where it is."""
         self.client.set_terminated(self.run_id, status)
+        print(f"--mlflow: MLflow run {self.run_id} recorded ({status}) in {self.uri}; to see it: "
+              f"{self.ui_command()}", flush=True)
+
+
+def sqlite_path(uri: str) -> Path:
+    """The database file of a sqlite:/// tracking URI (sqlite:////abs/path, sqlite:///relative/path)."""
+    return Path(uri[len("sqlite:///"):].split("?")[0])
+
+
+def probe(uri: str) -> None:
+    """Refuse in one line, at once, a tracking store that cannot be used: MLflow itself retries opening a
+    database for about 2 minutes (37 warning lines) and a server for minutes. A SQLite file must open for writing
+    (its folder is made, as MLflow would); a server must answer HTTP at all (any status: it is there)."""
+    try:
+        if uri.startswith("sqlite:///"):
+            path = sqlite_path(uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(path, timeout=10)) as db:
+                db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or file system
+                db.rollback()
+        elif uri.startswith(("http://", "https://")):
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+            except urllib.error.HTTPError:
+                pass  # it answered
+    except (OSError, sqlite3.Error) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TrackingError(f"--mlflow: cannot use the tracking store {uri}: {' '.join(str(reason).split())[:200]}; "
+                            f"set MLFLOW_TRACKING_URI to a store that can be written") from None
 
 
 def default_tracking_uri(folder: Path) -> str:
@@ -164,10 +260,15 @@ class TensorBoardTracker:
 
     def __init__(self, folder: Path, history: list[dict], images: torch.Tensor):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=1)
-        self.writer.add_images("train_images", images, global_step=1)  # uint8 (N, C, H, W)
-        for row in history:
-            self.log_epoch(row)
+        quiet_writer_threads()
+        try:
+            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=1)
+            self.writer.add_images("train_images", images, global_step=1)  # uint8 (N, C, H, W)
+            for row in history:
+                self.log_epoch(row)
+        except Exception as e:  # (tensorboard names the file as bytes: say the folder)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+            raise TrackingError(f"--tensorboard: cannot write to {folder / 'tensorboard'}: {reason}") from None
 
     def log_epoch(self, row: dict) -> None:
         for k, v in scalars(row).items():
@@ -178,4 +279,24 @@ class TensorBoardTracker:
     def end(self, status: str, files: list[Path], test: dict[str, float], step: int) -> None:
         for k, v in test.items():
             self.writer.add_scalar(k, v, global_step=step)
+        self.close(status)
+
+    def close(self, status: str) -> None:
         self.writer.close()
+
+
+def quiet_writer_threads() -> None:
+    """TensorBoard writes its event file from a thread; when a write fails there (a read-only or full disk),
+    Python prints the thread's traceback, and the writer raises the same error again at the next call from our
+    code, which reports it in one line. Keep that traceback off the terminal (other threads' are printed as
+    before)."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook

@@ -3,8 +3,11 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +117,43 @@ def test_when_rank_0_refuses_every_process_leaves_with_one_line(tmp_path):
     assert len(ours) == 2 and len(set(ours)) == 1 and "already holds run files (metrics.csv)" in ours[0], proc.stderr
     assert "Connection closed by peer" not in proc.stderr and "gloo" not in proc.stderr.lower(), proc.stderr[-3000:]
     assert (out / "metrics.csv").read_text() == "someone else's\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A torchrun environment whose other processes never come
+
+def lonely_rank(tmp_path: Path, data: Path, timeout: str = "60") -> subprocess.Popen:
+    """train.py as rank 0 of 2, the second process never started."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "DIST_JOIN_TIMEOUT": timeout}
+    return subprocess.Popen([sys.executable, "train.py", "--data-dir", str(data), "--device", "cpu", "--out-dir",
+                             str(tmp_path / "run")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_waiting_for_a_missing_peer_says_so_and_a_signal_ends_it(tmp_path, cifar_dir, signum):
+    proc = lonely_rank(tmp_path, cifar_dir)
+    waiting = proc.stderr.readline()
+    assert waiting.startswith("train.py: rank 0 of WORLD_SIZE=2: waiting up to 60 s (DIST_JOIN_TIMEOUT) for the "
+                              "other processes at 127.0.0.1:"), waiting
+    sent = time.monotonic()
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 5
+    assert proc.returncode == 128 + signum and out == ""
+    assert err == f"train.py: stopped by {signal.Signals(signum).name}\n"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_peer_that_never_comes_is_one_line_after_the_timeout(tmp_path, cifar_dir):
+    proc = lonely_rank(tmp_path, cifar_dir, timeout="3")
+    out, err = proc.communicate(timeout=60)
+    lines = err.splitlines()
+    assert proc.returncode == 1 and out == "" and lines[0].startswith("train.py: rank 0 of WORLD_SIZE=2: waiting")
+    assert len(lines) == 2 and lines[1].startswith("train.py: error: the processes of WORLD_SIZE=2 did not all join "
+                                                   "at 127.0.0.1:") and "within 3 s" in lines[1], err
+    assert lines[1].endswith("start every one with torchrun (or raise DIST_JOIN_TIMEOUT)")

@@ -78,7 +78,8 @@ def test_bad_metrics_files(metrics_csv, content, message):
 
 def test_unwritable_output(metrics_csv, tmp_path):
     pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
-    with pytest.raises(SystemExit, match=r"^plot.py: error: cannot write .*no/such/dir/c.png: No such file"):
+    with pytest.raises(SystemExit, match=r"^plot.py: error: cannot write the picture .*no/such/dir/c.png: "
+                                         r".*no/such/dir is not a folder$"):
         plot.main([str(metrics_csv), "--output", str(tmp_path / "no" / "such" / "dir" / "c.png")])
 
 
@@ -115,3 +116,57 @@ def test_evaluate_plot_draws_the_confusion_matrix_of_a_real_run(cifar_dir, tmp_p
     with Image.open(png) as image:
         assert image.width > 300 and image.height > 300
     assert result["confusion"].sum().item() == 50
+
+
+def test_prediction_labels_get_the_room_they_need_and_never_round_to_certainty(tmp_path):
+    pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    images = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    sizes = {}
+    for name in ("cat", "a much longer class name"):
+        plot.plot_predictions(images, [0, 1, 1], [1, 1, 0], [0.99996, 0.5, 0.0004], [name, "dog"], tmp_path / "p.png")
+        with Image.open(tmp_path / "p.png") as im:
+            sizes[name] = im.size
+    assert sizes["cat"] == (420, 214)  # 3 cells of 1.75 in (1.6 in images) at 80 dpi; no title
+    # "true: a much longer cla…": 24 characters of 9-point mono (0.0753 in) + 0.2 in, in each of 3 cells
+    assert sizes["a much longer class name"] == (round(80 * 3 * (0.2 + 24 * 9 * 0.602 / 72)), 214)
+    shown = [plot.percent(p) for p in (1.0, 0.99996, 0.9994, 0.5, 0.0006, 0.0004, 0.0)]
+    assert shown == ["100.0%", ">99.9%", "99.9%", "50.0%", "0.1%", "<0.1%", "0.0%"]
+
+
+@pytest.mark.parametrize("value", ["1.7e308", "inf", "-1e300"])
+def test_values_too_large_to_draw_are_drawn_at_the_top(metrics_csv, value, capsys):
+    pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    metrics_csv.write_text(HEADER + f"1,{value},30.5,1.7,38.0,0.001,2.5,20000\n" + ROWS.split("\n", 1)[1])
+    plot.main([str(metrics_csv)])
+    assert_png(metrics_csv.with_name("curves.png"), (1000, 400))
+    assert capsys.readouterr().err == ""
+    curves, top = plot.on_scale({"train": [float(value), 1.5], "val": [float("nan"), 1.0]})
+    assert top == pytest.approx(1.65)  # 1.1 x the largest value on the scale
+    assert curves["train"] == [pytest.approx(1.65 if float(value) > 0 else 1.0), 1.5] and curves["val"][1] == 1.0
+
+
+def test_one_epoch_has_one_whole_tick_and_the_best_epoch_is_marked(metrics_csv, tmp_path):
+    matplotlib = pytest.importorskip("matplotlib", reason="plot.py draws with the optional matplotlib")
+    from matplotlib.figure import Figure
+    drawn = []
+    original = Figure.savefig
+
+    def keep(fig, *args, **kwargs):  # the figure as drawn, to read its axes back
+        drawn.append(fig)
+        return original(fig, *args, **kwargs)
+    Figure.savefig = keep
+    try:
+        metrics = plot.read_metrics(metrics_csv)
+        plot.plot_curves(metrics, tmp_path / "three.png")
+        plot.plot_curves({k: v[:1] for k, v in metrics.items()}, tmp_path / "one.png")
+        plot.plot_curves({**metrics, "val_loss": [float("nan")] * 3, "val_acc": [float("nan")] * 3},
+                         tmp_path / "no-val.png")
+    finally:
+        Figure.savefig = original
+    assert matplotlib  # (imported for the skip)
+    for fig, ticks, best in zip(drawn, ([1, 2, 3], [1], [1, 2, 3]), ("best.pth (epoch 3)", "best.pth (epoch 1)", None)):
+        for ax in fig.axes:
+            shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert shown == ticks
+            labels = [text.get_text() for text in ax.get_legend().get_texts()]
+            assert labels == (["train", "val", best] if best else ["train"])

@@ -1,0 +1,160 @@
+"""--mlflow and --tensorboard when their store fails: a store that cannot be opened is one line at once; one that
+fails mid-run (a full disk) is one warning line per failure, whatever the library logs or its threads print; a
+signal while the run's end is recorded still marks the MLflow run KILLED. Real stores, real full disks (tmpfs),
+real processes and signals."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, as_from_a_terminal, write_cifar10
+
+import train
+from checkpoint import load_checkpoint
+
+CPU = ["--device", "cpu"]
+mlflow = pytest.importorskip("mlflow", reason="--mlflow needs the optional mlflow")
+
+
+def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> None:
+    """A small tmpfs at path (needs root and a kernel that lets it mount): a disk that really fills up, or a
+    read-only one."""
+    path.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          check=False)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
+    if read_only:
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+
+@pytest.fixture
+def mounts():
+    made = []
+    yield lambda path, size, read_only=False: (mount_tmpfs(path, size, read_only), made.append(path))
+    for path in reversed(made):
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(folder: Path) -> None:
+    """Write to folder until its disk is full."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        for size in (65536, 4096, 1):  # to the last byte
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def test_a_store_that_cannot_be_opened_is_one_line_at_once(tmp_path, cifar_dir, mounts):
+    mounts(tmp_path / "read-only", "1m", read_only=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/read-only/mlflow.db"}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--out-dir",
+                             str(tmp_path / "run"), "--mlflow"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert time.monotonic() - started < 60  # (MLflow alone: 108 s of retries, 37 warning lines)
+    assert result.returncode == 1 and result.stderr == (
+        f"train.py: error: --mlflow: cannot use the tracking store sqlite:///{tmp_path}/read-only/mlflow.db: unable "
+        f"to open database file; set MLFLOW_TRACKING_URI to a store that can be written\n")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_server_that_does_not_answer_is_one_line_at_once(tmp_path, cifar_dir):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # (the discard port: nothing listens)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--out-dir",
+                             str(tmp_path / "run"), "--mlflow"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert time.monotonic() - started < 60  # (MLflow alone: minutes of retries)
+    assert result.returncode == 1 and result.stderr == (
+        "train.py: error: --mlflow: cannot use the tracking store http://127.0.0.1:9: [Errno 111] Connection refused; "
+        "set MLFLOW_TRACKING_URI to a store that can be written\n")
+
+
+def test_a_disk_that_fills_mid_run_is_one_warning_line_per_failure(tmp_path, mounts):
+    data = write_cifar10(tmp_path / "data", n_per_batch=200, n_test=50)
+    out = tmp_path / "run"
+    mounts(tmp_path / "store", "2m")
+    mounts(out / "tensorboard", "1m")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store/mlflow.db"}
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(data), *CPU, "--epochs", "20",
+                             "--out-dir", str(out), "--mlflow", "--tensorboard"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch  1/20"):  # both trackers started, and logged epoch 1
+            break
+    fill(tmp_path / "store")
+    fill(out / "tensorboard")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err  # the training goes on: the run's own files are elsewhere
+    lines = err.splitlines()
+    assert all(line.startswith(("warning: --mlflow: ", "warning: --tensorboard: ")) for line in lines), err
+    ends = ["warning: --mlflow: cannot record the end of the run: (sqlite3.OperationalError) database or disk is full",
+            "warning: --tensorboard: cannot record the end of the run: [Errno 28] No space left on device"]
+    assert lines[-2:] == ends, err
+    assert len(lines) <= 4  # and before: each tracker's failure once, not once an epoch
+    assert (out / "results.json").is_file()
+
+
+def test_ctrl_c_while_the_end_is_recorded_marks_the_run_killed(tmp_path, cifar_dir):
+    """A store slow to take the run's files (a sitecustomize makes each upload take 30 s): Ctrl-C during it."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\n"
+        "import mlflow.tracking.client as c\n"
+        "def log_artifact(self, *args, **kwargs):\n"
+        "    print('uploading', flush=True)\n"
+        "    time.sleep(30)\n"
+        "c.MlflowClient.log_artifact = log_artifact\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(slow)}
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--epochs", "1",
+                             "--out-dir", str(tmp_path / "run"), "--mlflow"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_from_a_terminal)  # noqa: PLW1509
+    for line in proc.stdout:
+        if line == "uploading\n":
+            break
+    proc.send_signal(2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "train.py: stopped by SIGINT\n", err
+    run_id = load_checkpoint(tmp_path / "run" / "last.pth")["mlflow_run_id"]
+    assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+    assert f"--mlflow: MLflow run {run_id} recorded (KILLED) in {uri}; to see it: mlflow ui --backend-store-uri " \
+           f"{uri}, then open http://127.0.0.1:5000/#/experiments/" in out
+
+
+def test_the_run_says_where_it_is_recorded_and_epoch_is_the_step_only(tmp_path, cifar_dir, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--epochs", "2", "--out-dir", str(tmp_path / "run"), "--mlflow"])
+    run_id = load_checkpoint(tmp_path / "run" / "last.pth")["mlflow_run_id"]
+    out = capsys.readouterr().out
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    see = (f"to see it: mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000/#/experiments/"
+           f"{run.info.experiment_id}/runs/{run_id}?workflowType=machine_learning\n")
+    assert f"--mlflow: recording MLflow run {run_id} (run) in {uri}; {see}" in out
+    assert f"--mlflow: MLflow run {run_id} recorded (FINISHED) in {uri}; {see}" in out
+    assert "epoch" not in run.data.metrics  # the step of every metric, not a metric of its own
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2]
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on its runs
+
+
+def test_a_read_only_tensorboard_folder_is_one_line_without_the_writer_threads_traceback(tmp_path, cifar_dir,
+                                                                                          mounts):
+    pytest.importorskip("tensorboard", reason="--tensorboard needs the optional tensorboard")
+    out = tmp_path / "run"
+    mounts(out / "tensorboard", "1m", read_only=True)
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out),
+                             "--tensorboard"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 1 and result.stderr == (f"train.py: error: --tensorboard: cannot write to "
+                                                        f"{out / 'tensorboard'}: Read-only file system\n")
+    assert sorted(p.name for p in out.iterdir()) == ["tensorboard"]
