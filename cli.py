@@ -1,6 +1,7 @@
 """The command line every script shares: bad input is one `prog: error: ...` line and a non-zero exit, never a
 traceback, and Ctrl-C exits quietly with 130. Standard library only, so a script can import it before torch."""
 import argparse
+import importlib
 import errno
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Iterator
 
 
@@ -105,6 +107,15 @@ def shorten(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def require(module: str, needed_by: str, install: str | None = None) -> ModuleType:
+    """Import an optional package's `module`, or say in one line what needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{needed_by} needs {module.split('.')[0]}, an optional dependency: pip install "
+                        f"{install or module.split('.')[0]}") from None
+
+
 def printable(text: str) -> str:
     """text with every non-printable character (newline, escape, other terminal controls) written as Python writes
     them, \\xNN, \\uNNNN or \\UNNNNNNNN, and the bytes of a file name that is not UTF-8 (which reach Python as lone
@@ -115,15 +126,6 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:  # lone surrogates that stand for no byte: escaped below
         pass
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
-
-
-def refuse_overwriting(output: str | Path, *inputs: str | Path | None) -> None:
-    """An output path that names one of the inputs would destroy it: refuse before anything is written."""
-    out = Path(output).resolve()
-    for given in inputs:
-        if given is not None and (Path(given).resolve() == out or out.exists() and Path(given).exists()
-                                  and os.path.samefile(out, given)):  # (samefile: hard links too)
-            raise UserError(f"the output {output} is also an input ({given}); choose another output path")
 
 
 # ---------------------------------------------------------------------------------------------------------------

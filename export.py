@@ -14,7 +14,6 @@ if __name__ == "__main__":
     cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -47,11 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def require(name: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise ExportError(f"{name} is not installed; export.py needs the optional packages onnx and onnxruntime: "
-                          f"pip install onnx onnxruntime") from None
+    return cli.require(name, "export.py", "onnx onnxruntime")
 
 
 def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:

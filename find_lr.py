@@ -49,7 +49,7 @@ def find_lr(args: argparse.Namespace) -> float:
     created = not path.parent.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        plot.check_output(path)
+        plot.check_output(path, inputs=(args.data_dir,))  # (not onto, nor among, the data)
         torch.manual_seed(args.seed)
         stats = (start["mean"], start["std"]) if start else None
         data, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,

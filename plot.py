@@ -32,11 +32,7 @@ class PlotError(cli.UserError):
 
 def require_matplotlib() -> type:
     """matplotlib's Figure class. Figure, not pyplot: no global figure state and no GUI backend to pick."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise PlotError("drawing needs matplotlib, an optional dependency: pip install matplotlib") from None
-    return Figure
+    return cli.require("matplotlib.figure", "drawing").Figure
 
 
 def read_metrics(path: Path) -> dict[str, list[float]]:

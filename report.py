@@ -1,15 +1,36 @@
-"""What a run of train.py shows: the live progress line inside an epoch, the line after each epoch, curves.png.
-(The trackers, --mlflow and --tensorboard, are in tracking.py.)"""
+"""What a run of train.py reports: the live progress line inside an epoch, the line after each epoch, curves.png,
+and the trackers: --mlflow records the run in MLflow, --tensorboard writes TensorBoard event files into the run
+folder. Both trackers take the same three calls: start (flags, and the epochs already done), log_epoch (one
+metrics.csv row, step = epoch) and end (the run's files and how it ended).
+
+Each tracking package is optional and imported only when its flag is given; require() checks it before any
+work.
+MLflow's store is MLFLOW_TRACKING_URI when set, else sqlite:///<the run folder's parent>/mlflow.db (runs/mlflow.db
+by default), with artifacts in <that parent>/mlartifacts: no server, and every run of that parent in one store.
+Open it with `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`; the run prints, when it starts and when it
+ends, where it is recorded and the page of its MLflow run. A store that cannot be used is one line before the
+training starts; a tracker that fails later is one warning line and the training goes on.
+"""
 import argparse
+import logging
 import math
+import os
+import re
+import shlex
 import shutil
+import sqlite3
 import sys
+import threading
 import time
+import urllib.error
+import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+import cli
 import plot
 import runtime
 from checkpoint import EpochTally, RunState
@@ -82,7 +103,7 @@ def draw_curves(history: list[dict], path: Path, quiet: bool) -> None:
         return
     try:
         plot.require_matplotlib()
-    except plot.PlotError:
+    except cli.UserError:
         return  # not installed: training never needs it
     try:
         plot.plot_curves({c: [row[c] for row in history] for c in plot.CURVES}, path)
@@ -118,3 +139,275 @@ def diverged(what: str, last: Path, lr: float) -> str:
         return f"{what}; start again with a lower --lr (e.g. --lr {lr / 10:.2g}) or --grad-clip 1.0"
     return (f"{what}; {last} holds the weights before it: go on from there with a lower lr and clipping: "
             f"python train.py --resume {last} --lr {lr / 10:.2g} --grad-clip 1.0")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trackers: --mlflow and --tensorboard
+
+PACKAGES = {"mlflow": "mlflow", "tensorboard": "tensorboard"}  # flag -> the package it needs
+
+
+class TrackingError(cli.UserError):
+    """A tracking package that is missing, or a tracking store that cannot be used."""
+
+
+def require(args: argparse.Namespace) -> None:
+    """Import the packages the tracking flags need, now, before any work: a missing one is one line naming it."""
+    for flag, package in PACKAGES.items():
+        if getattr(args, flag):
+            cli.require(package, f"--{flag}")
+
+
+def start(args: argparse.Namespace, folder: Path, history: list[dict], mlflow_run_id: str | None,
+          images: torch.Tensor) -> list:
+    """The trackers the flags ask for, started; `history`: the metrics.csv rows of the epochs already done (a
+    resumed run), logged where they are not yet; `images`: a few uint8 training images for TensorBoard."""
+    trackers = []
+    if args.mlflow:
+        trackers.append(MlflowTracker(args, folder, history, mlflow_run_id))
+    if args.tensorboard:
+        trackers.append(TensorBoardTracker(folder, history, images))
+    return trackers
+
+
+def log_epoch(trackers: list, row: dict) -> None:
+    """A tracker that fails here (a server gone, a full disk) is reported and the training goes on: the epoch is in
+    metrics.csv and the checkpoint, and --mlflow logs what it missed when the run is resumed."""
+    for tracker in trackers:
+        try:
+            tracker.log_epoch(row)
+        except Exception as e:
+            warn(tracker, f"cannot log epoch {row['epoch']}", e, every_epoch=True)
+
+
+def end(trackers: list, status: str, files: list[Path], results: dict | None) -> None:
+    """status: FINISHED, KILLED (a signal) or FAILED; files: the run's files to keep with it (those that exist);
+    results: results.json's dict (a finished run), whose test_accuracy and test_loss are logged as metrics.
+    A signal in the middle (Ctrl-C while the files upload, a second Ctrl-C while a stopped run shuts down) skips
+    what is left to log, but every tracker still records that the run ended (KILLED), with further signals held
+    off for that moment; then the signal goes on to stop the process."""
+    test = {k: results[k] for k in ("test_accuracy", "test_loss")} if results else {}
+    for i, tracker in enumerate(trackers):
+        try:
+            tracker.end(status, [f for f in files if f.is_file()], test, results["epochs_completed"] if results else 0)
+        except cli.Interrupted:
+            held = cli.handle_signals(lambda signum, frame: None)
+            try:
+                for unfinished in trackers[i:]:
+                    try:
+                        unfinished.close("KILLED")
+                    except Exception as e:
+                        warn(unfinished, "cannot record the end of the run", e)
+            finally:
+                cli.restore_signals(held)
+            raise
+        except Exception as e:
+            warn(tracker, "cannot record the end of the run", e)
+
+
+def warn(tracker, what: str, e: Exception, every_epoch: bool = False) -> None:
+    """One line. every_epoch: a tracker that keeps failing the same way (a full disk, a server gone) says so
+    once, not once an epoch."""
+    why = reason(e)
+    if every_epoch:
+        if why == getattr(tracker, "last_failure", None):
+            return
+        tracker.last_failure = why
+        why += " (the same failure in later epochs is not repeated)"
+    print(f"warning: --{tracker.flag}: {what}: {why}", file=sys.stderr, flush=True)
+
+
+def reason(e: Exception) -> str:
+    """An exception as a short line: SQLAlchemy's (under MLflow's) without its advice on autoflush and the SQL."""
+    text = " ".join(str(e).split())
+    text = re.sub(r"^\(raised as a result of Query-invoked autoflush;[^)]*\) ", "", text).split(" [SQL: ")[0]
+    return text[:200] or type(e).__name__
+
+
+def scalars(row: dict) -> dict[str, float]:
+    """A metrics.csv row's numbers, without the missing ones (no validation: nan)."""
+    return {k: float(v) for k, v in row.items() if not math.isnan(v)}
+
+
+class MlflowTracker:
+    """One MLflow run per train.py run: a run resumed after Ctrl-C continues its MLflow run (the id is kept in
+    the checkpoint). Params: every flag as first started (a flag changed on resume: a tag). Metrics: every
+    metrics.csv column under its name, step = epoch. Artifacts: the run's files, at the end."""
+    flag = "mlflow"
+
+    def __init__(self, args: argparse.Namespace, folder: Path, history: list[dict], run_id: str | None):
+        # Their own reports (INFO lines, retry warnings, tracebacks logged at ERROR) are not ours to print: what
+        # fails reaches us as an exception, and is one line (TrackingError at the start, a warning later)
+        for name in ("mlflow", "alembic", "sqlalchemy", "urllib3"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric, Param
+        self.Metric = Metric
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(folder)
+        self.uri = uri
+        # A server that stops answering mid-run: an error in about a minute, not after MLflow's default 7 retries
+        # of 120 s each
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+        probe(uri)
+        if run_id is not None:
+            try:
+                MlflowClient(uri).get_run(run_id)
+            except Exception:
+                raise TrackingError(f"--mlflow: this run's MLflow run {run_id} is not in the tracking store {uri} "
+                                    f"(was it recorded with another MLFLOW_TRACKING_URI?)") from None
+        try:
+            self.client = MlflowClient(uri)
+            if run_id is None:
+                experiment = self.experiment_id(args.dataset, uri)
+                self.run_id = self.client.create_run(experiment, run_name=folder.name,
+                                                     tags={"run_folder": str(folder.resolve())}).info.run_id
+                logged = {}
+            else:
+                self.run_id = run_id
+                run = self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                logged, experiment = run.data.params, run.info.experiment_id
+            params = {k: str(v) for k, v in sorted(vars(args).items())}
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items() if k not in logged])
+            for k, v in params.items():
+                if k in logged and logged[k] != v:
+                    self.client.set_tag(self.run_id, f"changed_on_resume.{k}", f"{logged[k]} -> {v}")
+            done = ({m.step for m in self.client.get_metric_history(self.run_id, "train_seconds")} if run_id
+                    else set())  # (train_seconds: a number in every row)
+            for row in history:  # epochs done before --mlflow was given, or whose logging a kill cut off
+                if row["epoch"] not in done:
+                    self.log_epoch(row)
+        except Exception as e:  # a store that cannot be reached, written or read: each is the same answer
+            raise TrackingError(f"--mlflow: cannot use the tracking store {uri}: {reason(e)}") from None
+        self.experiment = experiment
+        print(f"--mlflow: recording MLflow run {self.run_id} ({folder.name}) in {uri}; to see it: "
+              f"{self.ui_command()}", flush=True)
+
+    def ui_command(self) -> str:
+        """How to see the run. MLflow 3's UI opens on its GenAI view, whose experiment pages have no runs table;
+        the workflowType parameter opens the machine-learning view (its "Machine learning" switch)."""
+        page = f"#/experiments/{self.experiment}/runs/{self.run_id}?workflowType=machine_learning"
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {self.uri.rstrip('/')}/{page}"
+        return f"mlflow ui --backend-store-uri {shlex.quote(self.uri)}, then open http://127.0.0.1:5000/{page}"
+
+    def experiment_id(self, name: str, uri: str) -> str:
+        """The experiment named `name` (MLFLOW_EXPERIMENT_NAME when set, else the dataset), created if needed. In a
+        local SQLite store its artifacts go next to the database file (MLflow would put them in ./mlruns, in
+        whatever folder train.py was started from); elsewhere (a server, a folder) where the store says."""
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or name
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (sqlite_path(uri).resolve().parent / "mlartifacts").as_uri()
+        # MLflow 3's UI shows an experiment of this kind as model training (the runs table), not as GenAI traces
+        return self.client.create_experiment(name, artifact_location=location,
+                                             tags={"mlflow.experimentKind": "custom_model_development"})
+
+    def log_epoch(self, row: dict) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, row["epoch"])
+                                                    for k, v in scalars(row).items() if k != "epoch"])
+
+    def end(self, status: str, files: list[Path], test: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[self.Metric(k, v, now, step) for k, v in test.items()])
+            for path in files:
+                self.client.log_artifact(self.run_id, str(path))
+        except cli.Interrupted:
+            raise  # (end() closes it, KILLED)
+        except Exception:
+            self.close(status)  # a file that could not be uploaded: the run has ended all the same
+            raise
+        self.close(status)
+
+    def close(self, status: str) -> None:
+        """Mark the MLflow run ended (FINISHED, KILLED, FAILED), and say where it is."""
+        self.client.set_terminated(self.run_id, status)
+        print(f"--mlflow: MLflow run {self.run_id} recorded ({status}) in {self.uri}; to see it: "
+              f"{self.ui_command()}", flush=True)
+
+
+def sqlite_path(uri: str) -> Path:
+    """The database file of a sqlite:/// tracking URI (sqlite:////abs/path, sqlite:///relative/path)."""
+    return Path(uri[len("sqlite:///"):].split("?")[0])
+
+
+def probe(uri: str) -> None:
+    """Refuse in one line, at once, a tracking store that cannot be used: MLflow itself retries opening a
+    database for about 2 minutes (37 warning lines) and a server for minutes. A SQLite file must open for writing
+    (its folder is made, as MLflow would); a server must answer HTTP at all (any status: it is there)."""
+    try:
+        if uri.startswith("sqlite:///"):
+            path = sqlite_path(uri)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(path, timeout=10)) as db:
+                db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or file system
+                db.rollback()
+        elif uri.startswith(("http://", "https://")):
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+            except urllib.error.HTTPError:
+                pass  # it answered
+    except (OSError, sqlite3.Error) as e:
+        reason = getattr(e, "reason", None) or e
+        raise TrackingError(f"--mlflow: cannot use the tracking store {uri}: {' '.join(str(reason).split())[:200]}; "
+                            f"set MLFLOW_TRACKING_URI to a store that can be written") from None
+
+
+def default_tracking_uri(folder: Path) -> str:
+    return "sqlite:///" + str((folder.parent / "mlflow.db").resolve())
+
+
+class TensorBoardTracker:
+    """Event files in <run folder>/tensorboard: every metrics.csv column per epoch (train_loss, val_acc, lr, ...)
+    and a grid of training images. A resumed run appends to the same folder: its events from epoch 1 on are
+    superseded (purge_step) by the checkpoint's history, written again, so they match the run exactly."""
+    flag = "tensorboard"
+
+    def __init__(self, folder: Path, history: list[dict], images: torch.Tensor):
+        from torch.utils.tensorboard import SummaryWriter
+        quiet_writer_threads()
+        try:
+            self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=1)
+            self.writer.add_images("train_images", images, global_step=1)  # uint8 (N, C, H, W)
+            for row in history:
+                self.log_epoch(row)
+        except Exception as e:  # (tensorboard names the file as bytes: say the folder)
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+            raise TrackingError(f"--tensorboard: cannot write to {folder / 'tensorboard'}: {reason}") from None
+
+    def log_epoch(self, row: dict) -> None:
+        for k, v in scalars(row).items():
+            if k != "epoch":
+                self.writer.add_scalar(k, v, global_step=row["epoch"])
+        self.writer.flush()
+
+    def end(self, status: str, files: list[Path], test: dict[str, float], step: int) -> None:
+        for k, v in test.items():
+            self.writer.add_scalar(k, v, global_step=step)
+        self.close(status)
+
+    def close(self, status: str) -> None:
+        self.writer.close()
+
+
+def quiet_writer_threads() -> None:
+    """TensorBoard writes its event file from a thread; when a write fails there (a read-only or full disk),
+    Python prints the thread's traceback, and the writer raises the same error again at the next call from our
+    code, which reports it in one line. Keep that traceback off the terminal (other threads' are printed as
+    before)."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook

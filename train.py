@@ -40,10 +40,9 @@ import torch.nn.functional as F
 import config
 import report
 import runtime
-import tracking
-from checkpoint import (EpochTally, RunFolder, RunState, check_same_data,
-                        load_checkpoint, load_training_state, make_checkpoint, model_from_checkpoint, resume_state,
-                        run_card, save_checkpoint, starting_weights)
+from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_checkpoint, load_training_state,
+                        make_checkpoint, model_from_checkpoint, resume_state, run_card, save_checkpoint,
+                        starting_weights)
 from data import ImageSet, MicroBatches, epoch_plan, fingerprint, images_per_epoch, prepare
 from model import MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
@@ -198,7 +197,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
                                 folder.path / "last.pth", *([folder.path / "best.pth"] if improved else []))
                 folder.write_metrics(state.history, card["changes"])
                 print(report.format_epoch(row, args.epochs), flush=True)
-                tracking.log_epoch(trackers, row)
+                report.log_epoch(trackers, row)
             runtime.on_rank0(save)
             if args.patience and state.bad_epochs >= args.patience:
                 runtime.print0(f"early stop: no validation improvement for {args.patience} epochs")
@@ -275,9 +274,9 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     def begin() -> list:  # room for the checkpoints, the run's first lines, the trackers
         folder.check_space(t.model, t.optimizer, t.ema)
         report.announce(args, t.model, train, val, test, device, folder.path, state, tally, start, card)
-        return tracking.start(args, folder.path, state.history, card["mlflow_run_id"], train.images[:32].cpu())
+        return report.start(args, folder.path, state.history, card["mlflow_run_id"], train.images[:32].cpu())
     trackers = runtime.on_rank0(begin) or []
-    card["mlflow_run_id"] = next((k.run_id for k in trackers if isinstance(k, tracking.MlflowTracker)),
+    card["mlflow_run_id"] = next((k.run_id for k in trackers if isinstance(k, report.MlflowTracker)),
                                  card["mlflow_run_id"])
     ended, results = "FAILED", None  # how the trackers record the run's end
     try:
@@ -293,7 +292,7 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
             report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED")
             files = ["results.json", "metrics.csv", "curves.png", *(["best.pth", "last.pth"]
                                                                      if args.mlflow_log_checkpoints else [])]
-            tracking.end(trackers, ended, [folder.path / name for name in files], results)
+            report.end(trackers, ended, [folder.path / name for name in files], results)
 
 
 def resume(t: Trainer, args: argparse.Namespace, resumed: dict, card: dict) -> tuple[RunState, EpochTally]:
@@ -379,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict | float:
     try:
         with cli.one_line_errors("train.py", "lower --batch-size (--accum-steps keeps the update the same)"):
             args, resumed, run_argv = config.parse_run_args(argv, "train.py", __doc__)
-            tracking.require(args)  # a missing package: one line, before any work
+            report.require(args)  # a missing package: one line, before any work
             if args.find_lr:
                 import find_lr  # (it imports this module)
                 return find_lr.find_lr(args)

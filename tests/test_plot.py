@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import cli
 import plot
 
 HEADER = "epoch,train_loss,train_acc,val_loss,val_acc,lr,train_seconds,images_per_s\n"  # as train.py writes it
@@ -90,7 +91,7 @@ def test_without_matplotlib(metrics_csv, tmp_path, monkeypatch):
         plot.main([str(metrics_csv)])
     assert exit_info.value.code == ("plot.py: error: drawing needs matplotlib, an optional dependency: "
                                     "pip install matplotlib")
-    with pytest.raises(plot.PlotError, match="^drawing needs matplotlib"):
+    with pytest.raises(cli.UserError, match="^drawing needs matplotlib"):
         plot.plot_confusion(torch.eye(2, dtype=torch.int64), ["a", "b"], tmp_path / "c.png")
     assert not (tmp_path / "c.png").exists() and not metrics_csv.with_name("curves.png").exists()
 

@@ -140,8 +140,8 @@ def test_export_without_an_optional_package(checkpoint, tmp_path, monkeypatch, m
     monkeypatch.setitem(sys.modules, other, sys.modules.get(other) or types.ModuleType(other))
     with pytest.raises(SystemExit) as exit_info:
         export.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.onnx")])
-    assert exit_info.value.code == (f"export.py: error: {missing} is not installed; export.py needs the optional "
-                                    f"packages onnx and onnxruntime: pip install onnx onnxruntime")
+    assert exit_info.value.code == (f"export.py: error: export.py needs {missing}, an optional dependency: "
+                                    f"pip install onnx onnxruntime")
     assert not (tmp_path / "m.onnx").exists()
 
 
