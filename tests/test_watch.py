@@ -33,8 +33,9 @@ def snapshot(folder: Path) -> dict:
 
 
 def metrics_rows(path: Path) -> list[dict]:
+    """metrics.csv's numbers (its last column, `changed`, is text: left out)."""
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if k != "changed"} for row in csv.DictReader(f)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
