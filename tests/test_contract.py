@@ -96,6 +96,7 @@ def test_resuming_an_older_checkpoint_would_rewind_the_run_and_is_refused(tmp_pa
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
     out = tmp_path / "run"
@@ -210,6 +211,7 @@ def test_a_damaged_metrics_csv_is_rebuilt_from_the_checkpoint_on_resume(tmp_path
 # ---------------------------------------------------------------------------------------------------------------
 # Signals at start-up and during the final test
 
+@pytest.mark.slow
 def test_ctrl_c_while_torch_is_still_importing_exits_130_without_a_traceback(tmp_path, cifar_dir):
     proc = start("--data-dir", str(cifar_dir), *CPU, "--out-dir", str(tmp_path / "run"))
     time.sleep(0.2)  # torch takes 0.5 to 1.5 s to import
@@ -219,6 +221,7 @@ def test_ctrl_c_while_torch_is_still_importing_exits_130_without_a_traceback(tmp
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_final_test_stops_at_once_and_says_how_to_rerun_it(tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=4000)  # a long final test
     out = tmp_path / "run"
@@ -255,6 +258,7 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_d
     assert list(small_disk.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_disk_that_fills_up_during_a_run_is_one_line_and_last_pth_survives(small_disk, tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=40, n_test=20)
     out = small_disk / "run"
@@ -297,6 +301,7 @@ def readers() -> list[str]:
     return ["evaluate.py", "predict.py"] + (["export.py"] if have_onnx else [])
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_nan_weights_is_refused_by_every_reader(tmp_path, cifar_dir):
     out = tmp_path / "run"
     train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])

@@ -16,6 +16,8 @@ import evaluate
 import train
 from conftest import ROOT, as_from_a_terminal, write_cifar10
 
+pytestmark = pytest.mark.slow  # real processes, signals and runs: python -m pytest -m 'not slow' skips them
+
 
 def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",

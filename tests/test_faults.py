@@ -17,6 +17,8 @@ import train
 from conftest import ROOT, as_from_a_terminal, write_cifar10
 from checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # real processes, signals and runs: python -m pytest -m 'not slow' skips them
+
 
 def start(argv, **kw):
     return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,

@@ -149,6 +149,7 @@ def test_a_users_own_curves_png_keeps_a_run_out(tmp_path, cifar_dir):
     assert (folder / "curves.png").read_bytes() == b"my own picture"
 
 
+@pytest.mark.slow
 def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
     out = tmp_path / "run"
@@ -174,6 +175,7 @@ def test_deleting_the_lock_file_does_not_let_a_second_run_in(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # What the libraries raise or log is one line of ours
 
+@pytest.mark.slow
 def test_a_model_onnx_cannot_express_at_its_size_is_one_line(tmp_path):
     """alexnet at 64 px: its adaptive pooling to 6 x 6 gets a 1 x 1 map, which ONNX's operator cannot take."""
     pytest.importorskip("onnxruntime", reason="export.py needs the optional onnx and onnxruntime")

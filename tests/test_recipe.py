@@ -160,6 +160,7 @@ def test_batchnorm_shifts_get_the_scaled_lr_and_the_same_decay_per_step():
     assert all(p.requires_grad for g in groups for p in g["params"])
 
 
+@pytest.mark.slow
 def test_fast_recipe_on_real_fashion_mnist(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")

@@ -14,6 +14,8 @@ from conftest import ROOT, as_from_a_terminal, write_cifar10
 import train
 from checkpoint import load_checkpoint
 
+pytestmark = pytest.mark.slow  # real processes, signals and runs: python -m pytest -m 'not slow' skips them
+
 CPU = ["--device", "cpu"]
 mlflow = pytest.importorskip("mlflow", reason="--mlflow needs the optional mlflow")
 

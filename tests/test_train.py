@@ -146,6 +146,7 @@ def wait_for_checkpoint(path, proc, timeout=120):
         time.sleep(0.005)
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
     data_dir = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
     flags = ["--data-dir", str(data_dir), "--epochs", "3", "--augment", "--scheduler", "cosine", "--device", "cpu"]
@@ -215,6 +216,7 @@ def test_a_missing_device_is_a_clear_error(cifar_dir, tmp_path):
                "--device cuda is not available")
 
 
+@pytest.mark.slow
 def test_errors_from_the_command_line_have_no_traceback(tmp_path):
     bad = tmp_path / "evil.pth"
     bad.write_bytes(b"not a zip file at all")
@@ -250,6 +252,7 @@ print(min(faults[5:]))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or runtime.platform.libc_ver()[0] != "glibc",
                     reason="keep_freed_memory tunes glibc's malloc")
+@pytest.mark.slow
 def test_keep_freed_memory_stops_large_blocks_faulting_in_again_each_step():
     def faults(mode):  # in a fresh process: malloc settings last for the process
         run = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION, str(ROOT), mode],

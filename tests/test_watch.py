@@ -310,6 +310,7 @@ def test_a_missing_package_is_one_line_before_any_work(tmp_path, without, comman
     assert not (tmp_path / "run").exists() and not (tmp_path / "no-data").exists()
 
 
+@pytest.mark.slow
 def test_training_imports_no_tracking_package_and_runs_without_matplotlib(tmp_path, cifar_dir, without):
     out = tmp_path / "run"
     code = ("import sys, train; train.main(sys.argv[1:]); "
