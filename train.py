@@ -76,9 +76,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     logits = model(x)                                               # 2. forward
                 loss = F.cross_entropy(logits.float(), y, reduction="sum",          # 3. loss
                                        label_smoothing=label_smoothing)
-                # The micro-batch's sum over the whole step's size: the accumulated gradient is the step's mean,
-                # so K micro-batches step exactly like one batch, a short last step included. (x world: DDP
-                # averages the processes' gradients, and each process holds 1/world of the sum.)
+                # The micro-batch's sum over the whole step's size: the accumulated gradient is the step's mean, so
+                # K micro-batches step like one batch (exactly, without BatchNorm), a short last step included.
+                # (x world: DDP averages the processes' gradients, and each process holds 1/world of the sum.)
                 scaler.scale(loss * (world / step_images)).backward()              # 4. backward
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
