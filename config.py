@@ -387,7 +387,8 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     args = parse_args(argv, prog, doc)
     resumed, run_argv = None, without_resume(argv)
     if args.find_lr and args.resume:
-        raise ConfigError("--find-lr starts from a fresh model; it cannot --resume a run")
+        raise ConfigError("the lr range test cannot --resume a run: give --init-from the checkpoint to start from "
+                          "its weights")
     if args.resume:
         resumed = load_checkpoint(args.resume)
         validate_for_resume(resumed, Path(args.resume))  # now, not after the data has loaded

@@ -272,7 +272,8 @@ def test_find_lr_starts_from_the_runs_weights_and_gives_no_suggestion_without_a_
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--resume", "x.pth"], "--find-lr starts from a fresh model; it cannot --resume a run"),
+    (["--resume", "x.pth"], "the lr range test cannot --resume a run: give --init-from the checkpoint to start "
+                            "from its weights"),
     (["--mlflow"], "--find-lr runs in one process and records nothing: not with --mlflow"),
     (["--find-lr-start", "1", "--find-lr-end", "0.1"], "the start below the end"),
     (["--find-lr-steps", "5"], "--find-lr-steps must be in [10, 10000]"),
