@@ -107,8 +107,8 @@ def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
         assert time.time() < deadline
         time.sleep(0.05)
     loser, winner = (first, second) if first.poll() is not None else (second, first)
-    assert "is in use by another run (process" in one_error_line(loser) or \
-        "already holds run files" in one_error_line(loser)
+    refusal = one_error_line(loser)  # (the process id only once the winner has written it to .lock)
+    assert "is in use by another run" in refusal or "already holds run files" in refusal, refusal
     wait_for_line(winner, "epoch  1/50")  # the winner trains on, undisturbed
     third = start(*flags)
     third.wait(timeout=60)
