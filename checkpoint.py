@@ -41,7 +41,7 @@ from model import build_model, check_model_name, pretrained_start
 
 FORMAT = 2
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s"]
-RUN_FILES = ("last.pth", "best.pth", "metrics.csv", "results.json")
+RUN_FILES = cli.RUN_FILE_NAMES  # (cli.check_output never lets a picture or a model replace one)
 MAX_CLASSES = 100_000
 
 
