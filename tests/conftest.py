@@ -1,5 +1,11 @@
 """Shared by the tests: the repository root on sys.path, and tiny datasets written in the real file formats."""
 import gzip
+import os
+
+if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: one thread per worker, and per process it starts. Two
+    # torch processes that each take every core slow each other many times over; with one thread each they
+    # share the cores evenly. Set before numpy and torch are imported, which read it once.
+    os.environ["OMP_NUM_THREADS"] = "1"
 import pickle
 import signal
 import struct
