@@ -90,7 +90,10 @@ def save_checkpoint(ckpt: dict, *paths: Path) -> None:
 
 
 def write_atomically(path: Path, data: bytes | memoryview) -> None:
-    """Temporary file, flushed to disk, renamed over `path`; the temporary file is removed on any failure."""
+    """Temporary file, flushed to disk, renamed over `path`; the temporary file is removed on any failure.
+    For the files of the locked run folder only; outputs the user names anywhere go through cli.write_output,
+    whose temporary names are fresh. Here the name is fixed (`path`.tmp), so that what a SIGKILL leaves behind
+    is the one file the next run in the folder clears (RunFolder.claim)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:

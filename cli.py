@@ -107,6 +107,12 @@ def shorten(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
+def one_line(error: object, limit: int = 200) -> str:
+    """An exception's (or any object's) text on one line, whitespace runs as one space, shortened to `limit`:
+    what an error line may quote from a library's multi-line message."""
+    return shorten(" ".join(str(error).split()), limit)
+
+
 def require(module: str, needed_by: str, install: str | None = None) -> ModuleType:
     """Import an optional package's `module`, or say in one line what needs it and how to install it."""
     try:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import runtime
 
 
@@ -352,7 +353,7 @@ def model_from_start(name: str, widths: tuple[int, ...] | None, start: dict, sou
         model.load_state_dict(start["model"])
     except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
         raise ValueError(f"{source}: the weights do not fit {name} (another --widths?): "
-                         f"{' '.join(str(e).split())[:300]}") from None
+                         f"{cli.one_line(e, 300)}") from None
     fit_first_conv(model, in_channels)
     if start["num_classes"] != num_classes:
         replace_head(model, start["num_classes"], num_classes)

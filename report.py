@@ -355,7 +355,7 @@ def probe(uri: str) -> None:
                 pass  # it answered
     except (OSError, sqlite3.Error) as e:
         reason = getattr(e, "reason", None) or e
-        raise TrackingError(f"--mlflow: cannot use the tracking store {uri}: {' '.join(str(reason).split())[:200]}; "
+        raise TrackingError(f"--mlflow: cannot use the tracking store {uri}: {cli.one_line(reason)}; "
                             f"set MLFLOW_TRACKING_URI to a store that can be written") from None
 
 
@@ -378,7 +378,7 @@ class TensorBoardTracker:
             for row in history:
                 self.log_epoch(row)
         except Exception as e:  # (tensorboard names the file as bytes: say the folder)
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:200]
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else cli.one_line(e)
             raise TrackingError(f"--tensorboard: cannot write to {folder / 'tensorboard'}: {reason}") from None
 
     def log_epoch(self, row: dict) -> None:

@@ -172,7 +172,7 @@ def join_process_group(backend: str, cuda_device: int | None) -> None:
         os.close(terminal)
     error = outcome[0]
     if isinstance(error, dist.DistError):
-        what = " ".join(str(error).split())[:200]
+        what = cli.one_line(error)
         raise DeviceError(f"the processes of WORLD_SIZE={world} did not all join at {address} within {timeout:g} s "
                           f"({what}); start every one with torchrun (or raise {JOIN_TIMEOUT})") from None
     if error is not None:
