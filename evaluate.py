@@ -14,6 +14,7 @@ import cli
 if __name__ == "__main__":
     cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly
 
+import argparse
 import json
 import math
 import sys
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
         return report(args)
 
 
-def report(args) -> dict:
+def check_flags(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """The checks that need no file read: the checkpoint's path, and the pictures asked for (matplotlib there, and
+    neither picture on the checkpoint nor on the other)."""
     if not 1 <= args.show_count <= 256:
         raise DataError("--show-count must be in [1, 256]")
     if args.max_image_pixels < 1:
@@ -86,6 +89,13 @@ def report(args) -> dict:
     checkpoint = checkpoint_path(args.checkpoint)
     for picture in pictures:
         check_output(picture, inputs=(checkpoint,))
+    return checkpoint, pictures
+
+
+def report(args: argparse.Namespace) -> dict:
+    """Test the checkpoint as the flags ask, print the report (or its JSON), draw the pictures; returns the
+    result of model.evaluate."""
+    checkpoint, pictures = check_flags(args)
     device = runtime.pick_device(args.device)
     ckpt = load_checkpoint(checkpoint)
     run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}

@@ -128,6 +128,17 @@ def start_processes(device_name: str) -> int:
 JOIN_TIMEOUT = "DIST_JOIN_TIMEOUT"  # the environment variable: seconds to wait for the other processes
 
 
+def join_timeout() -> float:
+    """The seconds DIST_JOIN_TIMEOUT gives (default 60)."""
+    try:
+        timeout = float(os.environ.get(JOIN_TIMEOUT, "60"))
+        if not 0 < timeout < 1e6:
+            raise ValueError
+    except ValueError:
+        raise DeviceError(f"{JOIN_TIMEOUT}={os.environ[JOIN_TIMEOUT]} must be a number of seconds") from None
+    return timeout
+
+
 def join_process_group(backend: str, cuda_device: int | None) -> None:
     """dist.init_process_group, waiting at most DIST_JOIN_TIMEOUT seconds (default 60) for every process of
     WORLD_SIZE to arrive (torch's own wait: 30 minutes, deaf to Ctrl-C). The wait runs in a thread, so that the main
@@ -135,12 +146,7 @@ def join_process_group(backend: str, cuda_device: int | None) -> None:
     retry, with a C++ stack) is kept from the terminal: the outcome is our one line."""
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    try:
-        timeout = float(os.environ.get(JOIN_TIMEOUT, "60"))
-        if not 0 < timeout < 1e6:
-            raise ValueError
-    except ValueError:
-        raise DeviceError(f"{JOIN_TIMEOUT}={os.environ[JOIN_TIMEOUT]} must be a number of seconds") from None
+    timeout = join_timeout()
     outcome: list[BaseException | None] = []
 
     def join() -> None:
