@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import cli
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
@@ -364,3 +365,11 @@ def test_an_output_that_names_an_input_is_refused(tmp_path, cifar_dir):
             main(argv)
         assert "is also an input" in str(exc.value.code)
     assert snapshot(out) == before
+
+
+def test_an_exceptions_text_is_quoted_on_one_short_line():
+    error = RuntimeError("Error(s) in loading state_dict:\n\tsize mismatch for head.weight: " + "x" * 1000)
+    line = cli.one_line(error)
+    assert line.startswith("Error(s) in loading state_dict: size mismatch for head.weight: xxx")
+    assert len(line) == 200 and line.endswith("…") and "\n" not in line and "\t" not in line
+    assert cli.one_line(ValueError("short\n  one")) == "short one"
