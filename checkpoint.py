@@ -379,7 +379,7 @@ def load_weights(model: nn.Module, weights: dict) -> None:
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
-        details = cli.shorten(" ".join(str(e).split()), 300)
+        details = cli.one_line(e, 300)
         raise CheckpointError(f"checkpoint does not match its model: {details}") from None
 
 

@@ -221,7 +221,7 @@ def reason(e: Exception) -> str:
     """An exception as a short line: SQLAlchemy's (under MLflow's) without its advice on autoflush and the SQL."""
     text = " ".join(str(e).split())
     text = re.sub(r"^\(raised as a result of Query-invoked autoflush;[^)]*\) ", "", text).split(" [SQL: ")[0]
-    return text[:200] or type(e).__name__
+    return cli.shorten(text) or type(e).__name__  # (cut like every other quoted message)
 
 
 def scalars(row: dict) -> dict[str, float]:
