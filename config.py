@@ -17,7 +17,8 @@ import torch.distributed as dist
 import cli
 import runtime
 from checkpoint import load_checkpoint, validate_for_resume
-from data import DATASETS, MAX_IMAGE_PIXELS
+from folders import MAX_IMAGE_PIXELS
+from formats import DATASETS
 from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, torchvision_models
 
 

@@ -24,7 +24,9 @@ import torch
 
 import runtime
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import MAX_IMAGE_PIXELS, DataError, ImageSet, load_test
+from data import ImageSet, load_test
+from folders import MAX_IMAGE_PIXELS
+from formats import DataError
 from model import EVAL_BATCH, TTA_MODES, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
 

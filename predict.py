@@ -5,7 +5,7 @@
     python predict.py --checkpoint runs/my-photos/best.pth new/     # every image file in new/, sorted
 
 Nothing but the checkpoint is needed: it holds the classes, the image size and the normalization. Each image is
-decoded exactly as training decoded it (data.load_image: EXIF rotation, transparency on white, grayscale or RGB
+decoded exactly as training decoded it (folders.load_image: EXIF rotation, transparency on white, grayscale or RGB
 as the model takes, squashed to the checkpoint's image size), then normalized like a training batch.
 """
 import cli
@@ -23,7 +23,8 @@ import torch.nn as nn
 
 import runtime
 from checkpoint import load_checkpoint, model_from_checkpoint
-from data import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_files, load_image, normalize
+from data import normalize
+from folders import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_files, load_image
 
 BATCH = 256  # images decoded and run at a time: memory stays flat for any number of files
 

@@ -15,6 +15,8 @@ from PIL import Image
 
 import cli
 import data
+import folders
+import formats
 import evaluate
 import predict
 import train
@@ -110,39 +112,39 @@ def test_an_image_that_fails_for_a_passing_reason_stops_the_run_and_is_never_cac
     # Too many open files: a real OS error, the system's and not the file's. The limit is set once Pillow's plugins
     # are imported (one decode first), so only the opening of the images fails.
     proc = run_python(f"""
-import resource, cli, data
-data.load_image({str(root / "test" / "red" / "d_opaque.png")!r}, 3, 8)
+import resource, cli, folders
+folders.load_image({str(root / "test" / "red" / "d_opaque.png")!r}, 3, 8)
 with cli.one_line_errors("x"):
     import os
     fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(fds) + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    data.load_imagefolder_split(data.Path({str(root)!r}), "train", ["blue", "red"], 16)
+    folders.load_imagefolder_split(folders.Path({str(root)!r}), "train", ["blue", "red"], 16)
 """)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.splitlines()[-1].startswith("x: error: cannot read image ")
     assert proc.stderr.splitlines()[-1].endswith(": Too many open files")
     assert not list(root.glob(".cache-*"))  # nothing cached: the next run decodes every image again
-    images, labels = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    images, labels = folders.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     assert labels.tolist() == [0] * 6 + [1] * 6  # only the corrupt file is skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 4. An image may decode to so many pixels, no more
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # (pytest resets data.py's filter)
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # (pytest resets folders.py's filter)
 def test_a_small_png_of_13000x13000_pixels_is_refused_before_it_is_decoded(tmp_path, capsys):
     root = make_image_folder(tmp_path / "images")
     bomb = root / "train" / "blue" / "bomb.png"
     Image.new("1", (13000, 13000)).save(bomb)  # 20 KB on disk, 169 megapixels: 0.5 GB as RGB
     assert bomb.stat().st_size < 100_000
-    with pytest.raises(data.UnreadableImage, match=rf"^cannot read image {bomb}: 13000x13000 pixels is over the "
+    with pytest.raises(folders.UnreadableImage, match=rf"^cannot read image {bomb}: 13000x13000 pixels is over the "
                                                    rf"limit of 50,000,000 per image; downscale it$"):
-        data.load_image(bomb, 3, 32)
+        folders.load_image(bomb, 3, 32)
     # The image folder skips it, with that line; decoding it (each of 8 threads at once) is what would cost memory
     proc = run_python(f"""
-import resource, data
+import resource, folders
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-images, labels = data.load_imagefolder_split(data.Path({str(root)!r}), "train", ["blue", "red"], 16)
+images, labels = folders.load_imagefolder_split(folders.Path({str(root)!r}), "train", ["blue", "red"], 16)
 print(len(labels), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """)
     n, grown_mib = map(int, proc.stdout.split())
@@ -153,10 +155,10 @@ print(len(labels), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 
 def test_max_pixels_is_part_of_the_cache_key(tmp_path, capsys):
     root = make_image_folder(tmp_path / "images")  # its largest image: 64x48 = 3,072 pixels
-    _, labels = data.load_imagefolder_split(root, "train", ["blue", "red"], 16, max_pixels=2000)
+    _, labels = folders.load_imagefolder_split(root, "train", ["blue", "red"], 16, max_pixels=2000)
     assert len(labels) == 10  # the 64x48 webp of each class skipped (and z_broken.jpg, always)
     assert capsys.readouterr().err.count("pixels is over the limit of 2,000 per image") == 2
-    _, labels = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    _, labels = folders.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     assert len(labels) == 12 and "over the limit" not in capsys.readouterr().err
 
 
@@ -259,16 +261,16 @@ def rewrite_cache(root: Path, change) -> None:
 ], ids=["negative", "out-of-range", "one-class", "skipped", "long-message", "expanded"])
 def test_an_image_cache_that_does_not_match_its_folder_is_decoded_again(tmp_path, capsys, change):
     root = make_image_folder(tmp_path / "images")
-    first = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    first = folders.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     rewrite_cache(root, change)
     capsys.readouterr()
-    again = data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    again = folders.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     warning, decoding, skipped = capsys.readouterr().err.splitlines()
     assert warning.startswith(f"warning: ignoring the image cache {root}/.cache-train-16-")
     assert warning.endswith("; decoding again") and decoding.startswith("imagefolder: decoding 13 images")
     # decoded again and cached again: the next run uses the cache, silently
-    data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    folders.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     assert "decoding" not in capsys.readouterr().err
 
 
@@ -341,10 +343,10 @@ def test_a_failed_save_names_the_file_asked_for_not_its_temporary_file(tmp_path)
 
 def test_a_failed_cache_write_warns_without_the_temporary_name(tmp_path, capsys):
     root = make_image_folder(tmp_path / "images")
-    files = [p for name in ("blue", "red") for p in data.image_files(root / "train" / name)]
-    cache = data._cache_path(root, "train", 16, files, data.MAX_IMAGE_PIXELS)
+    files = [p for name in ("blue", "red") for p in folders.image_files(root / "train" / name)]
+    cache = folders._cache_path(root, "train", 16, files, folders.MAX_IMAGE_PIXELS)
     cache.with_name(f"{cache.name}.{os.getpid()}.tmp").mkdir()
-    data.load_imagefolder_split(root, "train", ["blue", "red"], 16)
+    folders.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     [warning] = [line for line in capsys.readouterr().err.splitlines() if "cannot write the cache" in line]
     assert warning.startswith(f"warning: cannot write the cache {cache}: ") and ".tmp" not in warning, warning
 
@@ -422,7 +424,7 @@ def test_evaluate_on_an_image_folder_without_its_training_images(tmp_path, capsy
 
 
 def test_evaluate_on_cifar10_reads_the_test_batch_alone(cifar_dir, tmp_path, capsys):
-    checkpoint = write_eval_checkpoint(tmp_path / "best.pth", "cifar10", cifar_dir, data.CIFAR10_CLASSES)
+    checkpoint = write_eval_checkpoint(tmp_path / "best.pth", "cifar10", cifar_dir, formats.CIFAR10_CLASSES)
     for i in range(1, 6):
         (cifar_dir / "cifar-10-batches-py" / f"data_batch_{i}").unlink()
     assert evaluate.main(["--checkpoint", str(checkpoint), "--device", "cpu", "--json"])["confusion"].sum() == 50
@@ -451,10 +453,10 @@ def test_decoding_threads_hold_no_more_than_their_budget(tmp_path):
         for i in range(3):
             Image.new("1", (5000, 5000)).save(root / "train" / name / f"{i}.png")
     proc = run_python(f"""
-import resource, data
-data.DECODE_BUFFER = 2**27
+import resource, folders
+folders.DECODE_BUFFER = 2**27
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-images, labels = data.load_imagefolder_split(data.Path({str(root)!r}), "train", ["a", "b"], 16)
+images, labels = folders.load_imagefolder_split(folders.Path({str(root)!r}), "train", ["a", "b"], 16)
 print(len(labels), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
 """)
     n, grown_mib = map(int, proc.stdout.split())

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import folders
 import export
 import predict
 from image_files import make_image_folder
@@ -47,8 +48,8 @@ def test_predict_json_is_the_model_on_training_style_batches(image_folder, check
     predict.main(["--checkpoint", str(checkpoint), "--top-k", "3", "--json", *paths])
     results = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in results] == paths
-    # the reference: the same files through data.load_image and data.ImageSet.batch, as in training
-    images = torch.stack([data.load_image(p, 3, 32) for p in paths])
+    # the reference: the same files through folders.load_image and data.ImageSet.batch, as in training
+    images = torch.stack([folders.load_image(p, 3, 32) for p in paths])
     batch = data.ImageSet(images, torch.zeros(len(paths), dtype=torch.int64), torch.tensor(MEAN), torch.tensor(STD))
     with torch.no_grad():
         model = model_from_checkpoint(torch.load(checkpoint, weights_only=True))

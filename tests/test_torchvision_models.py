@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision.models import get_model, get_model_weights
 
 import data
+import formats
 import evaluate
 import export
 import predict
@@ -263,7 +264,7 @@ def test_image_size_resizes_cifar_once_and_evaluate_does_the_same(cifar, tmp_pat
 
 
 def test_an_image_size_that_does_not_fit_in_memory_is_refused_before_allocating():
-    if data.available_memory() is None:
+    if formats.available_memory() is None:
         pytest.skip("this system does not say how much memory is available")
     with pytest.raises(data.DataError, match=r"cifar10 train: resizing 10,000,000 images to 1024x1024: 29,296.9 GiB "
                                              r"of memory needed, .* GiB available; choose a smaller --image-size"):

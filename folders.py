@@ -1,0 +1,294 @@
+"""Image folders: your own images as DATA_DIR/<split>/<class>/<image file>, listed, decoded safely and cached.
+
+    imagefolder    DATA_DIR/{train,test}/<class>/<image>, optionally DATA_DIR/val/ too
+
+load_image decodes one file (training, evaluation and prediction all go through it); load_imagefolder_split
+decodes a whole split once into one uint8 tensor, cached as DATA_DIR/.cache-<split>-<size>-<hash>.pt.
+"""
+import ctypes
+import hashlib
+import io
+import json
+import os
+import platform
+import stat
+import sys
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext, suppress
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+import cli
+from formats import DataError, allocate_images, available_memory
+
+# The most pixels one image may decode to (after JPEG's draft scaling): 50 megapixels is a 200 MB RGBA frame.
+# Pillow's own limit (89 megapixels warns, 179 errors) lets a 518 KB PNG of 13000x13000 take 0.7 GB per copy.
+MAX_IMAGE_PIXELS = 50_000_000
+DECODE_COPIES = 3 * 4  # bytes per decoded pixel at the peak of load_image: RGBA, and two converted copies
+DECODE_BUFFER = 2**30  # the most bytes decoding threads hold at once beyond the result (a larger image decodes alone)
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGEFOLDER_CHANNELS = 3  # grayscale, RGBA and palette images all become RGB
+CACHE_VERSION = 3  # part of the cache key: bump it whenever load_image changes, so old decodings are never used
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # load_image checks max_pixels itself
+
+
+class UnreadableImage(DataError):
+    """An image file whose own bytes cannot be decoded (not an image, corrupt, more pixels than allowed): the same
+    on every try, so the image-folder cache records it as skipped. Every other failure (out of memory, an I/O error,
+    too many open files) may pass, is never cached, and stops the run."""
+
+
+def open_regular(path: str | Path, what: str = "file") -> io.BufferedReader:
+    """`path` opened for reading, if it is a regular file. O_NONBLOCK: opening a FIFO then returns at once (where a
+    plain open waits for a writer forever), and fstat refuses it, a folder or a device, on the file actually
+    opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise DataError(f"cannot read {what} {path}: {cli.describe_os_error(e, filename=False)}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise DataError(f"cannot read {what} {path}: it is {kind}; give a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _ByteBudget:
+    """Bytes that threads reserve before they use them and give back after: at most `limit` at once, except for a
+    single reservation larger than that, which waits until it can run alone. A large reservation's memory is handed
+    back to the system when it ends: glibc keeps what a thread frees in that thread's own arena, so without that
+    each decoding thread would go on holding its largest image (measured: 1.7 GB for 8 images of 49 megapixels on
+    6 threads, 0.4 GB with it)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used, self.lock = limit, 0, threading.Condition()
+
+    @contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        with self.lock:
+            self.lock.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            if n >= 2**25 and _LIBC is not None:  # (smaller blocks are glibc's to keep: reused, not piled up)
+                _LIBC.malloc_trim(0)
+            with self.lock:
+                self.used -= n
+                self.lock.notify_all()
+
+
+_LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None  # for malloc_trim
+
+
+def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
+               budget: _ByteBudget | None = None) -> torch.Tensor:
+    """Decode an image file to uint8 (channels, image_size, image_size), channels 1 = grayscale or 3 = RGB.
+    Training and prediction both decode through here, so a predicted image is seen exactly as a training one:
+    EXIF orientation applied, transparency flattened onto white, squashed (not cropped) to a square.
+    The header's size is checked against max_pixels before anything is decoded (an UnreadableImage if over); the
+    decoding reserves its bytes from `budget` (the image folder's threads share one)."""
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is None:
+        raise DataError(f"cannot decode images to {channels} channels: only 1 (grayscale) or 3 (RGB)")
+    with open_regular(path, "image") as f:
+        try:
+            with Image.open(f) as im:
+                im.draft(None, (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers it
+                width, height = im.size
+                if width * height > max_pixels:
+                    raise UnreadableImage(f"cannot read image {path}: {width}x{height} pixels is over the limit of "
+                                          f"{max_pixels:,} per image; downscale it")
+                with budget.reserve(width * height * DECODE_COPIES) if budget else nullcontext():
+                    im = _to_mode(ImageOps.exif_transpose(im), mode)
+                    # Pillow widens the bilinear kernel when shrinking: this averages (antialiases), not samples
+                    im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        except DataError:
+            raise
+        except UnidentifiedImageError:  # (its own message names the open file object, not the path)
+            raise UnreadableImage(f"cannot read image {path}: cannot identify image file {str(path)!r}") from None
+        except (MemoryError, OSError) as e:
+            if isinstance(e, MemoryError) or e.errno is not None:  # the system's, not the file's: may pass
+                reason = "out of memory" if isinstance(e, MemoryError) else cli.describe_os_error(e, filename=False)
+                raise DataError(f"cannot read image {path}: {reason}") from None
+            raise UnreadableImage(f"cannot read image {path}: {cli.shorten(str(e))}") from None  # PIL's own
+        except Exception as e:  # PIL's decoders raise ValueError, SyntaxError, DecompressionBombError, ...
+            raise UnreadableImage(f"cannot read image {path}: {cli.shorten(str(e)) or type(e).__name__}") from None
+    return torch.from_numpy(np.array(im).reshape(image_size, image_size, channels)).permute(2, 0, 1).contiguous()
+
+
+def _to_mode(im: Image.Image, mode: str) -> Image.Image:
+    if im.mode == "I" or im.mode.startswith("I;16"):  # 16-bit grayscale (Pillow < 10.3 opens such PNGs as "I"):
+        # keep the high byte, where convert() would clip at 255
+        im = Image.fromarray((np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+    if im.has_transparency_data:  # transparent pixels hold arbitrary colors: show them on white, as viewers do
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return im.convert(mode)
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    folder = root / split
+    if not folder.is_dir():
+        raise DataError(f"imagefolder: {folder} not found; --data-dir {root} needs train/ and test/ (and optionally "
+                        f"val/), each with one sub-folder of images per class")
+    return folder
+
+
+def _subfolders(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files anywhere under `folder`, sorted; hidden ones (such as macOS's ._x.jpg) left out."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def imagefolder_classes(root: Path) -> list[str]:
+    """The class names: the sub-folders of DATA_DIR/train/, sorted."""
+    classes = _subfolders(_split_dir(root, "train"))
+    if len(classes) < 2:
+        raise DataError(f"imagefolder: {root / 'train'} needs at least two class sub-folders, found {len(classes)}")
+    return classes
+
+
+def load_imagefolder(root: Path, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS):
+    """(train_images, train_labels, test_images, test_labels, classes) from DATA_DIR/train/ and /test/."""
+    classes = imagefolder_classes(root)
+    train = load_imagefolder_split(root, "train", classes, image_size, max_pixels)
+    test = load_imagefolder_split(root, "test", classes, image_size, max_pixels)
+    return (*train, *test, classes)
+
+
+def load_imagefolder_split(root: Path, split: str, classes: list[str], image_size: int,
+                           max_pixels: int = MAX_IMAGE_PIXELS,
+                           against: str = "train/'s") -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/, from the cache while it is
+    current. Unreadable files are skipped with a warning; a class left without images is an error."""
+    folder = _split_dir(root, split)
+    found = _subfolders(folder)
+    if found != classes:
+        differences = [f"{what} {', '.join(sorted(names))}" for what, names in
+                       (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
+        raise DataError(f"imagefolder: the class folders of {folder} differ from {against}: "
+                        f"{cli.shorten('; '.join(differences))}")
+    files = [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
+    cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)
+    data = _read_cache(cache, torch.tensor([label for _, label in files], dtype=torch.int64), image_size)
+    if data is None:
+        data = _decode(files, image_size, max_pixels, f"imagefolder: decoding {len(files)} images of {folder} to "
+                                                      f"{image_size}x{image_size}, cached for the next run")
+        _write_cache(cache, data)
+    for message in data["skipped"]:
+        print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
+    counts = torch.bincount(data["labels"], minlength=len(classes)).tolist()
+    if 0 in counts:
+        raise DataError(f"imagefolder: class folder {folder / classes[counts.index(0)]} holds no readable images "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    return data["images"], data["labels"]
+
+
+def _cache_path(root: Path, split: str, image_size: int, files: list[Path], max_pixels: int) -> Path:
+    """DATA_DIR/.cache-<split>-<size>-<hash>: the hash covers every file's path, size and mtime and the decoding
+    (max_pixels included: what it refused is in the cache), so adding, removing, renaming or editing an image, or a
+    new decoder, makes a new key."""
+    stats = [(p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p, st in ((p, p.stat()) for p in files)]
+    key = json.dumps([CACHE_VERSION, IMAGEFOLDER_CHANNELS, image_size, max_pixels, stats])
+    return root / f".cache-{split}-{image_size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+
+
+def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, what: str) -> dict:
+    """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor.
+    Only what is the file's own (an UnreadableImage) is skipped; any other failure (out of memory, an I/O error)
+    may pass, so it stops the run before anything is cached."""
+    # The threads' decoded frames (up to max_pixels * DECODE_COPIES bytes each) share a budget: DECODE_BUFFER, or
+    # half of what the result leaves available, so that it never alone refuses a folder that fits; an image larger
+    # than the budget decodes alone (and one that does not fit at all is an out-of-memory error, never cached).
+    result, available = len(files) * IMAGEFOLDER_CHANNELS * image_size**2, available_memory()
+    limit = min(DECODE_BUFFER, len(files) * max_pixels * DECODE_COPIES,
+                DECODE_BUFFER if available is None else max(0, available - result) // 2)
+    images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what, extra=limit)
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    budget = _ByteBudget(limit)
+
+    def decode(i: int) -> str | None:
+        try:
+            images[i] = load_image(files[i][0], IMAGEFOLDER_CHANNELS, image_size, max_pixels, budget)
+        except UnreadableImage as e:
+            return str(e)
+        return None
+
+    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while it decodes and resizes
+        problems = list(pool.map(decode, range(len(files))))
+    skipped = [p for p in problems if p is not None]
+    if skipped:
+        keep = torch.tensor([p is None for p in problems])
+        images, labels = images[keep], labels[keep]
+    return {"images": images, "labels": labels, "skipped": skipped}
+
+
+def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | None:
+    """The cache's {"images", "labels", "skipped"} if it holds what _decode would for files of the labels
+    `expected`, else None (decode again), with a warning when the file is there but is not that: checked as
+    checkpoints are (weights_only, tensors no larger than their storage), then every field against the folder."""
+    if not path.is_file():
+        return None
+    from checkpoint import CheckpointError, check_tensor_sizes  # (checkpoint imports model: only when needed)
+    try:
+        data = torch.load(path, weights_only=True)
+        check_tensor_sizes(data, path)
+        images, labels, skipped = data["images"], data["labels"], data["skipped"]
+        shape_ok = (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                    and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
+                    and isinstance(skipped, list) and all(isinstance(m, str) and len(m) <= 8192 for m in skipped)
+                    and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.ndim == 1
+                    and len(images) == len(labels) == len(expected) - len(skipped))
+        # The files are listed class by class, so the labels must run in order, each class no more often than it
+        # has files: a negative or out-of-range label, or one class's images under another's, is refused.
+        labels_ok = shape_ok and (len(labels) == 0 or (
+            0 <= labels.min() and labels.max() <= expected.max() and bool((labels.diff() >= 0).all())
+            and bool((torch.bincount(labels, minlength=int(expected.max()) + 1)
+                      <= torch.bincount(expected)).all())))
+        problem = None if labels_ok else "its images, labels or skipped files do not match the folder"
+    except CheckpointError as e:
+        problem = str(e)
+    except Exception as e:  # truncated, foreign or mangled
+        problem = f"unreadable ({type(e).__name__})"
+    if problem is None:
+        return data
+    print(f"warning: ignoring the image cache {path}: {cli.shorten(cli.printable(problem))}; decoding again",
+          file=sys.stderr)
+    return None
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    """Best effort: without a cache (a read-only data dir, a full disk) the next run only decodes again.
+    Older caches of the same split and size are deleted, so edits to the folder do not pile them up."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed when complete: never a half-written cache
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+        for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):
+            if old != path:
+                old.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        reason = (cli.describe_os_error(e, filename=False) if isinstance(e, OSError) else  # (never our .tmp's name)
+                  cli.shorten(str(e).strip().splitlines()[0].replace(str(tmp), str(path))) if str(e).strip()
+                  else type(e).__name__)
+        print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)
+    finally:  # a failed write, or Ctrl-C in the middle of one (after the rename there is nothing left to remove)
+        with suppress(OSError):  # (a cleanup that fails must not hide why the write failed)
+            tmp.unlink(missing_ok=True)
