@@ -8,6 +8,8 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
                   evaluate.py, predict.py and export.py use when it is there
     model_name, widths, num_classes, in_channels, image_size
                   what model.build_model needs to rebuild the net (model_name: ours, or a torchvision name)
+    prep          how an image file becomes the model's input (folders.Prep.to_dict: squash, or the photo recipe's
+                  crop; optional: older checkpoints squash)
     classes       the class names, index = label;  mean, std: per-channel normalization, [0, 1] pixel units
     data_hash     a fingerprint of the training images and labels: --resume refuses other data, whatever the
                   start (optional: older checkpoints have none)
@@ -37,6 +39,7 @@ import torch
 import torch.nn as nn
 
 import cli
+from folders import Prep
 from model import build_model, check_model_name, pretrained_start
 
 FORMAT = 2
@@ -117,15 +120,16 @@ def checkpoint_bytes(model: nn.Module, copies: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # Building: what train.py saves, and what it reads back on resume
 
-def run_card(args: argparse.Namespace, argv: list[str], model: nn.Module, images: torch.Tensor, mean: list[float],
-             std: list[float], classes: list[str], run_id: str, mlflow_run_id: str | None, changes: list[dict],
-             data_hash: str) -> dict:
+def run_card(args: argparse.Namespace, argv: list[str], model: nn.Module, train, prep: Prep, classes: list[str],
+             run_id: str, mlflow_run_id: str | None, changes: list[dict]) -> dict:
     """What every checkpoint of a run repeats: the model card, the flags, whose run it is, what resumes changed.
-    `images`: the training set's uint8 (N, C, H, W) tensor (its shape is the model's input). args' data_dir is
-    stored resolved, so that evaluate.py finds the data from any folder."""
+    `train`: the training set (a data.Split: its images' shape is the model's input, its normalization the
+    model's); `prep`: how an image file becomes that input. args' data_dir is stored resolved, so that evaluate.py
+    finds the data from any folder."""
     return {"format": FORMAT, "model_name": args.model, "widths": getattr(model, "widths", None),
-            "num_classes": len(classes), "in_channels": images.shape[1], "image_size": images.shape[2],
-            "classes": classes, "mean": mean, "std": std, "data_hash": data_hash,
+            "num_classes": len(classes), "in_channels": train.channels, "image_size": train.image_size,
+            "prep": prep.to_dict(), "classes": classes, "mean": train.mean.tolist(), "std": train.std.tolist(),
+            "data_hash": train.fingerprint(),
             "args": {**vars(args), "data_dir": str(Path(args.data_dir).resolve())}, "argv": argv, "run_id": run_id,
             "mlflow_run_id": mlflow_run_id, "changes": changes}
 
@@ -279,6 +283,10 @@ def validate(ckpt: object, path: Path) -> None:
             isinstance(v, float) and math.isfinite(v) for v in values), f"{key} must be {channels} finite numbers")
     need(all(0 <= v <= 1 for v in ckpt["mean"]) and all(1e-3 <= v <= 1 for v in ckpt["std"]),
          "mean must be in [0, 1] and std in [1e-3, 1]: pixel units")
+    try:
+        Prep.from_dict(ckpt.get("prep"))
+    except ValueError as e:
+        need(False, str(e))
     for key in ("model", "ema_model"):
         if key in ckpt:
             weights = ckpt[key]

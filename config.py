@@ -17,9 +17,9 @@ import torch.distributed as dist
 import cli
 import runtime
 from checkpoint import load_checkpoint, validate_for_resume
-from folders import MAX_IMAGE_PIXELS
+from folders import INTERPOLATIONS, MAX_IMAGE_PIXELS, PREP_MODES, SQUASH, Prep
 from formats import DATASETS
-from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, torchvision_models
+from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, pretrained_weights, torchvision_models
 
 
 class ConfigError(cli.UserError):
@@ -60,6 +60,11 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
     g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help="imagefolder: a file that would decode to more pixels is skipped with a warning, read from "
                         "its header (default: %(default)s)")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="imagefolder: stream the files from disk, read by N DataLoader worker processes (0: by the "
+                        "training process); same weights for any N (default: in memory when the decoded images fit "
+                        "in half the memory available, else streamed with one worker per core, at most 8)")
+    add_photo_flags(p)
 
     g = p.add_argument_group("model and starting weights")
     g.add_argument("--model", default="simplecnn", metavar="NAME",
@@ -81,6 +86,44 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
     add_training_flags(p)
     add_run_flags(p)
     return p
+
+
+def add_photo_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("photos (imagefolder)")
+    g.add_argument("--resize-mode", choices=PREP_MODES,
+                   help="squash: each image resized whole to a square, its aspect ratio lost (--augment: pad-crop and "
+                        "flip); crop: torchvision's photo recipe: training takes a random resized crop and a flip, "
+                        "evaluation resizes the shorter side and crops the centre (default: crop for image folders "
+                        "above 32 px and with --pretrained, squash otherwise)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("LOW", "HIGH"),
+                   help="crop, training: the share of the image's area a crop covers (default: 0.08 1.0)")
+    g.add_argument("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("LOW", "HIGH"),
+                   help="crop, training: the crop's aspect ratio, width / height (default: 0.75 1.333)")
+    g.add_argument("--crop-fraction", type=float, metavar="F",
+                   help="crop, evaluation: the centre crop's side over the resized shorter side (default: 0.875, "
+                        "224 of 256; with --pretrained, the weights' own)")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS,
+                   help="crop: how images are resized (default: bilinear; with --pretrained, the weights' own)")
+
+
+def image_prep(args: argparse.Namespace) -> Prep:
+    """How the run turns an image file into the model's input (folders.Prep), from the flags: crop for image folders
+    above 32 px or with --pretrained, squash otherwise, unless --resize-mode says. With --pretrained, what the flags
+    leave open comes from the weights' own preprocessing (weights.transforms()): the side, the crop fraction, the
+    interpolation (the mean and std come with the weights already)."""
+    mode = args.resize_mode or ("crop" if args.dataset == "imagefolder" and (args.pretrained or (
+        args.image_size or 32) > 32) else "squash")
+    if mode == "squash":
+        return SQUASH
+    if args.pretrained:
+        preprocess = pretrained_weights(args.model).transforms()
+        args.image_size = args.image_size or preprocess.crop_size[0]
+        args.crop_fraction = args.crop_fraction or preprocess.crop_size[0] / preprocess.resize_size[0]
+        args.interpolation = args.interpolation or preprocess.interpolation.value
+    args.image_size = args.image_size or 32
+    args.crop_fraction, args.interpolation = args.crop_fraction or 0.875, args.interpolation or "bilinear"
+    return Prep("crop", round(args.image_size / args.crop_fraction), args.interpolation,
+                tuple(map(float, args.crop_scale)), tuple(map(float, args.crop_ratio)))
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -231,7 +274,15 @@ def check_args(args: argparse.Namespace) -> str | None:
         (number_in(args.min_delta, 0, math.inf), "--min-delta must be >= 0"),
         (number_in(args.val_split, 0, 1), "--val-split must be in [0, 1)"),
         (args.image_size is None or 8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
-        (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
+        (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),
+        (args.workers is None or 0 <= args.workers <= 256, "--workers must be in [0, 256]"),
+        (0 < args.crop_scale[0] <= args.crop_scale[1] <= 1, "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
+        (0 < args.crop_ratio[0] <= args.crop_ratio[1] <= 100, "--crop-ratio must be LOW HIGH with 0 < LOW <= HIGH "
+                                                              "<= 100"),
+        (args.crop_fraction is None or 0.05 <= args.crop_fraction <= 1, "--crop-fraction must be in [0.05, 1]"),
+        (args.dataset == "imagefolder" or args.resize_mode != "crop" and args.workers is None,
+         f"--resize-mode crop and --workers are for image folders (--dataset imagefolder); {args.dataset} is held "
+         f"in memory and squashed: leave them out"),  # mirroring needs a pad below the image side
         (number_in(args.color_jitter, 0, 1), "--color-jitter must be in [0, 1) (0 = off)"),
         (args.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),
@@ -262,7 +313,7 @@ def check_args(args: argparse.Namespace) -> str | None:
 # What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
 MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",
                         "out_dir", "resume", "log_interval", "mlflow", "mlflow_log_checkpoints", "tensorboard",
-                        "max_image_pixels"}
+                        "max_image_pixels", "workers"}
 # ...and these take effect from the next optimizer step: the schedule keeps its shape, with the new peak. The
 # checkpoint and metrics.csv record each change and the step it took effect at.
 TAKE_EFFECT_ON_RESUME = {"lr", "muon_lr", "bias_lr_scale", "momentum", "muon_momentum", "nesterov", "weight_decay",

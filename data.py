@@ -11,14 +11,17 @@ same whatever the batch size, accumulation or resume point.
 """
 import hashlib
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from folders import MAX_IMAGE_PIXELS, load_imagefolder, load_imagefolder_split
+import stream
+from folders import MAX_IMAGE_PIXELS, SQUASH, Prep, load_imagefolder, load_imagefolder_split
 from formats import (DATASETS, MIN_IMAGES, DataError, allocate_images, check_memory, load_cifar10, load_cifar100,
                      load_idx_dataset)
 
@@ -89,24 +92,63 @@ def resize_images(images: torch.Tensor, size: int | None, what: str) -> torch.Te
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # uint8 (N, C, H, W), on the training device
-    labels: torch.Tensor  # int64 (N,)
+    images: torch.Tensor  # uint8 (N, C, H, W): on the training device, or in pinned CPU memory where it has no room
+    labels: torch.Tensor  # int64 (N,), on the training device
     mean: torch.Tensor    # float32 (C,), per channel, in [0, 1] pixel units
     std: torch.Tensor     # float32 (C,)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.images.shape[2]
+
     def batch(self, idx: torch.Tensor, crop_flip: torch.Tensor | None = None, pad: int = PAD,
               jitter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized float images and labels for the samples `idx`, cropped and flipped where crop_flip is given,
         brightness and contrast jittered where `jitter` (epoch_plan's factors) is given."""
-        x = self.images.index_select(0, idx)  # several times faster than images[idx] on the CPU
-        if crop_flip is not None:
-            x = random_crop_flip(x, crop_flip, pad)
-        if jitter is not None:
-            x = color_jitter(x, jitter)
-        return normalize(x, self.mean, self.std), self.labels.index_select(0, idx)
+        idx = idx.to(self.device)
+        x = self.images.index_select(0, idx.to(self.images.device))  # several times faster than images[idx] on CPU
+        if x.device != self.device:  # (held in pinned memory: the batch moves now, while the GPU works)
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return to_input(x, self.mean, self.std, crop_flip, pad, jitter), self.labels.index_select(0, idx)
+
+    def batches(self, idx: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Evaluation: normalized images and labels of the images `idx`, `batch_size` at a time."""
+        for part in idx.split(batch_size):
+            yield self.batch(part)
+
+    def steps(self, parts: list[Sequence[torch.Tensor]], epoch: int, augment: bool, pad: int,
+              channels_last: bool) -> Iterator["MicroBatches"]:
+        """Training: the micro-batches of each optimizer step (see MicroBatches); `epoch` is in the plan already."""
+        for step in parts:
+            yield MicroBatches(self, step, augment, pad, channels_last)
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """The images `idx`, uint8, as they are held."""
+        return self.images[idx.to(self.images.device)]
+
+    def sample(self, n: int) -> torch.Tensor:
+        """The first n images (all, if fewer), uint8."""
+        return self.images[:n]
+
+    def fingerprint(self) -> str:
+        """A short hash of the set's labels and of up to 4,096 of its images (evenly spaced): what tells --resume
+        that it trains on the run's own data, whatever normalization the run uses. Cheap: a few MB hashed."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(str(tuple(self.images.shape)).encode())
+        h.update(self.labels.cpu().numpy().tobytes())
+        h.update(self.images[::max(1, len(self) // 4096)].cpu().numpy().tobytes())
+        return h.hexdigest()
 
 
 class MicroBatches(Sequence):
@@ -126,14 +168,18 @@ class MicroBatches(Sequence):
         return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
 
-def fingerprint(data: ImageSet) -> str:
-    """A short hash of the set's labels and of up to 4,096 of its images (evenly spaced): what tells --resume that
-    it trains on the run's own data, whatever normalization the run uses. Cheap: a few MB hashed."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(tuple(data.images.shape)).encode())
-    h.update(data.labels.cpu().numpy().tobytes())
-    h.update(data.images[::max(1, len(data) // 4096)].cpu().numpy().tobytes())
-    return h.hexdigest()
+Split = ImageSet | stream.StreamSet  # a split of a dataset, held in memory or streamed from disk
+
+
+def to_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, crop_flip: torch.Tensor | None = None,
+             pad: int = PAD, jitter: torch.Tensor | None = None) -> torch.Tensor:
+    """A uint8 batch (N, C, H, W) as the model takes it: cropped and flipped where crop_flip (epoch_plan's rows) is
+    given, jittered where `jitter` is, then normalized. Both data paths make their batches here."""
+    if crop_flip is not None:
+        x = random_crop_flip(x, crop_flip, pad)
+    if jitter is not None:
+        x = color_jitter(x, jitter)
+    return normalize(x, mean, std)
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -162,9 +208,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 def split_train_val(images, labels, val_split: float, seed: int):
     """Hold out a seeded random `val_split` fraction of the training set for validation."""
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    n_val = round(len(labels) * val_split)
-    val, train = order[:n_val], order[n_val:]
+    train, val = split_indices(len(labels), val_split, seed)
     return (images[train], labels[train]), (images[val], labels[val])
 
 
@@ -226,31 +270,61 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -
 
 def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,
             image_size: int | None = None, stats: tuple[list[float], list[float]] | None = None,
-            max_pixels: int = MAX_IMAGE_PIXELS):
+            max_pixels: int = MAX_IMAGE_PIXELS, prep: Prep = SQUASH, workers: int | None = None):
     """Load a dataset, hold out validation (imagefolder: DATA_DIR/val/ when it exists, instead of val_split),
     resize to image_size (None: the dataset's own size), and compute normalization from the training part (before
     resizing: the same statistics, from fewer pixels) unless `stats` (mean, std) gives it: a pretrained net's own,
-    averaged over RGB for 1-channel images. Returns (train, val or None, test, classes) as ImageSets on `device`."""
+    averaged over RGB for 1-channel images. Returns (train, val or None, test, classes) as ImageSets on `device`,
+    or, for an image folder streamed from disk (stream.streams: the photo recipe, --workers, or too large to hold),
+    as stream.StreamSets."""
+    device = torch.device(device)
+    if name == "imagefolder":
+        workers = stream.streams(Path(data_dir), image_size or 32, prep, workers)
+        if workers is not None:
+            return stream.prepare(Path(data_dir), val_split, seed, device, image_size or 32, stats, max_pixels, prep,
+                                  workers)
     train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size, max_pixels)
     if name == "imagefolder" and (Path(data_dir) / "val").is_dir():  # the user's own split beats a random one
         val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32, max_pixels)
     else:
-        n = len(train_y)
-        check_memory(train_x.nbytes, f"{name}: holding out --val-split {val_split} of {n:,} training images (a copy)")
-        (train_x, train_y), (val_x, val_y) = split_train_val(train_x, train_y, val_split, seed)
-        if val_split > 0 and len(val_y) < MIN_IMAGES["val"]:
-            raise DataError(f"--val-split {val_split} of the {n} training images holds out none; give a larger "
-                            f"--val-split, or 0 for no validation")
-        if len(train_y) < MIN_IMAGES["train"]:
-            raise DataError(f"--val-split {val_split} of the {n} training images leaves {len(train_y)} to train on; "
-                            f"it needs at least {MIN_IMAGES['train']}: give a smaller --val-split")
-    if stats is not None and train_x.shape[1] == 1:
-        stats = tuple([sum(s) / len(s)] for s in stats)
-    mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in (stats or channel_stats(train_x)))
+        check_memory(train_x.nbytes, f"{name}: holding out --val-split {val_split} of {len(train_y):,} training "
+                                     f"images (a copy)")
+        train, val = split_indices(len(train_y), val_split, seed)
+        (train_x, train_y), (val_x, val_y) = (train_x[train], train_y[train]), (train_x[val], train_y[val])
+    mean, std = (torch.tensor(s, dtype=torch.float32, device=device)
+                 for s in (gray_stats(stats, train_x.shape[1]) or channel_stats(train_x)))
 
     def on_device(x, y, split):
-        return ImageSet(resize_images(x, image_size, f"{name} {split}").to(device), y.to(device), mean, std)
+        return ImageSet(place(resize_images(x, image_size, f"{name} {split}"), device), y.to(device), mean, std)
     val = on_device(val_x, val_y, "val") if len(val_y) else None
     return on_device(train_x, train_y, "train"), val, on_device(test_x, test_y, "test"), classes
 
 
+def gray_stats(stats: tuple[list[float], list[float]] | None, channels: int):
+    """A pretrained net's (mean, std) for `channels`-channel images: averaged over RGB for grayscale ones."""
+    return tuple([sum(s) / len(s)] for s in stats) if stats is not None and channels == 1 else stats
+
+
+def split_indices(n: int, val_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and validation indices of `n` images: a seeded random `val_split` fraction held out."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = round(n * val_split)
+    if val_split > 0 and n_val < MIN_IMAGES["val"]:
+        raise DataError(f"--val-split {val_split} of the {n} training images holds out none; give a larger "
+                        f"--val-split, or 0 for no validation")
+    if n - n_val < MIN_IMAGES["train"]:
+        raise DataError(f"--val-split {val_split} of the {n} training images leaves {n - n_val} to train on; "
+                        f"it needs at least {MIN_IMAGES['train']}: give a smaller --val-split")
+    return order[n_val:], order[:n_val]
+
+
+def place(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 images on the training device when it has room for them (half its free memory), else in pinned CPU
+    memory, from where each batch moves as it is made (ImageSet.batch)."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        if images.nbytes > free // 2:
+            print(f"{images.nbytes / 2**30:,.1f} GiB of images stay in pinned CPU memory ({free / 2**30:,.1f} GiB "
+                  f"free on {device}); each batch moves to it as it is made", file=sys.stderr)
+            return images.pin_memory()
+    return images.to(device)

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 import runtime
+import stream
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
-from data import ImageSet, load_test
-from folders import MAX_IMAGE_PIXELS
+from data import ImageSet, Split, load_test
+from folders import MAX_IMAGE_PIXELS, Prep, split_files
 from formats import DataError
 from model import EVAL_BATCH, TTA_MODES, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
@@ -113,12 +114,7 @@ def report(args: argparse.Namespace) -> dict:
     for picture in pictures:  # now that the data is known: no picture may land on it or among it
         check_output(picture, inputs=(checkpoint, data_dir))
     classes = ckpt["classes"]
-    test_x, test_y = load_test(dataset, data_dir, classes, ckpt["image_size"], args.max_image_pixels)
-    if test_x.shape[1] != ckpt["in_channels"]:
-        raise DataError(f"the {dataset} images in {data_dir} have {test_x.shape[1]} channels, the checkpoint's model "
-                        f"takes {ckpt['in_channels']}; give --data-dir the data the model was trained on")
-    test = ImageSet(test_x.to(device), test_y.to(device), torch.tensor(ckpt["mean"], device=device),
-                    torch.tensor(ckpt["std"], device=device))
+    test = test_set(ckpt, dataset, data_dir, args.max_image_pixels, device)
     with runtime.autocast(amp, device):
         result = evaluate(model, test, len(classes), tta=tta)
     if not math.isfinite(result["loss"]):  # finite weights can still overflow: say so rather than report NaN
@@ -142,6 +138,24 @@ def report(args: argparse.Namespace) -> dict:
     return result
 
 
+def test_set(ckpt: dict, dataset: str, data_dir: str, max_pixels: int, device: torch.device) -> Split:
+    """The test split, prepared as the checkpoint's run prepared it: in memory, or streamed from disk for the photo
+    recipe (its centre crops), normalized with the run's statistics."""
+    mean, std = (torch.tensor(ckpt[k], device=device) for k in ("mean", "std"))
+    prep = Prep.from_dict(ckpt.get("prep"))
+    if dataset == "imagefolder" and prep.mode == "crop":
+        files = split_files(Path(data_dir), "test", ckpt["classes"], against="the checkpoint's")
+        test = stream.stream_set(Path(data_dir), files, ckpt["image_size"], max_pixels, prep, 0, device,
+                                 stream.default_workers())
+        test.mean, test.std = mean, std
+        return test
+    test_x, test_y = load_test(dataset, data_dir, ckpt["classes"], ckpt["image_size"], max_pixels)
+    if test_x.shape[1] != ckpt["in_channels"]:
+        raise DataError(f"the {dataset} images in {data_dir} have {test_x.shape[1]} channels, the checkpoint's model "
+                        f"takes {ckpt['in_channels']}; give --data-dir the data the model was trained on")
+    return ImageSet(test_x.to(device), test_y.to(device), mean, std)
+
+
 def checkpoint_path(given: str) -> Path:
     """--checkpoint: a .pth, or a run folder, whose best.pth is taken (and said so)."""
     path = Path(given)
@@ -155,19 +169,20 @@ def checkpoint_path(given: str) -> Path:
 
 
 @torch.no_grad()
-def show_predictions(model: torch.nn.Module, test: ImageSet, classes: list[str], tta: str, count: int,
+def show_predictions(model: torch.nn.Module, test: Split, classes: list[str], tta: str, count: int,
                      path: str) -> int:
     """Draw `count` test images with true and predicted labels: the most confident mistakes first (up to half of
     them), then the first test images not among those, right or wrong. Returns how many were drawn."""
-    probs = torch.cat([tta_logits(model, test.batch(idx)[0], tta).softmax(1)
-                       for idx in torch.arange(len(test), device=test.labels.device).split(EVAL_BATCH)])
+    probs, labels = zip(*((tta_logits(model, x, tta).softmax(1), y)
+                          for x, y in test.batches(torch.arange(len(test)), EVAL_BATCH)))
+    probs, labels = torch.cat(probs), torch.cat(labels)
     confidence, predicted = probs.max(1)
-    wrong = (predicted != test.labels).nonzero().squeeze(1)
+    wrong = (predicted != labels).nonzero().squeeze(1)
     worst = wrong[confidence[wrong].argsort(descending=True, stable=True)][:(count + 1) // 2]
     rest = torch.ones(len(test), dtype=torch.bool, device=probs.device)
     rest[worst] = False
     chosen = torch.cat([worst, rest.nonzero().squeeze(1)[:count - len(worst)]]).cpu()
-    plot_predictions(test.images.cpu()[chosen], test.labels.cpu()[chosen].tolist(), predicted.cpu()[chosen].tolist(),
+    plot_predictions(test.take(chosen).cpu(), labels.cpu()[chosen].tolist(), predicted.cpu()[chosen].tolist(),
                      confidence.cpu()[chosen].tolist(), classes, path,
                      title=f"the {len(worst)} most confident mistakes (red), then the first test images "
                            f"({len(wrong)} mistakes in {len(test)} images)")

@@ -4,7 +4,9 @@
 
 The ONNX model takes what the PyTorch one takes: float32 images "images" (batch, C, H, W), any batch size,
 normalized as (pixel / 255 - mean) / std per channel; it returns "logits" (batch, classes). The file's metadata
-holds what a user of it needs: classes, mean, std (JSON lists), image_size, model_name. The check runs both models
+holds what a user of it needs: classes, mean, std (JSON lists), image_size, model_name, and prep (JSON: how an
+image becomes the input: "squash" to image_size, or "crop": resize the shorter side to resize_size with
+interpolation, then crop the centre). The check runs both models
 on random inputs of batch sizes 1 and 5 with onnxruntime; the file is written only when the largest difference is
 under 1e-4. Needs the optional packages onnx (to write) and onnxruntime (to check): pip install onnx onnxruntime.
 """
@@ -27,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import load_checkpoint, model_from_checkpoint
+from folders import Prep
 
 TOLERANCE = 1e-4  # float32 logits of the same graph differ by rounding only, far below this
 CHECK_BATCHES = (1, 5)  # two sizes, so a batch dimension that was frozen at export shows up
@@ -71,7 +74,8 @@ def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:
     graph = onnx.load(str(path))
     onnx.helper.set_model_props(graph, {
         "classes": json.dumps(ckpt["classes"]), "mean": json.dumps(ckpt["mean"]), "std": json.dumps(ckpt["std"]),
-        "image_size": str(ckpt["image_size"]), "model_name": ckpt["model_name"]})
+        "image_size": str(ckpt["image_size"]), "model_name": ckpt["model_name"],
+        "prep": json.dumps(Prep.from_dict(ckpt.get("prep")).to_dict())})
     onnx.save(graph, str(path))
 
 

@@ -20,7 +20,7 @@ if __name__ == "__main__":
 import argparse
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -29,7 +29,7 @@ import plot
 import runtime
 import train
 from checkpoint import starting_weights
-from data import ImageSet, MicroBatches, epoch_plan, prepare
+from data import Split, epoch_plan, prepare
 
 
 class FindLrError(cli.UserError):
@@ -53,7 +53,8 @@ def find_lr(args: argparse.Namespace) -> float:
         torch.manual_seed(args.seed)
         stats = (start["mean"], start["std"]) if start else None
         data, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
-                                      image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels)
+                                      image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
+                                      prep=config.image_prep(args), workers=args.workers)
         t = train.build_trainer(args, data, len(classes), device, resumed=None, start=start)
         if start:
             print(f"starting from {start['source']}")
@@ -78,26 +79,25 @@ def find_lr(args: argparse.Namespace) -> float:
     return float(f"{suggestion:.2g}")
 
 
-def lr_range_test(t: train.Trainer, data: ImageSet, args: argparse.Namespace) -> tuple[list[float], list[float]]:
+def lr_range_test(t: train.Trainer, data: Split, args: argparse.Namespace) -> tuple[list[float], list[float]]:
     """The lrs of the test, and each step's mean loss until the smoothed loss passes 4x its lowest (or is not
     finite). --bias-lr-scale and Muon's own lr keep their ratio to --lr."""
     start, end, n = args.find_lr_start, args.find_lr_end, args.find_lr_steps
     lrs = [start * (end / start) ** (i / (n - 1)) for i in range(n)]
     losses, sizes, summed = [], [], [0.0]
 
-    def steps() -> Iterator[tuple[float, MicroBatches, int]]:
-        group_size = args.batch_size * args.accum_steps
-        plans = (epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
-                            args.color_jitter)
-                 for epoch in range(1, 10_001))
-        groups = (group for plan in plans for group in plan[:t.images_per_epoch].split(group_size))  # (as needed)
-        for lr, group in zip(lrs, groups):
+    def epoch(n: int) -> Iterator[tuple[torch.Tensor, Sequence[tuple[torch.Tensor, torch.Tensor]]]]:
+        groups = epoch_plan(len(data), args.seed, n, data.labels.device, args.crop_pad, args.alt_flip,
+                            args.color_jitter)[:t.images_per_epoch].split(args.batch_size * args.accum_steps)
+        parts = [group.tensor_split(math.ceil(len(group) / args.batch_size)) for group in groups]
+        return zip(groups, data.steps(parts, n, args.augment, args.crop_pad, args.channels_last))
+
+    def steps() -> Iterator[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
+        for lr, (group, micro_batches) in zip(lrs, (step for n in range(1, 10_001) for step in epoch(n))):
             smoothed = smooth(losses)
             if smoothed and (not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed)):
                 return
             sizes.append(len(group))
-            parts = group.tensor_split(math.ceil(len(group) / args.batch_size))
-            micro_batches = MicroBatches(data, parts, args.augment, args.crop_pad, args.channels_last)
             yield lr / args.lr, micro_batches, len(group)
 
     def after_step(loss_sum: torch.Tensor, correct: torch.Tensor) -> None:

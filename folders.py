@@ -17,6 +17,7 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -94,28 +95,88 @@ class _ByteBudget:
 _LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None  # for malloc_trim
 
 
+@dataclass(frozen=True)
+class Prep:
+    """How an image file becomes the model's square input, chosen per run and kept in its checkpoint.
+    squash: the whole image resized to a square (its aspect ratio lost), the same in training and evaluation.
+    crop: torchvision's photo recipe. Training: a random crop of `scale` of the area and `ratio` of aspect, resized
+    to the side, then a coin-flip mirror; evaluation: the shorter side resized to `resize_size`, the centre cropped
+    (what torchvision's weights.transforms() does)."""
+    mode: str = "squash"
+    resize_size: int = 0                                  # crop: the shorter side before the centre crop
+    interpolation: str = "bilinear"                       # crop: bilinear, bicubic or nearest (squash: bilinear)
+    scale: tuple[float, float] = (0.08, 1.0)              # crop, training: the crop's share of the area
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)           # crop, training: the crop's width / height
+
+    def describe(self, size: int) -> str:
+        if self.mode == "squash":
+            return f"squash to {size}x{size}"
+        return (f"training: random resized crop to {size} (scale {self.scale[0]:g}-{self.scale[1]:g}, ratio "
+                f"{self.ratio[0]:.3g}-{self.ratio[1]:.3g}) and flip; evaluation: resize {self.resize_size}, centre "
+                f"crop {size}; {self.interpolation}")
+
+
+    def to_dict(self) -> dict:
+        """As a checkpoint keeps it: plain strings, numbers and lists."""
+        return {"mode": self.mode, "resize_size": self.resize_size, "interpolation": self.interpolation,
+                "scale": list(self.scale), "ratio": list(self.ratio)}
+
+    @classmethod
+    def from_dict(cls, d: object) -> "Prep":
+        """A checkpoint's prep, checked (a ValueError saying what is wrong); None: an older checkpoint's squash."""
+        if d is None:
+            return SQUASH
+        ok = (isinstance(d, dict) and d.get("mode") in PREP_MODES and d.get("interpolation") in INTERPOLATIONS
+              and isinstance(d.get("resize_size"), int) and 0 <= d["resize_size"] <= 4096
+              and all(isinstance(d.get(k), list) and len(d[k]) == 2 and all(isinstance(v, float) for v in d[k])
+                      and 0 < d[k][0] <= d[k][1] < 100 for k in ("scale", "ratio")))
+        if not ok:
+            raise ValueError("prep must be a photo recipe of these scripts")
+        return cls(d["mode"], d["resize_size"], d["interpolation"], tuple(d["scale"]), tuple(d["ratio"]))
+
+
+PREP_MODES = ("squash", "crop")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+SQUASH = Prep()
+
+
+def shape_image(im: Image.Image, size: int, prep: Prep, train: bool) -> Image.Image:
+    """The decoded image `im` shaped as `prep` says (see Prep). crop's random draws come from torch's global
+    generator: the caller seeds it per image (stream.py), so that a draw depends on (seed, epoch, image) only."""
+    if prep.mode == "squash":
+        # Pillow widens the bilinear kernel when shrinking: this averages (antialiases), not samples
+        return im.resize((size, size), Image.Resampling.BILINEAR)
+    import torchvision.transforms.v2 as T
+    import torchvision.transforms.v2.functional as TF
+    interpolation = T.InterpolationMode(prep.interpolation)
+    if train:
+        top, left, h, w = T.RandomResizedCrop.get_params(im, list(prep.scale), list(prep.ratio))
+        im = TF.resized_crop(im, top, left, h, w, [size, size], interpolation, antialias=True)
+        return TF.horizontal_flip(im) if torch.rand(1) < 0.5 else im
+    return TF.center_crop(TF.resize(im, [prep.resize_size], interpolation, antialias=True), [size, size])
+
+
 def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
-               budget: _ByteBudget | None = None) -> torch.Tensor:
+               budget: _ByteBudget | None = None, prep: Prep = SQUASH, train: bool = False) -> torch.Tensor:
     """Decode an image file to uint8 (channels, image_size, image_size), channels 1 = grayscale or 3 = RGB.
     Training and prediction both decode through here, so a predicted image is seen exactly as a training one:
-    EXIF orientation applied, transparency flattened onto white, squashed (not cropped) to a square.
-    The header's size is checked against max_pixels before anything is decoded (an UnreadableImage if over); the
-    decoding reserves its bytes from `budget` (the image folder's threads share one)."""
+    EXIF orientation applied, transparency flattened onto white, then shaped by `prep` (shape_image; `train`: its
+    random training shape). The header's size is checked against max_pixels before anything is decoded (an
+    UnreadableImage if over); the decoding reserves its bytes from `budget` (the image folder's threads share one)."""
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"cannot decode images to {channels} channels: only 1 (grayscale) or 3 (RGB)")
+    draft = image_size if prep.mode == "squash" else max(image_size, prep.resize_size)
     with open_regular(path, "image") as f:
         try:
             with Image.open(f) as im:
-                im.draft(None, (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers it
+                im.draft(None, (draft, draft))  # JPEG: decode at 1/2..1/8 scale if that still covers it
                 width, height = im.size
                 if width * height > max_pixels:
                     raise UnreadableImage(f"cannot read image {path}: {width}x{height} pixels is over the limit of "
                                           f"{max_pixels:,} per image; downscale it")
                 with budget.reserve(width * height * DECODE_COPIES) if budget else nullcontext():
-                    im = _to_mode(ImageOps.exif_transpose(im), mode)
-                    # Pillow widens the bilinear kernel when shrinking: this averages (antialiases), not samples
-                    im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                    im = shape_image(_to_mode(ImageOps.exif_transpose(im), mode), image_size, prep, train)
         except DataError:
             raise
         except UnidentifiedImageError:  # (its own message names the open file object, not the path)
@@ -173,11 +234,9 @@ def load_imagefolder(root: Path, image_size: int, max_pixels: int = MAX_IMAGE_PI
     return (*train, *test, classes)
 
 
-def load_imagefolder_split(root: Path, split: str, classes: list[str], image_size: int,
-                           max_pixels: int = MAX_IMAGE_PIXELS,
-                           against: str = "train/'s") -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/, from the cache while it is
-    current. Unreadable files are skipped with a warning; a class left without images is an error."""
+def split_files(root: Path, split: str, classes: list[str], against: str = "train/'s") -> list[tuple[Path, int]]:
+    """(file, label) of every image of DATA_DIR/<split>/, class by class, after checking its class folders are
+    `classes`."""
     folder = _split_dir(root, split)
     found = _subfolders(folder)
     if found != classes:
@@ -185,7 +244,16 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str], image_siz
                        (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
         raise DataError(f"imagefolder: the class folders of {folder} differ from {against}: "
                         f"{cli.shorten('; '.join(differences))}")
-    files = [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
+    return [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
+
+
+def load_imagefolder_split(root: Path, split: str, classes: list[str], image_size: int,
+                           max_pixels: int = MAX_IMAGE_PIXELS,
+                           against: str = "train/'s") -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/, from the cache while it is
+    current. Unreadable files are skipped with a warning; a class left without images is an error."""
+    folder = root / split
+    files = split_files(root, split, classes, against)
     cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)
     data = _read_cache(cache, torch.tensor([label for _, label in files], dtype=torch.int64), image_size)
     if data is None:
@@ -194,11 +262,16 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str], image_siz
         _write_cache(cache, data)
     for message in data["skipped"]:
         print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
-    counts = torch.bincount(data["labels"], minlength=len(classes)).tolist()
+    require_each_class(data["labels"], folder, classes)
+    return data["images"], data["labels"]
+
+
+def require_each_class(labels: torch.Tensor, folder: Path, classes: list[str]) -> None:
+    """A DataError naming the first class folder of `folder` that `labels` has no image of."""
+    counts = torch.bincount(labels, minlength=len(classes)).tolist()
     if 0 in counts:
         raise DataError(f"imagefolder: class folder {folder / classes[counts.index(0)]} holds no readable images "
                         f"({', '.join(IMAGE_SUFFIXES)})")
-    return data["images"], data["labels"]
 
 
 def _cache_path(root: Path, split: str, image_size: int, files: list[Path], max_pixels: int) -> Path:

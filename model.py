@@ -165,15 +165,14 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Te
 def evaluate(model: nn.Module, data, num_classes: int, batch_size: int = EVAL_BATCH,
              tta: str = "none") -> dict:
     """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`,
-    with the test-time views of `tta` (see tta_logits); `data` is a data.ImageSet. Under torchrun each process
+    with the test-time views of `tta` (see tta_logits); `data` is a data.Split. Under torchrun each process
     takes every world_size-th image and the sums are added up across processes, so every image counts once."""
     model.eval()
-    device = data.labels.device
+    device = data.device
     rank, world = runtime.rank_world()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
-    for idx in torch.arange(rank, len(data), world, device=device).split(batch_size):
-        x, y = data.batch(idx)
+    for x, y in data.batches(torch.arange(rank, len(data), world), batch_size):
         logits = tta_logits(model, x, tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)

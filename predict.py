@@ -6,7 +6,8 @@
 
 Nothing but the checkpoint is needed: it holds the classes, the image size and the normalization. Each image is
 decoded exactly as training decoded it (folders.load_image: EXIF rotation, transparency on white, grayscale or RGB
-as the model takes, squashed to the checkpoint's image size), then normalized like a training batch.
+as the model takes, then shaped by the run's recipe: squashed to the checkpoint's image size, or, for a run with the
+photo recipe, the shorter side resized and the centre cropped), then normalized like a training batch.
 """
 import cli
 
@@ -24,7 +25,7 @@ import torch.nn as nn
 import runtime
 from checkpoint import load_checkpoint, model_from_checkpoint
 from data import normalize
-from folders import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, image_files, load_image
+from folders import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Prep, image_files, load_image
 
 BATCH = 256  # images decoded and run at a time: memory stays flat for any number of files
 
@@ -69,9 +70,10 @@ def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int,
     """Probabilities and class indices (len(paths), top_k) of the top_k classes of each image, best first."""
     device = next(model.parameters()).device
     mean, std = (torch.tensor(ckpt[k], dtype=torch.float32, device=device) for k in ("mean", "std"))
+    prep = Prep.from_dict(ckpt.get("prep"))  # the run's: squashed, or its photo recipe's centre crop
     probs = []
     for start in range(0, len(paths), BATCH):
-        x = torch.stack([load_image(p, ckpt["in_channels"], ckpt["image_size"], max_pixels)
+        x = torch.stack([load_image(p, ckpt["in_channels"], ckpt["image_size"], max_pixels, prep=prep)
                          for p in paths[start:start + BATCH]])
         x = normalize(x.to(device), mean, std)  # exactly as training batches are normalized
         probs.append(model(x).float().softmax(1).cpu())

@@ -34,7 +34,9 @@ import cli
 import plot
 import runtime
 from checkpoint import EpochTally, RunState
-from data import ImageSet
+from data import Split
+from folders import Prep
+from stream import StreamSet
 
 
 def format_epoch(row: dict, epochs: int) -> str:
@@ -112,7 +114,7 @@ def draw_curves(history: list[dict], path: Path, quiet: bool) -> None:
             print(f"warning: {path.name} not drawn: {e}", file=sys.stderr)
 
 
-def announce(args: argparse.Namespace, model: nn.Module, train: ImageSet, val: ImageSet | None, test: ImageSet,
+def announce(args: argparse.Namespace, model: nn.Module, train: Split, val: Split | None, test: Split,
              device: torch.device, folder: Path, state: RunState, tally: EpochTally, start: dict | None,
              card: dict) -> None:
     """The lines a run starts with: where a resumed run goes on and what it changed, or the weights a new run
@@ -128,9 +130,14 @@ def announce(args: argparse.Namespace, model: nn.Module, train: ImageSet, val: I
                 if start["num_classes"] != card["num_classes"] else "")
         print(f"starting from {start['source']}{head}")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) if args.freeze_backbone else None
-    print(f"{args.dataset}: {len(train)} train, {len(val) if val else 0} val, {len(test)} test images on "
+    streamed = f" (streamed from disk by {train.workers} workers)" if isinstance(train, StreamSet) else ""
+    print(f"{args.dataset}: {len(train)} train, {len(val) if val else 0} val, {len(test)} test images{streamed} on "
           f"{device} x {runtime.rank_world()[1]}; {args.model} with {sum(p.numel() for p in model.parameters()):,} "
           f"parameters{f' ({trained:,} trained)' if trained else ''}; writing to {folder}", flush=True)
+    prep = Prep.from_dict(card["prep"])
+    if prep.mode == "crop":
+        print(f"photo recipe{' of the pretrained weights' if args.pretrained else ''}: "
+              f"{prep.describe(train.image_size)}")
 
 
 def diverged(what: str, last: Path, lr: float) -> str:

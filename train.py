@@ -43,7 +43,7 @@ import runtime
 from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_checkpoint, load_training_state,
                         make_checkpoint, model_from_checkpoint, resume_state, run_card, save_checkpoint,
                         starting_weights)
-from data import ImageSet, MicroBatches, epoch_plan, fingerprint, images_per_epoch, prepare
+from data import Split, epoch_plan, images_per_epoch, prepare
 from model import MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
 
@@ -118,25 +118,31 @@ class Trainer:
     frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
 
 
-def epoch_steps(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch: int,
-                first_step: int) -> Iterator[tuple[float, MicroBatches, int]]:
+def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
+                first_step: int) -> Iterator[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
     """The optimizer steps of epoch `epoch` from `first_step` on, as train_one_epoch takes them; ends early when a
     signal asks the run to stop (at a step boundary, the same one in every process)."""
     rank, world = runtime.rank_world()
     plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
                       args.color_jitter)[:t.images_per_epoch]  # (images_per_epoch: see data.py)
     total, warmup = args.epochs * t.steps_per_epoch, round(args.warmup_epochs * t.steps_per_epoch)
-    for step, group in enumerate(plan.split(args.batch_size * args.accum_steps)[first_step:], first_step):
-        if t.stop.requested():
-            return
-        # Every process takes its share of the step and cuts it into the same number of micro-batches, so all of
-        # them join the same gradient all-reduce (a share may be empty at the very end of an epoch).
-        parts = group.tensor_split(world)[rank].tensor_split(math.ceil(len(group) / args.batch_size))
-        yield (lr_factor((epoch - 1) * t.steps_per_epoch + step, total, warmup, args.scheduler),
-               MicroBatches(data, parts, args.augment, args.crop_pad, args.channels_last), len(group))
+    groups = plan.split(args.batch_size * args.accum_steps)[first_step:]
+    # Every process takes its share of the step and cuts it into the same number of micro-batches, so all of
+    # them join the same gradient all-reduce (a share may be empty at the very end of an epoch).
+    parts = [group.tensor_split(world)[rank].tensor_split(math.ceil(len(group) / args.batch_size))
+             for group in groups]
+    batches = data.steps(parts, epoch, args.augment, args.crop_pad, args.channels_last)  # (streamed: read ahead)
+    try:
+        for step, (group, micro_batches) in enumerate(zip(groups, batches), first_step):
+            if t.stop.requested():
+                return
+            yield lr_factor((epoch - 1) * t.steps_per_epoch + step, total, warmup, args.scheduler), micro_batches, \
+                len(group)
+    finally:
+        batches.close()  # a streamed set's workers end now
 
 
-def train_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch: int, tally: EpochTally) -> bool:
+def train_epoch(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, tally: EpochTally) -> bool:
     """Train epoch `epoch` from optimizer step tally.step on (0 unless resuming mid-epoch), adding loss, correct
     count and seconds to `tally`. Returns False when a signal stopped it, at a step boundary."""
     rank, world = runtime.rank_world()
@@ -154,13 +160,13 @@ def train_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch: int
         if progress:
             progress.after_step(tally.step, loss_sum, correct)
 
-    runtime.sync(data.labels.device)
+    runtime.sync(data.device)
     start = time.perf_counter()
     loss_sum, correct = train_one_epoch(t.step_model, t.optimizer, epoch_steps(t, data, args, epoch, tally.step),
                                         t.scaler, t.autocast, args.grad_clip, args.label_smoothing, after_step)
     if progress:
         progress.clear()
-    runtime.sync(data.labels.device)
+    runtime.sync(data.device)
     if world > 1:
         dist.all_reduce(loss_sum)
         dist.all_reduce(correct)
@@ -170,7 +176,7 @@ def train_epoch(t: Trainer, data: ImageSet, args: argparse.Namespace, epoch: int
     return tally.step == t.steps_per_epoch
 
 
-def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | None, folder: RunFolder,
+def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, folder: RunFolder,
         card: dict, state: RunState, tally: EpochTally, trackers: list) -> bool:
     """Train epoch after epoch from state.epoch + 1, validating and saving after each. Returns True when early
     stopping ended the run; a signal ends it with a mid-epoch last.pth and the command that resumes it."""
@@ -205,7 +211,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
     return False
 
 
-def end_of_epoch(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | None, card: dict,
+def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, card: dict,
                  state: RunState, tally: EpochTally, epoch: int) -> tuple[dict, bool]:
     """Validate, update the run state, and return the epoch's metrics row and whether it is the best so far."""
     n = t.images_per_epoch
@@ -259,22 +265,25 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     # Loaded weights were trained on inputs normalized their way: keep it (a resumed run: the run's own)
     stats = ((start["mean"], start["std"]) if start else (resumed["mean"], resumed["std"])
              if resumed and (args.pretrained or args.init_from) else None)
+    prep = config.image_prep(args)
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
-                                        image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels)
+                                        image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
+                                        prep=prep, workers=args.workers)
     if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
         runtime.keep_freed_memory()
     if args.patience and val is None:
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     t = build_trainer(args, train, len(classes), device, resumed, start)
     changes = list(resumed.get("changes", [])) if resumed else []
-    card = run_card(args, argv, t.model, train.images, train.mean.tolist(), train.std.tolist(), classes,
-                    folder.run_id, resumed.get("mlflow_run_id") if resumed else None, changes, fingerprint(train))
+    card = run_card(args, argv, t.model, train, prep, classes, folder.run_id,
+                    resumed.get("mlflow_run_id") if resumed else None, changes)
     state, tally = (resume(t, args, resumed, card) if resumed else (RunState(), EpochTally()))
 
     def begin() -> list:  # room for the checkpoints, the run's first lines, the trackers
         folder.check_space(t.model, t.optimizer, t.ema)
         report.announce(args, t.model, train, val, test, device, folder.path, state, tally, start, card)
-        return report.start(args, folder.path, state.history, card["mlflow_run_id"], train.images[:32].cpu())
+        return report.start(args, folder.path, state.history, card["mlflow_run_id"], train.sample(32).cpu()
+                            if args.tensorboard else None)
     trackers = runtime.on_rank0(begin) or []
     card["mlflow_run_id"] = next((k.run_id for k in trackers if isinstance(k, report.MlflowTracker)),
                                  card["mlflow_run_id"])
@@ -307,7 +316,7 @@ def resume(t: Trainer, args: argparse.Namespace, resumed: dict, card: dict) -> t
     return state, tally
 
 
-def final_test(t: Trainer, args: argparse.Namespace, test: ImageSet, classes: list[str], state: RunState,
+def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[str], state: RunState,
                stopped_early: bool, folder: RunFolder, device: torch.device) -> dict:
     """Evaluate best.pth once on the test set and write results.json. A signal (noted after the last optimizer
     step, or arriving now) leaves the test to evaluate.py, and says so."""
@@ -337,9 +346,9 @@ def final_test(t: Trainer, args: argparse.Namespace, test: ImageSet, classes: li
     return results
 
 
-def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, device: torch.device,
+def build_trainer(args: argparse.Namespace, train: Split, num_classes: int, device: torch.device,
                   resumed: dict | None, start: dict | None = None) -> Trainer:
-    _, in_channels, image_size, _ = train.images.shape
+    in_channels, image_size = train.channels, train.image_size
     source = "--pretrained" if args.pretrained else f"--init-from {args.init_from}"
     if start is not None and args.init_from and start["in_channels"] != in_channels:
         raise TrainError(f"{source} was trained on {start['in_channels']}-channel images; {args.dataset} has "
@@ -350,11 +359,11 @@ def build_trainer(args: argparse.Namespace, train: ImageSet, num_classes: int, d
         frozen = freeze_backbone(model, num_classes) if args.freeze_backbone else []
         model = model.to(device)
         if args.model not in MODELS:
-            check_image_size(model, args.model, train.batch(torch.arange(1, device=device))[0])
+            check_image_size(model, args.model, next(train.batches(torch.arange(1), 1))[0])
     except ValueError as e:  # a model that cannot take this image size, weights that do not fit
         raise TrainError(str(e)) from None
     if isinstance(model, AirNet) and resumed is None and start is None:  # (else its whitening comes with the weights)
-        model.init_whitening(train.batch(torch.arange(min(len(train), 5000), device=device))[0])
+        model.init_whitening(next(train.batches(torch.arange(min(len(train), 5000)), 5000))[0])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = model

@@ -1,0 +1,243 @@
+"""Image folders streamed from disk, for sets that do not fit in memory and for the photo recipe (--resize-mode
+crop), whose random crops need each photo whole.
+
+DataLoader worker processes (--workers) open, decode and shape the files (folders.load_image: Pillow, JPEG draft
+mode, the run's Prep); the main process then augments and normalizes whole batches exactly as it does for the
+in-memory sets (data.to_input). Each image's random draws come from (seed, epoch, image) alone, and the order from
+data.epoch_plan, so the weights do not depend on the number of workers, and a resumed run reads the very batches
+it would have read. Memory does not grow with the set: the file list is one numpy array of paths (no Python
+object per file for the workers' copy-on-write pages to duplicate), and batches are read a few at a time.
+"""
+import hashlib
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+import cli
+from folders import (IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, image_files, imagefolder_classes, load_image,
+                     require_each_class, split_files)
+from formats import DataError, available_memory
+
+PREFETCH = 4  # batches each worker reads ahead
+STATS_IMAGES = 2048  # training images a streamed set's normalization is computed from
+
+
+def default_workers() -> int:
+    """Worker processes when --workers is not given: one per core, at most 8 (more rarely pay on one GPU)."""
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@contextmanager
+def seeded(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """torch's global generator seeded from (seed, epoch, image index) for one image's random draws. In the main
+    process (--workers 0) its state is put back afterwards, so the run's own draws (dropout) do not move."""
+    state = torch.get_rng_state() if get_worker_info() is None else None
+    key = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    torch.manual_seed(int.from_bytes(key, "little") >> 1)
+    try:
+        yield
+    finally:
+        if state is not None:
+            torch.set_rng_state(state)
+
+
+class FolderFiles(Dataset):
+    """What a worker reads: item (epoch, i) is file i decoded and shaped, with epoch 0 for evaluation's fixed shape
+    and epoch >= 1 for that epoch's random training shape. A file that cannot be read comes back as (None, its
+    message, fatal): fatal when the reason may pass (out of memory, an I/O error), which stops the run; else it is
+    skipped. Nothing is raised in a worker: its traceback would reach the user."""
+
+    def __init__(self, root: Path, files: np.ndarray, size: int, max_pixels: int, prep: Prep, seed: int):
+        self.root, self.files, self.size, self.max_pixels, self.prep, self.seed = \
+            root, files, size, max_pixels, prep, seed
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, str | None, bool]:
+        epoch, i = key
+        path = self.root / self.files[i].decode()
+        try:
+            if epoch == 0:
+                return load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep), None, False
+            with seeded(self.seed, epoch, i):
+                return load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep,
+                                  train=True), None, False
+        except UnreadableImage as e:
+            return None, str(e), False
+        except Exception as e:  # DataError (the system's), MemoryError, anything: one line in the main process
+            return None, str(e) if isinstance(e, DataError) else f"cannot read image {path}: {cli.one_line(e)}", True
+
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, bool]]]:
+        """A micro-batch: the readable images stacked (uint8), which of the asked-for ones they are, the problems."""
+        keep = torch.tensor([x is not None for x, _, _ in items], dtype=torch.bool)
+        images = [x for x, _, _ in items if x is not None]
+        x = torch.stack(images) if images else torch.empty(0, IMAGEFOLDER_CHANNELS, self.size, self.size,
+                                                            dtype=torch.uint8)
+        return x, keep, [(message, fatal) for _, message, fatal in items if message]
+
+
+def ignore_signals(worker_id: int) -> None:
+    """In a worker: Ctrl-C and SIGTERM are the main process's to handle (it stops at a step boundary and then ends
+    its workers); a worker whose main process has gone ends by itself (DataLoader's watchdog)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@dataclass
+class StreamSet:
+    """An image folder's split read from disk batch by batch: what train.py, find_lr.py and evaluate take in place
+    of a data.ImageSet (the same methods: batches, steps, sample)."""
+    files: FolderFiles
+    labels: torch.Tensor  # int64 (N,), on the CPU
+    mean: torch.Tensor    # float32 (C,), on the training device
+    std: torch.Tensor
+    device: torch.device
+    workers: int
+    warned: set = field(default_factory=set)  # the unreadable files already reported: one warning each per run
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return IMAGEFOLDER_CHANNELS
+
+    @property
+    def image_size(self) -> int:
+        return self.files.size
+
+    def read(self, batches: Sequence[torch.Tensor], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(uint8 images on the device, which of the batch's images they are) for each of `batches` (image indices),
+        in order, read by the workers. Unreadable files are left out with one warning each; a failure that may pass
+        ends the run in one line. The workers are ended when the iteration ends, however it ends."""
+        keys = [[(epoch, int(i)) for i in b] for b in batches]
+        loader = DataLoader(self.files, batch_sampler=keys, num_workers=self.workers, collate_fn=self.files.collate,
+                            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_signals,
+                            prefetch_factor=PREFETCH if self.workers else None,
+                            generator=torch.Generator())  # (its own: the workers' base seed is not drawn from
+        # torch's global generator, whose draws (init, dropout) must not depend on the data path)
+        it = iter(loader)
+        try:
+            for x, keep, problems in it:
+                for message, fatal in problems:
+                    if fatal:
+                        raise DataError(message)
+                    if message not in self.warned:
+                        self.warned.add(message)
+                        print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
+                yield x.to(self.device, non_blocking=True), keep
+        finally:
+            if hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()  # now, not whenever the iterator is collected
+
+    def batches(self, idx: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Evaluation: normalized images and labels of the images `idx`, `batch_size` at a time."""
+        from data import to_input
+        parts = idx.cpu().split(batch_size)
+        for part, (x, keep) in zip(parts, self.read(parts, 0)):
+            yield to_input(x, self.mean, self.std), self.labels[part[keep]].to(self.device)
+
+    def fingerprint(self) -> str:
+        """A short hash of the set's file names and labels: what tells --resume it trains on the run's own data."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{len(self)},{self.image_size}".encode())
+        h.update(self.labels.numpy().tobytes())
+        h.update(b"\0".join(self.files.files.tolist()))
+        return h.hexdigest()
+
+    def take(self, idx: torch.Tensor) -> torch.Tensor:
+        """The readable ones of the images `idx`, uint8, in evaluation's shape."""
+        return torch.cat([x for x, _ in self.read(idx.cpu().split(256), 0)] or
+                         [torch.empty(0, self.channels, self.image_size, self.image_size, dtype=torch.uint8)])
+
+    def sample(self, n: int) -> torch.Tensor:
+        """The first n images (all, if fewer): what the normalization is computed from, and TensorBoard's preview."""
+        return self.take(torch.arange(min(n, len(self))))
+
+    def steps(self, parts: list[Sequence[torch.Tensor]], epoch: int, augment: bool, pad: int,
+              channels_last: bool) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Training: the micro-batches (x, y) of each optimizer step; `parts`: each step's rows of the epoch plan
+        (data.epoch_plan), one tensor per micro-batch. The crop recipe's random crop and flip were drawn in the
+        worker; squash's pad-crop, flip and jitter are drawn from the plan rows, as for the in-memory sets."""
+        from data import to_input
+        rows = [part.cpu() for step in parts for part in step]
+        batches = self.read([r[:, 0] for r in rows], epoch)
+        crop_flip = augment and self.files.prep.mode == "squash"
+        for step in parts:
+            micro = []
+            for part in step:
+                x, keep = next(batches)
+                kept = part[keep.to(part.device)].to(self.device)
+                if len(kept):  # (a micro-batch of unreadable files only is left out)
+                    x = to_input(x, self.mean, self.std, kept[:, 1:4] if crop_flip else None, pad,
+                                 kept[:, 4:] if kept.shape[1] > 4 else None)
+                    micro.append((x.contiguous(memory_format=torch.channels_last) if channels_last else x,
+                                  self.labels[kept[:, 0].cpu()].to(self.device)))
+            yield micro
+        batches.close()
+
+
+def stream_set(root: Path, files: list[tuple[Path, int]], size: int, max_pixels: int, prep: Prep, seed: int,
+               device: torch.device, workers: int) -> StreamSet:
+    """The (file, label) list of an image folder as a StreamSet, normalized with a mean of 0 and a std of 1 until
+    they are set."""
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    names = np.array([p.relative_to(root).as_posix().encode() for p, _ in files], dtype="S")
+    return StreamSet(FolderFiles(root, names, size, max_pixels, prep, seed), labels,
+                     torch.zeros(IMAGEFOLDER_CHANNELS, device=device), torch.ones(IMAGEFOLDER_CHANNELS, device=device),
+                     device, workers)
+
+
+def streams(root: Path, size: int, prep: Prep, workers: int | None) -> int | None:
+    """How many worker processes stream the image folder `root`, or None to hold it in memory (data.prepare): the
+    photo recipe and --workers stream; so does a folder whose decoded images would take over half the memory
+    available (the rest is the model's, the batches' and the system's). Says why in one line when it chooses."""
+    if workers is not None:
+        return workers
+    if prep.mode == "crop":
+        workers = default_workers()
+        print(f"imagefolder: the photo recipe crops each photo whole: streaming {root} from disk with {workers} "
+              f"worker processes (--workers)", file=sys.stderr)
+        return workers
+    files = sum(len(image_files(d)) for d in (root / s for s in ("train", "val", "test")) if d.is_dir())
+    need, available = files * IMAGEFOLDER_CHANNELS * size * size, available_memory()
+    if available is None or need <= available // 2:
+        return None
+    workers = default_workers()
+    print(f"imagefolder: {files:,} images at {size}x{size} would take {need / 2**30:,.1f} GiB in memory, "
+          f"{available / 2**30:,.1f} GiB is available: streaming them from disk with {workers} worker processes "
+          f"(--workers)", file=sys.stderr)
+    return workers
+
+
+def prepare(root: Path, val_split: float, seed: int, device: torch.device, size: int,
+            stats: tuple[list[float], list[float]] | None, max_pixels: int, prep: Prep,
+            workers: int) -> tuple[StreamSet, StreamSet | None, StreamSet, list[str]]:
+    """data.prepare for a streamed image folder: (train, val or None, test, classes), validation held out the
+    same way (the same images as in memory), and normalization from up to STATS_IMAGES training images (in
+    evaluation's shape) unless `stats` gives it."""
+    from data import channel_stats, split_indices
+    classes = imagefolder_classes(root)
+    splits = {split: split_files(root, split, classes) for split in ("train", "val", "test") if split != "val" or
+              (root / "val").is_dir()}  # the user's own val/ beats a random split
+    for split, files in splits.items():
+        require_each_class(torch.tensor([label for _, label in files], dtype=torch.int64), root / split, classes)
+    if "val" not in splits:
+        train, val = split_indices(len(splits["train"]), val_split, seed)
+        splits["train"], splits["val"] = [splits["train"][i] for i in train], [splits["train"][i] for i in val]
+    sets = {split: stream_set(root, files, size, max_pixels, prep, seed, device, workers) if files else None
+            for split, files in splits.items()}
+    stats = stats or channel_stats(sets["train"].sample(STATS_IMAGES).cpu())
+    mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
+    for data in filter(None, sets.values()):
+        data.mean, data.std = mean, std
+    return sets["train"], sets["val"], sets["test"], classes
