@@ -12,6 +12,7 @@ import hashlib
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,7 +28,10 @@ from folders import (IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, image_files, i
 from formats import DataError, available_memory
 
 PREFETCH = 4  # batches each worker reads ahead
-STATS_IMAGES = 2048  # training images a streamed set's normalization is computed from
+# --workers is the user's choice: DataLoader's advice against more workers than cores is not printed to them
+warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+STATS_IMAGES = 2048  # training images a streamed set's normalization is computed from, at most...
+STATS_BYTES = 2**28  # ...and at most this many bytes of them
 
 
 def default_workers() -> int:
@@ -224,7 +228,7 @@ def prepare(root: Path, val_split: float, seed: int, device: torch.device, size:
             workers: int) -> tuple[StreamSet, StreamSet | None, StreamSet, list[str]]:
     """data.prepare for a streamed image folder: (train, val or None, test, classes), validation held out the
     same way (the same images as in memory), and normalization from up to STATS_IMAGES training images (in
-    evaluation's shape) unless `stats` gives it."""
+    evaluation's shape; STATS_BYTES of them at most) unless `stats` gives it."""
     from data import channel_stats, split_indices
     classes = imagefolder_classes(root)
     splits = {split: split_files(root, split, classes) for split in ("train", "val", "test") if split != "val" or
@@ -236,7 +240,9 @@ def prepare(root: Path, val_split: float, seed: int, device: torch.device, size:
         splits["train"], splits["val"] = [splits["train"][i] for i in train], [splits["train"][i] for i in val]
     sets = {split: stream_set(root, files, size, max_pixels, prep, seed, device, workers) if files else None
             for split, files in splits.items()}
-    stats = stats or channel_stats(sets["train"].sample(STATS_IMAGES).cpu())
+    n = max(1, min(STATS_IMAGES, STATS_BYTES // (IMAGEFOLDER_CHANNELS * size * size)))
+    some = torch.randperm(len(sets["train"]), generator=torch.Generator().manual_seed(seed))[:n]
+    stats = stats or channel_stats(sets["train"].take(some).cpu())
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
     for data in filter(None, sets.values()):
         data.mean, data.std = mean, std

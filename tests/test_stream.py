@@ -1,0 +1,228 @@
+"""Image folders streamed from disk by DataLoader workers, and the photo recipe (--resize-mode crop): real JPEG and
+PNG files of mixed sizes, real worker processes, real signals, torchrun."""
+import io
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.models import get_model_weights
+
+import data
+import evaluate
+import predict
+import stream
+import train
+from formats import available_memory
+from checkpoint import load_checkpoint, model_from_checkpoint
+from conftest import ROOT, as_from_a_terminal
+from test_torchvision_models import plant_weights
+
+CLASSES = {"blue": (40, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
+
+
+def write_photos(root: Path, per_class: dict[str, int], sizes: tuple[int, int] = (40, 90), seed: int = 0) -> Path:
+    """root/<split>/<class>/: noisy photos of each class's colour, of random sizes and aspect ratios, every other
+    one a JPEG, the rest PNGs (some grayscale-with-alpha, some palette)."""
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        for name, color in CLASSES.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                w, h = rng.integers(*sizes, 2)
+                pixels = (np.array(color) + rng.integers(-60, 60, (h, w, 3))).clip(0, 255).astype(np.uint8)
+                im = Image.fromarray(pixels)
+                if i % 2:
+                    im.save(folder / f"{i:03d}.jpg", quality=90)
+                else:
+                    (im.convert("P") if i % 4 == 2 else im).save(folder / f"{i:03d}.png")
+    return root
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def quiet_main(argv: list[str]) -> dict:
+    return train.main([*argv, "--device", "cpu", "--log-interval", "0"])
+
+
+@pytest.mark.slow
+def test_the_weights_do_not_depend_on_the_workers_and_squash_streams_as_it_trains_in_memory(tmp_path, capsys):
+    photos = write_photos(tmp_path / "photos", {"train": 12, "test": 3})
+    crop = ["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "40", "--epochs", "2",
+            "--batch-size", "8", "--val-split", "0.2", "--color-jitter", "0.2"]
+    for workers in ("0", "1", "3"):
+        quiet_main([*crop, "--workers", workers, "--out-dir", str(tmp_path / f"crop{workers}")])
+    out = capsys.readouterr().out
+    assert "(streamed from disk by 3 workers)" in out
+    assert "photo recipe: training: random resized crop to 40 (scale 0.08-1, ratio 0.75-1.33) and flip; " \
+           "evaluation: resize 46, centre crop 40; bilinear" in out
+    assert same_weights(tmp_path / "crop0" / "last.pth", tmp_path / "crop1" / "last.pth")
+    assert same_weights(tmp_path / "crop1" / "last.pth", tmp_path / "crop3" / "last.pth")
+    ckpt = load_checkpoint(tmp_path / "crop3" / "last.pth")
+    assert ckpt["prep"] == {"mode": "crop", "resize_size": 46, "interpolation": "bilinear", "scale": [0.08, 1.0],
+                            "ratio": [0.75, 4 / 3]}
+
+    squash = ["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "24", "--epochs", "2",
+              "--batch-size", "8", "--val-split", "0.2", "--augment", "--color-jitter", "0.2"]
+    in_memory = quiet_main([*squash, "--out-dir", str(tmp_path / "memory")])
+    streamed = quiet_main([*squash, "--workers", "2", "--out-dir", str(tmp_path / "streamed")])
+    assert same_weights(tmp_path / "memory" / "last.pth", tmp_path / "streamed" / "last.pth")
+    assert in_memory["test_accuracy"] == streamed["test_accuracy"]
+    assert load_checkpoint(tmp_path / "memory" / "last.pth")["prep"]["mode"] == "squash"
+
+
+def start(argv: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (its DataLoader workers), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == str(pid) and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_workers_leaves_no_process_and_resumes_exactly_mid_epoch(tmp_path):
+    photos = write_photos(tmp_path / "photos", {"train": 40, "test": 2}, sizes=(60, 120))
+    flags = ["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "64", "--epochs", "2",
+             "--batch-size", "4", "--val-split", "0", "--workers", "2", "--device", "cpu"]  # 30 steps an epoch
+    straight = train.main([*flags, "--log-interval", "0", "--out-dir", str(tmp_path / "straight")])
+
+    out = tmp_path / "stopped"
+    proc = start([*flags, "--log-interval", "1", "--out-dir", str(out)])
+    for line in proc.stdout:
+        if line.split()[:4] == ["epoch", "2/2", "step", "2/30"]:
+            break
+    workers = children(proc.pid)
+    assert len(workers) == 2, workers
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    deadline = time.time() + 10
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers)
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["state"]["epoch"] == 1 and 2 <= ckpt["partial_epoch"]["step"] < 30
+    command = err.strip().splitlines()[-1].strip()
+    resumed = train.main([*shlex.split(command)[2:], "--workers", "1", "--log-interval", "0"])  # other workers: same
+    assert same_weights(tmp_path / "straight" / "last.pth", out / "last.pth")
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_corrupt_file_met_mid_epoch_is_skipped_with_one_warning(tmp_path):
+    photos = write_photos(tmp_path / "photos", {"train": 6, "test": 2})
+    good = photos / "train" / "red" / "001.jpg"
+    broken = photos / "train" / "red" / "000_cut.jpg"
+    broken.write_bytes(good.read_bytes()[:300])  # a JPEG header, then nothing: fails only when decoded
+    proc = subprocess.run([sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", str(photos),
+                           "--image-size", "40", "--epochs", "3", "--batch-size", "4", "--val-split", "0",
+                           "--workers", "2", "--device", "cpu", "--out-dir", str(tmp_path / "run")], cwd=ROOT,
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: cannot read image {broken}: ") and \
+        warnings[0].endswith("; skipped"), proc.stderr  # once, though all three epochs meet it
+    assert "epoch 3/3" in proc.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_processes_each_read_their_share_and_see_every_image_once(tmp_path):
+    photos = write_photos(tmp_path / "photos", {"train": 8, "test": 2})
+    # 24 images, one optimizer step of all 24: two processes of 12 each step as one process does
+    flags = ["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "32", "--epochs", "1",
+             "--batch-size", "24", "--val-split", "0", "--optimizer", "sgd", "--lr", "0.1", "--workers", "1",
+             "--no-channels-last", "--device", "cpu", "--log-interval", "0"]
+    train.main([*flags, "--out-dir", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *flags,
+           "--out-dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = weights(tmp_path / "one" / "last.pth"), weights(tmp_path / "two" / "last.pth")
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_predict_with_the_photo_recipe_matches_torchvision_weights_transforms(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    plant_weights(tmp_path / "torch", "mobilenet_v3_small")
+    photos = write_photos(tmp_path / "photos", {"train": 2, "test": 2}, sizes=(230, 330))
+    out = tmp_path / "run"
+    results = quiet_main(["--dataset", "imagefolder", "--data-dir", str(photos), "--model", "mobilenet_v3_small",
+                          "--pretrained", "--freeze-backbone", "--epochs", "1", "--batch-size", "6", "--val-split",
+                          "0", "--workers", "1", "--out-dir", str(out)])
+    assert "photo recipe of the pretrained weights: training: random resized crop to 224 (scale 0.08-1, ratio " \
+           "0.75-1.33) and flip; evaluation: resize 256, centre crop 224; bilinear" in capsys.readouterr().out
+    ckpt = load_checkpoint(out / "best.pth")
+    assert ckpt["image_size"] == 224 and ckpt["prep"]["resize_size"] == 256
+
+    files = sorted(str(p) for p in (photos / "test").rglob("*.*"))
+    answers = predict.main(["--checkpoint", str(out / "best.pth"), "--top-k", "3", "--json", *files])
+    capsys.readouterr()
+    by_hand = get_model_weights("mobilenet_v3_small").DEFAULT.transforms()  # resize 256, crop 224, ImageNet stats
+    model = model_from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        x = torch.stack([by_hand(Image.open(f).convert("RGB")) for f in files])
+        expected = model(x).softmax(1)
+    for answer, row in zip(answers, expected):
+        for top in answer["top_k"]:
+            assert abs(top["probability"] - row[ckpt["classes"].index(top["label"])].item()) < 1e-3
+
+    tested = evaluate.main(["--checkpoint", str(out / "best.pth"), "--json"])
+    assert tested["accuracy"] == results["test_accuracy"]
+
+
+def test_a_folder_too_large_for_memory_is_streamed_and_says_so(tmp_path, capsys):
+    available = available_memory()
+    if available is None:
+        pytest.skip("this system does not say how much memory is available")
+    size = 1024  # 3 MiB an image decoded: enough files of 1 pixel to need more than half the memory
+    n = available // 2 // (3 * size * size) // 3 + 2  # per class, two classes, and the test split
+    png = io.BytesIO()
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(png, format="PNG")
+    for split, count in (("train", n), ("test", n)):
+        for name in ("a", "b"):
+            folder = tmp_path / "big" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                (folder / f"{i}.png").write_bytes(png.getvalue())
+    train_set, val, test, classes = data.prepare("imagefolder", tmp_path / "big", 0.0, 0, "cpu", image_size=size)
+    assert isinstance(train_set, stream.StreamSet) and isinstance(test, stream.StreamSet) and val is None
+    assert len(train_set) == 2 * n and classes == ["a", "b"]
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"imagefolder: {4 * n:,} images at 1024x1024 would take ") and \
+        line.endswith(f"streaming them from disk with {stream.default_workers()} worker processes (--workers)")
