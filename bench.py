@@ -11,6 +11,8 @@
     python bench.py --data-dir ./data --memory         # peak memory of one epoch: the seed pipeline vs train.py
     python bench.py --data-dir ./data --memory -- --preset fast   # the same for a preset
     python bench.py --loop-cost 32 --log-interval 1    # the same, also with a progress line after every step
+    python bench.py --photos ./photos                  # photos: streamed vs torchvision's ImageFolder + DataLoader
+    python bench.py --photos ./photos --stream-memory 4000 40000   # peak memory of a streamed epoch vs set size
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
 applies ToTensor + Normalize (what torchvision.datasets.CIFAR10 does per item; built here from the same arrays
@@ -19,13 +21,16 @@ all 50,000 training images. train.py runs as a subprocess with the same recipe a
 on the same images. images/s counts the training pass alone in both.
 """
 import contextlib
+import csv
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -38,10 +43,11 @@ import cli
 import runtime
 import config
 import optim
+import stream
 import train
 from checkpoint import EpochTally
 from data import ImageSet, load_raw
-from model import AirNet, SimpleCNN
+from model import AirNet, SimpleCNN, build_model
 
 
 class SeedGuideCIFAR10(Dataset):
@@ -289,6 +295,156 @@ def main() -> None:
         run_benchmark()
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Photos: train.py's streamed image folder against torchvision's reference pipeline
+
+def tree_memory(pid: int) -> int:
+    """The proportional set size (PSS) of process `pid` and its children, in bytes: what they hold of the memory,
+    each shared page split between its sharers (forked DataLoader workers share most of theirs)."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if entry.name == str(pid) or fields[1] == str(pid):
+                rollup = (entry / "smaps_rollup").read_text()
+                total += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")) * 1024
+        except (OSError, IndexError, StopIteration, ValueError):
+            continue
+    return total
+
+
+@contextlib.contextmanager
+def peak_tree_memory(pid: int, peak: list[int]) -> Iterator[None]:
+    """While the block runs, sample tree_memory(pid) 20 times a second; peak[0] is the largest sample."""
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            peak[0] = max(peak[0], tree_memory(pid))
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def train_py_photos(folder: str, extra: list[str]) -> dict:
+    """One epoch of train.py on the image folder: training images/s (metrics.csv) and peak memory."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", folder, "--epochs", "1",
+               "--val-split", "0", "--out-dir", out, "--log-interval", "0", *extra]
+        print("  " + " ".join(cmd[1:]), flush=True)
+        peak = [0]
+        proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL)
+        with peak_tree_memory(proc.pid, peak):
+            proc.wait()
+        if proc.returncode != 0:
+            raise cli.UserError("the train.py run above failed")
+        with open(Path(out) / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    return {"images_per_s": float(rows[-1]["images_per_s"]), "memory": peak[0]}
+
+
+def torchvision_photos(folder: str, model_name: str, size: int, batch_size: int, workers: int) -> dict:
+    """torchvision's reference pipeline: ImageFolder (PIL decodes each file whole) and a DataLoader with `workers`
+    processes, RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize per image, then the five steps with
+    train.py's defaults (Adam 1e-3, channels-last). One epoch: training images/s and peak memory."""
+    from torchvision.datasets import ImageFolder
+    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
+                             transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    dataset = ImageFolder(str(Path(folder) / "train"), transform=tf)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                        persistent_workers=False, drop_last=False)
+    torch.manual_seed(0)
+    model = build_model(model_name, len(dataset.classes), 3, size).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+    peak = [0]
+    with peak_tree_memory(os.getpid(), peak):
+        start = time.perf_counter()
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
+            optimizer.step()
+        seconds = time.perf_counter() - start
+    return {"images_per_s": len(dataset) / seconds, "memory": peak[0]}
+
+
+def decode_rates(folder: str, size: int, count: int = 24) -> dict[str, float]:
+    """Images/s on one core turning JPEGs of the folder into evaluation's size x size centre crop (resize to
+    size / 0.875 first): Pillow decoding the whole file (torchvision's ImageFolder), Pillow's draft mode
+    (folders.load_image, what train.py streams with), and torchvision.io.decode_jpeg."""
+    import torchvision.io
+    import torchvision.transforms.v2.functional as TF
+    from folders import Prep, image_files, load_image
+    files = [p for p in image_files(Path(folder) / "train") if p.suffix.lower() in (".jpg", ".jpeg")][:count]
+    if not files:
+        raise cli.UserError(f"no JPEG files in {folder}/train to time decoding on")
+    prep = Prep("crop", round(size / 0.875))
+    torch.set_num_threads(1)
+
+    def pillow_whole(p: Path) -> None:
+        with Image.open(p) as im:
+            TF.center_crop(TF.resize(im.convert("RGB"), [prep.resize_size], antialias=True), [size, size])
+
+    def io_decode(p: Path) -> None:
+        x = torchvision.io.decode_jpeg(torchvision.io.read_file(str(p)))
+        TF.center_crop(TF.resize(x, [prep.resize_size], antialias=True), [size, size])
+    rates = {}
+    for name, decode in (("Pillow, whole file", pillow_whole),
+                         ("Pillow draft mode (train.py)", lambda p: load_image(p, 3, size, prep=prep)),
+                         ("torchvision.io.decode_jpeg", io_decode)):
+        start = time.perf_counter()
+        for p in files:
+            decode(p)
+        rates[name] = len(files) / (time.perf_counter() - start)
+    return rates
+
+
+def photos(folder: str, model_name: str, size: int, batch_size: int, workers: int) -> None:
+    """The photo benchmark of docs/performance.md: decoding per core, then one training epoch of each pipeline."""
+    print(f"{folder}: decoding to {size} px on one core")
+    for name, rate in decode_rates(folder, size).items():
+        print(f"  {name:<30}{rate:>8,.1f} img/s")
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    common = ["--model", model_name, "--image-size", str(size), "--batch-size", str(batch_size)]
+    results = {"train.py streamed (photo recipe)": train_py_photos(folder, [*common, "--resize-mode", "crop",
+                                                                             "--workers", str(workers)]),
+               "torchvision ImageFolder + DataLoader": torchvision_photos(folder, model_name, size, batch_size,
+                                                                          workers),
+               "train.py in memory (squash)": train_py_photos(folder, [*common, "--resize-mode", "squash"])}
+    print(f"\n{'pipeline (' + model_name + f', {size} px, {workers} workers)':<44}{'images/s':>10}{'memory':>12}")
+    for name, r in results.items():
+        print(f"{name:<44}{r['images_per_s']:>10,.1f}{r['memory'] / 2**30:>9,.2f} GiB")
+    ratio = results["train.py streamed (photo recipe)"]["images_per_s"] / \
+        results["torchvision ImageFolder + DataLoader"]["images_per_s"]
+    print(f"streamed / torchvision: {ratio:.2f}x")
+
+
+def stream_memory(folder: str, counts: list[int], workers: int) -> None:
+    """Peak memory (workers included) of one streamed epoch over `counts` images: links to the folder's training
+    files, as many as each count asks, in a temporary image folder of the same classes."""
+    from folders import image_files, imagefolder_classes
+    root = Path(folder)
+    classes = imagefolder_classes(root)
+    sources = {c: image_files(root / "train" / c) for c in classes}
+    print(f"{'images':>8}{'memory':>12}{'images/s':>10}  (simplecnn, 64 px, {workers} workers, one epoch)")
+    for count in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            for split, n in (("train", count), ("test", len(classes))):
+                for k, c in enumerate(classes):
+                    (Path(tmp) / split / c).mkdir(parents=True)
+                    share = n // len(classes) + (k < n % len(classes))
+                    for i in range(share):
+                        source = sources[c][i % len(sources[c])]
+                        os.symlink(source.resolve(), Path(tmp) / split / c / f"{i}{source.suffix}")
+            r = train_py_photos(tmp, ["--image-size", "64", "--resize-mode", "crop", "--workers", str(workers),
+                                      "--batch-size", "64"])
+        print(f"{count:>8,}{r['memory'] / 2**30:>9,.2f} GiB{r['images_per_s']:>10,.0f}")
+
+
 def run_benchmark() -> None:
     p = cli.parser("bench.py", __doc__)
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
@@ -307,6 +463,15 @@ def run_benchmark() -> None:
                    help="peak resident memory of one epoch instead: the seed guide's pipeline against train.py")
     p.add_argument("--log-interval", type=int, default=0, metavar="N",
                    help="with --loop-cost: also time the loop with train.py's --log-interval N (default: 0, off)")
+    p.add_argument("--photos", metavar="FOLDER", help="an image folder (train/, test/): train.py's streamed photo "
+                   "recipe against torchvision's ImageFolder + DataLoader, and the in-memory path, one epoch each")
+    p.add_argument("--stream-memory", nargs="+", type=int, metavar="N",
+                   help="with --photos: peak memory of a streamed epoch over N images each (links to its files)")
+    p.add_argument("--model", default="resnet18", metavar="NAME", help="--photos: the model (default: resnet18)")
+    p.add_argument("--image-size", type=int, default=224, metavar="PX", help="--photos: the side (default: 224)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="--photos: the batch (default: 32)")
+    p.add_argument("--workers", type=int, default=stream.default_workers(), metavar="N",
+                   help="--photos: DataLoader worker processes of both pipelines (default: one per core, at most 8)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
     if args.loop_cost and not all(1 <= n <= 4096 for n in args.loop_cost):
@@ -324,6 +489,10 @@ def run_benchmark() -> None:
         return loop_cost(args.loop_cost, log_interval=args.log_interval)
     if args.memory:
         return memory(args.data_dir, args.train_args)
+    if args.photos and args.stream_memory:
+        return stream_memory(args.photos, args.stream_memory, args.workers)
+    if args.photos:
+        return photos(args.photos, args.model, args.image_size, args.batch_size, args.workers)
     if args.preset:
         return time_to_accuracy(args.data_dir, args.preset, args.train_args)
     ours = train_py_run(args.data_dir, args.epochs, args.train_args)

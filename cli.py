@@ -86,6 +86,9 @@ def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
     except MemoryError:
         raise fail(f"out of memory{hint}") from None
     except RuntimeError as e:  # torch reports memory it cannot get as a RuntimeError (CUDA: OutOfMemoryError)
+        if "DataLoader worker" in str(e):  # killed (the system's out-of-memory killer?), from anywhere in the loop
+            raise fail(f"a worker process reading the images ended ({shorten(str(e).splitlines()[0].rstrip('. '))}"
+                       f"); if the system ran out of memory, give fewer --workers") from None
         if "out of memory" not in str(e) and "can't allocate memory" not in str(e):
             raise
         raise fail(f"out of memory: {shorten(str(e).splitlines()[0])}{hint}") from None

@@ -146,10 +146,10 @@ def shape_image(im: Image.Image, size: int, prep: Prep, train: bool) -> Image.Im
     if prep.mode == "squash":
         # Pillow widens the bilinear kernel when shrinking: this averages (antialiases), not samples
         return im.resize((size, size), Image.Resampling.BILINEAR)
-    import torchvision.transforms.v2 as T
+    import torchvision.transforms as T  # (here: torchvision takes half a second to import, and squash needs none)
     import torchvision.transforms.v2.functional as TF
     interpolation = T.InterpolationMode(prep.interpolation)
-    if train:
+    if train:  # the draws of torchvision's RandomResizedCrop, then of RandomHorizontalFlip, in that order
         top, left, h, w = T.RandomResizedCrop.get_params(im, list(prep.scale), list(prep.ratio))
         im = TF.resized_crop(im, top, left, h, w, [size, size], interpolation, antialias=True)
         return TF.horizontal_flip(im) if torch.rand(1) < 0.5 else im

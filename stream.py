@@ -139,6 +139,14 @@ class StreamSet:
                         self.warned.add(message)
                         print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
                 yield x.to(self.device, non_blocking=True), keep
+        except (RuntimeError, OSError) as e:  # a worker killed (out of memory?): its queue breaks, or torch says so
+            dead = [w for w in getattr(it, "_workers", []) if w.exitcode not in (None, 0)]
+            if not dead and "DataLoader worker" not in str(e):
+                raise
+            how = ", ".join(f"pid {w.pid}: " + (f"killed by {signal.Signals(-w.exitcode).name}" if w.exitcode < 0
+                                                else f"exit status {w.exitcode}") for w in dead)
+            raise DataError(f"a worker process reading the images ended ({how or cli.one_line(e)}); if the system "
+                            f"ran out of memory, give fewer --workers") from None
         finally:
             if hasattr(it, "_shutdown_workers"):
                 it._shutdown_workers()  # now, not whenever the iterator is collected

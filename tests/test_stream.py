@@ -86,6 +86,27 @@ def test_the_weights_do_not_depend_on_the_workers_and_squash_streams_as_it_train
     assert load_checkpoint(tmp_path / "memory" / "last.pth")["prep"]["mode"] == "squash"
 
 
+def test_the_photo_recipe_is_torchvisions_own_transform_with_the_same_draws(tmp_path):
+    import torchvision.transforms.v2 as T
+    from folders import Prep, load_image
+    photo = write_photos(tmp_path / "photos", {"train": 1}, sizes=(120, 200)) / "train" / "red" / "000.png"
+    prep = Prep("crop", 73, "bicubic", (0.3, 0.9), (0.5, 2.0))
+    pil = Image.open(photo).convert("RGB")
+    for seed in range(6):  # both flips
+        with stream.seeded(7, 2, seed):
+            ours = load_image(photo, 3, 64, prep=prep, train=True)
+        with stream.seeded(7, 2, seed):
+            theirs = T.Compose([T.RandomResizedCrop(64, (0.3, 0.9), (0.5, 2.0), T.InterpolationMode.BICUBIC),
+                                T.RandomHorizontalFlip(), T.PILToTensor()])(pil)
+        assert torch.equal(ours, theirs)
+    by_hand = T.Compose([T.Resize(73, T.InterpolationMode.BICUBIC), T.CenterCrop(64), T.PILToTensor()])(pil)
+    assert torch.equal(load_image(photo, 3, 64, prep=prep), by_hand)
+    state = torch.get_rng_state()
+    with stream.seeded(7, 2, 0):
+        torch.rand(5)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's own generator is left where it was
+
+
 def start(argv: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=as_from_a_terminal,
@@ -139,6 +160,22 @@ def test_ctrl_c_with_workers_leaves_no_process_and_resumes_exactly_mid_epoch(tmp
     resumed = train.main([*shlex.split(command)[2:], "--workers", "1", "--log-interval", "0"])  # other workers: same
     assert same_weights(tmp_path / "straight" / "last.pth", out / "last.pth")
     assert resumed["test_accuracy"] == straight["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_ends_the_run_in_one_line(tmp_path):
+    photos = write_photos(tmp_path / "photos", {"train": 40, "test": 2}, sizes=(60, 120))
+    proc = start(["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "64", "--epochs", "50",
+                  "--batch-size", "2", "--val-split", "0", "--workers", "2", "--device", "cpu", "--log-interval", "1",
+                  "--out-dir", str(tmp_path / "run")])
+    for line in proc.stdout:
+        if line.split()[:4] == ["epoch", "2/50", "step", "2/60"]:
+            break
+    os.kill(children(proc.pid)[0], signal.SIGKILL)  # as the out-of-memory killer would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("train.py: error: a worker process reading the images ended (") and \
+        err.strip().endswith("); if the system ran out of memory, give fewer --workers")
 
 
 @pytest.mark.slow
