@@ -89,6 +89,21 @@ class FolderFiles(Dataset):
         return x, keep, [(message, fatal) for _, message, fatal in items if message]
 
 
+class Keys:
+    """What the DataLoader reads, one micro-batch at a time: the (epoch, image) keys of each of `batches`, made as
+    the workers ask for them (a list of them all would grow with the set)."""
+
+    def __init__(self, batches: Sequence[torch.Tensor], epoch: int):
+        self.batches, self.epoch = batches, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for b in self.batches:
+            yield [(self.epoch, i) for i in b.tolist()]
+
+
 def ignore_signals(worker_id: int) -> None:
     """In a worker: Ctrl-C and SIGTERM are the main process's to handle (it stops at a step boundary and then ends
     its workers); a worker whose main process has gone ends by itself (DataLoader's watchdog)."""
@@ -123,8 +138,8 @@ class StreamSet:
         """(uint8 images on the device, which of the batch's images they are) for each of `batches` (image indices),
         in order, read by the workers. Unreadable files are left out with one warning each; a failure that may pass
         ends the run in one line. The workers are ended when the iteration ends, however it ends."""
-        keys = [[(epoch, int(i)) for i in b] for b in batches]
-        loader = DataLoader(self.files, batch_sampler=keys, num_workers=self.workers, collate_fn=self.files.collate,
+        loader = DataLoader(self.files, batch_sampler=Keys(batches, epoch), num_workers=self.workers,
+                            collate_fn=self.files.collate,
                             pin_memory=self.device.type == "cuda", worker_init_fn=ignore_signals,
                             prefetch_factor=PREFETCH if self.workers else None,
                             generator=torch.Generator())  # (its own: the workers' base seed is not drawn from
@@ -184,18 +199,20 @@ class StreamSet:
         rows = [part.cpu() for step in parts for part in step]
         batches = self.read([r[:, 0] for r in rows], epoch)
         crop_flip = augment and self.files.prep.mode == "squash"
-        for step in parts:
-            micro = []
-            for part in step:
-                x, keep = next(batches)
-                kept = part[keep.to(part.device)].to(self.device)
-                if len(kept):  # (a micro-batch of unreadable files only is left out)
-                    x = to_input(x, self.mean, self.std, kept[:, 1:4] if crop_flip else None, pad,
-                                 kept[:, 4:] if kept.shape[1] > 4 else None)
-                    micro.append((x.contiguous(memory_format=torch.channels_last) if channels_last else x,
-                                  self.labels[kept[:, 0].cpu()].to(self.device)))
-            yield micro
-        batches.close()
+        try:
+            for step in parts:
+                micro = []
+                for part in step:
+                    x, keep = next(batches)
+                    kept = part[keep.to(part.device)].to(self.device)
+                    if len(kept):  # (a micro-batch of unreadable files only is left out)
+                        x = to_input(x, self.mean, self.std, kept[:, 1:4] if crop_flip else None, pad,
+                                     kept[:, 4:] if kept.shape[1] > 4 else None)
+                        micro.append((x.contiguous(memory_format=torch.channels_last) if channels_last else x,
+                                      self.labels[kept[:, 0].cpu()].to(self.device)))
+                yield micro
+        finally:
+            batches.close()  # the workers end with the steps, however they end
 
 
 def stream_set(root: Path, files: list[tuple[Path, int]], size: int, max_pixels: int, prep: Prep, seed: int,
