@@ -393,9 +393,9 @@ def decode_rates(folder: str, size: int, count: int = 24) -> dict[str, float]:
         x = torchvision.io.decode_jpeg(torchvision.io.read_file(str(p)))
         TF.center_crop(TF.resize(x, [prep.resize_size], antialias=True), [size, size])
     rates = {}
-    for name, decode in (("Pillow, whole file", pillow_whole),
-                         ("Pillow draft mode (train.py)", lambda p: load_image(p, 3, size, prep=prep)),
-                         ("torchvision.io.decode_jpeg", io_decode)):
+    for name, decode in (("Pillow whole file, Pillow resize", pillow_whole),
+                         ("Pillow draft mode, Pillow resize (train.py)", lambda p: load_image(p, 3, size, prep=prep)),
+                         ("torchvision.io.decode_jpeg, torch resize", io_decode)):
         start = time.perf_counter()
         for p in files:
             decode(p)
@@ -407,7 +407,7 @@ def photos(folder: str, model_name: str, size: int, batch_size: int, workers: in
     """The photo benchmark of docs/performance.md: decoding per core, then one training epoch of each pipeline."""
     print(f"{folder}: decoding to {size} px on one core")
     for name, rate in decode_rates(folder, size).items():
-        print(f"  {name:<30}{rate:>8,.1f} img/s")
+        print(f"  {name:<46}{rate:>8,.1f} img/s")
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     common = ["--model", model_name, "--image-size", str(size), "--batch-size", str(batch_size)]
     results = {"train.py streamed (photo recipe)": train_py_photos(folder, [*common, "--resize-mode", "crop",

@@ -138,6 +138,9 @@ class StreamSet:
         """(uint8 images on the device, which of the batch's images they are) for each of `batches` (image indices),
         in order, read by the workers. Unreadable files are left out with one warning each; a failure that may pass
         ends the run in one line. The workers are ended when the iteration ends, however it ends."""
+        if self.files.prep.mode == "crop":
+            # imported here, once: the forked workers inherit it (else each worker imports it again, every epoch)
+            import torchvision.transforms.v2.functional  # noqa: F401
         loader = DataLoader(self.files, batch_sampler=Keys(batches, epoch), num_workers=self.workers,
                             collate_fn=self.files.collate,
                             pin_memory=self.device.type == "cuda", worker_init_fn=ignore_signals,
