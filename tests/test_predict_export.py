@@ -113,6 +113,8 @@ def test_export_round_trip(checkpoint, tmp_path, capsys):
     metadata = session.get_modelmeta().custom_metadata_map
     assert json.loads(metadata["classes"]) == ["cat", "dog", "fox"] and json.loads(metadata["mean"]) == MEAN
     assert (json.loads(metadata["std"]), metadata["image_size"], metadata["model_name"]) == (STD, "32", "simplecnn")
+    assert json.loads(metadata["prep"]) == {"mode": "squash", "resize_size": 0, "interpolation": "bilinear",
+                                             "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3]}  # (a squash run's)
     x = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model_from_checkpoint(torch.load(checkpoint, weights_only=True))(x)
