@@ -1,7 +1,8 @@
 """Datasets held in memory as uint8 tensors, with normalization and augmentation on whole batches.
 
 The files are read by formats.py (CIFAR-10, CIFAR-100, MNIST, Fashion-MNIST) and folders.py (your own image
-folders); stream.py serves image folders from disk instead, for sets that do not fit in memory (docs/data.md).
+folders); stream.py serves image folders from disk instead, for the photo recipe and for sets that do not fit in
+memory (prepare chooses; docs/data.md says when).
 
 Why in memory: CIFAR-10 is 150 MB as uint8, so decoding it once and slicing batches out of one tensor
 on the training device removes the per-image Python work (PIL, ToTensor, collate) that otherwise dominates
