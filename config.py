@@ -334,8 +334,27 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
         setattr(saved, dest, getattr(args, dest))
     if saved.epochs < done:
         raise ConfigError(f"--resume: the run has already done {done} epochs; --epochs {saved.epochs} is fewer")
+    finished = nothing_left(saved, ckpt["state"], argv)
+    if finished:
+        raise ConfigError(finished)
     saved.out_dir, saved.resume = args.out_dir, args.resume
     return saved, without_resume(saved_argv) + without_resume(argv)
+
+
+def nothing_left(args: argparse.Namespace, state: dict, argv: list[str]) -> str | None:
+    """Why a resumed run would have nothing left to train (all its --epochs done, or early stopping ended it), and
+    the command that trains on; None when it has steps left."""
+    def again(flag: str) -> str:
+        return shlex.join(["python", "train.py", "--resume", args.resume, *without(argv, "--resume", flag), flag])
+    if state["epoch"] >= args.epochs:
+        return (f"--resume: the run has done all its {args.epochs} epochs, so nothing is left to train (its test: "
+                f"python evaluate.py --checkpoint {Path(args.resume).parent / 'best.pth'}); to train on, give a "
+                f"larger --epochs: {again('--epochs')} {2 * args.epochs}")
+    if args.patience and state["bad_epochs"] >= args.patience:
+        return (f"--resume: early stopping ended the run after epoch {state['epoch']} ({state['bad_epochs']} epochs "
+                f"without improvement, --patience {args.patience}), so nothing is left to train; to train on, give a "
+                f"larger --patience (0 = off): {again('--patience')} 0")
+    return None
 
 
 def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str) -> str:

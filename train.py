@@ -185,8 +185,6 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
         card: dict, state: RunState, tally: EpochTally, trackers: list) -> bool:
     """Train epoch after epoch from state.epoch + 1, validating and saving after each. Returns True when early
     stopping ended the run; a signal ends it with a mid-epoch last.pth and the command that resumes it."""
-    if args.patience and state.bad_epochs >= args.patience:  # a resumed run that had already stopped early
-        return True
     with t.stop.deferred():
         for epoch in range(state.epoch + 1, args.epochs + 1):
             if not train_epoch(t, train, args, epoch, tally):

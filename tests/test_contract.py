@@ -160,6 +160,33 @@ def test_resume_takes_the_runs_own_flags_and_uses_the_ones_that_may_change(tmp_p
     assert results["stopped_early"] is True and results["epochs_completed"] == 2  # --patience 1 was used
 
 
+def test_resuming_a_finished_run_trains_nothing_says_why_and_how_to_train_on(tmp_path, cifar_dir, capsys):
+    """The FAQ's resume command on a run that has done all its epochs, or that early stopping ended: refused in one
+    line that gives the command that trains on; nothing is tested again, no file is rewritten."""
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])
+    before, last = snapshot(out), str(out / "last.pth")
+    capsys.readouterr()
+    fails_with(["--resume", last, "--lr", "1e-4", "--grad-clip", "1.0"],
+               f"--resume: the run has done all its 1 epochs, so nothing is left to train (its test: python "
+               f"evaluate.py --checkpoint {out / 'best.pth'}); to train on, give a larger --epochs: python train.py "
+               f"--resume {last} --lr 1e-4 --grad-clip 1.0 --epochs 2")
+    assert capsys.readouterr().out == "" and snapshot(out) == before
+
+    stopped = tmp_path / "stopped"
+    results = train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(stopped), "--epochs", "5",
+                          "--patience", "1", "--min-delta", "1000"])
+    assert results["stopped_early"] and results["epochs_completed"] == 2
+    before, last = snapshot(stopped), str(stopped / "last.pth")
+    fails_with(["--resume", last, "--epochs", "4"],
+               f"--resume: early stopping ended the run after epoch 2 (1 epochs without improvement, --patience 1), "
+               f"so nothing is left to train; to train on, give a larger --patience (0 = off): python train.py "
+               f"--resume {last} --epochs 4 --patience 0")
+    assert snapshot(stopped) == before
+    results = train.main(["--resume", last, "--epochs", "3", "--patience", "0"])  # the way forward works
+    assert results["epochs_completed"] == 3 and not results["stopped_early"]
+
+
 def test_the_faqs_way_out_of_a_diverged_run_works_and_is_recorded(tmp_path, cifar_dir, capsys):
     """The FAQ's answer to a loss that blows up: the run stops with one line that names last.pth, and resuming from
     it with a lower --lr and --grad-clip 1.0 (the FAQ's exact command) goes on; the change takes effect from that
