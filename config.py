@@ -330,6 +330,8 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
                               f"{getattr(args, dest)}; that would be another run: "
                               f"{new_run_hint(dest, saved_argv, argv, args.resume)}")
     done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
+    if isinstance(ckpt["args"].get("data_dir"), str):  # resolved when saved: a resume from any folder finds the data
+        saved.data_dir = ckpt["args"]["data_dir"]
     for dest in given & (MAY_CHANGE_ON_RESUME | TAKE_EFFECT_ON_RESUME):
         setattr(saved, dest, getattr(args, dest))
     if saved.epochs < done:
@@ -338,7 +340,16 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
     if finished:
         raise ConfigError(finished)
     saved.out_dir, saved.resume = args.out_dir, args.resume
-    return saved, without_resume(saved_argv) + without_resume(argv)
+    return saved, without_resume(replace_flags(saved_argv, argv))
+
+
+def replace_flags(saved_argv: list[str], argv: list[str]) -> list[str]:
+    """`saved_argv` with the flags given in `argv` replaced by their new values (at the end): a command line that
+    is resumed again and again does not pile them up."""
+    defaults, given = vars(parse_args([])), given_flags(argv)
+    flags = [f"--{d.replace('_', '-')}" for d in given if not isinstance(defaults[d], bool)]
+    switches = [f"--{no}{d.replace('_', '-')}" for d in given if isinstance(defaults[d], bool) for no in ("", "no-")]
+    return without(saved_argv, *flags, switches=tuple(switches)) + argv
 
 
 def nothing_left(args: argparse.Namespace, state: dict, argv: list[str]) -> str | None:
@@ -360,11 +371,8 @@ def nothing_left(args: argparse.Namespace, state: dict, argv: list[str]) -> str 
 def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str) -> str:
     """The way forward when a flag that makes another run is given with --resume: a new run with the run's flags
     and those given now, from the resumed checkpoint's weights (`path`) where they fit (--init-from)."""
-    defaults, given = vars(parse_args([])), given_flags(argv)
-    flags = [f"--{d.replace('_', '-')}" for d in given if not isinstance(defaults[d], bool)]
-    switches = [f"--{no}{d.replace('_', '-')}" for d in given if isinstance(defaults[d], bool) for no in ("", "no-")]
-    flags = without(without(saved_argv, *flags, switches=tuple(switches)) + argv, "--resume", "--out-dir",
-                    "--init-from", switches=("--pretrained",))
+    flags = without(replace_flags(saved_argv, argv), "--resume", "--out-dir", "--init-from",
+                    switches=("--pretrained",))
     if dest in NEW_RUN_ONLY:
         return f"start a new run without --resume: python train.py {shlex.join(flags)}"
     return f"start a new run from its weights: {shlex.join(['python', 'train.py', *flags, '--init-from', path])}"

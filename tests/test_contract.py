@@ -160,6 +160,27 @@ def test_resume_takes_the_runs_own_flags_and_uses_the_ones_that_may_change(tmp_p
     assert results["stopped_early"] is True and results["epochs_completed"] == 2  # --patience 1 was used
 
 
+def test_resumes_from_another_folder_find_the_data_and_do_not_pile_up_flags(tmp_path, cifar_dir, monkeypatch):
+    """A run started with a relative --data-dir, resumed twice from another working folder with flags that change:
+    the data is the checkpoint's (resolved), and the saved command line holds each flag once, with its last value,
+    as does the command a refusal offers."""
+    monkeypatch.chdir(cifar_dir.parent)
+    train.main(["--data-dir", cifar_dir.name, *CPU, "--out-dir", "run", "--epochs", "1", "--lr", "0.001"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    last = str(cifar_dir.parent / "run" / "last.pth")
+    train.main(["--resume", last, "--epochs", "2", "--lr", "0.002", "--no-channels-last"])
+    train.main(["--resume", last, "--epochs", "3", "--lr", "0.003", "--channels-last"])
+    argv = load_checkpoint(last)["argv"]
+    assert argv == ["--data-dir", "cifar", "--device", "cpu", "--out-dir", "run", "--epochs", "3", "--lr", "0.003",
+                    "--channels-last"], argv
+    error = fails_with(["--resume", last, "--batch-size", "16"], "that would be another run")
+    assert error.endswith(f"python train.py --data-dir cifar --device cpu --epochs 3 --lr 0.003 --channels-last "
+                          f"--batch-size 16 --init-from {last}"), error
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
 def test_resuming_a_finished_run_trains_nothing_says_why_and_how_to_train_on(tmp_path, cifar_dir, capsys):
     """The FAQ's resume command on a run that has done all its epochs, or that early stopping ended: refused in one
     line that gives the command that trains on; nothing is tested again, no file is rewritten."""
