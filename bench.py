@@ -3,7 +3,7 @@
     python bench.py --data-dir ./data                  # 5 epochs each: images/s and test accuracy (~3 min, 2 cores)
     python bench.py --data-dir ./data --epochs 1       # throughput only, quicker
     python bench.py --data-dir ./data --preset fast    # time to accuracy: the whole train.py command, timed
-    python bench.py --data-dir ./data --preset fast -- --widths 64,256,256 --device cuda   # extra train.py flags
+    python bench.py --preset fast -- --widths 64,256,256 --device cuda   # train.py flags
     python bench.py --step-cost 64,128,128 32,192,192  # AirNet training step time per widths, side by side (no data)
     python bench.py --step-cost 32,192,192 --optimizers sgd muon   # ... and per optimizer
     python bench.py --loop-cost 4 32                   # train.py's loop against the bare five steps (no data)

@@ -8,6 +8,7 @@ import signal
 import stat
 import sys
 import tempfile
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -53,14 +54,37 @@ def restore_signals(handlers: dict) -> None:
         signal.signal(s, handler)
 
 
-def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 1), not the usage block."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(prog: str, doc: str | None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 1), not the usage block, and whose
+    description (a script's docstring) and epilog fit 80 columns (fit_text)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc and fit_text(doc), epilog=epilog and fit_text(epilog),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def error(message: str):
         raise SystemExit(f"{prog}: error: {message}")
     p.error = error
     return p
+
+
+def fit_text(doc: str, width: int = 79) -> str:
+    """A docstring for a terminal of 80 columns: its paragraphs wrapped to `width`, and in an indented example line
+    that is too wide, the `# comment` moved to a line of its own below the command."""
+    lines, paragraph = [], []
+    for line in textwrap.dedent(doc).strip().splitlines() + [""]:
+        if line and not line[0].isspace():
+            paragraph.append(line)
+            continue
+        if paragraph:
+            lines += textwrap.wrap(" ".join(paragraph), width)
+            paragraph = []
+        command, _, comment = line.partition("  # ")
+        if len(line) <= width or not comment:
+            lines.append(line)
+        else:
+            indent = " " * (len(command) - len(command.lstrip()) + 4)
+            lines += [command.rstrip(), *textwrap.wrap("# " + comment.strip(), width, initial_indent=indent,
+                                                        subsequent_indent=indent + "  ")]
+    return "\n".join(lines).rstrip()
 
 
 @contextmanager

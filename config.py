@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shlex
+import textwrap
 import time
 from pathlib import Path
 
@@ -44,13 +45,19 @@ PRESETS = {
 
 
 def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.ArgumentParser:
-    """train.py's flags, in the groups --help shows."""
-    p = cli.parser(prog, doc)
+    """train.py's flags, in the groups --help shows; the presets' flags below them."""
+    presets = [f"--preset {name} sets:\n" + textwrap.fill(  # (a no-break space keeps each flag with its value)
+        "  ".join(flag.replace(" ", "\xa0") for flag in preset_flags(name)), 79, initial_indent="  ",
+        subsequent_indent="  ", break_on_hyphens=False).replace("\xa0", " ") for name in PRESETS if PRESETS[name]]
+    p = cli.parser(prog, doc, "\n\n".join(presets))
     p.add_argument("--preset", default="seed", choices=sorted(PRESETS),
-                   help="a named recipe; flags given override it (default: seed)")
+                   help="a named recipe (the defaults are the seed recipe's; what fast sets: at the end); flags "
+                        "given override it (default: seed)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="(default: cifar10)")
+    g.add_argument("--dataset", default="cifar10", choices=DATASETS,
+                   help="imagefolder: your own images, one folder per class under DIR/train and DIR/test "
+                        "(default: cifar10)")
     g.add_argument("--data-dir", default="./data", metavar="DIR",
                    help="where datasets are found or downloaded (default: ./data)")
     g.add_argument("--image-size", type=int, metavar="PX", help="side images are resized to, once, into the "
@@ -85,7 +92,8 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=5, metavar="N", help="(default: 5)")
+    g.add_argument("--epochs", type=int, default=5, metavar="N",
+                   help="passes over the training set (default: 5)")
     g.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per forward pass, over all processes under torchrun (default: 32)")
     g.add_argument("--accum-steps", type=int, default=1, metavar="K",
@@ -124,7 +132,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("regularization and augmentation")
-    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="(default: 0)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S",
+                   help="train towards 1-S on the true class and S spread over all classes, not 1 (default: 0)")
     g.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="evaluate and save an exponential moving average of the weights, updated every step, "
                         "0 = off (default: 0)")
@@ -172,7 +181,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="write TensorBoard event files to <out-dir>/tensorboard (tensorboard --logdir runs) "
                         "(default: off)")
 
-    g = p.add_argument_group("learning-rate range test (find_lr.py)")
+    g = p.add_argument_group("learning-rate range test")
     g.add_argument("--find-lr", action="store_true",
                    help="instead of training: the lr range test of find_lr.py (python find_lr.py takes the same flags)")
     g.add_argument("--find-lr-start", type=float, default=1e-6, metavar="LR", help="first lr (default: 1e-6)")
@@ -183,9 +192,18 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("run folder and resume")
     g.add_argument("--out-dir", metavar="DIR",
-                   help="(default: runs/<dataset>-<model>-<date-time>, or the --resume folder)")
+                   help="the run's folder: checkpoints, metrics.csv, results.json, curves.png (default: "
+                        "runs/<dataset>-<model>-<date-time>, or the --resume folder)")
     g.add_argument("--resume", metavar="PATH", help="continue from a last.pth; flags not given are the run's own "
                    "(docs: which flags may change)")
+
+
+def preset_flags(name: str) -> list[str]:
+    """The flags that set what preset `name` sets, each with its value ("--epochs 11")."""
+    def value(v: object) -> str:
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return [f"--{dest.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {value(v)}")
+            for dest, v in PRESETS[name].items() if v is not False]  # (a preset turns switches on only)
 
 
 class ListModels(argparse.Action):

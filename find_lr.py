@@ -4,7 +4,7 @@ and print a suggested --lr on the last line.
 
     python find_lr.py                              # the seed recipe's model and optimizer
     python find_lr.py --preset fast --out-dir runs/fast-lr   # draws runs/fast-lr/find-lr.png
-    python find_lr.py --model resnet18 --pretrained --image-size 64 --optimizer sgd
+    python find_lr.py --model resnet18 --pretrained --optimizer sgd
     python train.py --find-lr ...                  # the same
 
 It takes train.py's flags (python train.py --help) and runs train.py's own steps (train_one_epoch: its batches,

@@ -2,7 +2,7 @@
 
     python train.py                                 # the seed recipe: SimpleCNN, Adam 1e-3, batch 32, 5 epochs
     python train.py --preset fast                   # AirNet + Muon, sized for a laptop CPU (README: results)
-    python train.py --dataset fashion-mnist --epochs 10 --augment --scheduler cosine
+    python train.py --dataset fashion-mnist --augment --scheduler cosine
     python train.py --model resnet18 --pretrained --image-size 64   # fine-tune torchvision's ImageNet weights
     python train.py --list-models                   # ours, then every torchvision classification model
     python train.py --resume runs/cifar10-simplecnn-20261123-120000/last.pth   # go on where it stopped
@@ -11,9 +11,9 @@
 
 Each epoch prints a line and adds it to <out-dir>/metrics.csv, writes last.pth, and best.pth when the validation
 loss improves; at the end best.pth is tested once (results.json, curves.png). Ctrl-C saves a last.pth that resumes
-mid-epoch and prints the command. The flags are in config.py (--help shows them in groups). Read on in order: the
-five steps (train_one_epoch), the epochs (validate, save, stop early), the run.
+mid-epoch and prints the command. The flags are in config.py (--help shows them in groups).
 """
+# Read on in order: the five steps (train_one_epoch), the epochs (validate, save, stop early), the run.
 import cli
 
 if __name__ == "__main__":
