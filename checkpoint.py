@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import pickle
@@ -499,6 +500,10 @@ class RunFolder:
             changed = "; ".join(f"{c['flags']} from step {c['step']}" for c in changes if c["epoch"] == row["epoch"])
             writer.writerow({**row, "changed": changed})
         write_atomically(self.path / "metrics.csv", text.getvalue().encode())
+
+    def write_args(self, flags: dict) -> None:
+        """args.json: the run's resolved flags (config.run_flags), what `train.py --config` takes back."""
+        write_atomically(self.path / "args.json", (json.dumps(flags, indent=2) + "\n").encode())
 
     def write_results(self, text: str) -> None:
         write_atomically(self.path / "results.json", text.encode())

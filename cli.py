@@ -162,7 +162,7 @@ def printable(text: str) -> str:
 # Outputs: what a script writes (a picture, an ONNX model) may replace only a file that nothing else needs
 
 # What train.py writes into a run folder and what its scripts read: never replaced by a picture or a model
-RUN_FILE_NAMES = ("last.pth", "best.pth", "metrics.csv", "results.json")
+RUN_FILE_NAMES = ("last.pth", "best.pth", "metrics.csv", "results.json", "args.json")
 
 
 def check_output(path: str | Path, inputs: tuple = (), what: str = "output", new_folder: bool = False) -> None:

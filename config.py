@@ -5,6 +5,7 @@ A preset replaces the parser's defaults; flags given on the command line still w
 come back from its checkpoint and those given now replace them where MAY_CHANGE_ON_RESUME allows.
 """
 import argparse
+import json
 import math
 import os
 import re
@@ -196,6 +197,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                         "runs/<dataset>-<model>-<date-time>, or the --resume folder)")
     g.add_argument("--resume", metavar="PATH", help="continue from a last.pth; flags not given are the run's own "
                    "(docs: which flags may change)")
+    g.add_argument("--config", metavar="FILE", help="take the flags from FILE, a JSON object like a run's args.json; "
+                   "flags given on the command line override it")
 
 
 def preset_flags(name: str) -> list[str]:
@@ -428,8 +431,9 @@ def out_dir_for(args: argparse.Namespace) -> Path:
 def parse_run_args(argv: list[str], prog: str = "train.py",
                    doc: str | None = None) -> tuple[argparse.Namespace, dict | None, list[str]]:
     """train.py's flags, checked: (args, the checkpoint --resume continues or None, the run's flags as a command
-    line). A resumed run's flags are its checkpoint's, with those given now where they may change. `prog`, `doc`:
-    the script's name and --help text."""
+    line, --config's file spelled out in it). A resumed run's flags are its checkpoint's, with those given now where
+    they may change. `prog`, `doc`: the script's name and --help text."""
+    argv = expand_config(argv)
     args = parse_args(argv, prog, doc)
     resumed, run_argv = None, without_resume(argv)
     if args.find_lr and args.resume:
@@ -443,6 +447,66 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     if problem:
         raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
     return args, resumed, run_argv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's flags in a file: args.json in the run folder, and --config FILE
+
+NOT_IN_CONFIG = ("resume", "out_dir", "config")  # where a run is, not what it is
+
+
+def run_flags(args: argparse.Namespace) -> dict:
+    """The run's resolved flags, as its args.json holds them and --config takes them back: every flag but where
+    the run is (--out-dir, --resume), the data folder resolved."""
+    flags = {dest: value for dest, value in vars(args).items() if dest not in NOT_IN_CONFIG}
+    return {**flags, "data_dir": str(Path(args.data_dir).resolve())}
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """`argv` with --config FILE replaced by the flags FILE holds, put first so that the flags given win."""
+    for i, a in enumerate(argv):
+        if a == "--config" or a.startswith("--config="):
+            path = a.partition("=")[2] if "=" in a else argv[i + 1] if i + 1 < len(argv) else ""
+            if not path:
+                raise ConfigError("--config needs a file: a JSON object of flags, like a run's args.json")
+            return config_flags(path) + argv[:i] + argv[i + (1 if "=" in a else 2):]
+    return argv
+
+
+def config_flags(path: str) -> list[str]:
+    """The flags a --config file holds ({"lr": 0.1, "widths": [32, 64, 64], "augment": true, ...}), as a command
+    line; checked as train.py checks its command line."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1_000_001)
+        flags = json.loads(raw) if len(raw) <= 1_000_000 else None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {cli.describe_os_error(e, filename=False)}") from None
+    except ValueError as e:  # (UnicodeDecodeError included)
+        raise ConfigError(f"--config {path}: not JSON ({cli.one_line(e, 100)}); give a file like a run's "
+                          f"args.json") from None
+    if not isinstance(flags, dict):
+        raise ConfigError(f"--config {path}: not a JSON object of flags (under 1 MB), like a run's args.json")
+    actions = {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest not in ("help", "config")}
+    argv = []
+    for dest, value in flags.items():
+        action = actions.get(dest)
+        switch = action is not None and action.nargs == 0  # (true or false in the file)
+        if action is None or dest == "resume" or switch != isinstance(value, bool) or isinstance(value, dict):
+            raise ConfigError(f"--config {path}: {cli.printable(cli.shorten(repr(dest), 60))} is not a flag it may "
+                              f"set, or its value is not one: the file's keys are train.py's flags as in args.json")
+        flag = f"--{dest.replace('_', '-')}"
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv += [flag if value else f"--no-{flag[2:]}"]
+        elif switch:
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    try:
+        parse_args(argv)
+    except SystemExit as e:
+        raise ConfigError(f"--config {path}: {str(e.code).removeprefix('train.py: error: ')}") from None
+    return argv
 
 
 def from_preset(problem: str, args: argparse.Namespace, argv: list[str]) -> str:

@@ -205,6 +205,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
                 save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
                                 folder.path / "last.pth", *([folder.path / "best.pth"] if improved else []))
                 folder.write_metrics(state.history, card["changes"])
+                folder.write_args(config.run_flags(args))
                 print(report.format_epoch(row, args.epochs), flush=True)
                 report.log_epoch(trackers, row)
             runtime.on_rank0(save)

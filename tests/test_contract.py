@@ -2,6 +2,7 @@
 exit, and nothing on disk is lost. Real processes, real signals, a real full disk (tmpfs), real concurrent runs."""
 import importlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import cli
+import config
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
@@ -158,6 +160,42 @@ def test_resume_takes_the_runs_own_flags_and_uses_the_ones_that_may_change(tmp_p
     assert (ckpt["args"]["optimizer"], ckpt["args"]["lr"], ckpt["args"]["scheduler"]) == ("sgd", 0.05, "cosine")
     assert (ckpt["args"]["epochs"], ckpt["args"]["patience"], ckpt["args"]["channels_last"]) == (3, 1, False)
     assert results["stopped_early"] is True and results["epochs_completed"] == 2  # --patience 1 was used
+
+
+def test_the_run_folders_args_json_makes_the_same_run_again_with_config(tmp_path, cifar_dir):
+    """args.json holds the run's resolved flags; --config takes it (a flag given wins over it), and the run it
+    makes ends at the same weights."""
+    flags = ["--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05", "--nesterov",
+             "--augment", "--no-channels-last", "--widths", "8,8,8", "--model", "airnet", "--val-split", "0"]
+    train.main([*flags, "--out-dir", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "args.json").read_text())
+    assert saved == json.loads(json.dumps(config.run_flags(config.parse_args(flags)))) and saved["widths"] == [8, 8, 8]
+    assert "out_dir" not in saved and saved["data_dir"] == str(cifar_dir.resolve())
+    train.main(["--config", str(tmp_path / "a" / "args.json"), "--out-dir", str(tmp_path / "b")])
+    a, b = load_checkpoint(tmp_path / "a" / "last.pth"), load_checkpoint(tmp_path / "b" / "last.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert {**a["args"], "out_dir": None} == {**b["args"], "out_dir": None}
+    assert b["argv"][-2:] == ["--out-dir", str(tmp_path / "b")] and "--config" not in b["argv"]  # resumable as is
+    # a flag given wins over the file's
+    assert config.parse_run_args(["--config", str(tmp_path / "a" / "args.json"), "--lr", "0.1"])[0].lr == 0.1
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--config {path}: No such file or directory"),
+    ("{'lr': 0.1}", "--config {path}: not JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+                    "(char 1)); give a file like a run's args.json"),
+    ("[1, 2]", "--config {path}: not a JSON object of flags (under 1 MB), like a run's args.json"),
+    ('{"learning_rate": 0.1}', "--config {path}: 'learning_rate' is not a flag it may set, or its value is not one"),
+    ('{"augment": "yes"}', "--config {path}: 'augment' is not a flag it may set, or its value is not one"),
+    ('{"lr": "fast"}', "--config {path}: argument --lr: invalid float value: 'fast'"),
+    ('{"optimizer": "lion"}', "--config {path}: argument --optimizer: invalid choice: 'lion'"),
+])
+def test_a_bad_config_file_is_one_line(tmp_path, content, message):
+    path = tmp_path / "flags.json"
+    if content is not None:
+        path.write_text(content)
+    fails_with(["--config", str(path), "--out-dir", str(tmp_path / "run")], message.format(path=path))
+    assert not (tmp_path / "run").exists()
 
 
 def test_resumes_from_another_folder_find_the_data_and_do_not_pile_up_flags(tmp_path, cifar_dir, monkeypatch):
@@ -326,7 +364,7 @@ def test_a_disk_that_fills_up_during_a_run_is_one_line_and_last_pth_survives(sma
     # no .tmp, no .lock; curves.png is drawn after the error when the failed write freed room for it, and is
     # then whole (written atomically)
     left = sorted(p.name for p in out.iterdir())
-    assert [name for name in left if name != "curves.png"] == ["best.pth", "last.pth", "metrics.csv"]
+    assert [name for name in left if name != "curves.png"] == ["args.json", "best.pth", "last.pth", "metrics.csv"]
     if "curves.png" in left:
         png = (out / "curves.png").read_bytes()
         assert png.startswith(b"\x89PNG") and png[-8:-4] == b"IEND"

@@ -323,4 +323,5 @@ def test_training_imports_no_tracking_package_and_runs_without_matplotlib(tmp_pa
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.splitlines()[-1] == "[]"  # (matplotlib: its import was tried, for curves.png, and failed)
-    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "last.pth", "metrics.csv", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pth", "last.pth", "metrics.csv",
+                                                     "results.json"]
