@@ -20,7 +20,9 @@ if __name__ == "__main__":
 import argparse
 import math
 import sys
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -45,7 +47,8 @@ def find_lr(args: argparse.Namespace) -> float:
         runtime.keep_freed_memory()
         torch.set_flush_denormal(True)
     start = starting_weights(args)  # --pretrained, --init-from: the weights the run would start from
-    path = config.out_dir_for(args) / "find-lr.png"
+    path = Path(args.out_dir) / "find-lr.png" if args.out_dir else \
+        Path("runs") / f"find-lr-{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.png"  # (no run folder)
     created = not path.parent.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

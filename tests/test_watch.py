@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import pty
 import signal
 import subprocess
@@ -248,6 +249,18 @@ def test_find_lr_draws_into_a_runs_folder_and_leaves_the_run_alone(finished_run,
     train.main(["--data-dir", data, *CPU, "--out-dir", str(fresh), "--find-lr", "--find-lr-steps", "10"])
     assert sorted(p.name for p in fresh.iterdir()) == ["find-lr.png"]  # nothing --resume could mistake for a run
     assert not any((fresh / name).exists() for name in RUN_FILES)
+
+
+def test_find_lr_without_out_dir_draws_into_runs_and_makes_no_run_folder(finished_run, tmp_path, monkeypatch,
+                                                                          capsys):
+    pytest.importorskip("matplotlib", reason="find_lr.py draws with the optional matplotlib")
+    import find_lr
+    data = load_checkpoint(finished_run / "last.pth")["args"]["data_dir"]
+    monkeypatch.chdir(tmp_path)
+    find_lr.main(["--data-dir", data, *CPU, "--find-lr-steps", "10"])
+    [picture] = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"find-lr-cifar10-simplecnn-\d{8}-\d{6}\.png", picture.name) and picture.is_file()
+    assert f"drawn to {Path('runs') / picture.name}\n" in capsys.readouterr().out
 
 
 def test_find_lr_starts_from_the_runs_weights_and_gives_no_suggestion_without_a_valley(finished_run, tmp_path,
