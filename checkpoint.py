@@ -404,7 +404,7 @@ class RunFolder:
 
     def __init__(self, path: Path, run_id: str):
         self.path, self.run_id = path, run_id
-        self.lock_fd, self.created = None, False
+        self.lock_fd, self.created = None, []
 
     def claim(self, resumed: dict | None, resumed_from: Path | None) -> None:
         """Lock the folder, then check, under the lock (so that two runs started at once cannot both pass), that
@@ -444,7 +444,7 @@ class RunFolder:
 
     def lock(self) -> None:
         import fcntl  # POSIX only: imported here so that the module loads elsewhere
-        self.created = not self.path.exists()
+        self.created = cli.new_folders(self.path)  # (runs/ too, on a first run)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -477,8 +477,7 @@ class RunFolder:
             (self.path / ".lock").unlink(missing_ok=True)  # before unlocking: the next owner writes its own
             os.close(self.lock_fd)
             self.lock_fd = None
-            if self.created and not any(self.path.iterdir()):
-                self.path.rmdir()
+            cli.remove_empty(self.created)
 
     def check_space(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> None:
         """Room for the checkpoints at their largest: the old best.pth and last.pth, and the new one's temp file."""

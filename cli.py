@@ -201,6 +201,21 @@ def check_output(path: str | Path, inputs: tuple = (), what: str = "output", new
                         f"path")
 
 
+def new_folders(path: Path) -> list[Path]:
+    """The folders that creating `path` (mkdir with parents) would make, deepest first: what remove_empty may take
+    back."""
+    return [p for p in (path, *path.parents) if not os.path.lexists(p)]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty: a command that failed leaves no empty folder it made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): what is above it is not empty either
+            return
+
+
 def kind_of_file(mode: int) -> str:
     kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
              (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))

@@ -330,3 +330,13 @@ def test_the_loop_copies_with_a_plain_optimizer_and_a_dataloader_as_its_docstrin
         optimizer.step()
     for (name, a), b in zip(by_hand.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_failed_first_run_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
+    """The first run in a fresh folder, offline (the archive's address made unreachable: the discard port): one
+    error line, and neither data/ nor runs/ is left behind."""
+    import formats
+    monkeypatch.setattr(formats, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.chdir(tmp_path)
+    fails_with(["--device", "cpu"], "cifar-10-batches-py not found in data and the download failed")
+    assert list(tmp_path.iterdir()) == []
