@@ -99,6 +99,30 @@ def test_resuming_an_older_checkpoint_would_rewind_the_run_and_is_refused(tmp_pa
     assert snapshot(out) == before
 
 
+def with_sigint_ignored() -> None:
+    """Popen's preexec_fn: a background job of a shell, or nohup's child: SIGINT ignored, SIGTERM as it comes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_a_run_started_with_sigint_ignored_stops_cleanly_on_sigterm(tmp_path):
+    """Ctrl-C cannot reach a background job (SIGINT ignored, as Python keeps it): SIGTERM, as the pages say, stops it
+    at a step boundary with a last.pth that resumes."""
+    data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(data), *CPU, "--epochs", "50",
+                             "--out-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=with_sigint_ignored)  # noqa: PLW1509
+    wait_for_line(proc, "epoch  1/50")
+    proc.send_signal(signal.SIGINT)  # ignored, as in a background job
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert "Resume with:\n  python train.py " in err and not (out / ".lock").exists()
+    assert load_checkpoint(out / "last.pth")["state"]["epoch"] >= 1
+
+
 @pytest.mark.slow
 def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
