@@ -92,6 +92,12 @@ def show(cmd: list[str]) -> None:
     print("  " + " ".join(["train.py" if a == TRAIN_PY else a for a in cmd[1:]]), flush=True)
 
 
+def seed_guide_process(data_dir: str) -> None:
+    """--memory's seed guide run, in a process of its own: one epoch; an error is one line, as train.py's."""
+    with cli.one_line_errors("bench.py"):
+        seed_guide_run(data_dir, 1)
+
+
 def run_train_py(cmd: list[str]) -> None:
     if subprocess.run(cmd).returncode != 0:  # train.py has said why, in one line
         raise cli.UserError("the train.py run above failed")
@@ -128,7 +134,7 @@ def memory(data_dir: str, extra: list[str]) -> None:
         ours = peak_memory([sys.executable, TRAIN_PY, "--data-dir", data_dir, "--epochs", "1", "--out-dir", out,
                             *extra])
     base = peak_memory([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import bench; "
-                        f"bench.seed_guide_run({data_dir!r}, 1)"])
+                        f"bench.seed_guide_process({data_dir!r})"])
     print(f"\n{'pipeline':<12}{'peak resident memory':>22}")
     for name, peak in (("seed guide", base), ("train.py", ours)):
         print(f"{name:<12}{peak / 2**30:>18.2f} GiB")
