@@ -373,7 +373,7 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_d
 def test_a_disk_that_fills_up_during_a_run_is_one_line_and_last_pth_survives(small_disk, tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=40, n_test=20)
     out = small_disk / "run"
-    proc = start("--data-dir", str(data), *CPU, "--out-dir", str(out), "--epochs", "500")
+    proc = start("--data-dir", str(data), *CPU, "--out-dir", str(out), "--epochs", "500", "--val-split", "0")
     wait_for_line(proc, "epoch   2/500")
     with open(small_disk / "filler", "wb") as f:  # take every byte that is left
         try:
@@ -456,7 +456,7 @@ def test_checkpoints_holding_nonsense_are_refused_in_one_line(tmp_path, cifar_di
             module.main(["--checkpoint", str(tmp_path / "bad.pth"), *images])
         assert str(exc.value.code).startswith(f"{script}: error: ") and message in str(exc.value.code)
     before = snapshot(tmp_path)
-    fails_with(["--resume", str(tmp_path / "bad.pth"), "--out-dir", str(tmp_path)], message)
+    fails_with(["--resume", str(tmp_path / "bad.pth"), "--out-dir", str(tmp_path), "--epochs", "2"], message)
     assert snapshot(tmp_path) == before
 
 

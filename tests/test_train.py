@@ -101,8 +101,8 @@ def test_a_run_writes_metrics_checkpoints_and_results(tmp_path, cifar_dir, capsy
                             "train_seconds"}
     assert results["epochs_completed"] == 2 and results["stopped_early"] is False
     drawn = ["curves.png"] if importlib.util.find_spec("matplotlib") else []  # (drawn when matplotlib is there)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["best.pth", "last.pth", "metrics.csv", "results.json",
-                                                             *drawn])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["args.json", "best.pth", "last.pth", "metrics.csv",
+                                                             "results.json", *drawn])
 
     ckpt = torch.load(out / "last.pth", weights_only=True)
     assert ckpt["state"]["epoch"] == 2 and ckpt["classes"][0] == "airplane" and len(ckpt["mean"]) == 3
