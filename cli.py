@@ -67,24 +67,32 @@ def parser(prog: str, doc: str | None, epilog: str | None = None) -> argparse.Ar
 
 
 def fit_text(doc: str, width: int = 79) -> str:
-    """A docstring for a terminal of 80 columns: its paragraphs wrapped to `width`, and in an indented example line
-    that is too wide, the `# comment` moved to a line of its own below the command."""
-    lines, paragraph = [], []
+    """A docstring for a terminal of 80 columns: its paragraphs wrapped to `width`, and in a block of indented
+    example lines of which one is too wide, each `# comment` moved to a line of its own below its command."""
+    out, paragraph, block = [], [], []
     for line in textwrap.dedent(doc).strip().splitlines() + [""]:
-        if line and not line[0].isspace():
+        if line.strip() and not line[0].isspace():
             paragraph.append(line)
             continue
-        if paragraph:
-            lines += textwrap.wrap(" ".join(paragraph), width)
-            paragraph = []
+        if line.strip():
+            block.append(line)
+            continue
+        out += textwrap.wrap(" ".join(paragraph), width, break_on_hyphens=False) + examples(block, width) + [""]
+        paragraph, block = [], []
+    return "\n".join(line for i, line in enumerate(out) if line or i and out[i - 1]).strip()
+
+
+def examples(lines: list[str], width: int) -> list[str]:
+    """A block of example command lines, each comment on a line of its own when any line is wider than `width`."""
+    if all(len(line) <= width for line in lines):
+        return lines
+    out = []
+    for line in lines:
         command, _, comment = line.partition("  # ")
-        if len(line) <= width or not comment:
-            lines.append(line)
-        else:
-            indent = " " * (len(command) - len(command.lstrip()) + 4)
-            lines += [command.rstrip(), *textwrap.wrap("# " + comment.strip(), width, initial_indent=indent,
-                                                        subsequent_indent=indent + "  ")]
-    return "\n".join(lines).rstrip()
+        indent = " " * (len(command) - len(command.lstrip()) + 4)
+        out += [command.rstrip(), *textwrap.wrap("# " + comment.strip(), width, initial_indent=indent,
+                                                  subsequent_indent=indent + "  ")] if comment else [line]
+    return out
 
 
 @contextmanager
