@@ -109,7 +109,7 @@ def with_sigint_ignored() -> None:
 def test_a_run_started_with_sigint_ignored_stops_cleanly_on_sigterm(tmp_path):
     """Ctrl-C cannot reach a background job (SIGINT ignored, as Python keeps it): SIGTERM, as the pages say, stops it
     at a step boundary with a last.pth that resumes."""
-    data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
+    data = write_cifar10(tmp_path / "data", n_per_batch=100, n_test=20)
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(data), *CPU, "--epochs", "50",
                              "--out-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
