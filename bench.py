@@ -3,7 +3,7 @@
     python bench.py --data-dir ./data                  # 5 epochs each: images/s and test accuracy (~3 min, 2 cores)
     python bench.py --data-dir ./data --epochs 1       # throughput only, quicker
     python bench.py --data-dir ./data --preset fast    # time to accuracy: the whole train.py command, timed
-    python bench.py --data-dir ./data --preset fast -- --widths 64,256,256 --device cuda   # extra train.py flags
+    python bench.py --preset fast -- --widths 64,256,256 --device cuda   # train.py flags
     python bench.py --step-cost 64,128,128 32,192,192  # AirNet training step time per widths, side by side (no data)
     python bench.py --step-cost 32,192,192 --optimizers sgd muon   # ... and per optimizer
     python bench.py --loop-cost 4 32                   # train.py's loop against the bare five steps (no data)
@@ -49,6 +49,9 @@ from checkpoint import EpochTally
 from data import ImageSet, load_raw
 from model import AirNet, SimpleCNN, build_model
 
+ROOT = Path(__file__).resolve().parent  # train.py runs by its full path, in the user's folder: their paths hold
+TRAIN_PY = str(ROOT / "train.py")
+
 
 class SeedGuideCIFAR10(Dataset):
     """Per-item work of torchvision's CIFAR10 dataset with the guide's transform."""
@@ -90,19 +93,29 @@ def seed_guide_run(data_dir: str, epochs: int) -> dict:
     return {"images_per_s": sum(rates) / len(rates), "test_accuracy": 100 * correct / len(test.dataset)}
 
 
+def show(cmd: list[str]) -> None:
+    print("  " + " ".join(["train.py" if a == TRAIN_PY else a for a in cmd[1:]]), flush=True)
+
+
+def seed_guide_process(data_dir: str) -> None:
+    """--memory's seed guide run, in a process of its own: one epoch; an error is one line, as train.py's."""
+    with cli.one_line_errors("bench.py"):
+        seed_guide_run(data_dir, 1)
+
+
 def run_train_py(cmd: list[str]) -> None:
-    if subprocess.run(cmd, cwd=Path(__file__).parent).returncode != 0:  # train.py has said why, in one line
+    if subprocess.run(cmd).returncode != 0:  # train.py has said why, in one line
         raise cli.UserError("the train.py run above failed")
 
 
 def train_py_run(data_dir: str, epochs: int, extra: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "train.py", "--data-dir", data_dir, "--epochs", str(epochs), "--val-split", "0",
+        cmd = [sys.executable, TRAIN_PY, "--data-dir", data_dir, "--epochs", str(epochs), "--val-split", "0",
                "--out-dir", out, *extra]
-        print("  " + " ".join(cmd[1:]), flush=True)
+        show(cmd)
         run_train_py(cmd)
-        rows = (Path(out) / "metrics.csv").read_text().splitlines()[1:]
-        rates = [float(r.split(",")[-1]) for r in rows]
+        with open(Path(out) / "metrics.csv", newline="") as f:
+            rates = [float(row["images_per_s"]) for row in csv.DictReader(f)]
         results = json.loads((Path(out) / "results.json").read_text())
     return {"images_per_s": sum(rates) / len(rates), "test_accuracy": results["test_accuracy"]}
 
@@ -110,12 +123,12 @@ def train_py_run(data_dir: str, epochs: int, extra: list[str]) -> dict:
 def peak_memory(cmd: list[str]) -> int:
     """Run cmd to its end and return its peak resident memory in bytes: what /usr/bin/time -v calls the maximum
     resident set size, as the kernel counts it (process exit included)."""
-    print("  " + " ".join(cmd[1:]), flush=True)
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL)
+    show(cmd)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        raise cli.UserError(f"{' '.join(cmd[1:3])} failed (exit {proc.returncode})")
+        raise cli.UserError(f"the run above failed (exit {proc.returncode})")
     return usage.ru_maxrss * 1024  # kilobytes on Linux
 
 
@@ -123,9 +136,10 @@ def memory(data_dir: str, extra: list[str]) -> None:
     """Peak memory of one epoch: the seed guide's pipeline against train.py (the seed recipe, or `extra`), each in
     a process of its own."""
     with tempfile.TemporaryDirectory() as out:
-        ours = peak_memory([sys.executable, "train.py", "--data-dir", data_dir, "--epochs", "1", "--out-dir", out,
+        ours = peak_memory([sys.executable, TRAIN_PY, "--data-dir", data_dir, "--epochs", "1", "--out-dir", out,
                             *extra])
-    base = peak_memory([sys.executable, "-c", f"import bench; bench.seed_guide_run({data_dir!r}, 1)"])
+    base = peak_memory([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import bench; "
+                        f"bench.seed_guide_process({data_dir!r})"])
     print(f"\n{'pipeline':<12}{'peak resident memory':>22}")
     for name, peak in (("seed guide", base), ("train.py", ours)):
         print(f"{name:<12}{peak / 2**30:>18.2f} GiB")
@@ -134,8 +148,8 @@ def memory(data_dir: str, extra: list[str]) -> None:
 def time_to_accuracy(data_dir: str, preset: str, extra: list[str]) -> None:
     """Run the whole train.py command (load, train, final test) and report its wall time and test accuracy."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "train.py", "--preset", preset, "--data-dir", data_dir, "--out-dir", out, *extra]
-        print("  " + " ".join(cmd[1:]), flush=True)
+        cmd = [sys.executable, TRAIN_PY, "--preset", preset, "--data-dir", data_dir, "--out-dir", out, *extra]
+        show(cmd)
         start = time.perf_counter()
         run_train_py(cmd)
         wall = time.perf_counter() - start

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import pickle
@@ -411,7 +412,7 @@ class RunFolder:
 
     def __init__(self, path: Path, run_id: str):
         self.path, self.run_id = path, run_id
-        self.lock_fd, self.created = None, False
+        self.lock_fd, self.created = None, []
 
     def claim(self, resumed: dict | None, resumed_from: Path | None) -> None:
         """Lock the folder, then check, under the lock (so that two runs started at once cannot both pass), that
@@ -451,7 +452,7 @@ class RunFolder:
 
     def lock(self) -> None:
         import fcntl  # POSIX only: imported here so that the module loads elsewhere
-        self.created = not self.path.exists()
+        self.created = cli.new_folders(self.path)  # (runs/ too, on a first run)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
@@ -484,8 +485,7 @@ class RunFolder:
             (self.path / ".lock").unlink(missing_ok=True)  # before unlocking: the next owner writes its own
             os.close(self.lock_fd)
             self.lock_fd = None
-            if self.created and not any(self.path.iterdir()):
-                self.path.rmdir()
+            cli.remove_empty(self.created)
 
     def check_space(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> None:
         """Room for the checkpoints at their largest: the old best.pth and last.pth, and the new one's temp file."""
@@ -507,6 +507,10 @@ class RunFolder:
             changed = "; ".join(f"{c['flags']} from step {c['step']}" for c in changes if c["epoch"] == row["epoch"])
             writer.writerow({**row, "changed": changed})
         write_atomically(self.path / "metrics.csv", text.getvalue().encode())
+
+    def write_args(self, flags: dict) -> None:
+        """args.json: the run's resolved flags (config.run_flags), what `train.py --config` takes back."""
+        write_atomically(self.path / "args.json", (json.dumps(flags, indent=2) + "\n").encode())
 
     def write_results(self, text: str) -> None:
         write_atomically(self.path / "results.json", text.encode())

@@ -8,6 +8,7 @@ import signal
 import stat
 import sys
 import tempfile
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -53,14 +54,45 @@ def restore_signals(handlers: dict) -> None:
         signal.signal(s, handler)
 
 
-def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 1), not the usage block."""
-    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(prog: str, doc: str | None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 1), not the usage block, and whose
+    description (a script's docstring) and epilog fit 80 columns (fit_text)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc and fit_text(doc), epilog=epilog and fit_text(epilog),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def error(message: str):
         raise SystemExit(f"{prog}: error: {message}")
     p.error = error
     return p
+
+
+def fit_text(doc: str, width: int = 79) -> str:
+    """A docstring for a terminal of 80 columns: its paragraphs wrapped to `width`, and in a block of indented
+    example lines of which one is too wide, each `# comment` moved to a line of its own below its command."""
+    out, paragraph, block = [], [], []
+    for line in textwrap.dedent(doc).strip().splitlines() + [""]:
+        if line.strip() and not line[0].isspace():
+            paragraph.append(line)
+            continue
+        if line.strip():
+            block.append(line)
+            continue
+        out += textwrap.wrap(" ".join(paragraph), width, break_on_hyphens=False) + examples(block, width) + [""]
+        paragraph, block = [], []
+    return "\n".join(line for i, line in enumerate(out) if line or i and out[i - 1]).strip()
+
+
+def examples(lines: list[str], width: int) -> list[str]:
+    """A block of example command lines, each comment on a line of its own when any line is wider than `width`."""
+    if all(len(line) <= width for line in lines):
+        return lines
+    out = []
+    for line in lines:
+        command, _, comment = line.partition("  # ")
+        indent = " " * (len(command) - len(command.lstrip()) + 4)
+        out += [command.rstrip(), *textwrap.wrap("# " + comment.strip(), width, initial_indent=indent,
+                                                  subsequent_indent=indent + "  ")] if comment else [line]
+    return out
 
 
 @contextmanager
@@ -141,7 +173,7 @@ def printable(text: str) -> str:
 # Outputs: what a script writes (a picture, an ONNX model) may replace only a file that nothing else needs
 
 # What train.py writes into a run folder and what its scripts read: never replaced by a picture or a model
-RUN_FILE_NAMES = ("last.pth", "best.pth", "metrics.csv", "results.json")
+RUN_FILE_NAMES = ("last.pth", "best.pth", "metrics.csv", "results.json", "args.json")
 
 
 def check_output(path: str | Path, inputs: tuple = (), what: str = "output", new_folder: bool = False) -> None:
@@ -178,6 +210,21 @@ def check_output(path: str | Path, inputs: tuple = (), what: str = "output", new
     if status is not None and ours:
         raise UserError(f"the {what} {path} would replace {ours[-1]}, a file of a training run; choose another "
                         f"path")
+
+
+def new_folders(path: Path) -> list[Path]:
+    """The folders that creating `path` (mkdir with parents) would make, deepest first: what remove_empty may take
+    back."""
+    return [p for p in (path, *path.parents) if not os.path.lexists(p)]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty: a command that failed leaves no empty folder it made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): what is above it is not empty either
+            return
 
 
 def kind_of_file(mode: int) -> str:

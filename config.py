@@ -5,10 +5,12 @@ A preset replaces the parser's defaults; flags given on the command line still w
 come back from its checkpoint and those given now replace them where MAY_CHANGE_ON_RESUME allows.
 """
 import argparse
+import json
 import math
 import os
 import re
 import shlex
+import textwrap
 import time
 from pathlib import Path
 
@@ -44,13 +46,19 @@ PRESETS = {
 
 
 def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.ArgumentParser:
-    """train.py's flags, in the groups --help shows."""
-    p = cli.parser(prog, doc)
+    """train.py's flags, in the groups --help shows; the presets' flags below them."""
+    presets = [f"--preset {name} sets:\n" + textwrap.fill(  # (a no-break space keeps each flag with its value)
+        "  ".join(flag.replace(" ", "\xa0") for flag in preset_flags(name)), 79, initial_indent="  ",
+        subsequent_indent="  ", break_on_hyphens=False).replace("\xa0", " ") for name in PRESETS if PRESETS[name]]
+    p = cli.parser(prog, doc, "\n\n".join(presets))
     p.add_argument("--preset", default="seed", choices=sorted(PRESETS),
-                   help="a named recipe; flags given override it (default: seed)")
+                   help="a named recipe (the defaults are the seed recipe's; what fast sets: at the end); flags "
+                        "given override it (default: seed)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="(default: cifar10)")
+    g.add_argument("--dataset", default="cifar10", choices=DATASETS,
+                   help="imagefolder: your own images, one folder per class under DIR/train and DIR/test "
+                        "(default: cifar10)")
     g.add_argument("--data-dir", default="./data", metavar="DIR",
                    help="where datasets are found or downloaded (default: ./data)")
     g.add_argument("--image-size", type=int, metavar="PX", help="side images are resized to, once, into the "
@@ -128,7 +136,8 @@ def image_prep(args: argparse.Namespace) -> Prep:
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=5, metavar="N", help="(default: 5)")
+    g.add_argument("--epochs", type=int, default=5, metavar="N",
+                   help="passes over the training set (default: 5)")
     g.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per forward pass, over all processes under torchrun (default: 32)")
     g.add_argument("--accum-steps", type=int, default=1, metavar="K",
@@ -167,7 +176,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
 
 def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("regularization and augmentation")
-    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S", help="(default: 0)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, metavar="S",
+                   help="train towards 1-S on the true class and S spread over all classes, not 1 (default: 0)")
     g.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="evaluate and save an exponential moving average of the weights, updated every step, "
                         "0 = off (default: 0)")
@@ -215,7 +225,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="write TensorBoard event files to <out-dir>/tensorboard (tensorboard --logdir runs) "
                         "(default: off)")
 
-    g = p.add_argument_group("learning-rate range test (find_lr.py)")
+    g = p.add_argument_group("learning-rate range test")
     g.add_argument("--find-lr", action="store_true",
                    help="instead of training: the lr range test of find_lr.py (python find_lr.py takes the same flags)")
     g.add_argument("--find-lr-start", type=float, default=1e-6, metavar="LR", help="first lr (default: 1e-6)")
@@ -226,9 +236,20 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("run folder and resume")
     g.add_argument("--out-dir", metavar="DIR",
-                   help="(default: runs/<dataset>-<model>-<date-time>, or the --resume folder)")
+                   help="the run's folder: checkpoints, metrics.csv, results.json, curves.png (default: "
+                        "runs/<dataset>-<model>-<date-time>, or the --resume folder)")
     g.add_argument("--resume", metavar="PATH", help="continue from a last.pth; flags not given are the run's own "
                    "(docs: which flags may change)")
+    g.add_argument("--config", metavar="FILE", help="take the flags from FILE, a JSON object like a run's args.json; "
+                   "flags given on the command line override it")
+
+
+def preset_flags(name: str) -> list[str]:
+    """The flags that set what preset `name` sets, each with its value ("--epochs 11")."""
+    def value(v: object) -> str:
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    return [f"--{dest.replace('_', '-')}" + ("" if isinstance(v, bool) else f" {value(v)}")
+            for dest, v in PRESETS[name].items() if v is not False]  # (a preset turns switches on only)
 
 
 class ListModels(argparse.Action):
@@ -381,22 +402,49 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
                               f"{getattr(args, dest)}; that would be another run: "
                               f"{new_run_hint(dest, saved_argv, argv, args.resume)}")
     done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
+    if isinstance(ckpt["args"].get("data_dir"), str):  # resolved when saved: a resume from any folder finds the data
+        saved.data_dir = ckpt["args"]["data_dir"]
     for dest in given & (MAY_CHANGE_ON_RESUME | TAKE_EFFECT_ON_RESUME):
         setattr(saved, dest, getattr(args, dest))
     if saved.epochs < done:
         raise ConfigError(f"--resume: the run has already done {done} epochs; --epochs {saved.epochs} is fewer")
+    finished = nothing_left(saved, ckpt["state"], argv)
+    if finished:
+        raise ConfigError(finished)
     saved.out_dir, saved.resume = args.out_dir, args.resume
-    return saved, without_resume(saved_argv) + without_resume(argv)
+    return saved, without_resume(replace_flags(saved_argv, argv))
+
+
+def replace_flags(saved_argv: list[str], argv: list[str]) -> list[str]:
+    """`saved_argv` with the flags given in `argv` replaced by their new values (at the end): a command line that
+    is resumed again and again does not pile them up."""
+    defaults, given = vars(parse_args([])), given_flags(argv)
+    flags = [f"--{d.replace('_', '-')}" for d in given if not isinstance(defaults[d], bool)]
+    switches = [f"--{no}{d.replace('_', '-')}" for d in given if isinstance(defaults[d], bool) for no in ("", "no-")]
+    return without(saved_argv, *flags, switches=tuple(switches)) + argv
+
+
+def nothing_left(args: argparse.Namespace, state: dict, argv: list[str]) -> str | None:
+    """Why a resumed run would have nothing left to train (all its --epochs done, or early stopping ended it), and
+    the command that trains on; None when it has steps left."""
+    def again(flag: str) -> str:
+        return shlex.join(["python", "train.py", "--resume", args.resume, *without(argv, "--resume", flag), flag])
+    if state["epoch"] >= args.epochs:
+        return (f"--resume: the run has done all its {args.epochs} epochs, so nothing is left to train (its test: "
+                f"python evaluate.py --checkpoint {Path(args.resume).parent / 'best.pth'}); to train on, give a "
+                f"larger --epochs: {again('--epochs')} {2 * args.epochs}")
+    if args.patience and state["bad_epochs"] >= args.patience:
+        return (f"--resume: early stopping ended the run after epoch {state['epoch']} ({state['bad_epochs']} epochs "
+                f"without improvement, --patience {args.patience}), so nothing is left to train; to train on, give a "
+                f"larger --patience (0 = off): {again('--patience')} 0")
+    return None
 
 
 def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str) -> str:
     """The way forward when a flag that makes another run is given with --resume: a new run with the run's flags
     and those given now, from the resumed checkpoint's weights (`path`) where they fit (--init-from)."""
-    defaults, given = vars(parse_args([])), given_flags(argv)
-    flags = [f"--{d.replace('_', '-')}" for d in given if not isinstance(defaults[d], bool)]
-    switches = [f"--{no}{d.replace('_', '-')}" for d in given if isinstance(defaults[d], bool) for no in ("", "no-")]
-    flags = without(without(saved_argv, *flags, switches=tuple(switches)) + argv, "--resume", "--out-dir",
-                    "--init-from", switches=("--pretrained",))
+    flags = without(replace_flags(saved_argv, argv), "--resume", "--out-dir", "--init-from",
+                    switches=("--pretrained",))
     if dest in NEW_RUN_ONLY:
         return f"start a new run without --resume: python train.py {shlex.join(flags)}"
     return f"start a new run from its weights: {shlex.join(['python', 'train.py', *flags, '--init-from', path])}"
@@ -434,8 +482,9 @@ def out_dir_for(args: argparse.Namespace) -> Path:
 def parse_run_args(argv: list[str], prog: str = "train.py",
                    doc: str | None = None) -> tuple[argparse.Namespace, dict | None, list[str]]:
     """train.py's flags, checked: (args, the checkpoint --resume continues or None, the run's flags as a command
-    line). A resumed run's flags are its checkpoint's, with those given now where they may change. `prog`, `doc`:
-    the script's name and --help text."""
+    line, --config's file spelled out in it). A resumed run's flags are its checkpoint's, with those given now where
+    they may change. `prog`, `doc`: the script's name and --help text."""
+    argv = expand_config(argv)
     args = parse_args(argv, prog, doc)
     resumed, run_argv = None, without_resume(argv)
     if args.find_lr and args.resume:
@@ -449,6 +498,66 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     if problem:
         raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
     return args, resumed, run_argv
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run's flags in a file: args.json in the run folder, and --config FILE
+
+NOT_IN_CONFIG = ("resume", "out_dir", "config")  # where a run is, not what it is
+
+
+def run_flags(args: argparse.Namespace) -> dict:
+    """The run's resolved flags, as its args.json holds them and --config takes them back: every flag but where
+    the run is (--out-dir, --resume), the data folder resolved."""
+    flags = {dest: value for dest, value in vars(args).items() if dest not in NOT_IN_CONFIG}
+    return {**flags, "data_dir": str(Path(args.data_dir).resolve())}
+
+
+def expand_config(argv: list[str]) -> list[str]:
+    """`argv` with --config FILE replaced by the flags FILE holds, put first so that the flags given win."""
+    for i, a in enumerate(argv):
+        if a == "--config" or a.startswith("--config="):
+            path = a.partition("=")[2] if "=" in a else argv[i + 1] if i + 1 < len(argv) else ""
+            if not path:
+                raise ConfigError("--config needs a file: a JSON object of flags, like a run's args.json")
+            return config_flags(path) + argv[:i] + argv[i + (1 if "=" in a else 2):]
+    return argv
+
+
+def config_flags(path: str) -> list[str]:
+    """The flags a --config file holds ({"lr": 0.1, "widths": [32, 64, 64], "augment": true, ...}), as a command
+    line; checked as train.py checks its command line."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(1_000_001)
+        flags = json.loads(raw) if len(raw) <= 1_000_000 else None
+    except OSError as e:
+        raise ConfigError(f"--config {path}: {cli.describe_os_error(e, filename=False)}") from None
+    except ValueError as e:  # (UnicodeDecodeError included)
+        raise ConfigError(f"--config {path}: not JSON ({cli.one_line(e, 100)}); give a file like a run's "
+                          f"args.json") from None
+    if not isinstance(flags, dict):
+        raise ConfigError(f"--config {path}: not a JSON object of flags (under 1 MB), like a run's args.json")
+    actions = {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest not in ("help", "config")}
+    argv = []
+    for dest, value in flags.items():
+        action = actions.get(dest)
+        switch = action is not None and action.nargs == 0  # (true or false in the file)
+        if action is None or dest == "resume" or switch != isinstance(value, bool) or isinstance(value, dict):
+            raise ConfigError(f"--config {path}: {cli.printable(cli.shorten(repr(dest), 60))} is not a flag it may "
+                              f"set, or its value is not one: the file's keys are train.py's flags as in args.json")
+        flag = f"--{dest.replace('_', '-')}"
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv += [flag if value else f"--no-{flag[2:]}"]
+        elif switch:
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    try:
+        parse_args(argv)
+    except SystemExit as e:
+        raise ConfigError(f"--config {path}: {str(e.code).removeprefix('train.py: error: ')}") from None
+    return argv
 
 
 def from_preset(problem: str, args: argparse.Namespace, argv: list[str]) -> str:

@@ -269,6 +269,20 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -
     return padded.gather(2, flat).view(n, c, h, w)
 
 
+# Below this many validation images per class, the best epoch (best.pth, early stopping) is picked on noise
+MIN_VAL_PER_CLASS = 10
+
+
+def warn_small_split(val_split: float, n_val: int, n_classes: int, name: str) -> None:
+    """One warning line when --val-split holds out fewer than MIN_VAL_PER_CLASS images per class, with the ways
+    forward."""
+    if 0 < n_val < MIN_VAL_PER_CLASS * n_classes:
+        folder = "a val/ folder next to train/, " if name == "imagefolder" else ""
+        print(f"warning: --val-split {val_split} holds out {n_val} images for {n_classes} classes, too few to pick "
+              f"the best epoch by; give {folder}a larger --val-split, or --val-split 0 with a fixed --epochs",
+              file=sys.stderr, flush=True)
+
+
 def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,
             image_size: int | None = None, stats: tuple[list[float], list[float]] | None = None,
             max_pixels: int = MAX_IMAGE_PIXELS, prep: Prep = SQUASH, workers: int | None = None):
@@ -292,6 +306,7 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
                                      f"images (a copy)")
         train, val = split_indices(len(train_y), val_split, seed)
         (train_x, train_y), (val_x, val_y) = (train_x[train], train_y[train]), (train_x[val], train_y[val])
+        warn_small_split(val_split, len(val_y), len(classes), name)
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device)
                  for s in (gray_stats(stats, train_x.shape[1]) or channel_stats(train_x)))
 

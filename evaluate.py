@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on the test set: loss, accuracy, per-class accuracy and the confusion matrix.
 
-    python evaluate.py --checkpoint runs/cifar10-simplecnn-20261123-120000/best.pth
+    python evaluate.py --checkpoint runs/seed/best.pth
     python evaluate.py --checkpoint best.pth --data-dir ./data --json
     python evaluate.py --checkpoint best.pth --show predictions.png   # test images, true and predicted labels
     python evaluate.py --checkpoint runs/my-photos                    # a run folder: its best.pth

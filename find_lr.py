@@ -4,7 +4,7 @@ and print a suggested --lr on the last line.
 
     python find_lr.py                              # the seed recipe's model and optimizer
     python find_lr.py --preset fast --out-dir runs/fast-lr   # draws runs/fast-lr/find-lr.png
-    python find_lr.py --model resnet18 --pretrained --image-size 64 --optimizer sgd
+    python find_lr.py --model resnet18 --pretrained --optimizer sgd
     python train.py --find-lr ...                  # the same
 
 It takes train.py's flags (python train.py --help) and runs train.py's own steps (train_one_epoch: its batches,
@@ -20,7 +20,9 @@ if __name__ == "__main__":
 import argparse
 import math
 import sys
+import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -45,7 +47,8 @@ def find_lr(args: argparse.Namespace) -> float:
         runtime.keep_freed_memory()
         torch.set_flush_denormal(True)
     start = starting_weights(args)  # --pretrained, --init-from: the weights the run would start from
-    path = config.out_dir_for(args) / "find-lr.png"
+    path = Path(args.out_dir) / "find-lr.png" if args.out_dir else \
+        Path("runs") / f"find-lr-{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}.png"  # (no run folder)
     created = not path.parent.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

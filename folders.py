@@ -33,6 +33,7 @@ from formats import DataError, allocate_images, available_memory
 MAX_IMAGE_PIXELS = 50_000_000
 DECODE_COPIES = 3 * 4  # bytes per decoded pixel at the peak of load_image: RGBA, and two converted copies
 DECODE_BUFFER = 2**30  # the most bytes decoding threads hold at once beyond the result (a larger image decodes alone)
+THREADS = min(32, (os.cpu_count() or 1) + 4)  # that decode an image folder (ThreadPoolExecutor's default)
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -283,6 +284,18 @@ def _cache_path(root: Path, split: str, image_size: int, files: list[Path], max_
     return root / f".cache-{split}-{image_size}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
 
+def _frame_bytes(path: Path, image_size: int, max_pixels: int) -> int:
+    """The bytes load_image holds at its peak to decode `path`, from its header (a JPEG: at the reduced scale it
+    decodes at); 0 for a file it skips."""
+    try:
+        with open_regular(path, "image") as f, Image.open(f) as im:
+            im.draft(None, (image_size, image_size))
+            pixels = im.size[0] * im.size[1]
+    except Exception:  # (load_image says why, when it gets there)
+        return 0
+    return pixels * DECODE_COPIES if pixels <= max_pixels else 0
+
+
 def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, what: str) -> dict:
     """{"images", "labels", "skipped": the messages of the unreadable files}, decoded into one preallocated tensor.
     Only what is the file's own (an UnreadableImage) is skipped; any other failure (out of memory, an I/O error)
@@ -290,8 +303,11 @@ def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, wha
     # The threads' decoded frames (up to max_pixels * DECODE_COPIES bytes each) share a budget: DECODE_BUFFER, or
     # half of what the result leaves available, so that it never alone refuses a folder that fits; an image larger
     # than the budget decodes alone (and one that does not fit at all is an out-of-memory error, never cached).
-    result, available = len(files) * IMAGEFOLDER_CHANNELS * image_size**2, available_memory()
-    limit = min(DECODE_BUFFER, len(files) * max_pixels * DECODE_COPIES,
+    # At most `workers` images decode at once: their frames, from the files' headers, are all decoding can take
+    result, available, workers = len(files) * IMAGEFOLDER_CHANNELS * image_size**2, available_memory(), THREADS
+    with ThreadPoolExecutor(workers) as pool:
+        frames = sorted(pool.map(lambda file: _frame_bytes(file[0], image_size, max_pixels), files), reverse=True)
+    limit = min(DECODE_BUFFER, sum(frames[:workers]),
                 DECODE_BUFFER if available is None else max(0, available - result) // 2)
     images = allocate_images(len(files), IMAGEFOLDER_CHANNELS, image_size, what, extra=limit)
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
@@ -304,7 +320,7 @@ def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, wha
             return str(e)
         return None
 
-    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while it decodes and resizes
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while it decodes and resizes
         problems = list(pool.map(decode, range(len(files))))
     skipped = [p for p in problems if p is not None]
     if skipped:

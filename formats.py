@@ -93,9 +93,11 @@ def _read_cifar_batch(path: Path, label_key: str = "labels",
 
 def _download_cifar(url: str, md5: str, folder: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
+    created = cli.new_folders(folder.parent)
     try:
         download_and_extract_archive(url, str(folder.parent), md5=md5)
     except Exception as e:
+        cli.remove_empty(created)  # (a failed first run leaves no empty data/)
         raise DataError(f"{folder.name} not found in {folder.parent} and the download failed "
                         f"({type(e).__name__}); put the extracted {url} there, or give --data-dir the folder that "
                         f"holds {folder.name}") from None

@@ -1,8 +1,8 @@
 """Label image files with a trained checkpoint: class name and probability, best first.
 
-    python predict.py --checkpoint runs/my-photos/best.pth photo.jpg
-    python predict.py --checkpoint runs/my-photos/best.pth --top-k 3 --json photos/*.jpg
-    python predict.py --checkpoint runs/my-photos/best.pth new/     # every image file in new/, sorted
+    python predict.py --checkpoint runs/photos/best.pth photo.jpg
+    python predict.py --checkpoint runs/photos/best.pth --top-k 3 --json *.jpg
+    python predict.py --checkpoint runs/photos/best.pth new/     # every image file in new/, sorted
 
 Nothing but the checkpoint is needed: it holds the classes, the image size and the normalization. Each image is
 decoded exactly as training decoded it (folders.load_image: EXIF rotation, transparency on white, grayscale or RGB

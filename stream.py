@@ -257,7 +257,7 @@ def prepare(root: Path, val_split: float, seed: int, device: torch.device, size:
     """data.prepare for a streamed image folder: (train, val or None, test, classes), validation held out the
     same way (the same images as in memory), and normalization from up to STATS_IMAGES training images (in
     evaluation's shape; STATS_BYTES of them at most) unless `stats` gives it."""
-    from data import channel_stats, split_indices
+    from data import channel_stats, split_indices, warn_small_split
     classes = imagefolder_classes(root)
     splits = {split: split_files(root, split, classes) for split in ("train", "val", "test") if split != "val" or
               (root / "val").is_dir()}  # the user's own val/ beats a random split
@@ -266,6 +266,7 @@ def prepare(root: Path, val_split: float, seed: int, device: torch.device, size:
     if "val" not in splits:
         train, val = split_indices(len(splits["train"]), val_split, seed)
         splits["train"], splits["val"] = [splits["train"][i] for i in train], [splits["train"][i] for i in val]
+        warn_small_split(val_split, len(val), len(classes), "imagefolder")
     sets = {split: stream_set(root, files, size, max_pixels, prep, seed, device, workers) if files else None
             for split, files in splits.items()}
     n = max(1, min(STATS_IMAGES, STATS_BYTES // (IMAGEFOLDER_CHANNELS * size * size)))

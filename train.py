@@ -2,7 +2,7 @@
 
     python train.py                                 # the seed recipe: SimpleCNN, Adam 1e-3, batch 32, 5 epochs
     python train.py --preset fast                   # AirNet + Muon, sized for a laptop CPU (README: results)
-    python train.py --dataset fashion-mnist --epochs 10 --augment --scheduler cosine
+    python train.py --dataset fashion-mnist --augment --scheduler cosine
     python train.py --model resnet18 --pretrained --image-size 64   # fine-tune torchvision's ImageNet weights
     python train.py --list-models                   # ours, then every torchvision classification model
     python train.py --resume runs/cifar10-simplecnn-20261123-120000/last.pth   # go on where it stopped
@@ -11,9 +11,9 @@
 
 Each epoch prints a line and adds it to <out-dir>/metrics.csv, writes last.pth, and best.pth when the validation
 loss improves; at the end best.pth is tested once (results.json, curves.png). Ctrl-C saves a last.pth that resumes
-mid-epoch and prints the command. The flags are in config.py (--help shows them in groups). Read on in order: the
-five steps (train_one_epoch), the epochs (validate, save, stop early), the run.
+mid-epoch and prints the command. The flags are in config.py (--help shows them in groups).
 """
+# Read on in order: the five steps (train_one_epoch), the epochs (validate, save, stop early), the run.
 import cli
 
 if __name__ == "__main__":
@@ -52,21 +52,27 @@ from optim import ema_decay, ema_update, lr_factor, make_optimizer
 
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     steps: Iterable[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]],
-                    scaler: torch.amp.GradScaler, autocast: ContextManager | None = None, grad_clip: float = 0.0,
-                    label_smoothing: float = 0.0,
+                    scaler: torch.amp.GradScaler | None = None, autocast: ContextManager | None = None,
+                    grad_clip: float = 0.0, label_smoothing: float = 0.0,
                     after_step: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step per item of `steps`: (lr factor, its micro-batches [(x, y), ...], the images in the whole
-    step over all processes). Each param group's lr is its "initial_lr" x the factor; `autocast`: the forward pass's
-    precision (e.g. torch.autocast("cpu", torch.bfloat16)). The model must be in train mode. Returns
-    this process's summed loss and count of correct predictions, as tensors on the device: reading them is the one
-    GPU sync, and the caller decides when. `after_step(loss_sum, correct)` runs after each step."""
+    step over all processes). From a DataLoader, one batch per step at the optimizer's own lr:
+
+        model.train()
+        loss_sum, correct = train_one_epoch(model, optimizer, ((1.0, [(x, y)], len(x)) for x, y in loader))
+
+    Each param group's lr is its "initial_lr" (set from its lr when missing, as torch's lr schedulers do) x the
+    factor. Optional: `scaler`, a GradScaler for fp16 (None: no loss scaling); `autocast`, the forward pass's
+    precision (e.g. torch.autocast("cpu", torch.bfloat16)); clipping; label smoothing; `after_step(loss_sum,
+    correct)`, run after each step. Returns this process's summed loss and count of correct predictions, as
+    tensors on the device: reading them is the one GPU sync, and the caller decides when."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     device, autocast = next(model.parameters()).device, autocast or nullcontext()
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.int64)
     for lr_scale, micro_batches, step_images in steps:
         for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lr_scale
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_scale
         optimizer.zero_grad(set_to_none=True)                                       # 1. zero the gradients
         for i, (x, y) in enumerate(micro_batches):
             # DDP all-reduces the gradients in backward; only the last micro-batch of a step needs that
@@ -79,14 +85,19 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                 # The micro-batch's sum over the whole step's size: the accumulated gradient is the step's mean, so
                 # K micro-batches step like one batch (exactly, without BatchNorm), a short last step included.
                 # (x world: DDP averages the processes' gradients, and each process holds 1/world of the sum.)
-                scaler.scale(loss * (world / step_images)).backward()              # 4. backward
+                loss_mean = loss * (world / step_images)
+                (loss_mean if scaler is None else scaler.scale(loss_mean)).backward()  # 4. backward
             loss_sum += loss.detach()
             correct += (logits.argmax(1) == y).sum()
-        scaler.unscale_(optimizer)  # (fp16) clip the true gradient, not the scaled one
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # (fp16) clip the true gradient, not the scaled one
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)                                                      # 5. step
-        scaler.update()
+        if scaler is None:
+            optimizer.step()                                                        # 5. step
+        else:
+            scaler.step(optimizer)  # (fp16: skipped when the gradient overflowed)
+            scaler.update()
         if after_step is not None:
             after_step(loss_sum, correct)
     return loss_sum, correct
@@ -180,8 +191,6 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
         card: dict, state: RunState, tally: EpochTally, trackers: list) -> bool:
     """Train epoch after epoch from state.epoch + 1, validating and saving after each. Returns True when early
     stopping ended the run; a signal ends it with a mid-epoch last.pth and the command that resumes it."""
-    if args.patience and state.bad_epochs >= args.patience:  # a resumed run that had already stopped early
-        return True
     with t.stop.deferred():
         for epoch in range(state.epoch + 1, args.epochs + 1):
             if not train_epoch(t, train, args, epoch, tally):
@@ -202,6 +211,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
                 save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
                                 folder.path / "last.pth", *([folder.path / "best.pth"] if improved else []))
                 folder.write_metrics(state.history, card["changes"])
+                folder.write_args(config.run_flags(args))
                 print(report.format_epoch(row, args.epochs), flush=True)
                 report.log_epoch(trackers, row)
             runtime.on_rank0(save)

@@ -2,6 +2,7 @@
 exit, and nothing on disk is lost. Real processes, real signals, a real full disk (tmpfs), real concurrent runs."""
 import importlib
 import importlib.util
+import json
 import math
 import os
 import re
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 import cli
+import config
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
@@ -97,6 +99,30 @@ def test_resuming_an_older_checkpoint_would_rewind_the_run_and_is_refused(tmp_pa
     assert snapshot(out) == before
 
 
+def with_sigint_ignored() -> None:
+    """Popen's preexec_fn: a background job of a shell, or nohup's child: SIGINT ignored, SIGTERM as it comes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_a_run_started_with_sigint_ignored_stops_cleanly_on_sigterm(tmp_path):
+    """Ctrl-C cannot reach a background job (SIGINT ignored, as Python keeps it): SIGTERM, as the pages say, stops it
+    at a step boundary with a last.pth that resumes."""
+    data = write_cifar10(tmp_path / "data", n_per_batch=100, n_test=20)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(data), *CPU, "--epochs", "50",
+                             "--out-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=with_sigint_ignored)  # noqa: PLW1509
+    wait_for_line(proc, "epoch  1/50")
+    proc.send_signal(signal.SIGINT)  # ignored, as in a background job
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert "Resume with:\n  python train.py " in err and not (out / ".lock").exists()
+    assert load_checkpoint(out / "last.pth")["state"]["epoch"] >= 1
+
+
 @pytest.mark.slow
 def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
@@ -158,6 +184,90 @@ def test_resume_takes_the_runs_own_flags_and_uses_the_ones_that_may_change(tmp_p
     assert (ckpt["args"]["optimizer"], ckpt["args"]["lr"], ckpt["args"]["scheduler"]) == ("sgd", 0.05, "cosine")
     assert (ckpt["args"]["epochs"], ckpt["args"]["patience"], ckpt["args"]["channels_last"]) == (3, 1, False)
     assert results["stopped_early"] is True and results["epochs_completed"] == 2  # --patience 1 was used
+
+
+def test_the_run_folders_args_json_makes_the_same_run_again_with_config(tmp_path, cifar_dir):
+    """args.json holds the run's resolved flags; --config takes it (a flag given wins over it), and the run it
+    makes ends at the same weights."""
+    flags = ["--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05", "--nesterov",
+             "--augment", "--no-channels-last", "--widths", "8,8,8", "--model", "airnet", "--val-split", "0"]
+    train.main([*flags, "--out-dir", str(tmp_path / "a")])
+    saved = json.loads((tmp_path / "a" / "args.json").read_text())
+    assert saved == json.loads(json.dumps(config.run_flags(config.parse_args(flags)))) and saved["widths"] == [8, 8, 8]
+    assert "out_dir" not in saved and saved["data_dir"] == str(cifar_dir.resolve())
+    train.main(["--config", str(tmp_path / "a" / "args.json"), "--out-dir", str(tmp_path / "b")])
+    a, b = load_checkpoint(tmp_path / "a" / "last.pth"), load_checkpoint(tmp_path / "b" / "last.pth")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert {**a["args"], "out_dir": None} == {**b["args"], "out_dir": None}
+    assert b["argv"][-2:] == ["--out-dir", str(tmp_path / "b")] and "--config" not in b["argv"]  # resumable as is
+    # a flag given wins over the file's
+    assert config.parse_run_args(["--config", str(tmp_path / "a" / "args.json"), "--lr", "0.1"])[0].lr == 0.1
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "--config {path}: No such file or directory"),
+    ("{'lr': 0.1}", "--config {path}: not JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
+                    "(char 1)); give a file like a run's args.json"),
+    ("[1, 2]", "--config {path}: not a JSON object of flags (under 1 MB), like a run's args.json"),
+    ('{"learning_rate": 0.1}', "--config {path}: 'learning_rate' is not a flag it may set, or its value is not one"),
+    ('{"augment": "yes"}', "--config {path}: 'augment' is not a flag it may set, or its value is not one"),
+    ('{"lr": "fast"}', "--config {path}: argument --lr: invalid float value: 'fast'"),
+    ('{"optimizer": "lion"}', "--config {path}: argument --optimizer: invalid choice: 'lion'"),
+])
+def test_a_bad_config_file_is_one_line(tmp_path, content, message):
+    path = tmp_path / "flags.json"
+    if content is not None:
+        path.write_text(content)
+    fails_with(["--config", str(path), "--out-dir", str(tmp_path / "run")], message.format(path=path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resumes_from_another_folder_find_the_data_and_do_not_pile_up_flags(tmp_path, cifar_dir, monkeypatch):
+    """A run started with a relative --data-dir, resumed twice from another working folder with flags that change:
+    the data is the checkpoint's (resolved), and the saved command line holds each flag once, with its last value,
+    as does the command a refusal offers."""
+    monkeypatch.chdir(cifar_dir.parent)
+    train.main(["--data-dir", cifar_dir.name, *CPU, "--out-dir", "run", "--epochs", "1", "--lr", "0.001"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    last = str(cifar_dir.parent / "run" / "last.pth")
+    train.main(["--resume", last, "--epochs", "2", "--lr", "0.002", "--no-channels-last"])
+    train.main(["--resume", last, "--epochs", "3", "--lr", "0.003", "--channels-last"])
+    argv = load_checkpoint(last)["argv"]
+    assert argv == ["--data-dir", "cifar", "--device", "cpu", "--out-dir", "run", "--epochs", "3", "--lr", "0.003",
+                    "--channels-last"], argv
+    error = fails_with(["--resume", last, "--batch-size", "16"], "that would be another run")
+    assert error.endswith(f"python train.py --data-dir cifar --device cpu --epochs 3 --lr 0.003 --channels-last "
+                          f"--batch-size 16 --init-from {last}"), error
+    assert sorted(p.name for p in elsewhere.iterdir()) == []
+
+
+def test_resuming_a_finished_run_trains_nothing_says_why_and_how_to_train_on(tmp_path, cifar_dir, capsys):
+    """The FAQ's resume command on a run that has done all its epochs, or that early stopping ended: refused in one
+    line that gives the command that trains on; nothing is tested again, no file is rewritten."""
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])
+    before, last = snapshot(out), str(out / "last.pth")
+    capsys.readouterr()
+    fails_with(["--resume", last, "--lr", "1e-4", "--grad-clip", "1.0"],
+               f"--resume: the run has done all its 1 epochs, so nothing is left to train (its test: python "
+               f"evaluate.py --checkpoint {out / 'best.pth'}); to train on, give a larger --epochs: python train.py "
+               f"--resume {last} --lr 1e-4 --grad-clip 1.0 --epochs 2")
+    assert capsys.readouterr().out == "" and snapshot(out) == before
+
+    stopped = tmp_path / "stopped"
+    results = train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(stopped), "--epochs", "5",
+                          "--patience", "1", "--min-delta", "1000"])
+    assert results["stopped_early"] and results["epochs_completed"] == 2
+    before, last = snapshot(stopped), str(stopped / "last.pth")
+    fails_with(["--resume", last, "--epochs", "4"],
+               f"--resume: early stopping ended the run after epoch 2 (1 epochs without improvement, --patience 1), "
+               f"so nothing is left to train; to train on, give a larger --patience (0 = off): python train.py "
+               f"--resume {last} --epochs 4 --patience 0")
+    assert snapshot(stopped) == before
+    results = train.main(["--resume", last, "--epochs", "3", "--patience", "0"])  # the way forward works
+    assert results["epochs_completed"] == 3 and not results["stopped_early"]
 
 
 def test_the_faqs_way_out_of_a_diverged_run_works_and_is_recorded(tmp_path, cifar_dir, capsys):
@@ -263,7 +373,7 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_d
 def test_a_disk_that_fills_up_during_a_run_is_one_line_and_last_pth_survives(small_disk, tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=40, n_test=20)
     out = small_disk / "run"
-    proc = start("--data-dir", str(data), *CPU, "--out-dir", str(out), "--epochs", "500")
+    proc = start("--data-dir", str(data), *CPU, "--out-dir", str(out), "--epochs", "500", "--val-split", "0")
     wait_for_line(proc, "epoch   2/500")
     with open(small_disk / "filler", "wb") as f:  # take every byte that is left
         try:
@@ -278,7 +388,7 @@ def test_a_disk_that_fills_up_during_a_run_is_one_line_and_last_pth_survives(sma
     # no .tmp, no .lock; curves.png is drawn after the error when the failed write freed room for it, and is
     # then whole (written atomically)
     left = sorted(p.name for p in out.iterdir())
-    assert [name for name in left if name != "curves.png"] == ["best.pth", "last.pth", "metrics.csv"]
+    assert [name for name in left if name != "curves.png"] == ["args.json", "best.pth", "last.pth", "metrics.csv"]
     if "curves.png" in left:
         png = (out / "curves.png").read_bytes()
         assert png.startswith(b"\x89PNG") and png[-8:-4] == b"IEND"
@@ -346,7 +456,7 @@ def test_checkpoints_holding_nonsense_are_refused_in_one_line(tmp_path, cifar_di
             module.main(["--checkpoint", str(tmp_path / "bad.pth"), *images])
         assert str(exc.value.code).startswith(f"{script}: error: ") and message in str(exc.value.code)
     before = snapshot(tmp_path)
-    fails_with(["--resume", str(tmp_path / "bad.pth"), "--out-dir", str(tmp_path)], message)
+    fails_with(["--resume", str(tmp_path / "bad.pth"), "--out-dir", str(tmp_path), "--epochs", "2"], message)
     assert snapshot(tmp_path) == before
 
 

@@ -241,3 +241,20 @@ def test_color_jitter_is_planned_per_image_and_epoch_and_leaves_the_rest_of_the_
     assert out.tolist() == [[[[75.0, 105.0]]]]  # 60, 120 -> mean 90 -> 90 -/+ 15
     bright = color_jitter(torch.tensor([[[[200]]]], dtype=torch.uint8), torch.tensor([[2 * JITTER_UNIT, JITTER_UNIT]]))
     assert bright.item() == 255.0  # clipped
+
+
+def test_a_validation_split_too_small_to_pick_the_best_epoch_warns_in_one_line(cifar_dir, tmp_path, capsys):
+    prepare("cifar10", cifar_dir, 0.1, seed=0, device="cpu")  # 20 of 200 images for 10 classes
+    assert capsys.readouterr().err == (
+        "warning: --val-split 0.1 holds out 20 images for 10 classes, too few to pick the best epoch by; give a larger "
+        "--val-split, or --val-split 0 with a fixed --epochs\n")
+    for enough in (0.5, 0):  # 10 images per class; no validation
+        prepare("cifar10", cifar_dir, enough, seed=0, device="cpu")
+        assert capsys.readouterr().err == ""
+    from image_files import make_image_folder
+    root = make_image_folder(tmp_path / "images")
+    prepare("imagefolder", root, 0.2, seed=0, device="cpu", image_size=8)
+    [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --val-split")]
+    assert warning == ("warning: --val-split 0.2 holds out 2 images for 2 classes, too few to pick the best epoch "
+                       "by; give a val/ folder next to train/, a larger --val-split, or --val-split 0 with a fixed "
+                       "--epochs")

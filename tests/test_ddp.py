@@ -6,7 +6,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -82,11 +81,11 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes_exactly(
 
     out = tmp_path / "stopped"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--device", "cpu", *flags, "--out-dir", str(out)]
+           "--device", "cpu", *flags, "--out-dir", str(out), "--log-interval", "1"]  # (a line after every step)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, preexec_fn=as_from_a_terminal)
-    for line in proc.stdout:
-        if line.startswith("epoch 1/2"):
+    for line in proc.stdout:  # a step of epoch 2 done, however loaded the machine: the stop is mid-epoch
+        if line.startswith("epoch 2/2  step"):
             break
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
@@ -142,10 +141,8 @@ def test_waiting_for_a_missing_peer_says_so_and_a_signal_ends_it(tmp_path, cifar
     waiting = proc.stderr.readline()
     assert waiting.startswith("train.py: rank 0 of WORLD_SIZE=2: waiting up to 60 s (DIST_JOIN_TIMEOUT) for the "
                               "other processes at 127.0.0.1:"), waiting
-    sent = time.monotonic()
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=30)
-    assert time.monotonic() - sent < 5
+    out, err = proc.communicate(timeout=50)  # (within the 60 s wait; the exit code tells the signal ended it)
     assert proc.returncode == 128 + signum and out == ""
     assert err == f"train.py: stopped by {signal.Signals(signum).name}\n"
     assert not (tmp_path / "run").exists()

@@ -183,3 +183,16 @@ def test_an_image_size_the_model_cannot_take_is_one_clear_line(image_folder, tmp
         train.main(["--dataset", "imagefolder", "--data-dir", str(image_folder), "--image-size", "12",
                     "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
     assert str(exc.value.code) == "train.py: error: SimpleCNN needs images of at least 16x16 pixels, got 12"
+
+
+def test_the_memory_line_counts_what_decoding_these_images_can_take(image_folder, capsys):
+    """The decoding frames said on the memory line are those of the largest images that decode at once (from the
+    files' headers), not the 1 GiB cap: a folder of small images says a small number."""
+    big = image_folder / "train" / "red" / "big.png"
+    Image.new("RGB", (1000, 800), (255, 0, 0)).save(big)
+    data.load_raw("imagefolder", image_folder, image_size=16)
+    sizes = sorted([40 * 17, 31 * 31, 13 * 50, 21 * 9, 33 * 20, 64 * 48] * 2 + [1000 * 800], reverse=True)
+    frames = sum(sizes[:folders.THREADS]) * folders.DECODE_COPIES  # (the corrupt file decodes to nothing)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "train" in line and "MiB in memory" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"(0.0 MiB in memory, plus up to {frames / 2**20:,.1f} MiB while "
+                                                 f"filling it)"), lines

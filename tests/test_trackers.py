@@ -17,6 +17,7 @@ from checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow  # real processes, signals and runs: python -m pytest -m 'not slow' skips them
 
 CPU = ["--device", "cpu"]
+CPU_NO_VAL = [*CPU, "--val-split", "0"]  # (tiny data: no warning of a small validation split on stderr)
 mlflow = pytest.importorskip("mlflow", reason="--mlflow needs the optional mlflow")
 
 
@@ -55,7 +56,7 @@ def test_a_store_that_cannot_be_opened_is_one_line_at_once(tmp_path, cifar_dir, 
     mounts(tmp_path / "read-only", "1m", read_only=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/read-only/mlflow.db"}
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--out-dir",
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU_NO_VAL, "--out-dir",
                              str(tmp_path / "run"), "--mlflow"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
     assert time.monotonic() - started < 60  # (MLflow alone: 108 s of retries, 37 warning lines)
@@ -68,7 +69,7 @@ def test_a_store_that_cannot_be_opened_is_one_line_at_once(tmp_path, cifar_dir, 
 def test_a_server_that_does_not_answer_is_one_line_at_once(tmp_path, cifar_dir):
     env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # (the discard port: nothing listens)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--out-dir",
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU_NO_VAL, "--out-dir",
                              str(tmp_path / "run"), "--mlflow"], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300, check=False)
     assert time.monotonic() - started < 60  # (MLflow alone: minutes of retries)
@@ -115,7 +116,7 @@ def test_ctrl_c_while_the_end_is_recorded_marks_the_run_killed(tmp_path, cifar_d
         "c.MlflowClient.log_artifact = log_artifact\n")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(slow)}
-    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--epochs", "1",
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU_NO_VAL, "--epochs", "1",
                              "--out-dir", str(tmp_path / "run"), "--mlflow"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=as_from_a_terminal)  # noqa: PLW1509
@@ -155,8 +156,9 @@ def test_a_read_only_tensorboard_folder_is_one_line_without_the_writer_threads_t
     pytest.importorskip("tensorboard", reason="--tensorboard needs the optional tensorboard")
     out = tmp_path / "run"
     mounts(out / "tensorboard", "1m", read_only=True)
-    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out),
-                             "--tensorboard"], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU_NO_VAL, "--out-dir",
+                             str(out), "--tensorboard"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            check=False)
     assert result.returncode == 1 and result.stderr == (f"train.py: error: --tensorboard: cannot write to "
                                                         f"{out / 'tensorboard'}: Read-only file system\n")
     assert sorted(p.name for p in out.iterdir()) == ["tensorboard"]

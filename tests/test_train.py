@@ -101,8 +101,8 @@ def test_a_run_writes_metrics_checkpoints_and_results(tmp_path, cifar_dir, capsy
                             "train_seconds"}
     assert results["epochs_completed"] == 2 and results["stopped_early"] is False
     drawn = ["curves.png"] if importlib.util.find_spec("matplotlib") else []  # (drawn when matplotlib is there)
-    assert sorted(p.name for p in out.iterdir()) == sorted(["best.pth", "last.pth", "metrics.csv", "results.json",
-                                                             *drawn])
+    assert sorted(p.name for p in out.iterdir()) == sorted(["args.json", "best.pth", "last.pth", "metrics.csv",
+                                                             "results.json", *drawn])
 
     ckpt = torch.load(out / "last.pth", weights_only=True)
     assert ckpt["state"]["epoch"] == 2 and ckpt["classes"][0] == "airplane" and len(ckpt["mean"]) == 3
@@ -293,3 +293,50 @@ def test_the_loop_copies_into_another_project(cifar_dir):
         assert torch.equal(a, b), name
     unclipped = one_epoch(data, *flags[:6], *flags[8:])  # the test tells clipping apart
     assert not torch.equal(unclipped.fc3.weight, model.fc3.weight)
+
+
+def test_the_loop_copies_with_a_plain_optimizer_and_a_dataloader_as_its_docstring_shows():
+    """train_one_epoch's source in a fresh namespace (torch and the standard library names its signature uses), a
+    plain torch.optim.SGD (no "initial_lr"), no scaler: the docstring's own lines, run on a DataLoader, end at the
+    weights of the five steps written out by hand over the same batches."""
+    import inspect
+    import textwrap
+    namespace: dict = {}
+    exec("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+         "from collections.abc import Callable, Iterable, Sequence\nfrom contextlib import nullcontext\n"
+         "from typing import ContextManager\n" + inspect.getsource(train.train_one_epoch), namespace)
+    example = textwrap.dedent("\n".join(line for line in train.train_one_epoch.__doc__.splitlines()
+                                        if line.startswith(" " * 8)))  # the docstring's indented code
+    generator = torch.Generator().manual_seed(0)
+    dataset = torch.utils.data.TensorDataset(torch.randn(50, 3, 32, 32, generator=generator),
+                                             torch.randint(0, 10, (50,), generator=generator))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)  # a short last batch of 2
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model("simplecnn", 10, 3, 32)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model, optimizer = fresh()
+    run = {**namespace, "model": model, "optimizer": optimizer, "loader": loader}
+    exec(example, run)
+    assert run["loss_sum"].item() > 0 and 0 <= run["correct"].item() <= 50
+
+    by_hand, optimizer = fresh()
+    by_hand.train()
+    for x, y in loader:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(by_hand(x), y)
+        loss.backward()
+        optimizer.step()
+    for (name, a), b in zip(by_hand.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_failed_first_run_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
+    """The first run in a fresh folder, offline (the archive's address made unreachable: the discard port): one
+    error line, and neither data/ nor runs/ is left behind."""
+    import formats
+    monkeypatch.setattr(formats, "CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")
+    monkeypatch.chdir(tmp_path)
+    fails_with(["--device", "cpu"], "cifar-10-batches-py not found in data and the download failed")
+    assert list(tmp_path.iterdir()) == []

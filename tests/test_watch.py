@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import os
+import re
 import pty
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from checkpoint import METRICS, RUN_FILES, load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
 
 CPU = ["--device", "cpu"]
+CPU_NO_VAL = [*CPU, "--val-split", "0"]  # (tiny data: no warning of a small validation split on stderr)
 
 
 def weights(path: Path) -> dict:
@@ -249,6 +251,18 @@ def test_find_lr_draws_into_a_runs_folder_and_leaves_the_run_alone(finished_run,
     assert not any((fresh / name).exists() for name in RUN_FILES)
 
 
+def test_find_lr_without_out_dir_draws_into_runs_and_makes_no_run_folder(finished_run, tmp_path, monkeypatch,
+                                                                          capsys):
+    pytest.importorskip("matplotlib", reason="find_lr.py draws with the optional matplotlib")
+    import find_lr
+    data = load_checkpoint(finished_run / "last.pth")["args"]["data_dir"]
+    monkeypatch.chdir(tmp_path)
+    find_lr.main(["--data-dir", data, *CPU, "--find-lr-steps", "10"])
+    [picture] = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"find-lr-cifar10-simplecnn-\d{8}-\d{6}\.png", picture.name) and picture.is_file()
+    assert f"drawn to {Path('runs') / picture.name}\n" in capsys.readouterr().out
+
+
 def test_find_lr_starts_from_the_runs_weights_and_gives_no_suggestion_without_a_valley(finished_run, tmp_path,
                                                                                       capsys):
     pytest.importorskip("matplotlib", reason="find_lr.py draws with the optional matplotlib")
@@ -317,9 +331,10 @@ def test_training_imports_no_tracking_package_and_runs_without_matplotlib(tmp_pa
     code = ("import sys, train; train.main(sys.argv[1:]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard', 'matplotlib') "
             "or m == 'torch.utils.tensorboard'))")
-    result = subprocess.run([sys.executable, "-c", code, "--data-dir", str(cifar_dir), *CPU, "--epochs", "1",
+    result = subprocess.run([sys.executable, "-c", code, "--data-dir", str(cifar_dir), *CPU_NO_VAL, "--epochs", "1",
                              "--out-dir", str(out)], cwd=ROOT, env=without("matplotlib"), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stderr == "", result.stderr
     assert result.stdout.splitlines()[-1] == "[]"  # (matplotlib: its import was tried, for curves.png, and failed)
-    assert sorted(p.name for p in out.iterdir()) == ["best.pth", "last.pth", "metrics.csv", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "best.pth", "last.pth", "metrics.csv",
+                                                     "results.json"]
