@@ -68,10 +68,6 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
     g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help="imagefolder: a file that would decode to more pixels is skipped with a warning, read from "
                         "its header (default: %(default)s)")
-    g.add_argument("--workers", type=int, metavar="N",
-                   help="imagefolder: stream the files from disk, read by N DataLoader worker processes (0: by the "
-                        "training process); same weights for any N (default: in memory when the decoded images fit "
-                        "in half the memory available, else streamed with one worker per core, at most 8)")
     add_photo_flags(p)
 
     g = p.add_argument_group("model and starting weights")
@@ -97,7 +93,11 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
 
 
 def add_photo_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("photos (imagefolder)")
+    g = p.add_argument_group("photos")
+    g.add_argument("--workers", type=int, metavar="N",
+                   help="imagefolder: stream the files from disk, read by N DataLoader worker processes (0: by the "
+                        "training process); same weights for any N (default: in memory when the decoded images fit "
+                        "in half the memory available, else streamed with one worker per core, at most 8)")
     g.add_argument("--resize-mode", choices=PREP_MODES,
                    help="squash: each image resized whole to a square, its aspect ratio lost (--augment: pad-crop and "
                         "flip); crop: torchvision's photo recipe: training takes a random resized crop and a flip, "

@@ -157,8 +157,13 @@ class StreamSet:
                         self.warned.add(message)
                         print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
                 yield x.to(self.device, non_blocking=True), keep
-        except (RuntimeError, OSError) as e:  # a worker killed (out of memory?): its queue breaks, or torch says so
-            dead = [w for w in getattr(it, "_workers", []) if w.exitcode not in (None, 0)]
+        except (RuntimeError, OSError, EOFError) as e:
+            # A worker killed (by the out-of-memory killer?) breaks its queue, or torch's own check says so. The
+            # broken queue can come before the dying worker's exit is seen: give each a moment.
+            workers = getattr(it, "_workers", [])
+            for w in workers:
+                w.join(timeout=1)
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
             if not dead and "DataLoader worker" not in str(e):
                 raise
             how = ", ".join(f"pid {w.pid}: " + (f"killed by {signal.Signals(-w.exitcode).name}" if w.exitcode < 0
