@@ -12,6 +12,8 @@ import hashlib
 import os
 import signal
 import sys
+import threading
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -104,6 +106,22 @@ class Keys:
             yield [(self.epoch, i) for i in b.tolist()]
 
 
+def quiet_broken_handovers() -> None:
+    """When a worker dies while handing a batch over, multiprocessing's resource-sharing thread (which passes the
+    batch's shared memory to this process) loses its peer and prints a traceback of its own. The run already says
+    in one line that the worker ended (StreamSet.read): that thread's broken connection is left unsaid."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_broken_handovers", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (issubclass(args.exc_type, (ConnectionError, EOFError)) and any(
+                "resource_sharer" in frame.filename for frame in traceback.extract_tb(args.exc_traceback))):
+            previous(args)
+    hook.quiet_broken_handovers = True
+    threading.excepthook = hook
+
+
 def ignore_signals(worker_id: int) -> None:
     """In a worker: Ctrl-C and SIGTERM are the main process's to handle (it stops at a step boundary and then ends
     its workers); a worker whose main process has gone ends by itself (DataLoader's watchdog)."""
@@ -141,6 +159,7 @@ class StreamSet:
         if self.files.prep.mode == "crop":
             # imported here, once: the forked workers inherit it (else each worker imports it again, every epoch)
             import torchvision.transforms.v2.functional  # noqa: F401
+        quiet_broken_handovers()
         loader = DataLoader(self.files, batch_sampler=Keys(batches, epoch), num_workers=self.workers,
                             collate_fn=self.files.collate,
                             pin_memory=self.device.type == "cuda", worker_init_fn=ignore_signals,
