@@ -146,6 +146,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="Muon's (Nesterov) momentum (default: 0.6)")
     g.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
                    help="L2 penalty; with sgd each step shrinks the weights by lr x WD (default: 0)")
+    g.add_argument("--norm-weight-decay", type=float, metavar="WD",
+                   help="weight decay of the norm layers' scales and shifts (BatchNorm, LayerNorm, GroupNorm); "
+                        "torchvision's recipe: 0 (default: --weight-decay's)")
+    g.add_argument("--bias-weight-decay", type=float, metavar="WD",
+                   help="weight decay of every bias, norm layers' shifts included (default: --weight-decay's)")
     g.add_argument("--bias-lr-scale", type=float, default=1.0, metavar="S", help="BatchNorm shifts learn with S x "
                    "the lr (their weight decay / S, the same decay per step) (default: 1)")
     g.add_argument("--grad-clip", type=float, default=0.0, metavar="NORM",
@@ -265,6 +270,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         (math.isfinite(args.muon_lr) and args.muon_lr > 0, "--muon-lr must be a positive number"),
         (number_in(args.muon_momentum, 0, 1), "--muon-momentum must be in [0, 1)"),
         (number_in(args.weight_decay, 0, math.inf), "--weight-decay must be >= 0"),
+        (all(d is None or number_in(d, 0, math.inf) for d in (args.norm_weight_decay, args.bias_weight_decay)),
+         "--norm-weight-decay and --bias-weight-decay must be >= 0"),
         (math.isfinite(args.bias_lr_scale) and args.bias_lr_scale > 0, "--bias-lr-scale must be a positive number"),
         (number_in(args.warmup_epochs, 0, args.epochs), "--warmup-epochs must be >= 0 and below --epochs"),
         (number_in(args.label_smoothing, 0, 1), "--label-smoothing must be in [0, 1)"),
