@@ -163,9 +163,12 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=float, default=0.0, metavar="E",
                    help="ramp the lr linearly from 0 over the first E epochs (default: 0)")
     g.add_argument("--patience", type=int, default=0, metavar="N",
-                   help="stop after N epochs without validation-loss improvement, 0 = off (default: 0)")
+                   help="stop after N epochs without validation improvement (--best-by), 0 = off (default: 0)")
     g.add_argument("--min-delta", type=float, default=0.0, metavar="D",
-                   help="smallest drop in validation loss that counts as improvement (default: 0)")
+                   help="smallest change of --best-by's measure that counts as improvement (default: 0)")
+    g.add_argument("--best-by", default="val_loss", choices=["val_loss", "val_acc"],
+                   help="what best.pth and --patience go by: the lowest validation loss or the highest validation "
+                        "accuracy (default: val_loss)")
 
     add_regularization_flags(p)
 

@@ -44,7 +44,7 @@ from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_c
                         make_checkpoint, model_from_checkpoint, resume_state, run_card, save_checkpoint,
                         starting_weights)
 from data import Split, epoch_plan, images_per_epoch, prepare
-from model import MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
+from model import MEASURES, MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split 
     """Validate, update the run state, and return the epoch's metrics row and whether it is the best so far."""
     n = t.images_per_epoch
     row = {"epoch": epoch, "train_loss": tally.loss_sum / n, "train_acc": 100.0 * tally.correct / n,
-           "val_loss": math.nan, "val_acc": math.nan, "lr": t.optimizer.param_groups[0]["lr"],
+           "val_loss": math.nan, "val_acc": math.nan, "val_top5": math.nan, "lr": t.optimizer.param_groups[0]["lr"],
            "train_seconds": tally.seconds, "images_per_s": n / tally.seconds}
     # A loss far above chance level (ln C: a uniform guess) has diverged, even while it is still finite
     if not row["train_loss"] <= max(10.0, 10 * math.log(card["num_classes"])):
@@ -224,10 +224,10 @@ def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split 
     if val is not None:
         with t.autocast:
             result = evaluate(t.ema if t.ema is not None else t.model, val, card["num_classes"])
-        row.update(val_loss=result["loss"], val_acc=result["accuracy"])
+        row.update(val_loss=result["loss"], val_acc=result["accuracy"], val_top5=result["top5"])
         if not math.isfinite(row["val_loss"]):
             raise Diverged(f"the validation loss became {row['val_loss']} in epoch {epoch}")
-    improved = val is None or row["val_loss"] < state.best_val_loss - args.min_delta
+    improved = val is None or improves(row, state, args.best_by, args.min_delta)
     if improved:
         state.best_val_loss, state.best_epoch, state.bad_epochs = row["val_loss"] if val else math.inf, epoch, 0
     else:
@@ -235,6 +235,15 @@ def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split 
     state.epoch, state.train_seconds = epoch, state.train_seconds + tally.seconds
     state.history.append(row)
     return row, improved
+
+
+def improves(row: dict, state: RunState, best_by: str, min_delta: float) -> bool:
+    """Whether the epoch's validation `row` beats best.pth's epoch by more than min_delta on --best-by's measure:
+    a lower val_loss, or a higher val_acc."""
+    if not state.best_epoch:
+        return True
+    best = state.history[state.best_epoch - 1][best_by]
+    return row[best_by] < best - min_delta if best_by == "val_loss" else row[best_by] > best + min_delta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -298,7 +307,8 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         raise
     finally:
         if rank == 0:  # also when stopped early or by Ctrl-C
-            report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED")
+            report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED",
+                               best=state.best_epoch if args.best_by != "val_loss" else None)
             files = ["results.json", "metrics.csv", "curves.png", *(["best.pth", "last.pth"]
                                                                      if args.mlflow_log_checkpoints else [])]
             report.end(trackers, ended, [folder.path / name for name in files], results)
@@ -335,13 +345,18 @@ def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[
                        f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint "
                        f"{folder.path / 'best.pth'}", file=sys.stderr)
         raise
-    results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"], "best_epoch": state.best_epoch,
+    results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
+               **({"test_top5": result["top5"]} if len(classes) > 5 else {}),
+               **{f"test_{k}": result[k] for k in MEASURES},
+               "best_epoch": state.best_epoch,
                "epochs_completed": state.epoch, "stopped_early": stopped_early,
                "train_seconds": state.train_seconds}
     # (all processes leave together, after the write: gloo aborts a process whose peer is already gone)
     runtime.on_rank0(lambda: folder.write_results(json.dumps(results, indent=2) + "\n"))
     tta = "" if args.tta == "none" else f" and {args.tta} TTA"
-    runtime.print0(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}) with best.pth from epoch "
+    top5 = f", top-5 {result['top5']:.2f}%" if len(classes) > 5 else ""
+    runtime.print0(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}{top5}, balanced accuracy "
+                   f"{result['balanced_accuracy']:.2f}%) with best.pth from epoch "
                    f"{state.best_epoch}{tta}; results in {folder.path / 'results.json'}")
     return results
 

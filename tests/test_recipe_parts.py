@@ -1,12 +1,18 @@
 """The modern recipe's parts: weight decay where it belongs, top-5 and the class-balanced measures, rare classes
 (class weights, the balanced sampler), augmentation policies, mixup and cutmix."""
+import csv
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 
 import config
 import optim
-from model import build_model
+import train
+from checkpoint import RunState
+from data import ImageSet
+from model import build_model, evaluate
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "muon"])
@@ -45,3 +51,66 @@ def test_norm_weight_decay_alone_covers_the_norm_shifts_and_scales_its_decay_wit
             assert (shift["lr"], shift["weight_decay"]) == (4e-3, 0.0025)
     assert by_id[id(model.fc.bias)]["weight_decay"] == 0.05  # not a norm layer's
     assert groups[0]["weight_decay"] == 0.05 and groups[0]["lr"] == 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Top-5, the class-balanced measures, --best-by
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_top5_and_the_class_balanced_measures_equal_an_independent_computation():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    torch.manual_seed(0)
+    classes = 12
+    images = torch.randint(0, 256, (70, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.cat([torch.zeros(30, dtype=torch.int64), torch.randint(1, classes - 1, (40,))])  # one rare, one
+    data = ImageSet(images, labels, torch.full((3,), 0.5), torch.full((3,), 0.25))             # class absent
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, classes))
+    result = evaluate(model, data, classes, batch_size=16)
+    with torch.no_grad():
+        logits = model(next(data.batches(torch.arange(70), 70))[0])
+    ranked = [sorted(range(classes), key=lambda c: -row[c])[:5] for row in logits.tolist()]
+    assert result["top5"] == pytest.approx(100 * sum(y in r for y, r in zip(labels.tolist(), ranked)) / 70)
+    true, predicted = labels.tolist(), logits.argmax(1).tolist()
+    assert result["accuracy"] == pytest.approx(100 * sklearn_metrics.accuracy_score(true, predicted))
+    assert result["balanced_accuracy"] == pytest.approx(100 * sklearn_metrics.balanced_accuracy_score(true, predicted))
+    p, r, f1, _ = sklearn_metrics.precision_recall_fscore_support(true, predicted, average="macro", zero_division=0)
+    assert (result["macro_precision"], result["macro_recall"], result["macro_f1"]) == \
+        pytest.approx((100 * p, 100 * r, 100 * f1))
+    assert result["macro_f1"] != pytest.approx(result["accuracy"])  # (the two measures differ on this data)
+    five = ImageSet(images, labels % 5, data.mean, data.std)
+    assert math.isnan(evaluate(nn.Sequential(nn.Flatten(), nn.Linear(192, 5)), five, 5)["top5"])  # 5 classes: none
+
+
+def test_best_by_val_acc_keeps_the_most_accurate_epoch_and_stops_by_it():
+    rows = [{"val_loss": 1.0, "val_acc": 50.0}, {"val_loss": 0.9, "val_acc": 40.0}]
+    state = RunState(epoch=2, best_epoch=1, history=rows)
+    assert train.improves({"val_loss": 0.95, "val_acc": 50.5}, state, "val_acc", 0.0)
+    assert not train.improves({"val_loss": 0.5, "val_acc": 50.5}, state, "val_acc", 1.0)  # min-delta: by 1 point
+    assert not train.improves({"val_loss": 0.5, "val_acc": 50.0}, state, "val_acc", 0.0)  # equal is no better
+    assert train.improves({"val_loss": 0.95, "val_acc": 0.0}, state, "val_loss", 0.0)
+    assert train.improves({"val_loss": 0.95, "val_acc": 0.0}, RunState(), "val_acc", 0.0)  # the first epoch
+
+
+@pytest.mark.slow
+def test_a_run_by_val_acc_reports_top5_and_resumes_an_old_checkpoint(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(cifar_dir), "--epochs", "3", "--best-by", "val_acc", "--lr", "0.01", "--device", "cpu",
+             "--out-dir", str(out)]
+    results = train.main(flags + ["--epochs", "2"])
+    rows = metrics_rows(out / "metrics.csv")
+    accs = [r["val_acc"] for r in rows]
+    assert results["best_epoch"] == 1 + accs.index(max(accs)) and 0 <= rows[0]["val_top5"] <= 100
+    assert 0 <= results["test_top5"] <= 100 and results["test_top5"] >= results["test_accuracy"]
+    # a checkpoint written before top-5 (its rows without val_top5) resumes, the column nan for its epochs
+    ckpt = torch.load(out / "last.pth", weights_only=True)
+    for row in ckpt["state"]["history"]:
+        del row["val_top5"]
+    torch.save(ckpt, out / "last.pth")
+    train.main(flags + ["--resume", str(out / "last.pth")])
+    rows = metrics_rows(out / "metrics.csv")
+    assert [math.isnan(r["val_top5"]) for r in rows] == [True, True, False]
+
+
+def metrics_rows(path):
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if k != "changed"} for row in csv.DictReader(f)]
