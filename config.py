@@ -191,6 +191,16 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seeds init, split, order and augmentation (default: 0)")
 
+    g = p.add_argument_group("rare classes")
+    g.add_argument("--class-weights", default="none", choices=["none", "balanced"],
+                   help="balanced: each class's loss weighted by the inverse of its share of the training images "
+                        "(scikit-learn's \"balanced\": the weights average 1 over the images) (default: none)")
+    g.add_argument("--class-weights-from-epoch", type=int, default=1, metavar="E",
+                   help="--class-weights from epoch E on, plain loss before (deferred re-weighting) (default: 1)")
+    g.add_argument("--balanced-sampler", action="store_true",
+                   help="draw each epoch class-balanced: every class an equal share of the epoch's images, a rare "
+                        "class's repeated (from the seed and epoch, as the order)")
+
     g = p.add_argument_group("evaluation")
     g.add_argument("--tta", nargs="?", const="mirror", default="none", choices=TTA_MODES,
                    help="final test: average the logits over the image and its mirror image (--tta or --tta "
@@ -293,6 +303,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         (args.dataset == "imagefolder" or args.resize_mode != "crop" and args.workers is None,
          f"--resize-mode crop and --workers are for image folders (--dataset imagefolder); {args.dataset} is held "
          f"in memory and squashed: leave them out"),  # mirroring needs a pad below the image side
+        (1 <= args.class_weights_from_epoch <= args.epochs, "--class-weights-from-epoch must be in [1, --epochs]"),
+        (args.class_weights == "balanced" or args.class_weights_from_epoch == 1,
+         "--class-weights-from-epoch needs --class-weights balanced"),
         (number_in(args.color_jitter, 0, 1), "--color-jitter must be in [0, 1) (0 = off)"),
         (args.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),

@@ -213,15 +213,17 @@ def split_train_val(images, labels, val_split: float, seed: int):
 
 
 def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu", pad: int = PAD,
-               alternate_flips: bool = False, jitter: float = 0.0) -> torch.Tensor:
+               alternate_flips: bool = False, jitter: float = 0.0,
+               balance: torch.Tensor | None = None) -> torch.Tensor:
     """Every random choice of one epoch, from (seed, epoch) alone: an (n, 4) int64 tensor whose rows are
     (sample index, crop offset y, crop offset x, flip 0/1), in the order the samples are visited; offsets are
     in [0, 2 * pad]. alternate_flips: each image is flipped in every other epoch (a random half in epoch 1, the
     other half in epoch 2, ...), so consecutive epochs always show both sides of it; short runs gain from that.
     jitter > 0 adds two columns: each image's brightness and contrast factors, drawn in [1 - jitter, 1 + jitter],
-    in units of 1/JITTER_UNIT (drawn last, so that the other columns are those of a plan without jitter)."""
+    in units of 1/JITTER_UNIT (drawn last, so that the other columns are those of a plan without jitter).
+    balance: the n images' labels, for an epoch drawn class-balanced (balanced_order) instead of each image once."""
     g = torch.Generator().manual_seed(seed * 10_000 + epoch)  # distinct per epoch for runs under 10,000 epochs
-    order = torch.randperm(n, generator=g)
+    order = torch.randperm(n, generator=g) if balance is None else balanced_order(balance.cpu(), g)
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
     if alternate_flips:
         first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed))  # epoch 1's, per image
@@ -233,6 +235,34 @@ def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu"
         columns.append(((1 + jitter * (2 * torch.rand(n, 2, generator=g, dtype=torch.float64) - 1)) * JITTER_UNIT)
                        .round().long())
     return torch.cat(columns, 1).to(device)
+
+
+def balanced_order(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """An epoch of len(labels) image indices drawn class-balanced (--balanced-sampler): each class present gets an
+    equal share (the remainder to classes drawn at random, one image more each), its images in a random order, a
+    class with fewer than its share gone through again in a new order as often as needed (a rare class's images
+    repeat within the epoch, a common class's are a random part of them); then the whole epoch is shuffled."""
+    classes = labels.unique()
+    share = torch.full((len(classes),), len(labels) // len(classes))
+    share[torch.randperm(len(classes), generator=g)[:len(labels) % len(classes)]] += 1
+    picks = []
+    for c, k in zip(classes.tolist(), share.tolist()):
+        members = (labels == c).nonzero().squeeze(1)
+        rounds = -(-k // len(members))
+        picks += [members[torch.randperm(len(members), generator=g)] for _ in range(rounds)]
+        picks[-1] = picks[-1][:len(picks[-1]) - (rounds * len(members) - k)]
+    order = torch.cat(picks)
+    return order[torch.randperm(len(order), generator=g)]
+
+
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """--class-weights balanced: each class's weight in the loss inversely proportional to its number of training
+    images, n / (classes x count): scikit-learn's "balanced", which is also the normalization that makes the weights
+    average 1 over the training images (so the loss keeps its scale, and the lr its meaning). A class without
+    training images gets weight 0 (it has no loss term to weigh)."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    present = int((counts > 0).sum())
+    return torch.where(counts > 0, len(labels) / (present * counts.clamp(min=1)), 0.0).float()
 
 
 def images_per_epoch(n: int, step_images: int, batch_size: int, world: int) -> int:

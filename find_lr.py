@@ -88,7 +88,8 @@ def lr_range_test(t: train.Trainer, data: Split, args: argparse.Namespace) -> tu
 
     def epoch(n: int) -> Iterator[tuple[torch.Tensor, Sequence[tuple[torch.Tensor, torch.Tensor]]]]:
         groups = epoch_plan(len(data), args.seed, n, data.labels.device, args.crop_pad, args.alt_flip,
-                            args.color_jitter)[:t.images_per_epoch].split(args.batch_size * args.accum_steps)
+                            args.color_jitter, data.labels if args.balanced_sampler else None
+                            )[:t.images_per_epoch].split(args.batch_size * args.accum_steps)
         parts = [group.tensor_split(math.ceil(len(group) / args.batch_size)) for group in groups]
         return zip(groups, data.steps(parts, n, args.augment, args.crop_pad, args.channels_last))
 
@@ -109,7 +110,7 @@ def lr_range_test(t: train.Trainer, data: Split, args: argparse.Namespace) -> tu
     for m in t.frozen:  # --freeze-backbone
         m.eval()
     train.train_one_epoch(t.step_model, t.optimizer, steps(), t.scaler, t.autocast, args.grad_clip,
-                          args.label_smoothing, after_step)
+                          args.label_smoothing, after_step, t.class_weights)
     return lrs, losses
 
 

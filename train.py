@@ -43,7 +43,7 @@ import runtime
 from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_checkpoint, load_training_state,
                         make_checkpoint, model_from_checkpoint, resume_state, run_card, save_checkpoint,
                         starting_weights)
-from data import Split, epoch_plan, images_per_epoch, prepare
+from data import Split, balanced_class_weights, epoch_plan, images_per_epoch, prepare
 from model import MEASURES, MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
 
@@ -53,13 +53,15 @@ from optim import ema_decay, ema_update, lr_factor, make_optimizer
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     steps: Iterable[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]],
                     scaler: torch.amp.GradScaler, autocast: ContextManager | None = None, grad_clip: float = 0.0,
-                    label_smoothing: float = 0.0,
-                    after_step: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    label_smoothing: float = 0.0, after_step: Callable | None = None,
+                    class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step per item of `steps`: (lr factor, its micro-batches [(x, y), ...], the images in the whole
-    step over all processes). Each param group's lr is its "initial_lr" x the factor; `autocast`: the forward pass's
-    precision (e.g. torch.autocast("cpu", torch.bfloat16)). The model must be in train mode. Returns
-    this process's summed loss and count of correct predictions, as tensors on the device: reading them is the one
-    GPU sync, and the caller decides when. `after_step(loss_sum, correct)` runs after each step."""
+    step over all processes). y: class indices, or (N, classes) probabilities (mixup, cutmix). Each param group's lr
+    is its "initial_lr" x the factor; `autocast`: the forward pass's precision (e.g. torch.autocast("cpu",
+    torch.bfloat16)). The model must be in train mode. Returns this process's summed loss and count of correct
+    predictions (against y's likeliest class), as tensors on the device: reading them is the one GPU sync, and the
+    caller decides when. `after_step(loss_sum, correct)` runs after each step; `class_weights`: each class's weight
+    in the loss."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     device, autocast = next(model.parameters()).device, autocast or nullcontext()
     loss_sum = torch.zeros((), device=device)
@@ -74,14 +76,14 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             with model.no_sync() if world > 1 and not last else nullcontext():
                 with autocast:
                     logits = model(x)                                               # 2. forward
-                loss = F.cross_entropy(logits.float(), y, reduction="sum",          # 3. loss
-                                       label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, class_weights,            # 3. loss
+                                       reduction="sum", label_smoothing=label_smoothing)
                 # The micro-batch's sum over the whole step's size: the accumulated gradient is the step's mean, so
                 # K micro-batches step like one batch (exactly, without BatchNorm), a short last step included.
                 # (x world: DDP averages the processes' gradients, and each process holds 1/world of the sum.)
                 scaler.scale(loss * (world / step_images)).backward()              # 4. backward
             loss_sum += loss.detach()
-            correct += (logits.argmax(1) == y).sum()
+            correct += (logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum()
         scaler.unscale_(optimizer)  # (fp16) clip the true gradient, not the scaled one
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -116,6 +118,7 @@ class Trainer:
     steps_per_epoch: int
     images_per_epoch: int         # all of them, but for a last micro-batch of 1 image with BatchNorm (data.py)
     frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
+    class_weights: torch.Tensor | None = None  # --class-weights balanced: each class's weight in the loss
 
 
 def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
@@ -124,7 +127,8 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
     signal asks the run to stop (at a step boundary, the same one in every process)."""
     rank, world = runtime.rank_world()
     plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
-                      args.color_jitter)[:t.images_per_epoch]  # (images_per_epoch: see data.py)
+                      args.color_jitter, data.labels if args.balanced_sampler else None
+                      )[:t.images_per_epoch]  # (images_per_epoch: see data.py)
     total, warmup = args.epochs * t.steps_per_epoch, round(args.warmup_epochs * t.steps_per_epoch)
     groups = plan.split(args.batch_size * args.accum_steps)[first_step:]
     # Every process takes its share of the step and cuts it into the same number of micro-batches, so all of
@@ -163,7 +167,8 @@ def train_epoch(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, t
     runtime.sync(data.device)
     start = time.perf_counter()
     loss_sum, correct = train_one_epoch(t.step_model, t.optimizer, epoch_steps(t, data, args, epoch, tally.step),
-                                        t.scaler, t.autocast, args.grad_clip, args.label_smoothing, after_step)
+                                        t.scaler, t.autocast, args.grad_clip, args.label_smoothing, after_step,
+                                        t.class_weights if epoch >= args.class_weights_from_epoch else None)
     if progress:
         progress.clear()
     runtime.sync(data.device)
@@ -394,7 +399,9 @@ def build_trainer(args: argparse.Namespace, train: Split, num_classes: int, devi
                    scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
                    autocast=runtime.autocast(args.amp, device), ema=copy.deepcopy(model) if args.ema else None,
                    stop=runtime.StopSignal(),
-                   steps_per_epoch=math.ceil(images / step_images), images_per_epoch=images, frozen=frozen)
+                   steps_per_epoch=math.ceil(images / step_images), images_per_epoch=images, frozen=frozen,
+                   class_weights=balanced_class_weights(train.labels, num_classes).to(device)
+                   if args.class_weights == "balanced" else None)
 
 
 def main(argv: list[str] | None = None) -> dict | float:

@@ -3,6 +3,7 @@
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -11,7 +12,7 @@ import config
 import optim
 import train
 from checkpoint import RunState
-from data import ImageSet
+from data import ImageSet, balanced_class_weights, epoch_plan
 from model import build_model, evaluate
 
 
@@ -114,3 +115,56 @@ def test_a_run_by_val_acc_reports_top5_and_resumes_an_old_checkpoint(tmp_path, c
 def metrics_rows(path):
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in row.items() if k != "changed"} for row in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rare classes: class weights (deferred or not), the balanced sampler
+
+def long_tailed_labels() -> torch.Tensor:
+    return torch.cat([torch.full((n,), c) for c, n in enumerate([50, 20, 7, 3])])[torch.randperm(80)]
+
+
+def test_the_balanced_sampler_draws_near_equal_classes_reproducibly():
+    labels = long_tailed_labels()
+    plan = epoch_plan(80, 0, 3, balance=labels)
+    counts = torch.bincount(labels[plan[:, 0]], minlength=4)
+    assert counts.sum() == 80 and counts.max() - counts.min() <= 1
+    drawn = plan[:, 0].tolist()
+    for c in range(4):  # every image of a rare class, each as often as the others (give or take one)
+        members = (labels == c).nonzero().squeeze(1).tolist()
+        times = [drawn.count(i) for i in members]
+        assert max(times) - min(times) <= 1 and (c == 0 or min(times) >= 1), c
+    assert torch.equal(plan, epoch_plan(80, 0, 3, balance=labels))  # from (seed, epoch) alone
+    assert not torch.equal(plan[:, 0], epoch_plan(80, 0, 4, balance=labels)[:, 0])
+    assert not torch.equal(plan[:, 0], epoch_plan(80, 1, 3, balance=labels)[:, 0])
+
+
+def test_balanced_class_weights_are_sklearns_and_average_1_over_the_images():
+    utils = pytest.importorskip("sklearn.utils")
+    labels = long_tailed_labels()
+    weights = balanced_class_weights(labels, 4)
+    expected = utils.class_weight.compute_class_weight("balanced", classes=np.arange(4), y=labels.numpy())
+    assert weights.tolist() == pytest.approx(expected.tolist())
+    assert weights[labels].mean().item() == pytest.approx(1.0)
+
+
+def test_deferred_class_weights_leave_the_first_epochs_plain(tmp_path, cifar_dir):
+    flags = ["--data-dir", str(cifar_dir), "--epochs", "2", "--device", "cpu", "--val-split", "0"]
+    train.main(flags + ["--out-dir", str(tmp_path / "plain")])
+    train.main(flags + ["--out-dir", str(tmp_path / "deferred"), "--class-weights", "balanced",
+                        "--class-weights-from-epoch", "2"])
+    plain, deferred = (metrics_rows(tmp_path / name / "metrics.csv") for name in ("plain", "deferred"))
+    assert plain[0]["train_loss"] == deferred[0]["train_loss"] and plain[1]["train_loss"] != deferred[1]["train_loss"]
+
+
+def test_the_class_weighted_loss_is_each_images_loss_times_its_class_weight():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4)
+    x, y = torch.randn(10, 6), torch.randint(0, 4, (10,))
+    weights = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer.param_groups[0]["initial_lr"] = 0.0
+    loss, _ = train.train_one_epoch(model, optimizer, [(1.0, [(x, y)], 10)], torch.amp.GradScaler("cuda",
+                                    enabled=False), class_weights=weights)
+    each = nn.functional.cross_entropy(model(x), y, reduction="none")
+    assert loss.item() == pytest.approx((weights[y] * each).sum().item(), rel=1e-6)
