@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 import cli
 import runtime
+from augment import MAGNITUDES, POLICIES
 from checkpoint import load_checkpoint, validate_for_resume
 from folders import INTERPOLATIONS, MAX_IMAGE_PIXELS, PREP_MODES, SQUASH, Prep
 from formats import DATASETS
@@ -188,6 +189,21 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color-jitter", type=float, default=0.0, metavar="S",
                    help="scale each image's brightness, then its contrast, by factors drawn in [1-S, 1+S] each epoch "
                         "(the beginner guide's ColorJitter(0.2, 0.2) is 0.2), 0 = off (default: 0)")
+    g.add_argument("--auto-augment", choices=POLICIES,
+                   help="each training image through a torchvision augmentation policy, drawn per image: ta_wide "
+                        "(TrivialAugment), ra (RandAugment), augmix, imagenet (AutoAugment's ImageNet policy) "
+                        "(default: none)")
+    g.add_argument("--auto-augment-magnitude", type=int, metavar="M",
+                   help="ra: the magnitude, 0 to 30 (default: 9); augmix: the severity, 1 to 10 (default: 3)")
+    g.add_argument("--random-erase", type=float, default=0.0, metavar="P",
+                   help="erase a random box of each training image with probability P, to the mean colour "
+                        "(torchvision's RandomErasing; the reference recipe's 0.1), 0 = off (default: 0)")
+    g.add_argument("--mixup-alpha", type=float, default=0.0, metavar="A",
+                   help="mixup: blend each image and its target with another's, in a Beta(A, A) proportion drawn "
+                        "per step (the reference recipe's 0.2), 0 = off (default: 0)")
+    g.add_argument("--cutmix-alpha", type=float, default=0.0, metavar="A",
+                   help="cutmix: paste a box of another image, its target mixed by area, Beta(A, A) per step (the "
+                        "reference recipe's 1.0); with --mixup-alpha, each step one of the two, 0 = off (default: 0)")
     g.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seeds init, split, order and augmentation (default: 0)")
 
@@ -306,6 +322,14 @@ def check_args(args: argparse.Namespace) -> str | None:
         (1 <= args.class_weights_from_epoch <= args.epochs, "--class-weights-from-epoch must be in [1, --epochs]"),
         (args.class_weights == "balanced" or args.class_weights_from_epoch == 1,
          "--class-weights-from-epoch needs --class-weights balanced"),
+        (args.auto_augment_magnitude is None or args.auto_augment in MAGNITUDES,
+         "--auto-augment-magnitude is for --auto-augment ra or augmix"),
+        (args.auto_augment_magnitude is None or args.auto_augment not in MAGNITUDES or
+         MAGNITUDES[args.auto_augment][1] <= args.auto_augment_magnitude <= MAGNITUDES[args.auto_augment][2],
+         "--auto-augment-magnitude must be in [0, 30] for ra (its magnitude), [1, 10] for augmix (its severity)"),
+        (0 <= args.random_erase <= 1, "--random-erase must be in [0, 1] (a probability; 0 = off)"),
+        (number_in(args.mixup_alpha, 0, math.inf), "--mixup-alpha must be >= 0 (0 = off)"),
+        (number_in(args.cutmix_alpha, 0, math.inf), "--cutmix-alpha must be >= 0 (0 = off)"),
         (number_in(args.color_jitter, 0, 1), "--color-jitter must be in [0, 1) (0 = off)"),
         (args.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),

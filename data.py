@@ -12,7 +12,7 @@ same whatever the batch size, accumulation or resume point.
 import hashlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import stream
+from augment import apply_policy
 from folders import MAX_IMAGE_PIXELS, SQUASH, Prep, load_imagefolder, load_imagefolder_split
 from formats import (DATASETS, MIN_IMAGES, DataError, allocate_images, check_memory, load_cifar10, load_cifar100,
                      load_idx_dataset)
@@ -96,6 +97,8 @@ class ImageSet:
     labels: torch.Tensor  # int64 (N,), on the training device
     mean: torch.Tensor    # float32 (C,), per channel, in [0, 1] pixel units
     std: torch.Tensor     # float32 (C,)
+    policy: Callable[[torch.Tensor], torch.Tensor] | None = None  # training's per-image augmentation (set_policy)
+    seed: int = 0                                                  # ...drawn from (seed, epoch, image)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -113,11 +116,14 @@ class ImageSet:
         return self.images.shape[2]
 
     def batch(self, idx: torch.Tensor, crop_flip: torch.Tensor | None = None, pad: int = PAD,
-              jitter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized float images and labels for the samples `idx`, cropped and flipped where crop_flip is given,
-        brightness and contrast jittered where `jitter` (epoch_plan's factors) is given."""
+              jitter: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized float images and labels for the samples `idx`: through the policy first in training (epoch >=
+        1), then cropped and flipped where crop_flip is given, brightness and contrast jittered where `jitter`
+        (epoch_plan's factors) is given."""
         idx = idx.to(self.device)
         x = self.images.index_select(0, idx.to(self.images.device))  # several times faster than images[idx] on CPU
+        if epoch and self.policy is not None:
+            x = apply_policy(x, idx, self.seed, epoch, self.policy)
         if x.device != self.device:  # (held in pinned memory: the batch moves now, while the GPU works)
             x = x.pin_memory().to(self.device, non_blocking=True)
         return to_input(x, self.mean, self.std, crop_flip, pad, jitter), self.labels.index_select(0, idx)
@@ -131,7 +137,12 @@ class ImageSet:
               channels_last: bool) -> Iterator["MicroBatches"]:
         """Training: the micro-batches of each optimizer step (see MicroBatches); `epoch` is in the plan already."""
         for step in parts:
-            yield MicroBatches(self, step, augment, pad, channels_last)
+            yield MicroBatches(self, step, augment, pad, channels_last, epoch)
+
+    def set_policy(self, policy: Callable[[torch.Tensor], torch.Tensor] | None, seed: int) -> None:
+        """Training images go through `policy` (augment.image_policy) one by one, each with the draws of (seed,
+        epoch, image), before the batch's crops, flips and jitter."""
+        self.policy, self.seed = policy, seed
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The images `idx`, uint8, as they are held."""
@@ -155,8 +166,10 @@ class MicroBatches(Sequence):
     """The micro-batches (x, y) of one optimizer step, each made (cropped, flipped, normalized) only when it is read.
     `parts`: the step's rows of the epoch plan, one tensor per micro-batch."""
 
-    def __init__(self, data: ImageSet, parts: Sequence[torch.Tensor], augment: bool, pad: int, channels_last: bool):
+    def __init__(self, data: ImageSet, parts: Sequence[torch.Tensor], augment: bool, pad: int, channels_last: bool,
+                 epoch: int = 0):
         self.data, self.parts, self.augment, self.pad, self.channels_last = data, parts, augment, pad, channels_last
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.parts)
@@ -164,7 +177,7 @@ class MicroBatches(Sequence):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = self.parts[i]  # rows: sample, dy, dx, flip (, brightness, contrast)
         x, y = self.data.batch(part[:, 0], part[:, 1:4] if self.augment else None, self.pad,
-                               part[:, 4:] if part.shape[1] > 4 else None)
+                               part[:, 4:] if part.shape[1] > 4 else None, self.epoch)
         return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 import config
 import report
 import runtime
+from augment import Mix, MixedBatches, image_policy
 from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_checkpoint, load_training_state,
                         make_checkpoint, model_from_checkpoint, resume_state, run_card, save_checkpoint,
                         starting_weights)
@@ -119,6 +120,7 @@ class Trainer:
     images_per_epoch: int         # all of them, but for a last micro-batch of 1 image with BatchNorm (data.py)
     frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
     class_weights: torch.Tensor | None = None  # --class-weights balanced: each class's weight in the loss
+    mix: Mix | None = None        # --mixup-alpha, --cutmix-alpha
 
 
 def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
@@ -140,6 +142,8 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
         for step, (group, micro_batches) in enumerate(zip(groups, batches), first_step):
             if t.stop.requested():
                 return
+            if t.mix is not None:
+                micro_batches = MixedBatches(micro_batches, t.mix, epoch, step)
             yield lr_factor((epoch - 1) * t.steps_per_epoch + step, total, warmup, args.scheduler), micro_batches, \
                 len(group)
     finally:
@@ -283,6 +287,8 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                         image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
                                         prep=prep, workers=args.workers)
+    train.set_policy(image_policy(args.auto_augment, args.auto_augment_magnitude, args.random_erase,
+                                  train.mean.tolist()), args.seed)
     if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
         runtime.keep_freed_memory()
     if args.patience and val is None:
@@ -401,7 +407,9 @@ def build_trainer(args: argparse.Namespace, train: Split, num_classes: int, devi
                    stop=runtime.StopSignal(),
                    steps_per_epoch=math.ceil(images / step_images), images_per_epoch=images, frozen=frozen,
                    class_weights=balanced_class_weights(train.labels, num_classes).to(device)
-                   if args.class_weights == "balanced" else None)
+                   if args.class_weights == "balanced" else None,
+                   mix=Mix(args.mixup_alpha, args.cutmix_alpha, num_classes, args.seed)
+                   if args.mixup_alpha or args.cutmix_alpha else None)
 
 
 def main(argv: list[str] | None = None) -> dict | float:

@@ -2,6 +2,11 @@
 (class weights, the balanced sampler), augmentation policies, mixup and cutmix."""
 import csv
 import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,10 +15,14 @@ import torch.nn as nn
 
 import config
 import optim
+import stream
 import train
-from checkpoint import RunState
+from augment import Mix, apply_policy, image_policy
+from checkpoint import RunState, load_checkpoint
+from conftest import ROOT, as_from_a_terminal, write_cifar10
 from data import ImageSet, balanced_class_weights, epoch_plan
 from model import build_model, evaluate
+from test_stream import same_weights, write_photos
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "muon"])
@@ -168,3 +177,112 @@ def test_the_class_weighted_loss_is_each_images_loss_times_its_class_weight():
                                     enabled=False), class_weights=weights)
     each = nn.functional.cross_entropy(model(x), y, reduction="none")
     assert loss.item() == pytest.approx((weights[y] * each).sum().item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Augmentation policies, drawn image by image; mixup and cutmix, drawn step by step
+
+@pytest.mark.parametrize("name, magnitude", [("ta_wide", None), ("ra", 14), ("augmix", 5), ("imagenet", None)])
+def test_a_policy_is_torchvisions_own_transform_with_each_images_own_draw(name, magnitude):
+    from torchvision.transforms import InterpolationMode, v2
+    bilinear = InterpolationMode.BILINEAR
+    theirs = {"ta_wide": v2.TrivialAugmentWide(interpolation=bilinear),
+              "ra": v2.RandAugment(interpolation=bilinear, magnitude=14),
+              "augmix": v2.AugMix(interpolation=bilinear, severity=5),
+              "imagenet": v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=bilinear)}[name]
+    erase = v2.RandomErasing(p=0.5, value=[128, 64, 191])
+    images = torch.randint(0, 256, (6, 3, 24, 24), dtype=torch.uint8)
+    indices = torch.tensor([5, 0, 17, 3, 9, 1])
+    policy = image_policy(name, magnitude, 0.5, [0.5, 0.25, 0.75])
+    state = torch.get_rng_state()
+    ours = apply_policy(images, indices, 3, 2, policy)
+    assert torch.equal(torch.get_rng_state(), state)  # the run's own generator is left where it was
+    for image, i, got in zip(images, indices.tolist(), ours):
+        with stream.seeded(3, 2, i):  # (seed, epoch, image): torchvision's draws, then its erasing's
+            assert torch.equal(got, erase(theirs(image)))
+    assert not torch.equal(ours, apply_policy(images, indices, 3, 3, policy))  # another epoch, other draws
+    assert image_policy(None, None, 0.0, [0.5]) is None
+
+
+def test_mixup_and_cutmix_mix_targets_in_the_images_proportion_and_draw_from_seed_epoch_step():
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 1])
+    mix = Mix(0.2, 1.0, 4, seed=0)
+    kinds = set()
+    for step in range(20):
+        state = torch.get_rng_state()
+        lam, box = mix.draw(1, step, 16, 16)
+        assert torch.equal(torch.get_rng_state(), state) and (lam, box) == mix.draw(1, step, 16, 16)
+        mixed, targets = mix(x, y, lam, box)
+        assert torch.allclose(targets.sum(1), torch.ones(5)) and (targets >= 0).all()
+        if box is None:
+            kinds.add("mixup")
+            assert torch.allclose(mixed, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6)
+            kept = lam
+        else:
+            kinds.add("cutmix")
+            y1, y2, x1, x2 = box
+            inside = torch.zeros(16, 16, dtype=torch.bool)
+            inside[y1:y2, x1:x2] = True
+            assert torch.equal(mixed[..., inside], x.roll(1, 0)[..., inside])
+            assert torch.equal(mixed[..., ~inside], x[..., ~inside])
+            kept = 1 - inside.float().mean().item()
+        assert targets[0].tolist() == pytest.approx([kept, 1 - kept, 0, 0] if kept < 1 else [1, 0, 0, 0])
+    assert kinds == {"mixup", "cutmix"}  # both set: each step one of the two
+    assert mix.draw(1, 0, 16, 16) != mix.draw(2, 0, 16, 16) != Mix(0.2, 1.0, 4, seed=1).draw(2, 0, 16, 16)
+    assert Mix(0.0, 1.0, 4, 0).draw(1, 0, 16, 16)[1] is not None and Mix(0.3, 0.0, 4, 0).draw(1, 0, 16, 16)[1] is None
+
+
+def test_the_training_accuracy_under_mixed_targets_counts_the_dominant_label():
+    model = nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3, 4))
+    x = torch.eye(4)[:3]  # image k: class k's logit highest
+    targets = torch.tensor([[0.6, 0.4, 0.0], [0.3, 0.0, 0.7], [0.0, 0.45, 0.55]])  # dominant: 0, 2, 2
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    optimizer.param_groups[0]["initial_lr"] = 0.0
+    loss, correct = train.train_one_epoch(model, optimizer, [(1.0, [(x, targets)], 3)],
+                                          torch.amp.GradScaler("cuda", enabled=False), label_smoothing=0.1)
+    assert correct.item() == 2  # images 0 and 2
+    smoothed = targets * 0.9 + 0.1 / 3
+    assert loss.item() == pytest.approx(-(smoothed * model(x).log_softmax(1)).sum().item(), rel=1e-6)
+
+
+EVERY_FLAG = ["--auto-augment", "ta_wide", "--random-erase", "0.5", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0",
+              "--label-smoothing", "0.1", "--class-weights", "balanced", "--balanced-sampler", "--norm-weight-decay",
+              "0", "--bias-weight-decay", "0", "--weight-decay", "0.01", "--best-by", "val_acc"]
+
+
+@pytest.mark.slow
+def test_every_new_flag_works_alike_in_memory_and_streamed(tmp_path):
+    photos = write_photos(tmp_path / "photos", {"train": 10, "test": 2})
+    flags = ["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "24", "--epochs", "2",
+             "--batch-size", "8", "--val-split", "0.2", "--augment", "--device", "cpu", "--log-interval", "0",
+             *EVERY_FLAG, "--auto-augment", "ra"]  # (ra: a policy with a magnitude)
+    in_memory = train.main([*flags, "--out-dir", str(tmp_path / "memory")])
+    streamed = train.main([*flags, "--workers", "2", "--out-dir", str(tmp_path / "streamed")])
+    assert same_weights(tmp_path / "memory" / "last.pth", tmp_path / "streamed" / "last.pth")
+    assert in_memory["test_accuracy"] == streamed["test_accuracy"]
+    plain = train.main([*flags[:-len(EVERY_FLAG) - 2], "--out-dir", str(tmp_path / "plain")])
+    assert not same_weights(tmp_path / "memory" / "last.pth", tmp_path / "plain" / "last.pth") and plain
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_epoch_with_every_new_flag_resumes_exactly(tmp_path):
+    data_dir = write_cifar10(tmp_path / "data", n_per_batch=40, n_test=20)
+    flags = ["--data-dir", str(data_dir), "--epochs", "2", "--batch-size", "8", "--val-split", "0.1", "--augment",
+             "--device", "cpu", *EVERY_FLAG]  # 180 training images: 23 steps an epoch
+    straight = train.main([*flags, "--log-interval", "0", "--out-dir", str(tmp_path / "straight")])
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "train.py", *flags, "--log-interval", "1", "--out-dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_from_a_terminal, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.split()[:4] == ["epoch", "2/2", "step", "3/23"]:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert load_checkpoint(out / "last.pth")["partial_epoch"]["step"] < 23
+    resumed = train.main(shlex.split(err.strip().splitlines()[-1].strip())[2:] + ["--log-interval", "0"])
+    assert same_weights(tmp_path / "straight" / "last.pth", out / "last.pth")
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
