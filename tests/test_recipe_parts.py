@@ -19,7 +19,7 @@ import stream
 import train
 from augment import Mix, apply_policy, image_policy
 from checkpoint import RunState, load_checkpoint
-from conftest import ROOT, as_from_a_terminal, write_cifar10
+from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
 from data import ImageSet, balanced_class_weights, epoch_plan
 from model import build_model, evaluate
 from test_stream import same_weights, write_photos
@@ -286,3 +286,32 @@ def test_ctrl_c_mid_epoch_with_every_new_flag_resumes_exactly(tmp_path):
     resumed = train.main(shlex.split(err.strip().splitlines()[-1].strip())[2:] + ["--log-interval", "0"])
     assert same_weights(tmp_path / "straight" / "last.pth", out / "last.pth")
     assert resumed["test_accuracy"] == straight["test_accuracy"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mixup-alpha", "-1"], "--mixup-alpha must be >= 0 (0 = off)"),
+    (["--cutmix-alpha", "nan"], "--cutmix-alpha must be >= 0 (0 = off)"),
+    (["--random-erase", "2"], "--random-erase must be in [0, 1] (a probability; 0 = off)"),
+    (["--auto-augment", "ta_wide", "--auto-augment-magnitude", "5"],
+     "--auto-augment-magnitude is for --auto-augment ra or augmix"),
+    (["--auto-augment", "ra", "--auto-augment-magnitude", "31"], "--auto-augment-magnitude must be in [0, 30] for ra"),
+    (["--auto-augment", "autoaugment"], "invalid choice: 'autoaugment'"),
+    (["--norm-weight-decay", "-1"], "--norm-weight-decay and --bias-weight-decay must be >= 0"),
+    (["--class-weights", "balanced", "--class-weights-from-epoch", "6"],
+     "--class-weights-from-epoch must be in [1, --epochs]"),
+    (["--class-weights-from-epoch", "2"], "--class-weights-from-epoch needs --class-weights balanced"),
+    (["--best-by", "val_f1"], "invalid choice: 'val_f1'"),
+])
+def test_bad_values_of_the_new_flags_get_one_line(flags, message):
+    fails_with(flags, message)
+
+
+def test_every_new_flag_is_in_the_help_and_in_docs_flags_md(capsys):
+    with pytest.raises(SystemExit):
+        config.parse_args(["--help"])
+    text = capsys.readouterr().out
+    documented = (ROOT / "docs" / "flags.md").read_text()
+    for flag in ("--norm-weight-decay", "--bias-weight-decay", "--best-by", "--class-weights",
+                 "--class-weights-from-epoch", "--balanced-sampler", "--auto-augment", "--auto-augment-magnitude",
+                 "--random-erase", "--mixup-alpha", "--cutmix-alpha"):
+        assert flag in text and f"`{flag}" in documented, flag
