@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import bench
 import config
 import optim
 import stream
@@ -21,6 +22,7 @@ from augment import Mix, apply_policy, image_policy
 from checkpoint import RunState, load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
 from data import ImageSet, balanced_class_weights, epoch_plan
+from formats import load_cifar10
 from model import build_model, evaluate
 from test_stream import same_weights, write_photos
 
@@ -315,3 +317,20 @@ def test_every_new_flag_is_in_the_help_and_in_docs_flags_md(capsys):
                  "--class-weights-from-epoch", "--balanced-sampler", "--auto-augment", "--auto-augment-magnitude",
                  "--random-erase", "--mixup-alpha", "--cutmix-alpha"):
         assert flag in text and f"`{flag}" in documented, flag
+
+
+def test_long_tailed_cifar10_keeps_the_literatures_counts_and_the_test_set(tmp_path):
+    assert bench.long_tail_counts(5000, 100) == [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    assert sum(bench.long_tail_counts(5000, 100)) == 12_406
+    source = write_cifar10(tmp_path / "cifar", n_per_batch=100, n_test=30)
+    counts = bench.long_tailed_cifar10(str(source), str(tmp_path / "lt"), imbalance=10)
+    _, labels, _ = load_cifar10(source, ("train",))
+    assert counts == bench.long_tail_counts(int(torch.bincount(labels).min()), 10) and counts[0] > 5 * counts[-1]
+    images, kept, test_images, test_labels, _ = load_cifar10(tmp_path / "lt")
+    assert torch.bincount(kept).tolist() == counts
+    all_images, _, originals, original_labels, _ = load_cifar10(source)
+    assert torch.equal(test_images, originals) and torch.equal(test_labels, original_labels)
+    assert all(any(torch.equal(image, x) for x in all_images) for image in images[:20])  # real training images
+    assert bench.long_tailed_cifar10(str(source), str(tmp_path / "lt2"), imbalance=10) == counts
+    assert (tmp_path / "lt" / "cifar-10-batches-py" / "data_batch_1").read_bytes() == \
+        (tmp_path / "lt2" / "cifar-10-batches-py" / "data_batch_1").read_bytes()  # seeded: the same copy
