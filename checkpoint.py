@@ -43,8 +43,8 @@ from folders import Prep
 from model import build_model, check_model_name, pretrained_start
 
 FORMAT = 2
-METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "lr", "train_seconds",
-           "images_per_s"]  # val_top5: nan for 5 classes or fewer
+METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s",
+           "val_top5"]  # val_top5 (last: the older columns keep their places): nan for 5 classes or fewer
 OLD_METRICS = [m for m in METRICS if m != "val_top5"]  # the rows of checkpoints written before top-5
 RUN_FILES = cli.RUN_FILE_NAMES  # (cli.check_output never lets a picture or a model replace one)
 MAX_CLASSES = 100_000

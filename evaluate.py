@@ -30,7 +30,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import ImageSet, Split, load_test
 from folders import MAX_IMAGE_PIXELS, Prep, split_files
 from formats import DataError
-from model import EVAL_BATCH, MEASURES, TTA_MODES, evaluate, tta_logits
+from model import EVAL_BATCH, MEASURES, TTA_MODES, confusion_metrics, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
 
 
@@ -43,11 +43,11 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 def format_report(result: dict, classes: list[str]) -> str:
     classes = [cli.printable(c) for c in classes]  # a class name cannot break a line or send the terminal escapes
     width = max(len(c) for c in classes) + 2
-    top5 = "" if math.isnan(result["top5"]) else f"   top-5 {result['top5']:.2f}%"
+    top5 = "" if math.isnan(result.get("top5", math.nan)) else f"   top-5 {result['top5']:.2f}%"
+    m = confusion_metrics(result["confusion"])
     lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%{top5}",
-             f"balanced accuracy {result['balanced_accuracy']:.2f}%   macro precision {result['macro_precision']:.2f}%"
-             f"   recall {result['macro_recall']:.2f}%   F1 {result['macro_f1']:.2f}%", "",
-             f"{'class':<{width}}accuracy"]
+             f"balanced accuracy {m['balanced_accuracy']:.2f}%   macro precision {m['macro_precision']:.2f}%   "
+             f"recall {m['macro_recall']:.2f}%   F1 {m['macro_f1']:.2f}%", "", f"{'class':<{width}}accuracy"]
     lines += [f"{c:<{width}}{a:7.2f}%" for c, a in zip(classes, per_class_accuracy(result["confusion"]))]
     cell = max(5, len(str(result["confusion"].max().item())) + 1)
     short = [c[:cell - 1] for c in classes]

@@ -225,8 +225,8 @@ def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split 
     """Validate, update the run state, and return the epoch's metrics row and whether it is the best so far."""
     n = t.images_per_epoch
     row = {"epoch": epoch, "train_loss": tally.loss_sum / n, "train_acc": 100.0 * tally.correct / n,
-           "val_loss": math.nan, "val_acc": math.nan, "val_top5": math.nan, "lr": t.optimizer.param_groups[0]["lr"],
-           "train_seconds": tally.seconds, "images_per_s": n / tally.seconds}
+           "val_loss": math.nan, "val_acc": math.nan, "lr": t.optimizer.param_groups[0]["lr"],
+           "train_seconds": tally.seconds, "images_per_s": n / tally.seconds, "val_top5": math.nan}
     # A loss far above chance level (ln C: a uniform guess) has diverged, even while it is still finite
     if not row["train_loss"] <= max(10.0, 10 * math.log(card["num_classes"])):
         raise Diverged(f"the training loss became {row['train_loss']:.3g} in epoch {epoch}")

@@ -1,6 +1,7 @@
 """The modern recipe's parts: weight decay where it belongs, top-5 and the class-balanced measures, rare classes
 (class weights, the balanced sampler), augmentation policies, mixup and cutmix."""
 import csv
+import json
 import math
 import os
 import shlex
@@ -15,6 +16,7 @@ import torch.nn as nn
 
 import bench
 import config
+import evaluate as evaluate_py
 import optim
 import stream
 import train
@@ -23,7 +25,7 @@ from checkpoint import RunState, load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
 from data import ImageSet, balanced_class_weights, epoch_plan
 from formats import load_cifar10
-from model import build_model, evaluate
+from model import MEASURES, build_model, evaluate
 from test_stream import same_weights, write_photos
 
 
@@ -104,7 +106,7 @@ def test_best_by_val_acc_keeps_the_most_accurate_epoch_and_stops_by_it():
 
 
 @pytest.mark.slow
-def test_a_run_by_val_acc_reports_top5_and_resumes_an_old_checkpoint(tmp_path, cifar_dir):
+def test_a_run_by_val_acc_reports_top5_and_resumes_an_old_checkpoint(tmp_path, cifar_dir, capsys):
     out = tmp_path / "run"
     flags = ["--data-dir", str(cifar_dir), "--epochs", "3", "--best-by", "val_acc", "--lr", "0.01", "--device", "cpu",
              "--out-dir", str(out)]
@@ -113,6 +115,10 @@ def test_a_run_by_val_acc_reports_top5_and_resumes_an_old_checkpoint(tmp_path, c
     accs = [r["val_acc"] for r in rows]
     assert results["best_epoch"] == 1 + accs.index(max(accs)) and 0 <= rows[0]["val_top5"] <= 100
     assert 0 <= results["test_top5"] <= 100 and results["test_top5"] >= results["test_accuracy"]
+    capsys.readouterr()
+    evaluate_py.main(["--checkpoint", str(out / "best.pth"), "--json"])  # evaluate.py: the same numbers
+    printed = json.loads(capsys.readouterr().out)
+    assert {k: printed[k] for k in ("top5", *MEASURES)} == {k: results[f"test_{k}"] for k in ("top5", *MEASURES)}
     # a checkpoint written before top-5 (its rows without val_top5) resumes, the column nan for its epochs
     ckpt = torch.load(out / "last.pth", weights_only=True)
     for row in ckpt["state"]["history"]:
