@@ -120,10 +120,10 @@ class ImageSet:
         """Normalized float images and labels for the samples `idx`: through the policy first in training (epoch >=
         1), then cropped and flipped where crop_flip is given, brightness and contrast jittered where `jitter`
         (epoch_plan's factors) is given."""
-        idx = idx.to(self.device)
+        drawn, idx = idx, idx.to(self.device) % len(self)  # (drawn: a repeat's number, see balanced_order)
         x = self.images.index_select(0, idx.to(self.images.device))  # several times faster than images[idx] on CPU
         if epoch and self.policy is not None:
-            x = apply_policy(x, idx, self.seed, epoch, self.policy)
+            x = apply_policy(x, drawn, self.seed, epoch, self.policy)
         if x.device != self.device:  # (held in pinned memory: the batch moves now, while the GPU works)
             x = x.pin_memory().to(self.device, non_blocking=True)
         return to_input(x, self.mean, self.std, crop_flip, pad, jitter), self.labels.index_select(0, idx)
@@ -254,7 +254,9 @@ def balanced_order(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """An epoch of len(labels) image indices drawn class-balanced (--balanced-sampler): each class present gets an
     equal share (the remainder to classes drawn at random, one image more each), its images in a random order, a
     class with fewer than its share gone through again in a new order as often as needed (a rare class's images
-    repeat within the epoch, a common class's are a random part of them); then the whole epoch is shuffled."""
+    repeat within the epoch, a common class's are a random part of them); then the whole epoch is shuffled.
+    The r-th repeat of image i is written i + r x n (n = len(labels)): the sets read image i (mod n), and its
+    per-image draws (the policy, the photo recipe's crop), seeded by that number, are its own."""
     classes = labels.unique()
     share = torch.full((len(classes),), len(labels) // len(classes))
     share[torch.randperm(len(classes), generator=g)[:len(labels) % len(classes)]] += 1
@@ -262,7 +264,7 @@ def balanced_order(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     for c, k in zip(classes.tolist(), share.tolist()):
         members = (labels == c).nonzero().squeeze(1)
         rounds = -(-k // len(members))
-        picks += [members[torch.randperm(len(members), generator=g)] for _ in range(rounds)]
+        picks += [members[torch.randperm(len(members), generator=g)] + r * len(labels) for r in range(rounds)]
         picks[-1] = picks[-1][:len(picks[-1]) - (rounds * len(members) - k)]
     order = torch.cat(picks)
     return order[torch.randperm(len(order), generator=g)]

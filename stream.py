@@ -69,7 +69,7 @@ class FolderFiles(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, str | None, bool]:
         epoch, i = key
-        path = self.root / self.files[i].decode()
+        path = self.root / self.files[i % len(self.files)].decode()  # (i >= n: a repeat, data.balanced_order)
         try:
             if epoch == 0:
                 return load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep), None, False
@@ -199,7 +199,7 @@ class StreamSet:
                     x = to_input(x, self.mean, self.std, kept[:, 1:4] if crop_flip else None, pad,
                                  kept[:, 4:] if kept.shape[1] > 4 else None)
                     micro.append((x.contiguous(memory_format=torch.channels_last) if channels_last else x,
-                                  self.labels[kept[:, 0].cpu()].to(self.device)))
+                                  self.labels[kept[:, 0].cpu() % len(self)].to(self.device)))
             yield micro
         batches.close()
 
