@@ -287,8 +287,7 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                         image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
                                         prep=prep, workers=args.workers)
-    train.set_policy(image_policy(args.auto_augment, args.auto_augment_magnitude, args.random_erase,
-                                  train.mean.tolist()), args.seed)
+    set_policy(train, args)
     if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
         runtime.keep_freed_memory()
     if args.patience and val is None:
@@ -323,6 +322,12 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
             files = ["results.json", "metrics.csv", "curves.png", *(["best.pth", "last.pth"]
                                                                      if args.mlflow_log_checkpoints else [])]
             report.end(trackers, ended, [folder.path / name for name in files], results)
+
+
+def set_policy(train: Split, args: argparse.Namespace) -> None:
+    """--auto-augment and --random-erase: the training images' per-image policy (augment.image_policy)."""
+    train.set_policy(image_policy(args.auto_augment, args.auto_augment_magnitude, args.random_erase,
+                                  train.mean.tolist()), args.seed)
 
 
 def resume(t: Trainer, args: argparse.Namespace, resumed: dict, card: dict) -> tuple[RunState, EpochTally]:
