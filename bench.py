@@ -13,6 +13,7 @@
     python bench.py --loop-cost 32 --log-interval 1    # the same, also with a progress line after every step
     python bench.py --photos ./photos                  # photos: streamed vs torchvision's ImageFolder + DataLoader
     python bench.py --photos ./photos --stream-memory 4000 40000   # peak memory of a streamed epoch vs set size
+    python bench.py --data-dir ./data --long-tailed ./data-lt   # long-tailed CIFAR-10 (imbalance 100) to train on
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
 applies ToTensor + Normalize (what torchvision.datasets.CIFAR10 does per item; built here from the same arrays
@@ -24,6 +25,8 @@ import contextlib
 import csv
 import json
 import os
+import pickle
+import shutil
 import statistics
 import subprocess
 import sys
@@ -459,6 +462,36 @@ def stream_memory(folder: str, counts: list[int], workers: int) -> None:
         print(f"{count:>8,}{r['memory'] / 2**30:>9,.2f} GiB{r['images_per_s']:>10,.0f}")
 
 
+def long_tail_counts(n: int, imbalance: float, classes: int = 10) -> list[int]:
+    """How many training images class i keeps: int(n x imbalance^(-i/(classes-1))), at least 1 (the literature's
+    rounding down: for n = 5,000 and imbalance 100, 5,000, 2,997, ..., 83, 50)."""
+    return [max(1, int(n * imbalance ** (-i / (classes - 1)))) for i in range(classes)]
+
+
+def long_tailed_cifar10(data_dir: str, out: str, imbalance: float = 100.0, seed: int = 0) -> list[int]:
+    """Write a long-tailed copy of CIFAR-10 to `out`/cifar-10-batches-py, as the literature builds it (Cao et al.,
+    NeurIPS 2019): class i keeps int(n x imbalance^(-i/9)) of its training images (n: the smallest class's count,
+    5,000 for CIFAR-10; at imbalance 100: 5,000 down to 50, 12,406 in all), a seeded random choice; the test set is
+    copied untouched. Returns the counts kept, class by class."""
+    from formats import load_cifar10
+    src, dst = Path(data_dir) / "cifar-10-batches-py", Path(out) / "cifar-10-batches-py"
+    if dst.exists():
+        raise cli.UserError(f"{dst} already exists; give --long-tailed a new folder")
+    images, labels, _ = load_cifar10(Path(data_dir), ("train",))
+    members = [(labels == c).nonzero().squeeze(1) for c in range(10)]
+    counts = long_tail_counts(min(map(len, members)), imbalance)
+    g = torch.Generator().manual_seed(seed)
+    kept = torch.cat([m[torch.randperm(len(m), generator=g)[:k]] for m, k in zip(members, counts)]).sort().values
+    dst.mkdir(parents=True)
+    for i, part in enumerate(kept.tensor_split(5), 1):  # the five training batches of the real layout
+        batch = {"data": images[part].reshape(len(part), 3072).numpy(), "labels": labels[part].tolist()}
+        (dst / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    for name in ("test_batch", "batches.meta"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+    return counts
+
+
 def run_benchmark() -> None:
     p = cli.parser("bench.py", __doc__)
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
@@ -486,6 +519,10 @@ def run_benchmark() -> None:
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="--photos: the batch (default: 32)")
     p.add_argument("--workers", type=int, default=stream.default_workers(), metavar="N",
                    help="--photos: DataLoader worker processes of both pipelines (default: one per core, at most 8)")
+    p.add_argument("--long-tailed", metavar="DIR", help="write a long-tailed copy of --data-dir's CIFAR-10 to DIR "
+                   "instead (class i keeps 5000 x imbalance^(-i/9) training images; the test set as it is)")
+    p.add_argument("--imbalance", type=float, default=100.0, metavar="R",
+                   help="--long-tailed: the most common class's count over the rarest's (default: 100)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
     if args.loop_cost and not all(1 <= n <= 4096 for n in args.loop_cost):
@@ -494,6 +531,12 @@ def run_benchmark() -> None:
         p.error("--log-interval must be >= 0")
     if args.step_cost and any(len(w) != 3 for w in args.step_cost):
         p.error("--step-cost takes AirNet widths: three channel counts each, like 32,192,192")
+    if not 1 <= args.imbalance <= 5000:
+        p.error("--imbalance must be in [1, 5000]")
+    if args.long_tailed:
+        counts = long_tailed_cifar10(args.data_dir, args.long_tailed, args.imbalance)
+        return print(f"{sum(counts):,} training images ({', '.join(map(str, counts))}) written to "
+                     f"{Path(args.long_tailed) / 'cifar-10-batches-py'}; train with --data-dir {args.long_tailed}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.flops:
         return efficiency(args.flops)

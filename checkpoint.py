@@ -44,7 +44,9 @@ from folders import Prep
 from model import build_model, check_model_name, pretrained_start
 
 FORMAT = 2
-METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s"]
+METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s",
+           "val_top5"]  # val_top5 (after the older columns, which keep their places): nan for 5 classes or fewer
+OLD_METRICS = [m for m in METRICS if m != "val_top5"]  # the rows of checkpoints written before top-5
 RUN_FILES = cli.RUN_FILE_NAMES  # (cli.check_output never lets a picture or a model replace one)
 MAX_CLASSES = 100_000
 
@@ -314,8 +316,10 @@ def validate_for_resume(ckpt: dict, path: Path) -> tuple[RunState, EpochTally | 
     state = typed(RunState, ckpt["state"], path)
     tally = None if ckpt["partial_epoch"] is None else typed(EpochTally, ckpt["partial_epoch"], path)
     rows_ok = len(state.history) == state.epoch and all(
-        isinstance(r, dict) and list(r) == METRICS and all(isinstance(v, (int, float)) for v in r.values())
+        isinstance(r, dict) and list(r) in (METRICS, OLD_METRICS) and all(isinstance(v, (int, float))
+                                                                          for v in r.values())
         for r in state.history)
+    state.history = [{k: r.get(k, math.nan) for k in METRICS} for r in state.history] if rows_ok else state.history
     mlflow_run_id, changes = ckpt.get("mlflow_run_id"), ckpt.get("changes", [])
     changes_ok = isinstance(changes, list) and len(changes) <= 10_000 and all(
         isinstance(c, dict) and set(c) == {"epoch", "step", "flags"} and is_int(c["epoch"]) and is_int(c["step"])

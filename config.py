@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 import cli
 import runtime
+from augment import MAGNITUDES, POLICIES
 from checkpoint import load_checkpoint, validate_for_resume
 from folders import INTERPOLATIONS, MAX_IMAGE_PIXELS, PREP_MODES, SQUASH, Prep
 from formats import DATASETS
@@ -155,6 +156,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="Muon's (Nesterov) momentum (default: 0.6)")
     g.add_argument("--weight-decay", type=float, default=0.0, metavar="WD",
                    help="L2 penalty; with sgd each step shrinks the weights by lr x WD (default: 0)")
+    g.add_argument("--norm-weight-decay", type=float, metavar="WD",
+                   help="weight decay of the norm layers' scales and shifts (BatchNorm, LayerNorm, GroupNorm); "
+                        "torchvision's recipe: 0 (default: --weight-decay's)")
+    g.add_argument("--bias-weight-decay", type=float, metavar="WD",
+                   help="weight decay of every bias, norm layers' shifts included (default: --weight-decay's)")
     g.add_argument("--bias-lr-scale", type=float, default=1.0, metavar="S", help="BatchNorm shifts learn with S x "
                    "the lr (their weight decay / S, the same decay per step) (default: 1)")
     g.add_argument("--grad-clip", type=float, default=0.0, metavar="NORM",
@@ -167,9 +173,12 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-epochs", type=float, default=0.0, metavar="E",
                    help="ramp the lr linearly from 0 over the first E epochs (default: 0)")
     g.add_argument("--patience", type=int, default=0, metavar="N",
-                   help="stop after N epochs without validation-loss improvement, 0 = off (default: 0)")
+                   help="stop after N epochs without validation improvement (--best-by), 0 = off (default: 0)")
     g.add_argument("--min-delta", type=float, default=0.0, metavar="D",
-                   help="smallest drop in validation loss that counts as improvement (default: 0)")
+                   help="smallest change of --best-by's measure that counts as improvement (default: 0)")
+    g.add_argument("--best-by", default="val_loss", choices=["val_loss", "val_acc"],
+                   help="what best.pth and --patience go by: the lowest validation loss or the highest validation "
+                        "accuracy (default: val_loss)")
 
     add_regularization_flags(p)
 
@@ -190,8 +199,33 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--color-jitter", type=float, default=0.0, metavar="S",
                    help="scale each image's brightness, then its contrast, by factors drawn in [1-S, 1+S] each epoch "
                         "(the beginner guide's ColorJitter(0.2, 0.2) is 0.2), 0 = off (default: 0)")
+    g.add_argument("--auto-augment", choices=POLICIES,
+                   help="each training image through a torchvision augmentation policy, drawn per image: ta_wide "
+                        "(TrivialAugment), ra (RandAugment), augmix, imagenet (AutoAugment's ImageNet policy) "
+                        "(default: none)")
+    g.add_argument("--auto-augment-magnitude", type=int, metavar="M",
+                   help="ra: the magnitude, 0 to 30 (default: 9); augmix: the severity, 1 to 10 (default: 3)")
+    g.add_argument("--random-erase", type=float, default=0.0, metavar="P",
+                   help="erase a random box of each training image with probability P, to the mean colour "
+                        "(torchvision's RandomErasing; the reference recipe's 0.1), 0 = off (default: 0)")
+    g.add_argument("--mixup-alpha", type=float, default=0.0, metavar="A",
+                   help="mixup: blend each image and its target with another's, in a Beta(A, A) proportion drawn "
+                        "per step (the reference recipe's 0.2), 0 = off (default: 0)")
+    g.add_argument("--cutmix-alpha", type=float, default=0.0, metavar="A",
+                   help="cutmix: paste a box of another image, its target mixed by area, Beta(A, A) per step (the "
+                        "reference recipe's 1.0); with --mixup-alpha, each step one of the two, 0 = off (default: 0)")
     g.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seeds init, split, order and augmentation (default: 0)")
+
+    g = p.add_argument_group("rare classes")
+    g.add_argument("--class-weights", default="none", choices=["none", "balanced"],
+                   help="balanced: each class's loss weighted by the inverse of its share of the training images "
+                        "(scikit-learn's \"balanced\": the weights average 1 over the images) (default: none)")
+    g.add_argument("--class-weights-from-epoch", type=int, default=1, metavar="E",
+                   help="--class-weights from epoch E on, plain loss before (deferred re-weighting) (default: 1)")
+    g.add_argument("--balanced-sampler", action="store_true",
+                   help="draw each epoch class-balanced: every class an equal share of the epoch's images, a rare "
+                        "class's repeated (from the seed and epoch, as the order)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--tta", nargs="?", const="mirror", default="none", choices=TTA_MODES,
@@ -286,6 +320,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         (math.isfinite(args.muon_lr) and args.muon_lr > 0, "--muon-lr must be a positive number"),
         (number_in(args.muon_momentum, 0, 1), "--muon-momentum must be in [0, 1)"),
         (number_in(args.weight_decay, 0, math.inf), "--weight-decay must be >= 0"),
+        (all(d is None or number_in(d, 0, math.inf) for d in (args.norm_weight_decay, args.bias_weight_decay)),
+         "--norm-weight-decay and --bias-weight-decay must be >= 0"),
         (math.isfinite(args.bias_lr_scale) and args.bias_lr_scale > 0, "--bias-lr-scale must be a positive number"),
         (number_in(args.warmup_epochs, 0, args.epochs), "--warmup-epochs must be >= 0 and below --epochs"),
         (number_in(args.label_smoothing, 0, 1), "--label-smoothing must be in [0, 1)"),
@@ -304,6 +340,17 @@ def check_args(args: argparse.Namespace) -> str | None:
         (args.dataset == "imagefolder" or args.resize_mode != "crop" and args.workers is None,
          f"--resize-mode crop and --workers are for image folders (--dataset imagefolder); {args.dataset} is held "
          f"in memory and squashed: leave them out"),  # mirroring needs a pad below the image side
+        (1 <= args.class_weights_from_epoch <= args.epochs, "--class-weights-from-epoch must be in [1, --epochs]"),
+        (args.class_weights == "balanced" or args.class_weights_from_epoch == 1,
+         "--class-weights-from-epoch needs --class-weights balanced"),
+        (args.auto_augment_magnitude is None or args.auto_augment in MAGNITUDES,
+         "--auto-augment-magnitude is for --auto-augment ra or augmix"),
+        (args.auto_augment_magnitude is None or args.auto_augment not in MAGNITUDES or
+         MAGNITUDES[args.auto_augment][1] <= args.auto_augment_magnitude <= MAGNITUDES[args.auto_augment][2],
+         "--auto-augment-magnitude must be in [0, 30] for ra (its magnitude), [1, 10] for augmix (its severity)"),
+        (0 <= args.random_erase <= 1, "--random-erase must be in [0, 1] (a probability; 0 = off)"),
+        (number_in(args.mixup_alpha, 0, math.inf), "--mixup-alpha must be >= 0 (0 = off)"),
+        (number_in(args.cutmix_alpha, 0, math.inf), "--cutmix-alpha must be >= 0 (0 = off)"),
         (number_in(args.color_jitter, 0, 1), "--color-jitter must be in [0, 1) (0 = off)"),
         (args.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
         (0 <= args.seed < 2**48, "--seed must be in [0, 2**48)"),

@@ -13,7 +13,7 @@ same whatever the batch size, accumulation or resume point.
 import hashlib
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import stream
+from augment import apply_policy
 from folders import MAX_IMAGE_PIXELS, SQUASH, Prep, load_imagefolder, load_imagefolder_split
 from formats import (DATASETS, MIN_IMAGES, DataError, allocate_images, check_memory, load_cifar10, load_cifar100,
                      load_idx_dataset)
@@ -97,6 +98,8 @@ class ImageSet:
     labels: torch.Tensor  # int64 (N,), on the training device
     mean: torch.Tensor    # float32 (C,), per channel, in [0, 1] pixel units
     std: torch.Tensor     # float32 (C,)
+    policy: Callable[[torch.Tensor], torch.Tensor] | None = None  # training's per-image augmentation (set_policy)
+    seed: int = 0                                                  # ...drawn from (seed, epoch, image)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -114,11 +117,14 @@ class ImageSet:
         return self.images.shape[2]
 
     def batch(self, idx: torch.Tensor, crop_flip: torch.Tensor | None = None, pad: int = PAD,
-              jitter: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalized float images and labels for the samples `idx`, cropped and flipped where crop_flip is given,
-        brightness and contrast jittered where `jitter` (epoch_plan's factors) is given."""
-        idx = idx.to(self.device)
+              jitter: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized float images and labels for the samples `idx`: through the policy first in training (epoch >=
+        1), then cropped and flipped where crop_flip is given, brightness and contrast jittered where `jitter`
+        (epoch_plan's factors) is given."""
+        drawn, idx = idx, idx.to(self.device) % len(self)  # (drawn: a repeat's number, see balanced_order)
         x = self.images.index_select(0, idx.to(self.images.device))  # several times faster than images[idx] on CPU
+        if epoch and self.policy is not None:
+            x = apply_policy(x, drawn, self.seed, epoch, self.policy)
         if x.device != self.device:  # (held in pinned memory: the batch moves now, while the GPU works)
             x = x.pin_memory().to(self.device, non_blocking=True)
         return to_input(x, self.mean, self.std, crop_flip, pad, jitter), self.labels.index_select(0, idx)
@@ -132,7 +138,12 @@ class ImageSet:
               channels_last: bool) -> Iterator["MicroBatches"]:
         """Training: the micro-batches of each optimizer step (see MicroBatches); `epoch` is in the plan already."""
         for step in parts:
-            yield MicroBatches(self, step, augment, pad, channels_last)
+            yield MicroBatches(self, step, augment, pad, channels_last, epoch)
+
+    def set_policy(self, policy: Callable[[torch.Tensor], torch.Tensor] | None, seed: int) -> None:
+        """Training images go through `policy` (augment.image_policy) one by one, each with the draws of (seed,
+        epoch, image), before the batch's crops, flips and jitter."""
+        self.policy, self.seed = policy, seed
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The images `idx`, uint8, as they are held."""
@@ -156,8 +167,10 @@ class MicroBatches(Sequence):
     """The micro-batches (x, y) of one optimizer step, each made (cropped, flipped, normalized) only when it is read.
     `parts`: the step's rows of the epoch plan, one tensor per micro-batch."""
 
-    def __init__(self, data: ImageSet, parts: Sequence[torch.Tensor], augment: bool, pad: int, channels_last: bool):
+    def __init__(self, data: ImageSet, parts: Sequence[torch.Tensor], augment: bool, pad: int, channels_last: bool,
+                 epoch: int = 0):
         self.data, self.parts, self.augment, self.pad, self.channels_last = data, parts, augment, pad, channels_last
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.parts)
@@ -165,7 +178,7 @@ class MicroBatches(Sequence):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         part = self.parts[i]  # rows: sample, dy, dx, flip (, brightness, contrast)
         x, y = self.data.batch(part[:, 0], part[:, 1:4] if self.augment else None, self.pad,
-                               part[:, 4:] if part.shape[1] > 4 else None)
+                               part[:, 4:] if part.shape[1] > 4 else None, self.epoch)
         return (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y
 
 
@@ -214,15 +227,17 @@ def split_train_val(images, labels, val_split: float, seed: int):
 
 
 def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu", pad: int = PAD,
-               alternate_flips: bool = False, jitter: float = 0.0) -> torch.Tensor:
+               alternate_flips: bool = False, jitter: float = 0.0,
+               balance: torch.Tensor | None = None) -> torch.Tensor:
     """Every random choice of one epoch, from (seed, epoch) alone: an (n, 4) int64 tensor whose rows are
     (sample index, crop offset y, crop offset x, flip 0/1), in the order the samples are visited; offsets are
     in [0, 2 * pad]. alternate_flips: each image is flipped in every other epoch (a random half in epoch 1, the
     other half in epoch 2, ...), so consecutive epochs always show both sides of it; short runs gain from that.
     jitter > 0 adds two columns: each image's brightness and contrast factors, drawn in [1 - jitter, 1 + jitter],
-    in units of 1/JITTER_UNIT (drawn last, so that the other columns are those of a plan without jitter)."""
+    in units of 1/JITTER_UNIT (drawn last, so that the other columns are those of a plan without jitter).
+    balance: the n images' labels, for an epoch drawn class-balanced (balanced_order) instead of each image once."""
     g = torch.Generator().manual_seed(seed * 10_000 + epoch)  # distinct per epoch for runs under 10,000 epochs
-    order = torch.randperm(n, generator=g)
+    order = torch.randperm(n, generator=g) if balance is None else balanced_order(balance.cpu(), g)
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
     if alternate_flips:
         first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed))  # epoch 1's, per image
@@ -234,6 +249,36 @@ def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu"
         columns.append(((1 + jitter * (2 * torch.rand(n, 2, generator=g, dtype=torch.float64) - 1)) * JITTER_UNIT)
                        .round().long())
     return torch.cat(columns, 1).to(device)
+
+
+def balanced_order(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """An epoch of len(labels) image indices drawn class-balanced (--balanced-sampler): each class present gets an
+    equal share (the remainder to classes drawn at random, one image more each), its images in a random order, a
+    class with fewer than its share gone through again in a new order as often as needed (a rare class's images
+    repeat within the epoch, a common class's are a random part of them); then the whole epoch is shuffled.
+    The r-th repeat of image i is written i + r x n (n = len(labels)): the sets read image i (mod n), and its
+    per-image draws (the policy, the photo recipe's crop), seeded by that number, are its own."""
+    classes = labels.unique()
+    share = torch.full((len(classes),), len(labels) // len(classes))
+    share[torch.randperm(len(classes), generator=g)[:len(labels) % len(classes)]] += 1
+    picks = []
+    for c, k in zip(classes.tolist(), share.tolist()):
+        members = (labels == c).nonzero().squeeze(1)
+        rounds = -(-k // len(members))
+        picks += [members[torch.randperm(len(members), generator=g)] + r * len(labels) for r in range(rounds)]
+        picks[-1] = picks[-1][:len(picks[-1]) - (rounds * len(members) - k)]
+    order = torch.cat(picks)
+    return order[torch.randperm(len(order), generator=g)]
+
+
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """--class-weights balanced: each class's weight in the loss inversely proportional to its number of training
+    images, n / (classes x count): scikit-learn's "balanced", which is also the normalization that makes the weights
+    average 1 over the training images (so the loss keeps its scale, and the lr its meaning). A class without
+    training images gets weight 0 (it has no loss term to weigh)."""
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
+    present = int((counts > 0).sum())
+    return torch.where(counts > 0, len(labels) / (present * counts.clamp(min=1)), 0.0).float()
 
 
 def images_per_epoch(n: int, step_images: int, batch_size: int, world: int) -> int:

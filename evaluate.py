@@ -1,4 +1,6 @@
-"""Evaluate a checkpoint on the test set: loss, accuracy, per-class accuracy and the confusion matrix.
+"""Evaluate a checkpoint on the test set: loss, accuracy (top-5 too, for more than 5 classes), the measures that
+weigh every class alike (balanced accuracy, macro precision, recall and F1), per-class accuracy and the confusion
+matrix.
 
     python evaluate.py --checkpoint runs/seed/best.pth
     python evaluate.py --checkpoint best.pth --data-dir ./data --json
@@ -28,7 +30,7 @@ from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
 from data import ImageSet, Split, load_test
 from folders import MAX_IMAGE_PIXELS, Prep, split_files
 from formats import DataError
-from model import EVAL_BATCH, TTA_MODES, evaluate, tta_logits
+from model import EVAL_BATCH, MEASURES, TTA_MODES, confusion_metrics, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
 
 
@@ -41,8 +43,11 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 def format_report(result: dict, classes: list[str]) -> str:
     classes = [cli.printable(c) for c in classes]  # a class name cannot break a line or send the terminal escapes
     width = max(len(c) for c in classes) + 2
-    lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%", "",
-             f"{'class':<{width}}accuracy"]
+    top5 = "" if math.isnan(result.get("top5", math.nan)) else f"   top-5 {result['top5']:.2f}%"
+    m = confusion_metrics(result["confusion"])
+    lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%{top5}",
+             f"balanced accuracy {m['balanced_accuracy']:.2f}%   macro precision {m['macro_precision']:.2f}%   "
+             f"recall {m['macro_recall']:.2f}%   F1 {m['macro_f1']:.2f}%", "", f"{'class':<{width}}accuracy"]
     lines += [f"{c:<{width}}{a:7.2f}%" for c, a in zip(classes, per_class_accuracy(result["confusion"]))]
     cell = max(5, len(str(result["confusion"].max().item())) + 1)
     short = [c[:cell - 1] for c in classes]
@@ -120,7 +125,9 @@ def report(args: argparse.Namespace) -> dict:
     if not math.isfinite(result["loss"]):  # finite weights can still overflow: say so rather than report NaN
         raise DataError(f"the model's outputs are not finite numbers on this data; {checkpoint} is unusable")
     if args.json:
-        print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"], "tta": tta, "amp": amp,
+        print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
+                          **({"top5": result["top5"]} if len(classes) > 5 else {}),
+                          **{k: result[k] for k in MEASURES}, "tta": tta, "amp": amp,
                           "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),
                           "confusion_matrix": result["confusion"].tolist()}))
     else:

@@ -30,6 +30,7 @@ import config
 import plot
 import runtime
 import train
+from augment import MixedBatches
 from checkpoint import starting_weights
 from data import Split, epoch_plan, prepare
 
@@ -58,6 +59,7 @@ def find_lr(args: argparse.Namespace) -> float:
         data, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                       image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
                                       prep=config.image_prep(args), workers=args.workers)
+        train.set_policy(data, args)
         t = train.build_trainer(args, data, len(classes), device, resumed=None, start=start)
         if start:
             print(f"starting from {start['source']}")
@@ -91,9 +93,12 @@ def lr_range_test(t: train.Trainer, data: Split, args: argparse.Namespace) -> tu
 
     def epoch(n: int) -> Iterator[tuple[torch.Tensor, Sequence[tuple[torch.Tensor, torch.Tensor]]]]:
         groups = epoch_plan(len(data), args.seed, n, data.labels.device, args.crop_pad, args.alt_flip,
-                            args.color_jitter)[:t.images_per_epoch].split(args.batch_size * args.accum_steps)
+                            args.color_jitter, data.labels if args.balanced_sampler else None
+                            )[:t.images_per_epoch].split(args.batch_size * args.accum_steps)
         parts = [group.tensor_split(math.ceil(len(group) / args.batch_size)) for group in groups]
-        return zip(groups, data.steps(parts, n, args.augment, args.crop_pad, args.channels_last))
+        steps = data.steps(parts, n, args.augment, args.crop_pad, args.channels_last)
+        return ((group, micro if t.mix is None else MixedBatches(micro, t.mix, n, step))  # (--mixup, --cutmix)
+                for step, (group, micro) in enumerate(zip(groups, steps)))
 
     def steps() -> Iterator[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
         for lr, (group, micro_batches) in zip(lrs, (step for n in range(1, 10_001) for step in epoch(n))):
@@ -112,7 +117,7 @@ def lr_range_test(t: train.Trainer, data: Split, args: argparse.Namespace) -> tu
     for m in t.frozen:  # --freeze-backbone
         m.eval()
     train.train_one_epoch(t.step_model, t.optimizer, steps(), t.scaler, t.autocast, args.grad_clip,
-                          args.label_smoothing, after_step)
+                          args.label_smoothing, after_step, t.class_weights)
     return lrs, losses
 
 

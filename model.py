@@ -7,6 +7,7 @@ name and the shape arguments, is enough to rebuild it (checkpoint.model_from_che
 the classes and its first convolution for the input channels.
 """
 import difflib
+import math
 import urllib.parse
 from pathlib import Path
 
@@ -164,7 +165,8 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Te
 @torch.no_grad()
 def evaluate(model: nn.Module, data, num_classes: int, batch_size: int = EVAL_BATCH,
              tta: str = "none") -> dict:
-    """Mean cross-entropy, accuracy (percent) and the confusion matrix (rows = true class) over all of `data`,
+    """Mean cross-entropy, accuracy and top-5 accuracy (percent; top-5 only for more than 5 classes, else nan), the
+    confusion matrix (rows = true class) and the class-balanced measures of confusion_metrics, over all of `data`,
     with the test-time views of `tta` (see tta_logits); `data` is a data.Split. Under torchrun each process
     takes every world_size-th image and the sums are added up across processes, so every image counts once."""
     model.eval()
@@ -172,17 +174,42 @@ def evaluate(model: nn.Module, data, num_classes: int, batch_size: int = EVAL_BA
     rank, world = runtime.rank_world()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.int64)
+    top5 = torch.zeros((), device=device, dtype=torch.int64)
     for x, y in data.batches(torch.arange(rank, len(data), world), batch_size):
         logits = tta_logits(model, x, tta)
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+        if num_classes > 5:
+            top5 += (logits.topk(5).indices == y[:, None]).any(1).sum()
     if world > 1:
         dist.all_reduce(loss_sum)
         dist.all_reduce(confusion)
+        dist.all_reduce(top5)
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = max(len(data), 1)
     return {"loss": loss_sum.item() / n, "accuracy": 100.0 * confusion.diag().sum().item() / n,
-            "confusion": confusion}
+            "top5": 100.0 * top5.item() / n if num_classes > 5 else math.nan, "confusion": confusion,
+            **confusion_metrics(confusion)}
+
+
+MEASURES = ("balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")  # confusion_metrics' keys
+
+
+def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """The measures that weigh every class alike, in percent, from a confusion matrix (rows = true class), as
+    scikit-learn computes them: balanced accuracy, the mean recall over the classes that have images; macro
+    precision, recall and F1, the means over the classes that have images or predictions (a class never predicted
+    has precision 0, one with precision and recall 0 has F1 0)."""
+    c = confusion.double()
+    tp, true, predicted = c.diag(), c.sum(1), c.sum(0)
+    recall, precision = tp / true.clamp(min=1), tp / predicted.clamp(min=1)
+    f1 = torch.where(tp > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300), 0.0)
+    seen = (true > 0) | (predicted > 0)
+    if not seen.any():
+        return dict.fromkeys(MEASURES, math.nan)
+    return {"balanced_accuracy": 100 * recall[true > 0].mean().item(),
+            "macro_precision": 100 * precision[seen].mean().item(), "macro_recall": 100 * recall[seen].mean().item(),
+            "macro_f1": 100 * f1[seen].mean().item()}
 
 
 MODELS = {"simplecnn": SimpleCNN, "resnet9": ResNet9, "airnet": AirNet}

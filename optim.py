@@ -39,6 +39,24 @@ def ema_decay(decay: float, step: int) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+               nn.LocalResponseNorm)  # torchvision's reference scripts' norm classes
+
+
+def decay_overrides(model: nn.Module, norm_decay: float | None, bias_decay: float | None) -> dict[int, float]:
+    """The weight decay of the parameters --norm-weight-decay and --bias-weight-decay name, by id, as torchvision's
+    reference scripts set it: bias_decay for every parameter named "bias" (norm layers' included), norm_decay for
+    the norm layers' other parameters (and their biases too where bias_decay is None). None: as every other weight."""
+    decays = {}
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if name == "bias" and bias_decay is not None:
+                decays[id(p)] = bias_decay
+            elif isinstance(module, NORM_LAYERS) and norm_decay is not None:
+                decays[id(p)] = norm_decay
+    return decays
+
+
 def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.device,
                    num_classes: int) -> torch.optim.Optimizer:
     # The fused kernels compute the same update as the default loop, in one call per step instead of ~10 per
@@ -58,7 +76,8 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
                "momentum": args.muon_momentum, "nesterov": True, "orthogonalize": True},
               {"params": [p for p in trainable if id(p) in shifts], "lr": args.lr * scale,
                "weight_decay": args.weight_decay / scale}]
-    groups = [g for g in groups if g["params"]]
+    decays = decay_overrides(model, args.norm_weight_decay, args.bias_weight_decay)
+    groups = [g for g in split_by_decay(groups, decays, (1, 1, 1 / scale)) if g["params"]]
     if args.optimizer == "muon":
         optimizer = Muon(groups, momentum=args.momentum, nesterov=args.nesterov, orthogonalize=False,
                          lr=args.lr, weight_decay=args.weight_decay)
@@ -69,3 +88,18 @@ def make_optimizer(model: nn.Module, args: argparse.Namespace, device: torch.dev
     for g in optimizer.param_groups:
         g["initial_lr"] = g["lr"]  # the schedule multiplies this (the key torch's lr schedulers use)
     return optimizer
+
+
+def split_by_decay(groups: list[dict], decays: dict[int, float], scales: tuple[float, ...]) -> list[dict]:
+    """Each group's parameters whose decay `decays` overrides move to a group of their own after it: the same
+    settings, with that decay x the group's scale of --weight-decay (`scales`, one per group). Without overrides the
+    groups are returned as they are: the same optimizer, step for step, as before the flags existed."""
+    if not decays:
+        return groups
+    out = []
+    for g, scale in zip(groups, scales):
+        out.append({**g, "params": [p for p in g["params"] if id(p) not in decays]})
+        for decay in sorted({decays[id(p)] for p in g["params"] if id(p) in decays}):
+            out.append({**g, "params": [p for p in g["params"] if decays.get(id(p)) == decay],
+                        "weight_decay": decay * scale})
+    return out

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from model import confusion_metrics
+
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
 OFF_SCALE = 1e6  # a loss or accuracy beyond this is drawn at the top of the rest (on_scale)
 
@@ -62,15 +64,19 @@ def label(name: str, width: int | None = None) -> str:
     return cli.printable(name)[:width].replace("$", r"\$")
 
 
-def plot_curves(metrics: dict[str, list[float]], path: str | Path) -> None:
+def plot_curves(metrics: dict[str, list[float]], path: str | Path, best: int | None = None) -> None:
     """Loss (left) and accuracy (right) per epoch, train and validation, to a PNG; a dashed line marks the epoch
-    of best.pth (the lowest validation loss) when there is validation."""
+    of best.pth when there is validation: `best`, or else the lowest validation loss (train.py's default)."""
     fig = require_matplotlib()(figsize=(10, 4), layout="constrained")
     from matplotlib.ticker import MaxNLocator
     epochs = [int(e) if float(e).is_integer() else e for e in metrics["epoch"]]
-    # best.pth's epoch, as train.py chooses it: the lowest validation loss (the first of equal ones); none without
+    # best.pth's epoch, as train.py chooses it by default: the lowest validation loss (the first of equal ones);
+    # none without validation
     val_losses = [(v, e) for v, e in zip(metrics["val_loss"], epochs) if not math.isnan(v)]
-    best = min(val_losses, key=lambda pair: pair[0])[1] if val_losses else None
+    if not val_losses:
+        best = None
+    elif best is None:
+        best = min(val_losses, key=lambda pair: pair[0])[1]
     for ax, name, title in zip(fig.subplots(1, 2), ("loss", "acc"), ("loss (cross-entropy)", "accuracy (%)")):
         curves = {split: metrics[f"{split}_{name}"] for split in ("train", "val")}
         curves, top = on_scale(curves)
@@ -105,7 +111,7 @@ def on_scale(curves: dict[str, list[float]], limit: float = OFF_SCALE) -> tuple[
 def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path) -> None:
     """The confusion matrix (rows: true class, columns: predicted, as evaluate.py computes it) to a PNG: each cell
     colored by its share of the true class's images, so that rare classes read like common ones, and labelled
-    with its count."""
+    with its count; the title gives the accuracy and the measures that weigh every class alike."""
     counts = torch.as_tensor(confusion, dtype=torch.int64)
     n = len(classes)
     if counts.shape != (n, n):
@@ -116,7 +122,11 @@ def plot_confusion(confusion: torch.Tensor, classes: list[str], path: str | Path
     ax = fig.subplots()
     image = ax.imshow(share.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="share of the true class")
-    ax.set(title="confusion matrix", xlabel="predicted class", ylabel="true class", xticks=range(n), yticks=range(n))
+    m = confusion_metrics(counts)
+    title = (f"confusion matrix: accuracy {100 * counts.diag().sum().item() / max(1, counts.sum().item()):.1f}%, "
+             f"balanced {m['balanced_accuracy']:.1f}%\nmacro precision {m['macro_precision']:.1f}%, recall "
+             f"{m['macro_recall']:.1f}%, F1 {m['macro_f1']:.1f}%")
+    ax.set(title=title, xlabel="predicted class", ylabel="true class", xticks=range(n), yticks=range(n))
     ax.set_xticklabels([label(c) for c in classes], rotation=45, ha="right")
     ax.set_yticklabels([label(c) for c in classes])
     if n <= 30:  # beyond that the numbers would be too small to read

@@ -42,6 +42,8 @@ from stream import StreamSet
 def format_epoch(row: dict, epochs: int) -> str:
     """The line printed after each epoch, from its metrics.csv row."""
     val = "no val" if math.isnan(row["val_loss"]) else f"val loss {row['val_loss']:.4f} acc {row['val_acc']:6.2f}%"
+    if not math.isnan(row.get("val_top5", math.nan)):  # (more than 5 classes)
+        val += f" top-5 {row['val_top5']:6.2f}%"
     return (f"epoch {row['epoch']:>{len(str(epochs))}}/{epochs}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:6.2f}%  {val}  lr {row['lr']:.2e}  {row['train_seconds']:.1f}s  "
             f"{row['images_per_s']:,.0f} img/s")
@@ -98,9 +100,10 @@ class Progress:
             sys.stdout.flush()
 
 
-def draw_curves(history: list[dict], path: Path, quiet: bool) -> None:
+def draw_curves(history: list[dict], path: Path, quiet: bool, best: int | None = None) -> None:
     """curves.png of the epochs so far, when matplotlib is installed: the one picture drawn without a flag.
-    quiet: the run failed, and its error is the one line to print."""
+    quiet: the run failed, and its error is the one line to print; best: best.pth's epoch (None: the lowest
+    validation loss)."""
     if not history:
         return
     try:
@@ -108,7 +111,7 @@ def draw_curves(history: list[dict], path: Path, quiet: bool) -> None:
     except cli.UserError:
         return  # not installed: training never needs it
     try:
-        plot.plot_curves({c: [row[c] for row in history] for c in plot.CURVES}, path)
+        plot.plot_curves({c: [row[c] for row in history] for c in plot.CURVES}, path, best)
     except plot.PlotError as e:
         if not quiet:
             print(f"warning: {path.name} not drawn: {e}", file=sys.stderr)
@@ -189,11 +192,12 @@ def log_epoch(trackers: list, row: dict) -> None:
 
 def end(trackers: list, status: str, files: list[Path], results: dict | None) -> None:
     """status: FINISHED, KILLED (a signal) or FAILED; files: the run's files to keep with it (those that exist);
-    results: results.json's dict (a finished run), whose test_accuracy and test_loss are logged as metrics.
+    results: results.json's dict (a finished run), whose test_ numbers (accuracy, loss, top-5, ...) are logged as
+    metrics.
     A signal in the middle (Ctrl-C while the files upload, a second Ctrl-C while a stopped run shuts down) skips
     what is left to log, but every tracker still records that the run ended (KILLED), with further signals held
     off for that moment; then the signal goes on to stop the process."""
-    test = {k: results[k] for k in ("test_accuracy", "test_loss")} if results else {}
+    test = {k: v for k, v in results.items() if k.startswith("test_")} if results else {}
     for i, tracker in enumerate(trackers):
         try:
             tracker.end(status, [f for f in files if f.is_file()], test, results["epochs_completed"] if results else 0)

@@ -15,7 +15,7 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ def seeded(seed: int, epoch: int, index: int) -> Iterator[None]:
     process (--workers 0) its state is put back afterwards, so the run's own draws (dropout) do not move."""
     state = torch.get_rng_state() if get_worker_info() is None else None
     key = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
-    torch.manual_seed(int.from_bytes(key, "little") >> 1)
+    torch.default_generator.manual_seed(int.from_bytes(key, "little") >> 1)  # (the CPU's alone: CUDA's is the run's)
     try:
         yield
     finally:
@@ -64,19 +64,20 @@ class FolderFiles(Dataset):
     def __init__(self, root: Path, files: np.ndarray, size: int, max_pixels: int, prep: Prep, seed: int):
         self.root, self.files, self.size, self.max_pixels, self.prep, self.seed = \
             root, files, size, max_pixels, prep, seed
+        self.policy = None  # training's per-image augmentation (augment.image_policy), after the shape
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, str | None, bool]:
         epoch, i = key
-        path = self.root / self.files[i].decode()
+        path = self.root / self.files[i % len(self.files)].decode()  # (i >= n: a repeat, data.balanced_order)
         try:
             if epoch == 0:
                 return load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep), None, False
             with seeded(self.seed, epoch, i):
-                return load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep,
-                                  train=True), None, False
+                x = load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep, train=True)
+                return (x if self.policy is None else self.policy(x)), None, False
         except UnreadableImage as e:
             return None, str(e), False
         except Exception as e:  # DataError (the system's), MemoryError, anything: one line in the main process
@@ -200,6 +201,11 @@ class StreamSet:
         for part, (x, keep) in zip(parts, self.read(parts, 0)):
             yield to_input(x, self.mean, self.std), self.labels[part[keep]].to(self.device)
 
+    def set_policy(self, policy: Callable[[torch.Tensor], torch.Tensor] | None, seed: int) -> None:
+        """Training images go through `policy` (augment.image_policy) in the workers, after their shape, each with
+        the draws of (seed, epoch, image) (the set's seed is the run's already)."""
+        self.files.policy = policy
+
     def fingerprint(self) -> str:
         """A short hash of the set's file names and labels: what tells --resume it trains on the run's own data."""
         h = hashlib.blake2b(digest_size=16)
@@ -236,7 +242,7 @@ class StreamSet:
                         x = to_input(x, self.mean, self.std, kept[:, 1:4] if crop_flip else None, pad,
                                      kept[:, 4:] if kept.shape[1] > 4 else None)
                         micro.append((x.contiguous(memory_format=torch.channels_last) if channels_last else x,
-                                      self.labels[kept[:, 0].cpu()].to(self.device)))
+                                      self.labels[kept[:, 0].cpu() % len(self)].to(self.device)))
                 yield micro
         finally:
             batches.close()  # the workers end with the steps, however they end

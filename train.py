@@ -40,11 +40,12 @@ import torch.nn.functional as F
 import config
 import report
 import runtime
+from augment import Mix, MixedBatches, image_policy
 from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_checkpoint, load_training_state,
                         make_checkpoint, model_from_checkpoint, resume_state, run_card, save_checkpoint,
                         starting_weights)
-from data import Split, epoch_plan, images_per_epoch, prepare
-from model import MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
+from data import Split, balanced_class_weights, epoch_plan, images_per_epoch, prepare
+from model import MEASURES, MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -53,10 +54,11 @@ from optim import ema_decay, ema_update, lr_factor, make_optimizer
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     steps: Iterable[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]],
                     scaler: torch.amp.GradScaler | None = None, autocast: ContextManager | None = None,
-                    grad_clip: float = 0.0, label_smoothing: float = 0.0,
-                    after_step: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    grad_clip: float = 0.0, label_smoothing: float = 0.0, after_step: Callable | None = None,
+                    class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step per item of `steps`: (lr factor, its micro-batches [(x, y), ...], the images in the whole
-    step over all processes). From a DataLoader, one batch per step at the optimizer's own lr:
+    step over all processes); y: class indices, or (N, classes) probabilities (mixup, cutmix). From a DataLoader,
+    one batch per step at the optimizer's own lr:
 
         model.train()
         loss_sum, correct = train_one_epoch(model, optimizer, ((1.0, [(x, y)], len(x)) for x, y in loader))
@@ -64,8 +66,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     Each param group's lr is its "initial_lr" (set from its lr when missing, as torch's lr schedulers do) x the
     factor. Optional: `scaler`, a GradScaler for fp16 (None: no loss scaling); `autocast`, the forward pass's
     precision (e.g. torch.autocast("cpu", torch.bfloat16)); clipping; label smoothing; `after_step(loss_sum,
-    correct)`, run after each step. Returns this process's summed loss and count of correct predictions, as
-    tensors on the device: reading them is the one GPU sync, and the caller decides when."""
+    correct)`, run after each step; `class_weights`, each class's weight in the loss. Returns this process's summed
+    loss and count of correct predictions (against y's likeliest class), as tensors on the device: reading them is
+    the one GPU sync, and the caller decides when."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     device, autocast = next(model.parameters()).device, autocast or nullcontext()
     loss_sum = torch.zeros((), device=device)
@@ -80,15 +83,15 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             with model.no_sync() if world > 1 and not last else nullcontext():
                 with autocast:
                     logits = model(x)                                               # 2. forward
-                loss = F.cross_entropy(logits.float(), y, reduction="sum",          # 3. loss
-                                       label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, class_weights,            # 3. loss
+                                       reduction="sum", label_smoothing=label_smoothing)
                 # The micro-batch's sum over the whole step's size: the accumulated gradient is the step's mean, so
                 # K micro-batches step like one batch (exactly, without BatchNorm), a short last step included.
                 # (x world: DDP averages the processes' gradients, and each process holds 1/world of the sum.)
                 loss_mean = loss * (world / step_images)
                 (loss_mean if scaler is None else scaler.scale(loss_mean)).backward()  # 4. backward
             loss_sum += loss.detach()
-            correct += (logits.argmax(1) == y).sum()
+            correct += (logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum()
         if scaler is not None:
             scaler.unscale_(optimizer)  # (fp16) clip the true gradient, not the scaled one
         if grad_clip > 0:
@@ -127,6 +130,8 @@ class Trainer:
     steps_per_epoch: int
     images_per_epoch: int         # all of them, but for a last micro-batch of 1 image with BatchNorm (data.py)
     frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
+    class_weights: torch.Tensor | None = None  # --class-weights balanced: each class's weight in the loss
+    mix: Mix | None = None        # --mixup-alpha, --cutmix-alpha
 
 
 def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
@@ -135,7 +140,8 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
     signal asks the run to stop (at a step boundary, the same one in every process)."""
     rank, world = runtime.rank_world()
     plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
-                      args.color_jitter)[:t.images_per_epoch]  # (images_per_epoch: see data.py)
+                      args.color_jitter, data.labels if args.balanced_sampler else None
+                      )[:t.images_per_epoch]  # (images_per_epoch: see data.py)
     total, warmup = args.epochs * t.steps_per_epoch, round(args.warmup_epochs * t.steps_per_epoch)
     groups = plan.split(args.batch_size * args.accum_steps)[first_step:]
     # Every process takes its share of the step and cuts it into the same number of micro-batches, so all of
@@ -147,6 +153,8 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
         for step, (group, micro_batches) in enumerate(zip(groups, batches), first_step):
             if t.stop.requested():
                 return
+            if t.mix is not None:
+                micro_batches = MixedBatches(micro_batches, t.mix, epoch, step)
             yield lr_factor((epoch - 1) * t.steps_per_epoch + step, total, warmup, args.scheduler), micro_batches, \
                 len(group)
     finally:
@@ -174,7 +182,8 @@ def train_epoch(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, t
     runtime.sync(data.device)
     start = time.perf_counter()
     loss_sum, correct = train_one_epoch(t.step_model, t.optimizer, epoch_steps(t, data, args, epoch, tally.step),
-                                        t.scaler, t.autocast, args.grad_clip, args.label_smoothing, after_step)
+                                        t.scaler, t.autocast, args.grad_clip, args.label_smoothing, after_step,
+                                        t.class_weights if epoch >= args.class_weights_from_epoch else None)
     if progress:
         progress.clear()
     runtime.sync(data.device)
@@ -227,17 +236,17 @@ def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split 
     n = t.images_per_epoch
     row = {"epoch": epoch, "train_loss": tally.loss_sum / n, "train_acc": 100.0 * tally.correct / n,
            "val_loss": math.nan, "val_acc": math.nan, "lr": t.optimizer.param_groups[0]["lr"],
-           "train_seconds": tally.seconds, "images_per_s": n / tally.seconds}
+           "train_seconds": tally.seconds, "images_per_s": n / tally.seconds, "val_top5": math.nan}
     # A loss far above chance level (ln C: a uniform guess) has diverged, even while it is still finite
     if not row["train_loss"] <= max(10.0, 10 * math.log(card["num_classes"])):
         raise Diverged(f"the training loss became {row['train_loss']:.3g} in epoch {epoch}")
     if val is not None:
         with t.autocast:
             result = evaluate(t.ema if t.ema is not None else t.model, val, card["num_classes"])
-        row.update(val_loss=result["loss"], val_acc=result["accuracy"])
+        row.update(val_loss=result["loss"], val_acc=result["accuracy"], val_top5=result["top5"])
         if not math.isfinite(row["val_loss"]):
             raise Diverged(f"the validation loss became {row['val_loss']} in epoch {epoch}")
-    improved = val is None or row["val_loss"] < state.best_val_loss - args.min_delta
+    improved = val is None or improves(row, state, args.best_by, args.min_delta)
     if improved:
         state.best_val_loss, state.best_epoch, state.bad_epochs = row["val_loss"] if val else math.inf, epoch, 0
     else:
@@ -245,6 +254,15 @@ def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split 
     state.epoch, state.train_seconds = epoch, state.train_seconds + tally.seconds
     state.history.append(row)
     return row, improved
+
+
+def improves(row: dict, state: RunState, best_by: str, min_delta: float) -> bool:
+    """Whether the epoch's validation `row` beats best.pth's epoch by more than min_delta on --best-by's measure:
+    a lower val_loss, or a higher val_acc."""
+    if not state.best_epoch:
+        return True
+    best = state.history[state.best_epoch - 1][best_by]
+    return row[best_by] < best - min_delta if best_by == "val_loss" else row[best_by] > best + min_delta
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,6 +297,7 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                         image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
                                         prep=prep, workers=args.workers)
+    set_policy(train, args)
     if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
         runtime.keep_freed_memory()
     if args.patience and val is None:
@@ -308,10 +327,17 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         raise
     finally:
         if rank == 0:  # also when stopped early or by Ctrl-C
-            report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED")
+            report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED",
+                               best=state.best_epoch if args.best_by != "val_loss" else None)
             files = ["results.json", "metrics.csv", "curves.png", *(["best.pth", "last.pth"]
                                                                      if args.mlflow_log_checkpoints else [])]
             report.end(trackers, ended, [folder.path / name for name in files], results)
+
+
+def set_policy(train: Split, args: argparse.Namespace) -> None:
+    """--auto-augment and --random-erase: the training images' per-image policy (augment.image_policy)."""
+    train.set_policy(image_policy(args.auto_augment, args.auto_augment_magnitude, args.random_erase,
+                                  train.mean.tolist()), args.seed)
 
 
 def resume(t: Trainer, args: argparse.Namespace, resumed: dict, card: dict) -> tuple[RunState, EpochTally]:
@@ -345,13 +371,18 @@ def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[
                        f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint "
                        f"{folder.path / 'best.pth'}", file=sys.stderr)
         raise
-    results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"], "best_epoch": state.best_epoch,
+    results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
+               **({"test_top5": result["top5"]} if len(classes) > 5 else {}),
+               **{f"test_{k}": result[k] for k in MEASURES},
+               "best_epoch": state.best_epoch,
                "epochs_completed": state.epoch, "stopped_early": stopped_early,
                "train_seconds": state.train_seconds}
     # (all processes leave together, after the write: gloo aborts a process whose peer is already gone)
     runtime.on_rank0(lambda: folder.write_results(json.dumps(results, indent=2) + "\n"))
     tta = "" if args.tta == "none" else f" and {args.tta} TTA"
-    runtime.print0(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}) with best.pth from epoch "
+    top5 = f", top-5 {result['top5']:.2f}%" if len(classes) > 5 else ""
+    runtime.print0(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}{top5}, balanced accuracy "
+                   f"{result['balanced_accuracy']:.2f}%) with best.pth from epoch "
                    f"{state.best_epoch}{tta}; results in {folder.path / 'results.json'}")
     return results
 
@@ -389,7 +420,11 @@ def build_trainer(args: argparse.Namespace, train: Split, num_classes: int, devi
                    scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
                    autocast=runtime.autocast(args.amp, device), ema=copy.deepcopy(model) if args.ema else None,
                    stop=runtime.StopSignal(),
-                   steps_per_epoch=math.ceil(images / step_images), images_per_epoch=images, frozen=frozen)
+                   steps_per_epoch=math.ceil(images / step_images), images_per_epoch=images, frozen=frozen,
+                   class_weights=balanced_class_weights(train.labels, num_classes).to(device)
+                   if args.class_weights == "balanced" else None,
+                   mix=Mix(args.mixup_alpha, args.cutmix_alpha, num_classes, args.seed)
+                   if args.mixup_alpha or args.cutmix_alpha else None)
 
 
 def main(argv: list[str] | None = None) -> dict | float:

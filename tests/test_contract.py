@@ -293,7 +293,7 @@ def test_the_faqs_way_out_of_a_diverged_run_works_and_is_recorded(tmp_path, cifa
     assert (ckpt["args"]["lr"], ckpt["args"]["grad_clip"]) == (0.01, 1.0)
     assert [g["initial_lr"] for g in ckpt["optimizer"]["param_groups"]] == [0.01]  # the new peak, in the optimizer
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].endswith(",lr,train_seconds,images_per_s,changed")
+    assert rows[0].endswith(",lr,train_seconds,images_per_s,val_top5,changed")
     assert [r.split(",")[-1] for r in rows[1:]] == ["", "--grad-clip 0.0 -> 1.0; --lr 0.05 -> 0.01 from step 0", ""]
     assert [float(r.split(",")[5]) for r in rows[1:]] == [0.05, 0.01, 0.01]  # the lr column (no schedule)
 

@@ -390,7 +390,7 @@ def test_class_names_with_terminal_controls_are_printed_escaped(tmp_path, capsys
                                                          line.split(": ", 1)[1].split(", ")}
     result = evaluate.format_report({"loss": 0.0, "accuracy": 0.0, "confusion": torch.eye(3, dtype=torch.int64)},
                                     ["\x1b[2Jcat", "dog\nfox", "emu"])
-    assert "\x1b" not in result and len(result.splitlines()) == 12  # 3 classes: 6 lines each table
+    assert "\x1b" not in result and len(result.splitlines()) == 13  # 3 classes: 6 lines each table
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,110 @@
+"""The modern recipe's augmentation: policies drawn image by image (--auto-augment, --random-erase: torchvision's
+transforms.v2, each image's draws from (seed, epoch, image)), and mixup and cutmix drawn step by step (--mixup-alpha,
+--cutmix-alpha: torchvision's meaning, each step's draw from (seed, epoch, step)). No draw comes from the run's own
+random state, so a resumed run makes the very draws it would have made (docs/data.md: augmentation).
+"""
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stream import seeded
+
+POLICIES = ("ta_wide", "ra", "augmix", "imagenet")
+MAGNITUDES = {"ra": (9, 0, 30), "augmix": (3, 1, 10)}  # the policies that take one: (default, lowest, highest)
+
+
+def image_policy(auto_augment: str | None, magnitude: int | None, random_erase: float,
+                 mean: Sequence[float]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The transform each training image of uint8 (C, H, W) goes through, or None for none: the --auto-augment policy
+    (torchvision's reference recipe's: bilinear, RandAugment with 2 operations), then random erasing with
+    probability `random_erase` (torchvision's scale and ratio), the erased pixels set to the dataset's mean colour
+    (`mean`, per channel in [0, 1]): what the reference recipe's erasing of the normalized image with 0 gives."""
+    if auto_augment is None and not random_erase:
+        return None
+    from torchvision.transforms import InterpolationMode, v2  # (here: torchvision takes ~0.5 s to import)
+    steps = []
+    if auto_augment is not None:
+        bilinear = InterpolationMode.BILINEAR
+        default = MAGNITUDES.get(auto_augment, (None,))[0]
+        strength = default if magnitude is None else magnitude
+        steps.append({"ta_wide": lambda: v2.TrivialAugmentWide(interpolation=bilinear),
+                      "ra": lambda: v2.RandAugment(interpolation=bilinear, magnitude=strength),
+                      "augmix": lambda: v2.AugMix(interpolation=bilinear, severity=strength),
+                      "imagenet": lambda: v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET, interpolation=bilinear),
+                      }[auto_augment]())
+    if random_erase:
+        steps.append(v2.RandomErasing(p=random_erase, value=[round(255 * m) for m in mean]))
+    return v2.Compose(steps)
+
+
+def apply_policy(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int,
+                 policy: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The in-memory path's policy: each uint8 image of the batch (N, C, H, W) through `policy` on its own, its draws
+    from (seed, epoch, its index `indices`) (stream.seeded, which puts the run's random state back after), on the
+    CPU: what a DataLoader worker does for a streamed image (stream.FolderFiles), so both paths draw alike."""
+    out = torch.empty_like(images, device="cpu")
+    for k, (image, i) in enumerate(zip(images.cpu(), indices.tolist())):
+        with seeded(seed, epoch, i):
+            out[k] = policy(image)
+    return out.to(images.device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixup and cutmix: one of them per optimizer step
+
+@dataclass(frozen=True)
+class Mix:
+    """--mixup-alpha and --cutmix-alpha (0 = off) as torchvision.transforms.v2's MixUp and CutMix mean them: each
+    image blended with (mixup), or a box of it replaced by (cutmix), the batch's previous image (the batch rolled by
+    one), lam ~ Beta(alpha, alpha) of its own, and its one-hot target mixed in the same proportion. With both, each
+    step takes one of the two, at even odds."""
+    mixup_alpha: float
+    cutmix_alpha: float
+    num_classes: int
+    seed: int
+
+    def draw(self, epoch: int, step: int, height: int, width: int) -> tuple[float, tuple[int, int, int, int] | None]:
+        """Step `step` of epoch `epoch`'s lam and cutmix box (y1, y2, x1, x2), or None for mixup; from (seed, epoch,
+        step) alone, with numpy's generator (torch's Beta sampling takes no generator)."""
+        key = hashlib.blake2b(f"mix,{self.seed},{epoch},{step}".encode(), digest_size=8).digest()
+        rng = np.random.default_rng(int.from_bytes(key, "little"))
+        cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha == 0 or rng.random() < 0.5)
+        lam = float(rng.beta(*[self.cutmix_alpha if cutmix else self.mixup_alpha] * 2))
+        if not cutmix:
+            return lam, None
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        r = 0.5 * math.sqrt(1 - lam)  # torchvision's box: sides sqrt(1 - lam) of the image's, clipped at its edges
+        half_h, half_w = int(r * height), int(r * width)
+        return lam, (max(cy - half_h, 0), min(cy + half_h, height), max(cx - half_w, 0), min(cx + half_w, width))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lam: float,
+                 box: tuple[int, int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A micro-batch (x, class indices y) mixed as drawn: (x, targets (N, num_classes) that sum to 1)."""
+        targets = F.one_hot(y, self.num_classes).float()
+        mixed = x.clone()  # (keeps x's memory layout: channels_last stays so)
+        if box is None:
+            mixed.mul_(lam).add_(x.roll(1, 0), alpha=1 - lam)
+        else:
+            y1, y2, x1, x2 = box
+            mixed[..., y1:y2, x1:x2] = x.roll(1, 0)[..., y1:y2, x1:x2]
+            lam = 1 - (y2 - y1) * (x2 - x1) / (x.shape[-2] * x.shape[-1])  # the share of the image left as it was
+        return mixed, targets.roll(1, 0).mul_(1 - lam).add_(targets, alpha=lam)
+
+
+class MixedBatches(Sequence):
+    """An optimizer step's micro-batches, each mixed (Mix) with the step's one draw when it is read."""
+
+    def __init__(self, micro_batches: Sequence[tuple[torch.Tensor, torch.Tensor]], mix: Mix, epoch: int, step: int):
+        self.micro_batches, self.mix, self.epoch, self.step = micro_batches, mix, epoch, step
+
+    def __len__(self) -> int:
+        return len(self.micro_batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.micro_batches[i]
+        return self.mix(x, y, *self.mix.draw(self.epoch, self.step, x.shape[-2], x.shape[-1]))
