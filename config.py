@@ -104,9 +104,9 @@ def add_photo_flags(p: argparse.ArgumentParser) -> None:
                         "flip); crop: torchvision's photo recipe: training takes a random resized crop and a flip, "
                         "evaluation resizes the shorter side and crops the centre (default: crop for image folders "
                         "above 32 px and with --pretrained, squash otherwise)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("LOW", "HIGH"),
+    g.add_argument("--crop-scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("LOW", "HIGH"),
                    help="crop, training: the share of the image's area a crop covers (default: 0.08 1.0)")
-    g.add_argument("--crop-ratio", type=float, nargs=2, default=(3 / 4, 4 / 3), metavar=("LOW", "HIGH"),
+    g.add_argument("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], metavar=("LOW", "HIGH"),
                    help="crop, training: the crop's aspect ratio, width / height (default: 0.75 1.333)")
     g.add_argument("--crop-fraction", type=float, metavar="F",
                    help="crop, evaluation: the centre crop's side over the resized shorter side (default: 0.875, "
@@ -598,6 +598,8 @@ def config_flags(path: str) -> list[str]:
             argv += [flag if value else f"--no-{flag[2:]}"]
         elif switch:
             argv += [flag] if value else []
+        elif value is not None and isinstance(value, list) and action.nargs == 2:  # --crop-scale LOW HIGH
+            argv += [flag, *map(str, value)]
         elif value is not None:
             argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     try:
