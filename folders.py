@@ -13,6 +13,7 @@ import os
 import platform
 import stat
 import sys
+import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -277,9 +278,13 @@ def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | N
 def _write_cache(path: Path, data: dict) -> None:
     """Best effort: without a cache (a read-only data dir, a full disk) the next run only decodes again.
     Older caches of the same split and size are deleted, so edits to the folder do not pile them up."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed when complete: never a half-written cache
-    try:
-        torch.save(data, tmp)
+    tmp = None
+    try:  # a fresh name, created exclusively (mkstemp: O_EXCL) and written through its descriptor: a file or symlink
+        # planted at a predictable name is never written through. Renamed when complete: never a half-written cache
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
         os.replace(tmp, path)
         for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):
             if old != path:
@@ -291,4 +296,5 @@ def _write_cache(path: Path, data: dict) -> None:
         print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)
     finally:  # a failed write, or Ctrl-C in the middle of one (after the rename there is nothing left to remove)
         with suppress(OSError):  # (a cleanup that fails must not hide why the write failed)
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)

@@ -41,8 +41,7 @@ import config
 import report
 import runtime
 from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_checkpoint, load_training_state,
-                        make_checkpoint, model_from_checkpoint, resume_state, run_card, save_checkpoint,
-                        starting_weights)
+                        make_checkpoint, model_from_checkpoint, resume_state, run_card, starting_weights)
 from data import ImageSet, MicroBatches, epoch_plan, fingerprint, images_per_epoch, prepare
 from model import MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
@@ -180,8 +179,8 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
         for epoch in range(state.epoch + 1, args.epochs + 1):
             if not train_epoch(t, train, args, epoch, tally):
                 def save_stopped() -> None:
-                    save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, tally),
-                                    folder.path / "last.pth")
+                    folder.save(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, tally),
+                                "last.pth")
                     print(f"stopped at step {tally.step} of epoch {epoch}; saved {folder.path / 'last.pth'}. Resume "
                           f"with:\n  {config.resume_command(card['argv'], folder.path / 'last.pth')}", file=sys.stderr)
                 runtime.on_rank0(save_stopped)  # (all wait for it: torchrun stops every process once one leaves)
@@ -193,8 +192,8 @@ def fit(t: Trainer, args: argparse.Namespace, train: ImageSet, val: ImageSet | N
             tally = EpochTally()
 
             def save() -> None:  # (a full disk in rank 0 ends every process with its one line)
-                save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
-                                folder.path / "last.pth", *([folder.path / "best.pth"] if improved else []))
+                folder.save(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
+                            "last.pth", *(["best.pth"] if improved else []))
                 folder.write_metrics(state.history, card["changes"])
                 print(report.format_epoch(row, args.epochs), flush=True)
                 report.log_epoch(trackers, row)
@@ -289,10 +288,12 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         raise
     finally:
         if rank == 0:  # also when stopped early or by Ctrl-C
-            report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED")
+            in_place = folder.in_place()  # (a folder moved away: its old path is not this run's to write or read)
+            if in_place:
+                report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED")
             files = ["results.json", "metrics.csv", "curves.png", *(["best.pth", "last.pth"]
                                                                      if args.mlflow_log_checkpoints else [])]
-            report.end(trackers, ended, [folder.path / name for name in files], results)
+            report.end(trackers, ended, [folder.path / name for name in files if in_place], results)
 
 
 def resume(t: Trainer, args: argparse.Namespace, resumed: dict, card: dict) -> tuple[RunState, EpochTally]:

@@ -1,0 +1,161 @@
+"""Where the scripts write: a run writes only into the folder it locked, temporary files are created exclusively,
+what is opened for writing or locking is a regular file (never a FIFO to block on), and the lock works where the
+system has no flock (Windows)."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import folders
+from checkpoint import RunFolder, RunFolderError
+from conftest import ROOT, as_from_a_terminal, write_cifar10
+
+CPU = ["--device", "cpu"]
+
+
+def start(*argv: str, script: str = "train.py") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=as_from_a_terminal, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def error_line(err: str, prog: str = "train.py") -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A run writes only into the folder it locked
+
+@pytest.mark.slow
+def test_a_run_folder_moved_while_training_stops_the_run_and_another_run_in_its_old_name_is_untouched(tmp_path):
+    data = write_cifar10(tmp_path / "data", n_per_batch=8)
+    out, moved = tmp_path / "run", tmp_path / "moved"
+    proc = start("--data-dir", str(data), *CPU, "--epochs", "500", "--out-dir", str(out))
+    for line in proc.stdout:
+        if line.startswith("epoch   1/500"):
+            break
+    proc.send_signal(signal.SIGSTOP)  # between two saves: the move and the new run happen while it is held
+    out.rename(moved)
+    out.mkdir()  # another run, started in the freed name
+    theirs = {"last.pth": b"another run's checkpoint", "metrics.csv": b"epoch\n1\n", ".lock": b"1"}
+    for name, content in theirs.items():
+        (out / name).write_bytes(content)
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    line = error_line(err)
+    assert f"the run folder {out} was moved" in line and f"its files are now in {moved}" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == theirs  # nothing written, nothing deleted
+    assert {"last.pth", "best.pth", "metrics.csv"} <= {p.name for p in moved.iterdir()}
+    assert checkpoint.load_checkpoint(moved / "last.pth")["state"]["epoch"] >= 1
+
+
+def test_the_image_cache_never_writes_through_a_planted_symlink(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside the data folder")
+    root = tmp_path / "data"
+    root.mkdir()
+    cache = root / ".cache-train-32-0123456789abcdef.pt"
+    planted = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # the name it once used: predictable
+    planted.symlink_to(victim)
+    data = {"images": torch.zeros(1, 3, 32, 32, dtype=torch.uint8), "labels": torch.zeros(1, dtype=torch.int64),
+            "skipped": []}
+    folders._write_cache(cache, data)
+    assert victim.read_text() == "outside the data folder"
+    assert torch.equal(torch.load(cache, weights_only=True)["images"], data["images"])
+    assert {p.name for p in root.iterdir()} == {cache.name, planted.name}  # (no temporary file left)
+
+
+def test_a_run_file_is_never_written_through_a_symlink_or_fifo_planted_at_its_temporary_name(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pth.tmp").symlink_to(victim)
+    os.mkfifo(run / "metrics.csv.tmp")  # opened for writing, it would wait for a reader forever
+    checkpoint.write_atomically(run / "last.pth", b"new")
+    checkpoint.write_atomically(run / "metrics.csv", b"epoch\n")
+    assert victim.read_text() == "keep"
+    assert (run / "last.pth").read_bytes() == b"new" and (run / "metrics.csv").read_bytes() == b"epoch\n"
+    assert sorted(p.name for p in run.iterdir()) == ["last.pth", "metrics.csv"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files opened for writing or locking: regular files, checked without blocking
+
+@pytest.mark.slow
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_fifo_at_the_lock_file_is_refused_at_once(tmp_path, cifar_dir, resume):
+    out = tmp_path / "run"
+    if resume:
+        import train
+        train.main(["--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--out-dir", str(out)])
+    else:
+        out.mkdir()
+    os.mkfifo(out / ".lock")
+    argv = ["--resume", str(out / "last.pth"), "--epochs", "2"] if resume else \
+        ["--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--out-dir", str(out)]
+    proc = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert error_line(proc.stderr) == f"train.py: error: {out / '.lock'} is a FIFO, not the run's lock file; delete " \
+                                      f"it and try again"
+    assert (out / ".lock").is_fifo()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without flock (Windows): an atomic lock file
+
+WITHOUT_POSIX = """import os, runpy, sys
+sys.modules["fcntl"] = None  # import fcntl fails, as on Windows
+del os.O_DIRECTORY
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_predict_run_without_fcntl_and_o_directory(tmp_path):
+    from PIL import Image
+    from image_files import make_image_folder
+    data = make_image_folder(tmp_path / "photos")
+    out = tmp_path / "run"
+
+    def run(script: str, *argv: str) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-c", WITHOUT_POSIX, script, *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        return proc
+    run("train.py", "--dataset", "imagefolder", "--data-dir", str(data), "--image-size", "16", *CPU, "--epochs", "1",
+        "--val-split", "0", "--out-dir", str(out))
+    assert (out / "results.json").is_file() and not (out / ".lock").exists()
+    assert "test loss" in run("evaluate.py", "--checkpoint", str(out / "best.pth"), *CPU).stdout
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(tmp_path / "x.png")
+    assert run("predict.py", "--checkpoint", str(out / "best.pth"), *CPU, str(tmp_path / "x.png")).stdout.startswith(
+        f"{tmp_path / 'x.png'}: ")
+
+
+def test_the_lock_file_locks_where_there_is_no_flock_and_a_dead_owners_is_taken_over(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    out = tmp_path / "run"
+    first = RunFolder(out, "a")
+    first.lock()
+    assert (out / ".lock").read_text() == str(os.getpid())
+    with pytest.raises(RunFolderError, match=rf"is in use by another run \(process {os.getpid()}\)"):
+        RunFolder(out, "b").lock()
+    first.release()
+    assert not out.exists()  # created by it, left empty: removed
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / ".lock").write_text(str(gone.pid))  # a killed run's
+    second = RunFolder(out, "b")
+    second.lock()
+    assert (out / ".lock").read_text() == str(os.getpid())
+    second.release()
+    assert list(out.iterdir()) == []
