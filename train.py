@@ -384,7 +384,11 @@ def main(argv: list[str] | None = None) -> dict | float:
                 import find_lr  # (it imports this module)
                 return find_lr.find_lr(args)
             start = None if resumed else starting_weights(args)  # (a resumed run has its weights)
-            return run(args, resumed, run_argv, start)
+            try:
+                return run(args, resumed, run_argv, start)
+            except RuntimeError as e:  # under torchrun: another process gone or stopped is one line, not gloo's
+                runtime.lost_peer(e)
+                raise
     finally:
         if dist.is_initialized():
             runtime.leave_processes()
