@@ -60,7 +60,8 @@ def open_regular(path: str | Path, what: str = "file") -> io.BufferedReader:
         if not stat.S_ISREG(mode):
             kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
             raise DataError(f"cannot read {what} {path}: it is {kind}; give a regular file")
-        os.set_blocking(fd, True)
+        if hasattr(os, "O_NONBLOCK"):  # (Windows has neither, nor FIFOs to wait on)
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
