@@ -397,7 +397,21 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     problem = check_args(args)
     if problem:
         raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
+    check_out_dir_outside_data(args)
     return args, resumed, run_argv
+
+
+def check_out_dir_outside_data(args: argparse.Namespace) -> None:
+    """Refuse an --out-dir inside the images the run reads (an image folder's train/, val/ or test/): its
+    curves.png would be read as an image by the next run, its folder as a class."""
+    if args.dataset != "imagefolder":  # (the packed sets are files of fixed names: nothing else in them is read)
+        return
+    out = Path(args.out_dir or (Path(args.resume).parent if args.resume else "runs")).resolve()
+    for split in ("train", "val", "test"):
+        read = Path(args.data_dir) / split
+        if out.is_relative_to(read.resolve()):
+            raise ConfigError(f"--out-dir {out_dir_for(args)} is inside {read}, which this run reads as images: "
+                              f"give --out-dir a folder outside --data-dir's train/, val/ and test/")
 
 
 def from_preset(problem: str, args: argparse.Namespace, argv: list[str]) -> str:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +160,91 @@ def test_the_lock_file_locks_where_there_is_no_flock_and_a_dead_owners_is_taken_
     assert (out / ".lock").read_text() == str(os.getpid())
     second.release()
     assert list(out.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs: an empty path, the picture's format, a reader gone, an --out-dir among the images
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished one-epoch run on tiny CIFAR-10, and two images to predict, in run/../photos."""
+    import train
+    from PIL import Image
+    root = tmp_path_factory.mktemp("finished")
+    data = write_cifar10(root / "data", n_per_batch=8, n_test=20)
+    train.main(["--data-dir", str(data), *CPU, "--epochs", "1", "--out-dir", str(root / "run")])
+    (root / "photos").mkdir()
+    for i in range(40):
+        Image.new("RGB", (8, 8), (6 * i, 0, 0)).save(root / "photos" / f"{i:02}.png")
+    return root / "run"
+
+
+def snapshot(folder: Path) -> dict:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("script, argv", [
+    ("export", ["--checkpoint", "{run}/best.pth", "--output", ""]),
+    ("plot", ["{run}/metrics.csv", "--output", ""]),
+    ("evaluate", ["--checkpoint", "{run}/best.pth", "--show", ""]),
+    ("evaluate", ["--checkpoint", "{run}/best.pth", "--plot", ""]),
+    ("evaluate", ["--checkpoint", "{run}/best.pth", "--data-dir", ""]),
+    ("predict", ["--checkpoint", "", "{run}/../photos"]),
+])
+def test_an_empty_path_is_refused_like_any_invalid_one(finished, script, argv, capsys):
+    module = __import__(script)
+    before = snapshot(finished.parent)
+    with pytest.raises(SystemExit) as exc:
+        module.main([a.format(run=finished) for a in argv])
+    flag = next(a for a, b in zip(argv, argv[1:]) if b == "")
+    assert exc.value.code == f"{script}.py: error: argument {flag}: an empty path; give the path of a file or folder"
+    assert snapshot(finished.parent) == before
+
+
+@pytest.mark.parametrize("suffix, magic", [(".svg", b"<?xml"), (".pdf", b"%PDF-"), (".PNG", b"\x89PNG")])
+def test_a_picture_is_drawn_in_the_format_its_suffix_names(finished, tmp_path, suffix, magic):
+    pytest.importorskip("matplotlib")
+    import plot
+    plot.main([str(finished / "metrics.csv"), "--output", str(tmp_path / f"curves{suffix}")])
+    assert (tmp_path / f"curves{suffix}").read_bytes().startswith(magic)
+
+
+@pytest.mark.parametrize("name", ["curves.jpg", "curves"])
+def test_a_picture_suffix_that_names_no_format_drawn_is_refused(finished, tmp_path, name):
+    pytest.importorskip("matplotlib")
+    import evaluate
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(finished / "best.pth"), "--show", str(tmp_path / name)])
+    what = "ends in .jpg" if "." in name else "has no suffix"
+    assert exc.value.code == f"evaluate.py: error: the picture {tmp_path / name} {what}: give a name ending in " \
+                             f".png, .svg or .pdf, the formats drawn"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv", [["predict.py", "--checkpoint", "{run}/best.pth", "{run}/../photos"],
+                                  ["predict.py", "--checkpoint", "{run}/best.pth", "--json", "{run}/../photos"],
+                                  ["evaluate.py", "--checkpoint", "{run}/best.pth", "--show", "{tmp}/show.png"]])
+def test_a_reader_that_has_gone_ends_the_script_quietly_with_status_141(finished, tmp_path, argv):
+    if "--show" in argv:
+        pytest.importorskip("matplotlib")
+    proc = subprocess.Popen([sys.executable, *[a.format(run=finished, tmp=tmp_path) for a in argv], *CPU], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `| head` does once it has its lines: every write from here on fails
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err
+    if "--show" in argv:
+        assert (tmp_path / "show.png").read_bytes().startswith(b"\x89PNG")  # drawn all the same
+
+
+@pytest.mark.parametrize("script", ["train", "find_lr"])
+def test_an_out_dir_among_the_images_read_is_refused_by_every_script_that_trains(tmp_path, script):
+    from image_files import make_image_folder
+    data = make_image_folder(tmp_path / "photos")
+    before = snapshot(data)
+    out = data / "train" / "red" / "run"
+    with pytest.raises(SystemExit) as exc:
+        __import__(script).main(["--dataset", "imagefolder", "--data-dir", str(data), *CPU, "--out-dir", str(out)])
+    assert exc.value.code == f"{script}.py: error: --out-dir {out} is inside {data / 'train'}, which this run reads " \
+                             f"as images: give --out-dir a folder outside --data-dir's train/, val/ and test/"
+    assert snapshot(data) == before and not out.exists()
