@@ -16,6 +16,8 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
     changes       [{"epoch", "step", "flags"}]: what each resume changed (config.TAKE_EFFECT_ON_RESUME), from
                   which step of which epoch (optional)
     run_id        random hex, the same in every checkpoint of one run: whose files a run folder holds
+    run_folder    {"path", "device", "inode"}: the folder the checkpoint was saved in, whose copy, resumed, becomes a
+                  run of its own (RunFolder.original_of_copy) (optional: older checkpoints have none)
     mlflow_run_id the MLflow run that records this run (--mlflow), else None: a resumed run goes on in it
                   (optional: checkpoints written before it was added have none)
     state         the run's progress (RunState), history included: one metrics.csv row per completed epoch
@@ -29,6 +31,7 @@ import io
 import math
 import os
 import pickle
+import secrets
 import shutil
 import stat
 import sys
@@ -419,6 +422,7 @@ class RunFolder:
     def __init__(self, path: Path, run_id: str):
         self.path, self.run_id = path, run_id
         self.lock_fd, self.lock_file, self.identity, self.created = None, False, None, False
+        self.copied_from: Path | None = None  # claim(): the run folder this one is a copy of, if it is one
 
     def claim(self, resumed: dict | None, resumed_from: Path | None) -> None:
         """Lock the folder, then check, under the lock (so that two runs started at once cannot both pass), that
@@ -449,6 +453,13 @@ class RunFolder:
                 raise RunFolderError(f"resuming here would rewind the run: {self.path / 'last.pth'} is further on "
                                      f"(epoch {run_position(theirs)[0]}); resume from it, or give --out-dir a new "
                                      f"folder")
+        if own_folder:
+            self.copied_from = self.original_of_copy(resumed)
+        if self.copied_from is not None:  # its checkpoints name another run: from here on they name its own
+            self.run_id = secrets.token_hex(8)
+            print(f"note: {self.path} is a copy of the run in {self.copied_from}: resuming it as a run of its own "
+                  f"(run id {self.run_id}; with --mlflow, its own MLflow run), the original left as it is",
+                  file=sys.stderr, flush=True)
         if resumed is not None and not own_folder:
             best = resumed_from.parent / "best.pth"
             if not best.is_file() or load_checkpoint(best).get("run_id") != self.run_id:
@@ -566,9 +577,25 @@ class RunFolder:
         return None
 
     def save(self, ckpt: dict, *names: str) -> None:
-        """save_checkpoint into the folder, after checking it is still in place."""
+        """save_checkpoint into the folder, after checking it is still in place; the checkpoint records the folder
+        (`run_folder`: its path and identity), so that a copy of the folder knows it is one (original_of_copy)."""
         self.check_place()
+        device, inode = self.identity
+        ckpt["run_folder"] = {"path": str(self.path.resolve()), "device": device, "inode": inode}
         save_checkpoint(ckpt, *(self.path / name for name in names))
+
+    def original_of_copy(self, resumed: dict) -> Path | None:
+        """The folder this one is a copy of, or None: the resumed checkpoint was saved in another folder, which is
+        still there. (A folder moved, or copied and the original deleted, is the run's one folder: the same run.)"""
+        record = resumed.get("run_folder")
+        if not (isinstance(record, dict) and isinstance(record.get("path"), str) and is_int(record.get("device"))
+                and is_int(record.get("inode"))) or (record["device"], record["inode"]) == self.identity:
+            return None
+        try:
+            original = folder_identity(Path(record["path"])) == (record["device"], record["inode"])
+        except (OSError, ValueError):
+            return None
+        return Path(record["path"]) if original else None
 
     def check_space(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> None:
         """Room for the checkpoints at their largest: the old best.pth and last.pth, and the new one's temp file."""

@@ -266,8 +266,9 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     t = build_trainer(args, train, len(classes), device, resumed, start)
     changes = list(resumed.get("changes", [])) if resumed else []
+    mlflow_run_id = resumed.get("mlflow_run_id") if resumed and not folder.copied_from else None  # (a copy: its own)
     card = run_card(args, argv, t.model, train.images, train.mean.tolist(), train.std.tolist(), classes,
-                    folder.run_id, resumed.get("mlflow_run_id") if resumed else None, changes, fingerprint(train))
+                    folder.run_id, mlflow_run_id, changes, fingerprint(train))
     state, tally = (resume(t, args, resumed, card) if resumed else (RunState(), EpochTally()))
 
     def begin() -> list:  # room for the checkpoints, the run's first lines, the trackers

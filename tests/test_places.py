@@ -248,3 +248,36 @@ def test_an_out_dir_among_the_images_read_is_refused_by_every_script_that_trains
     assert exc.value.code == f"{script}.py: error: --out-dir {out} is inside {data / 'train'}, which this run reads " \
                              f"as images: give --out-dir a folder outside --data-dir's train/, val/ and test/"
     assert snapshot(data) == before and not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A copy of a run is its own run
+
+@pytest.mark.slow
+def test_a_copied_run_folder_resumed_is_its_own_run_with_its_own_mlflow_run(tmp_path, cifar_dir, capsys,
+                                                                           monkeypatch):
+    mlflow = pytest.importorskip("mlflow", reason="--mlflow needs the optional mlflow")
+    import shutil
+    import train
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    original, copy, moved = tmp_path / "A", tmp_path / "copy", tmp_path / "moved"
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--out-dir", str(original), "--mlflow"])
+    first = checkpoint.load_checkpoint(original / "last.pth")
+    shutil.copytree(original, copy)
+    capsys.readouterr()
+    train.main(["--resume", str(copy / "last.pth"), "--epochs", "2"])
+    note = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    ours = checkpoint.load_checkpoint(copy / "last.pth")
+    assert note == [f"note: {copy} is a copy of the run in {original}: resuming it as a run of its own (run id "
+                    f"{ours['run_id']}; with --mlflow, its own MLflow run), the original left as it is"]
+    assert ours["run_id"] != first["run_id"] and ours["mlflow_run_id"] not in (None, first["mlflow_run_id"])
+    client = mlflow.MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_loss")] == [1]  # untouched
+    assert [m.step for m in client.get_metric_history(ours["mlflow_run_id"], "val_loss")] == [1, 2]
+    assert checkpoint.load_checkpoint(original / "last.pth")["state"] == first["state"]
+    original.rename(moved)  # a moved folder is the same run: it goes on in its own MLflow run
+    train.main(["--resume", str(moved / "last.pth"), "--epochs", "2"])
+    assert "is a copy" not in capsys.readouterr().err
+    assert checkpoint.load_checkpoint(moved / "last.pth")["run_id"] == first["run_id"]
+    assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_loss")] == [1, 2]
