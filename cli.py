@@ -236,6 +236,14 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         yield tmp
         check_output(path)  # again: what the path names may have changed while the output was made
         os.replace(tmp, path)
+    except OSError as e:  # (a full disk, a quota): about the output the user named, not our temporary name
+        if e.filename in (None, str(tmp)) and e.errno is not None:
+            e.filename = str(path)
+        raise
+    except UserError as e:
+        if str(tmp) in str(e):
+            raise type(e)(str(e).replace(str(tmp), str(path))) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -63,6 +63,8 @@ def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:
                 torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
                                   input_names=["images"], output_names=["logits"],
                                   dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        except OSError:  # a full disk, a quota: the system's reason, about the output (cli.atomic_output)
+            raise
         except Exception as e:  # an operator ONNX lacks at this size (vgg11 at 32 px, alexnet at 100 px: an
             # adaptive pooling whose output does not divide its input); torch's reason is its first line
             reason = " ".join(str(e).split("[Caused by")[0].split(" Please feel free")[0].split()).rstrip(".")

@@ -15,6 +15,7 @@ import stat
 import sys
 import tempfile
 import threading
+import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
@@ -106,7 +107,7 @@ def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"cannot decode images to {channels} channels: only 1 (grayscale) or 3 (RGB)")
-    with open_regular(path, "image") as f:
+    with open_regular(path, "image") as f, _decoding_file(path):
         try:
             with Image.open(f) as im:
                 im.draft(None, (image_size, image_size))  # JPEG: decode at 1/2..1/8 scale if that still covers it
@@ -130,6 +131,47 @@ def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int
         except Exception as e:  # PIL's decoders raise ValueError, SyntaxError, DecompressionBombError, ...
             raise UnreadableImage(f"cannot read image {path}: {cli.shorten(str(e)) or type(e).__name__}") from None
     return torch.from_numpy(np.array(im).reshape(image_size, image_size, channels)).permute(2, 0, 1).contiguous()
+
+
+_decoding = threading.local()  # .path: the file load_image decodes in this thread, named in Pillow's warnings
+_naming = [False]  # whether image_warnings_named is in effect (entered in the main thread)
+
+
+@contextmanager
+def image_warnings_named() -> Iterator[None]:
+    """Pillow's warnings while decoding (corrupt EXIF data, ...) as one line of ours naming the file, once per file
+    and message, instead of Pillow's raw text and source line, which name no file. Entered in the main thread,
+    around the decoding threads: the warnings' settings are the process's, not a thread's."""
+    shown, original = set(), warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        path = getattr(_decoding, "path", None)
+        if path is None:  # (not ours to reword)
+            return original(message, category, filename, lineno, file, line)
+        if (str(path), str(message)) not in shown:
+            shown.add((str(path), str(message)))
+            print(f"warning: {cli.printable(str(path))}: {cli.one_line(message)} (Pillow; the image is decoded all "
+                  f"the same)", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module="PIL")  # each file's own: not once for all files
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # (load_image checks the size)
+        warnings.showwarning, _naming[0] = show, True
+        try:
+            yield
+        finally:
+            _naming[0] = False
+
+
+@contextmanager
+def _decoding_file(path: str | Path) -> Iterator[None]:
+    """Name `path` in the warnings of its decoding (image_warnings_named, entered here on the main thread)."""
+    _decoding.path = path
+    try:
+        with image_warnings_named() if threading.current_thread() is threading.main_thread() and not _naming[0] \
+                else nullcontext():
+            yield
+    finally:
+        _decoding.path = None
 
 
 def _to_mode(im: Image.Image, mode: str) -> Image.Image:
@@ -183,10 +225,8 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str], image_siz
     folder = _split_dir(root, split)
     found = _subfolders(folder)
     if found != classes:
-        differences = [f"{what} {', '.join(sorted(names))}" for what, names in
-                       (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
         raise DataError(f"imagefolder: the class folders of {folder} differ from {against}: "
-                        f"{cli.shorten('; '.join(differences))}")
+                        f"{cli.shorten(class_differences(classes, found, against))}")
     files = [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
     cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)
     data = _read_cache(cache, torch.tensor([label for _, label in files], dtype=torch.int64), image_size)
@@ -201,6 +241,27 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str], image_siz
         raise DataError(f"imagefolder: class folder {folder / classes[counts.index(0)]} holds no readable images "
                         f"({', '.join(IMAGE_SUFFIXES)})")
     return data["images"], data["labels"]
+
+
+def class_differences(classes: list[str], found: list[str], against: str) -> str:
+    """What differs between two lists of class names: "missing a, b; extra c". Names that differ only in their
+    Unicode form (café as one character é, NFC, or as e and a combining accent, NFD: macOS and zip tools may
+    change one into the other) are named as such, with the way to make them alike."""
+    missing, extra = set(classes) - set(found), set(found) - set(classes)
+    nfc = {unicodedata.normalize("NFC", name): name for name in extra}
+    alike = [(name, nfc[unicodedata.normalize("NFC", name)]) for name in sorted(missing)
+             if unicodedata.normalize("NFC", name) in nfc]
+    missing -= {a for a, _ in alike}
+    extra -= {b for _, b in alike}
+    parts = [f"{what} {', '.join(sorted(names))}" for what, names in
+             (("missing", missing), ("extra", extra)) if names]
+    parts += [f"{b} here is Unicode {unicode_form(b)}, {against} {a} is {unicode_form(a)} (the same letters, "
+              f"other bytes): rename one folder so that both are spelled alike" for a, b in alike]
+    return "; ".join(parts)
+
+
+def unicode_form(name: str) -> str:
+    return next((form for form in ("NFC", "NFD") if unicodedata.normalize(form, name) == name), "mixed")
 
 
 def _cache_path(root: Path, split: str, image_size: int, files: list[Path], max_pixels: int) -> Path:
@@ -233,7 +294,7 @@ def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, wha
             return str(e)
         return None
 
-    with ThreadPoolExecutor() as pool:  # PIL releases the GIL while it decodes and resizes
+    with image_warnings_named(), ThreadPoolExecutor() as pool:  # PIL releases the GIL while it decodes and resizes
         problems = list(pool.map(decode, range(len(files))))
     skipped = [p for p in problems if p is not None]
     if skipped:

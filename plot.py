@@ -16,7 +16,10 @@ if __name__ == "__main__":
 
 import csv
 import io
+import logging
 import math
+import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -32,14 +35,32 @@ class PlotError(cli.UserError):
 
 
 def require_matplotlib() -> type:
-    """matplotlib's Figure class. Figure, not pyplot: no global figure state and no GUI backend to pick."""
-    return cli.require("matplotlib.figure", "drawing").Figure
+    """matplotlib's Figure class. Figure, not pyplot: no global figure state and no GUI backend to pick.
+    Where matplotlib cannot write its settings and font cache folder (HOME read-only or missing), it logs raw lines
+    as it imports and uses a temporary folder: that is said in one line of ours instead."""
+    if sys.modules.get("matplotlib.figure") is not None:
+        return sys.modules["matplotlib.figure"].Figure
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        figure = cli.require("matplotlib.figure", "drawing")
+        import matplotlib
+        folders = {Path(matplotlib.get_configdir()), Path(matplotlib.get_cachedir())}
+    finally:
+        log.setLevel(level)
+    if any(f.parent == Path(tempfile.gettempdir()) and f.name.startswith("matplotlib-") for f in folders):
+        print("note: matplotlib cannot write its settings folder (is HOME writable?); it uses a temporary one, and "
+              "builds its font cache again each run: set MPLCONFIGDIR to a writable folder to keep it",
+              file=sys.stderr, flush=True)
+    return figure.Figure
 
 
 def read_metrics(path: Path) -> dict[str, list[float]]:
-    """The CURVES columns of a metrics.csv written by train.py, as floats (a run without validation has nan)."""
+    """The CURVES columns of a metrics.csv written by train.py, as floats (a run without validation has nan). One
+    saved by a spreadsheet is read too: a UTF-8 byte-order mark is skipped (utf-8-sig), CRLF line ends are lines."""
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             rows, columns = list(reader), reader.fieldnames or []  # fieldnames reads the file: None when empty
     except OSError as e:

@@ -2,6 +2,7 @@
 what is opened for writing or locking is a regular file (never a FIFO to block on), and the lock works where the
 system has no flock (Windows)."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -281,3 +282,120 @@ def test_a_copied_run_folder_resumed_is_its_own_run_with_its_own_mlflow_run(tmp_
     assert "is a copy" not in capsys.readouterr().err
     assert checkpoint.load_checkpoint(moved / "last.pth")["run_id"] == first["run_id"]
     assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_loss")] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Messages say what the user needs
+
+def test_class_folders_that_differ_only_in_unicode_form_are_named_as_such(tmp_path):
+    from conftest import fails_with
+    from image_files import write_class_images
+    nfc, nfd = "caf\u00e9", "cafe\u0301"
+    data = tmp_path / "photos"
+    for split, cafe in (("train", nfc), ("test", nfd)):
+        write_class_images(data / split / cafe, (200, 100, 0))
+        write_class_images(data / split / "tea", (0, 100, 200))
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(data), *CPU, "--out-dir", str(tmp_path / "run")],
+               f"the class folders of {data / 'test'} differ from train/'s: {nfd} here is Unicode NFD, train/'s "
+               f"{nfc} is NFC (the same letters, other bytes): rename one folder so that both are spelled alike")
+
+
+def write_corrupt_exif_jpeg(path: Path) -> None:
+    """A JPEG whose EXIF has a tag pointing past its end (Pillow warns, and decodes the image all the same)."""
+    import struct
+    from PIL import Image
+    entries = struct.pack("<HHII", 0x010E, 2, 100, 1000) + struct.pack("<HHIHH", 0x0112, 3, 1, 1, 0)
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 2) + entries + struct.pack("<I", 0)
+    Image.new("RGB", (20, 10), (200, 0, 0)).save(path, exif=b"Exif\x00\x00" + tiff)
+
+
+def test_pillows_warning_for_corrupt_exif_is_one_line_of_ours_naming_the_file(tmp_path, capsys):
+    from image_files import write_class_images
+    data = tmp_path / "photos"
+    for name, color in (("blue", (0, 0, 255)), ("red", (255, 0, 0))):
+        write_class_images(data / "train" / name, color)
+    write_corrupt_exif_jpeg(data / "train" / "red" / "exif.jpg")
+    images, labels = folders.load_imagefolder_split(data, "train", ["blue", "red"], 16)  # (decoding threads)
+    assert len(labels) == 13
+    expected = f"warning: {data / 'train' / 'red' / 'exif.jpg'}: Tag data larger than file. Skipping tag 270 " \
+               f"(Pillow; the image is decoded all the same)"
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")] == [expected]
+    folders.load_image(data / "train" / "red" / "exif.jpg", 3, 16)  # (predict.py's way: in the main thread)
+    assert capsys.readouterr().err.splitlines() == [expected]
+
+
+@pytest.mark.slow
+def test_matplotlibs_lines_when_home_is_not_writable_are_one_line_of_ours(finished, tmp_path):
+    pytest.importorskip("matplotlib")
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    proc = subprocess.run([sys.executable, "plot.py", str(finished / "metrics.csv"), "--output",
+                           str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**env, "HOME": str(home)})
+    assert proc.returncode == 0 and proc.stderr.splitlines() == [
+        "note: matplotlib cannot write its settings folder (is HOME writable?); it uses a temporary one, and builds "
+        "its font cache again each run: set MPLCONFIGDIR to a writable folder to keep it"], proc.stderr
+    assert (tmp_path / "c.png").is_file()
+
+
+@pytest.mark.slow
+def test_an_error_about_an_output_names_it_not_its_temporary_file(finished, tmp_path):
+    pytest.importorskip("onnxruntime")
+    resource = pytest.importorskip("resource")
+
+    def small_files() -> None:  # a quota: writes past 100 kB fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+    proc = subprocess.run([sys.executable, "export.py", "--checkpoint", str(finished / "best.pth"), "--output",
+                           str(tmp_path / "model.onnx")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=small_files)
+    assert proc.returncode == 1
+    assert error_line(proc.stderr, "export.py") == f"export.py: error: {tmp_path / 'model.onnx'}: File too large"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_metrics_csv_saved_by_a_spreadsheet_is_read(finished, tmp_path):
+    import plot
+    saved = tmp_path / "metrics.csv"
+    saved.write_bytes(b"\xef\xbb\xbf" + (finished / "metrics.csv").read_bytes().replace(b"\n", b"\r\n"))
+    assert plot.read_metrics(saved) == plot.read_metrics(finished / "metrics.csv")
+
+
+@pytest.mark.slow
+def test_find_lr_counts_the_images_it_uses(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import find_lr
+    from conftest import write_mnist
+    data = tmp_path / "data"
+    write_mnist(data / "mnist", compress=False)  # 120 learnable images: 108 to train, 12 to validate
+    find_lr.main(["--dataset", "mnist", "--data-dir", str(data), *CPU, "--batch-size", "16", "--find-lr-steps", "20",
+                  "--out-dir", str(tmp_path / "lr")])
+    line = capsys.readouterr().out.splitlines()[0]
+    steps = int(line.split(": ")[1].split(" steps")[0])
+    sizes = ([16] * 6 + [12]) * steps  # each pass over the 108 images: six steps of 16, one of 12
+    assert line.startswith(f"lr range test: {steps} steps ({sum(sizes[:steps])} images, of a training set of 108) "
+                           f"from lr "), line
+
+
+@pytest.mark.slow
+def test_a_dumb_terminal_gets_no_escape_codes(tmp_path, cifar_dir):
+    import pty
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--epochs", "1",
+                             "--batch-size", "16", "--log-interval", "2", "--out-dir", str(tmp_path / "run")], cwd=ROOT,
+                            stdout=follower, stderr=follower,
+                            env={**os.environ, "TERM": "dumb", "OMP_NUM_THREADS": "1"})
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # (the terminal closes when the process ends)
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    assert re.search(rb"step +2/", output) and b"\x1b" not in output, output
