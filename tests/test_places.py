@@ -399,3 +399,20 @@ def test_a_dumb_terminal_gets_no_escape_codes(tmp_path, cifar_dir):
     os.close(leader)
     assert proc.wait(timeout=60) == 0
     assert re.search(rb"step +2/", output) and b"\x1b" not in output, output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Denormal and absurd values are refused, not silently dropped
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--grad-clip", "5e-324", "--grad-clip 4.94066e-324 is outside its sensible range: 0 (off) or 1e-08 to 1e+08"),
+    ("--weight-decay", "1e-320", "--weight-decay 9.99989e-321 is outside its sensible range: 0 (off) or 1e-12 to 1000"),
+    ("--lr", "1e-300", "--lr 1e-300 is outside its sensible range: 1e-10 to 10000"),
+    ("--label-smoothing", "1e-310", "--label-smoothing 1e-310 is outside its sensible range: 0 (off) or 1e-06 to 1"),
+    ("--lr", "1e300", "--lr 1e+300 is outside its sensible range: 1e-10 to 10000"),
+])
+def test_a_denormal_or_absurd_value_is_refused_with_its_sensible_range(tmp_path, cifar_dir, flag, value, message):
+    from conftest import fails_with
+    out = tmp_path / "run"
+    fails_with(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), flag, value], message)
+    assert not out.exists()
