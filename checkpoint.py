@@ -453,13 +453,6 @@ class RunFolder:
                 raise RunFolderError(f"resuming here would rewind the run: {self.path / 'last.pth'} is further on "
                                      f"(epoch {run_position(theirs)[0]}); resume from it, or give --out-dir a new "
                                      f"folder")
-        if own_folder:
-            self.copied_from = self.original_of_copy(resumed)
-        if self.copied_from is not None:  # its checkpoints name another run: from here on they name its own
-            self.run_id = secrets.token_hex(8)
-            print(f"note: {self.path} is a copy of the run in {self.copied_from}: resuming it as a run of its own "
-                  f"(run id {self.run_id}; with --mlflow, its own MLflow run), the original left as it is",
-                  file=sys.stderr, flush=True)
         if resumed is not None and not own_folder:
             best = resumed_from.parent / "best.pth"
             if not best.is_file() or load_checkpoint(best).get("run_id") != self.run_id:
@@ -467,6 +460,13 @@ class RunFolder:
                                      f"{resumed_from.name}; {best} is missing or belongs to another run")
             write_atomically(self.path / "best.pth", best.read_bytes())
             write_atomically(self.path / "last.pth", resumed_from.read_bytes())
+        if resumed is not None:
+            self.copied_from = self.original_of_copy(resumed, folder_identity(resumed_from.parent))
+        if self.copied_from is not None:  # its checkpoints name another run: from here on they name its own
+            self.run_id = secrets.token_hex(8)
+            print(f"note: {resumed_from.parent} is a copy of the run in {self.copied_from}: resuming it as a run of "
+                  f"its own (run id {self.run_id}; with --mlflow, its own MLflow run), the original left as it is",
+                  file=sys.stderr, flush=True)
 
     def lock(self) -> None:
         self.created = not self.path.exists()
@@ -584,12 +584,14 @@ class RunFolder:
         ckpt["run_folder"] = {"path": str(self.path.resolve()), "device": device, "inode": inode}
         save_checkpoint(ckpt, *(self.path / name for name in names))
 
-    def original_of_copy(self, resumed: dict) -> Path | None:
-        """The folder this one is a copy of, or None: the resumed checkpoint was saved in another folder, which is
-        still there. (A folder moved, or copied and the original deleted, is the run's one folder: the same run.)"""
+    @staticmethod
+    def original_of_copy(resumed: dict, source: tuple[int, int]) -> Path | None:
+        """The run folder that the folder of identity `source`, which holds the resumed checkpoint, is a copy of,
+        or None: the checkpoint was saved in another folder, which is still there. (A folder moved, or copied and
+        the original deleted, is the run's one folder: the same run.)"""
         record = resumed.get("run_folder")
         if not (isinstance(record, dict) and isinstance(record.get("path"), str) and is_int(record.get("device"))
-                and is_int(record.get("inode"))) or (record["device"], record["inode"]) == self.identity:
+                and is_int(record.get("inode"))) or (record["device"], record["inode"]) == source:
             return None
         try:
             original = folder_identity(Path(record["path"])) == (record["device"], record["inode"])

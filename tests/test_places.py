@@ -277,6 +277,10 @@ def test_a_copied_run_folder_resumed_is_its_own_run_with_its_own_mlflow_run(tmp_
     assert [m.step for m in client.get_metric_history(first["mlflow_run_id"], "val_loss")] == [1]  # untouched
     assert [m.step for m in client.get_metric_history(ours["mlflow_run_id"], "val_loss")] == [1, 2]
     assert checkpoint.load_checkpoint(original / "last.pth")["state"] == first["state"]
+    shutil.copytree(original, tmp_path / "copy2")  # a copy resumed into a new folder: its own run too
+    train.main(["--resume", str(tmp_path / "copy2" / "last.pth"), "--out-dir", str(tmp_path / "new"), "--epochs", "2"])
+    assert f"note: {tmp_path / 'copy2'} is a copy of the run in {original}: " in capsys.readouterr().err
+    assert checkpoint.load_checkpoint(tmp_path / "new" / "last.pth")["run_id"] not in (first["run_id"], ours["run_id"])
     original.rename(moved)  # a moved folder is the same run: it goes on in its own MLflow run
     train.main(["--resume", str(moved / "last.pth"), "--epochs", "2"])
     assert "is a copy" not in capsys.readouterr().err
