@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from folders import open_regular
+
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
 PICTURE_FORMATS = ("png", "svg", "pdf")  # what a picture's suffix may ask for (matplotlib's savefig formats)
 OFF_SCALE = 1e6  # a loss or accuracy beyond this is drawn at the top of the rest (on_scale)
@@ -59,8 +61,8 @@ def require_matplotlib() -> type:
 def read_metrics(path: Path) -> dict[str, list[float]]:
     """The CURVES columns of a metrics.csv written by train.py, as floats (a run without validation has nan). One
     saved by a spreadsheet is read too: a UTF-8 byte-order mark is skipped (utf-8-sig), CRLF line ends are lines."""
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+    try:  # (open_regular: a FIFO is refused, not waited on)
+        with io.TextIOWrapper(open_regular(path, "metrics file"), newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             rows, columns = list(reader), reader.fieldnames or []  # fieldnames reads the file: None when empty
     except OSError as e:

@@ -354,6 +354,9 @@ def probe(uri: str) -> None:
         if uri.startswith("sqlite:///"):
             path = sqlite_path(uri)
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and not path.is_file():  # (a FIFO there: SQLite would wait on it forever)
+                raise TrackingError(f"--mlflow: the tracking store {path} is {cli.kind_of_file(path.stat().st_mode)}, "
+                                    f"not a database file; set MLFLOW_TRACKING_URI to a store that can be written")
             with closing(sqlite3.connect(path, timeout=10)) as db:
                 db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or file system
                 db.rollback()

@@ -109,6 +109,22 @@ def test_a_fifo_at_the_lock_file_is_refused_at_once(tmp_path, cifar_dir, resume)
     assert (out / ".lock").is_fifo()
 
 
+@pytest.mark.slow
+def test_a_fifo_where_a_script_reads_metrics_or_writes_its_mlflow_store_is_refused_at_once(tmp_path, cifar_dir):
+    os.mkfifo(tmp_path / "metrics.csv")
+    proc = subprocess.run([sys.executable, "plot.py", str(tmp_path / "metrics.csv"), "--output",
+                           str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert error_line(proc.stderr, "plot.py") == \
+        f"plot.py: error: cannot read metrics file {tmp_path / 'metrics.csv'}: it is a FIFO; give a regular file"
+    pytest.importorskip("mlflow")
+    os.mkfifo(tmp_path / "mlflow.db")
+    proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--mlflow",
+                           "--out-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert error_line(proc.stderr) == f"train.py: error: --mlflow: the tracking store {tmp_path / 'mlflow.db'} is a " \
+        f"FIFO, not a database file; set MLFLOW_TRACKING_URI to a store that can be written"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Without flock (Windows): an atomic lock file
 
