@@ -155,10 +155,11 @@ def collective_timeout() -> timedelta:
     return timedelta(seconds=timeout)
 
 
-def lost_peer(e: RuntimeError) -> None:
+def lost_peer(e: RuntimeError, resume: str | None) -> None:
     """Raise a one-line DeviceError when `e` is a collective that failed because another process of the group is
     gone (killed, crashed) or did not answer within DIST_TIMEOUT (stopped, hung): gloo's own message is a C++ source
-    line and a stack. Any other error returns, for the caller to raise."""
+    line and a stack. `resume`: the command that resumes the run (None: nothing saved yet). Any other error
+    returns, for the caller to raise."""
     text = str(e)
     if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo" in text or "NCCL" in text
                                          or "closed by peer" in text or "Timed out waiting" in text):
@@ -166,8 +167,9 @@ def lost_peer(e: RuntimeError) -> None:
     rank, world = rank_world()
     what = (f"did not answer for {collective_timeout().total_seconds():g} s ({COLLECTIVE_TIMEOUT}; stopped or hung?)"
             if "Timed out" in text or "timed out" in text else "has ended (killed or failed)")
-    raise DeviceError(f"rank {rank} of {world}: another process of the group {what}; this one stops too. Resume the "
-                      f"run with --resume RUN_FOLDER/last.pth (its last completed epoch)") from None
+    then = f"resume from the last completed epoch with: {resume}" if resume else "start the run again"
+    raise DeviceError(f"rank {rank} of {world}: another process of the group {what}; this one stops too: "
+                      f"{then}") from None
 
 
 def join_process_group(backend: str, cuda_device: int | None) -> None:

@@ -247,6 +247,10 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str], start: 
         # first: a second run into the same folder is refused before any work
         runtime.on_rank0(lambda: folder.claim(resumed, Path(args.resume) if resumed else None))
         return train_and_test(args, resumed, argv, device, folder, start)
+    except RuntimeError as e:  # under torchrun: another process gone or stopped is one line, not gloo's
+        last = folder.path / "last.pth"
+        runtime.lost_peer(e, config.resume_command(argv, last) if last.is_file() else None)
+        raise
     finally:
         folder.release()
 
@@ -385,11 +389,7 @@ def main(argv: list[str] | None = None) -> dict | float:
                 import find_lr  # (it imports this module)
                 return find_lr.find_lr(args)
             start = None if resumed else starting_weights(args)  # (a resumed run has its weights)
-            try:
-                return run(args, resumed, run_argv, start)
-            except RuntimeError as e:  # under torchrun: another process gone or stopped is one line, not gloo's
-                runtime.lost_peer(e)
-                raise
+            return run(args, resumed, run_argv, start)
     finally:
         if dist.is_initialized():
             runtime.leave_processes()

@@ -216,8 +216,10 @@ def test_a_stopped_or_killed_peer_ends_the_group_with_one_line_from_each_survivo
                 os.kill(pid, signal.SIGKILL)
     _, err = launcher.communicate(timeout=60)
     ours = [line for line in err.splitlines() if line.startswith("train.py: ")]
-    lost = [f"train.py: error: rank {rank} of {nproc}: another process of the group {what}; this one stops too. "
-            f"Resume the run with --resume RUN_FOLDER/last.pth (its last completed epoch)" for rank in range(nproc - 1)]
+    resume = f"torchrun --nproc_per_node={nproc} train.py --device cpu --data-dir {data} --epochs 2000 --out-dir " \
+             f"{tmp_path / 'run'} --resume {tmp_path / 'run' / 'last.pth'}"
+    lost = [f"train.py: error: rank {rank} of {nproc}: another process of the group {what}; this one stops too: "
+            f"resume from the last completed epoch with: {resume}" for rank in range(nproc - 1)]
     # one line from each survivor: the first to notice says why; one that torchrun ends meanwhile says so
     assert len(ours) == nproc - 1 and set(ours) & set(lost) and set(ours) <= {*lost, "train.py: stopped by SIGTERM"}, \
         ours
