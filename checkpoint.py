@@ -461,11 +461,16 @@ class RunFolder:
             write_atomically(self.path / "best.pth", best.read_bytes())
             write_atomically(self.path / "last.pth", resumed_from.read_bytes())
         if resumed is not None:
-            self.copied_from = self.original_of_copy(resumed, folder_identity(resumed_from.parent))
+            self.split_from_original(resumed, resumed_from.parent)
+
+    def split_from_original(self, resumed: dict, source: Path) -> None:
+        """A copy of a run folder (`source`, which holds the resumed checkpoint), resumed, becomes a run of its own:
+        a new run_id (and so, in train.py, its own MLflow run), said in one line."""
+        self.copied_from = self.original_of_copy(resumed, folder_identity(source))
         if self.copied_from is not None:  # its checkpoints name another run: from here on they name its own
             self.run_id = secrets.token_hex(8)
-            print(f"note: {resumed_from.parent} is a copy of the run in {self.copied_from}: resuming it as a run of "
-                  f"its own (run id {self.run_id}; with --mlflow, its own MLflow run), the original left as it is",
+            print(f"note: {source} is a copy of the run in {self.copied_from}: resuming it as a run of its own (run "
+                  f"id {self.run_id}; with --mlflow, its own MLflow run), the original left as it is",
                   file=sys.stderr, flush=True)
 
     def lock(self) -> None:
@@ -520,8 +525,9 @@ class RunFolder:
                 owner, _ = read_lock_file(lock)
                 if attempt or not owner.isdigit() or process_alive(int(owner)):
                     raise self.busy(owner, lock_file=True) from None
-                with contextlib.suppress(FileNotFoundError):  # a killed run's: ours now
-                    lock.unlink()
+                if read_lock_file(lock)[0] == owner:  # still the killed run's (not another's that took it over)
+                    with contextlib.suppress(FileNotFoundError):
+                        lock.unlink()
         self.lock_file = True
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
