@@ -209,24 +209,24 @@ def widths_list(text: str) -> tuple[int, ...]:
     return widths
 
 
-# The sensible range of each real-valued flag: (lowest, highest, whether 0 is allowed: off). Beyond it a value is
-# absurd, or lost: numbers below ~1e-38 are flushed to 0 on the CPU (train.py: torch.set_flush_denormal), so that
-# --grad-clip 5e-324 would silently zero every gradient and --weight-decay 1e-320 silently turn it off.
-SENSIBLE = {"lr": (1e-10, 1e4, False), "muon_lr": (1e-10, 1e4, False), "bias_lr_scale": (1e-6, 1e6, False),
-            "grad_clip": (1e-8, 1e8, True), "weight_decay": (1e-12, 1e3, True), "momentum": (1e-6, 1, True),
-            "muon_momentum": (1e-6, 1, True), "label_smoothing": (1e-6, 1, True), "ema": (1e-6, 1, True),
-            "min_delta": (1e-12, 1e6, True), "val_split": (1e-6, 1, True), "color_jitter": (1e-6, 1, True),
-            "warmup_epochs": (1e-6, 1e4, True), "find_lr_start": (1e-12, 1e4, False), "find_lr_end": (1e-12, 1e4,
-                                                                                                      False)}
+# The smallest sensible value of each real-valued flag (and whether 0 is allowed: off). Below it a value is lost:
+# numbers below ~1e-38 are flushed to 0 on the CPU (train.py: torch.set_flush_denormal), so that --grad-clip 5e-324
+# would silently zero every gradient and --weight-decay 1e-320 silently turn it off. (Large values are honoured:
+# an lr so large that the loss diverges stops the run with one line that says what to do.)
+SMALLEST = {"lr": (1e-10, False), "muon_lr": (1e-10, False), "bias_lr_scale": (1e-6, False),
+            "grad_clip": (1e-8, True), "weight_decay": (1e-12, True), "momentum": (1e-6, True),
+            "muon_momentum": (1e-6, True), "label_smoothing": (1e-6, True), "ema": (1e-6, True),
+            "min_delta": (1e-12, True), "val_split": (1e-6, True), "color_jitter": (1e-6, True),
+            "warmup_epochs": (1e-6, True), "find_lr_start": (1e-12, False), "find_lr_end": (1e-12, False)}
 
 
-def out_of_range(args: argparse.Namespace) -> str | None:
-    """The first real-valued flag outside its sensible range (SENSIBLE), as a message, or None."""
-    for dest, (low, high, zero_off) in SENSIBLE.items():
+def too_small(args: argparse.Namespace) -> str | None:
+    """The first real-valued flag below its smallest sensible value (SMALLEST), as a message, or None."""
+    for dest, (low, zero_off) in SMALLEST.items():
         value = getattr(args, dest)
-        if not (value == 0 and zero_off or low <= value <= high):
-            return (f"--{dest.replace('_', '-')} {value:g} is outside its sensible range: {'0 (off) or ' * zero_off}"
-                    f"{low:g} to {high:g}")
+        if not (value == 0 and zero_off or value >= low):
+            return (f"--{dest.replace('_', '-')} {value:g} is too small to act: give {'0 (off) or ' * zero_off}at "
+                    f"least {low:g}")
     return None
 
 
@@ -272,7 +272,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         (not args.find_lr or not (args.mlflow or args.tensorboard or os.environ.get("WORLD_SIZE", "1") != "1"),
          "--find-lr runs in one process and records nothing: not with --mlflow, --tensorboard or torchrun"),
     ]
-    problem = next((message for ok, message in rules if not ok), None) or out_of_range(args)
+    problem = next((message for ok, message in rules if not ok), None) or too_small(args)
     try:
         check_model_name(args.model)
     except ValueError as e:

@@ -93,7 +93,8 @@ class Progress:
 
     def clear(self) -> None:
         if self.live:
-            sys.stdout.write("\r" + erase_rest(0) + "\r")
+            erase = erase_rest(0)
+            sys.stdout.write("\r" + erase + "\r" * (erase != "\x1b[K"))  # (after spaces: back to the start)
             sys.stdout.flush()
 
 
