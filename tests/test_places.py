@@ -1,6 +1,8 @@
-"""Where the scripts write: a run writes only into the folder it locked, temporary files are created exclusively,
-what is opened for writing or locking is a regular file (never a FIFO to block on), and the lock works where the
-system has no flock (Windows)."""
+"""Nothing wrong, nothing lost, as a user meets it: a run writes only into the folder it locked, temporary files are
+created exclusively, what is opened for writing or locking is a regular file (never a FIFO to block on), the lock
+works where the system has no flock (Windows), outputs (empty paths, picture formats, a reader gone, an --out-dir
+among the images), a copied run is its own run, messages that name what the user needs, values too small to act.
+(A stopped or killed torchrun peer: test_ddp.py.)"""
 import os
 import re
 import signal
