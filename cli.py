@@ -79,6 +79,8 @@ def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
     message, exit 141, as a shell's own commands). The line is printable() (a file name
     with a newline or a terminal escape in it cannot break or drive the terminal). Ctrl-C and SIGTERM stop the work
     at once inside it (train.py's loop defers them to a step boundary)."""
+    global _stdout_gone
+
     def fail(message: str) -> SystemExit:
         return SystemExit(f"{prog}: error: {printable(message)}")
     hint = f"; {oom_hint}" if oom_hint else ""
@@ -87,6 +89,7 @@ def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
         yield
         sys.stdout.flush()  # (what print() left in the buffer: a reader that has gone fails it here, not at exit)
         if _stdout_gone:
+            _stdout_gone = False  # (for the next command run in this process: its own stdout, its own status)
             raise SystemExit(STDOUT_GONE)
     except BrokenPipeError:  # a plain print() whose reader has gone: quietly, with the shell's status
         drop_stdout()
