@@ -224,3 +224,30 @@ def test_a_stopped_or_killed_peer_ends_the_group_with_one_line_from_each_survivo
     assert len(ours) == nproc - 1 and set(ours) & set(lost) and set(ours) <= {*lost, "train.py: stopped by SIGTERM"}, \
         ours
     assert "gloo" not in err and "pair.cc" not in err and "unbound_buffer" not in err, err[-3000:]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the processes from /proc")
+def test_sigterm_to_torchrun_ends_every_process_even_with_a_stopped_peer(tmp_path):
+    # (about 35 s, mostly waiting: DIST_TIMEOUT for the survivor, then torchrun's own 30 s before its SIGKILL)
+    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--device", "cpu", "--data-dir", str(data), "--epochs", "2000", "--out-dir", str(tmp_path / "run")]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "DIST_TIMEOUT": "2"},
+                                start_new_session=True)
+    pids = {}
+    try:
+        for line in launcher.stdout:
+            if line.startswith("epoch    2/2000"):
+                break
+        pids.update(workers(launcher, 2))
+        os.kill(pids[1], signal.SIGSTOP)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+        assert not any(alive(pid) for pid in pids.values())
+    finally:
+        for pid in [*pids.values(), launcher.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    assert "train.py: error: rank 0 of 2: another process of the group did not answer for 2 s" in err, err[-3000:]
