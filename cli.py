@@ -54,6 +54,14 @@ def restore_signals(handlers: dict) -> None:
         signal.signal(s, handler)
 
 
+def path_flag(text: str) -> str:
+    """argparse type of a path: an empty one (--output '') is refused like any invalid path, never taken for a flag
+    not given, nor for the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path; give the path of a file or folder")
+    return text
+
+
 def parser(prog: str, doc: str | None, epilog: str | None = None) -> argparse.ArgumentParser:
     """An ArgumentParser whose errors are one line (`prog: error: ...`, exit 1), not the usage block, and whose
     description (a script's docstring) and epilog fit 80 columns (fit_text)."""
@@ -99,15 +107,25 @@ def examples(lines: list[str], width: int) -> list[str]:
 def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
     """Turn what a user can cause into `prog: error: <one line>` and a non-zero exit: a UserError, a file the
     system refuses (full disk, name too long, no permission), memory that is not there (followed by `oom_hint`,
-    the way forward in this script's own flags), a signal (exit 128 + N). The line is printable() (a file name
+    the way forward in this script's own flags), a signal (exit 128 + N), stdout's reader gone (`| head`: no
+    message, exit 141, as a shell's own commands). The line is printable() (a file name
     with a newline or a terminal escape in it cannot break or drive the terminal). Ctrl-C and SIGTERM stop the work
     at once inside it (train.py's loop defers them to a step boundary)."""
+    global _stdout_gone
+
     def fail(message: str) -> SystemExit:
         return SystemExit(f"{prog}: error: {printable(message)}")
     hint = f"; {oom_hint}" if oom_hint else ""
     previous_handlers = handle_signals(raise_interrupted)
     try:
         yield
+        sys.stdout.flush()  # (what print() left in the buffer: a reader that has gone fails it here, not at exit)
+        if _stdout_gone:
+            _stdout_gone = False  # (for the next command run in this process: its own stdout, its own status)
+            raise SystemExit(STDOUT_GONE)
+    except BrokenPipeError:  # a plain print() whose reader has gone: quietly, with the shell's status
+        drop_stdout()
+        raise SystemExit(STDOUT_GONE) from None
     except UserError as e:
         raise fail(str(e)) from None
     except Interrupted as e:
@@ -126,6 +144,28 @@ def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
         raise fail(f"out of memory: {shorten(str(e).splitlines()[0])}{hint}") from None
     finally:
         restore_signals(previous_handlers)
+
+
+STDOUT_GONE = 141  # 128 + SIGPIPE: the status a shell's own commands end with when their reader has gone (| head)
+_stdout_gone = False
+
+
+def say(*values: object) -> None:
+    """print() to stdout, whose reader may have gone (`predict.py ... | head`): then stdout is dropped (sent to
+    the null device, so that nothing more fails or is reported), the script goes on with what it does besides
+    printing (evaluate.py --show still draws its picture), and one_line_errors ends it with status 141."""
+    try:
+        print(*values, flush=True)
+    except BrokenPipeError:
+        drop_stdout()
+
+
+def drop_stdout() -> None:
+    global _stdout_gone
+    _stdout_gone = True
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, sys.stdout.fileno())
+    os.close(null)
 
 
 def describe_os_error(e: OSError, filename: bool = True) -> str:
@@ -249,6 +289,14 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         yield tmp
         check_output(path)  # again: what the path names may have changed while the output was made
         os.replace(tmp, path)
+    except OSError as e:  # (a full disk, a quota): about the output the user named, not our temporary name
+        if e.filename in (None, str(tmp)) and e.errno is not None:
+            e.filename = str(path)
+        raise
+    except UserError as e:
+        if str(tmp) in str(e):
+            raise type(e)(str(e).replace(str(tmp), str(path))) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

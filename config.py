@@ -307,6 +307,27 @@ def widths_list(text: str) -> tuple[int, ...]:
     return widths
 
 
+# The smallest sensible value of each real-valued flag (and whether 0 is allowed: off). Below it a value is lost:
+# numbers below ~1e-38 are flushed to 0 on the CPU (train.py: torch.set_flush_denormal), so that --grad-clip 5e-324
+# would silently zero every gradient and --weight-decay 1e-320 silently turn it off. (Large values are honoured:
+# an lr so large that the loss diverges stops the run with one line that says what to do.)
+SMALLEST = {"lr": (1e-10, False), "muon_lr": (1e-10, False), "bias_lr_scale": (1e-6, False),
+            "grad_clip": (1e-8, True), "weight_decay": (1e-12, True), "momentum": (1e-6, True),
+            "muon_momentum": (1e-6, True), "label_smoothing": (1e-6, True), "ema": (1e-6, True),
+            "min_delta": (1e-12, True), "val_split": (1e-6, True), "color_jitter": (1e-6, True),
+            "warmup_epochs": (1e-6, True), "find_lr_start": (1e-12, False), "find_lr_end": (1e-12, False)}
+
+
+def too_small(args: argparse.Namespace) -> str | None:
+    """The first real-valued flag below its smallest sensible value (SMALLEST), as a message, or None."""
+    for dest, (low, zero_off) in SMALLEST.items():
+        value = getattr(args, dest)
+        if not (value == 0 and zero_off or value >= low):
+            return (f"--{dest.replace('_', '-')} {value:g} is too small to act: give {'0 (off) or ' * zero_off}at "
+                    f"least {low:g}")
+    return None
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, as a message, or None."""
     def number_in(x, low, high):
@@ -370,7 +391,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         (not args.find_lr or not (args.mlflow or args.tensorboard or os.environ.get("WORLD_SIZE", "1") != "1"),
          "--find-lr runs in one process and records nothing: not with --mlflow, --tensorboard or torchrun"),
     ]
-    problem = next((message for ok, message in rules if not ok), None)
+    problem = next((message for ok, message in rules if not ok), None) or too_small(args)
     try:
         check_model_name(args.model)
     except ValueError as e:
@@ -544,6 +565,7 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     problem = check_args(args)
     if problem:
         raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
+    check_out_dir_outside_data(args)
     return args, resumed, run_argv
 
 
@@ -607,6 +629,19 @@ def config_flags(path: str) -> list[str]:
     except SystemExit as e:
         raise ConfigError(f"--config {path}: {str(e.code).removeprefix('train.py: error: ')}") from None
     return argv
+
+
+def check_out_dir_outside_data(args: argparse.Namespace) -> None:
+    """Refuse an --out-dir inside the images the run reads (an image folder's train/, val/ or test/): its
+    curves.png would be read as an image by the next run, its folder as a class."""
+    if args.dataset != "imagefolder":  # (the packed sets are files of fixed names: nothing else in them is read)
+        return
+    out = Path(args.out_dir or (Path(args.resume).parent if args.resume else "runs")).resolve()
+    for split in ("train", "val", "test"):
+        read = Path(args.data_dir) / split
+        if out.is_relative_to(read.resolve()):
+            raise ConfigError(f"--out-dir {out_dir_for(args)} is inside {read}, which this run reads as images: "
+                              f"give --out-dir a folder outside --data-dir's train/, val/ and test/")
 
 
 def from_preset(problem: str, args: argparse.Namespace, argv: list[str]) -> str:

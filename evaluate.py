@@ -60,9 +60,10 @@ def format_report(result: dict, classes: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = cli.parser("evaluate.py", __doc__)
-    p.add_argument("--checkpoint", required=True, metavar="PATH",
+    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag,
                    help="a .pth written by train.py, or a run folder (its best.pth)")
-    p.add_argument("--data-dir", metavar="DIR", help="where the dataset is (default: the training run's)")
+    p.add_argument("--data-dir", metavar="DIR", type=cli.path_flag,
+                   help="where the dataset is (default: the training run's)")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help="imagefolder: a file that would decode to more pixels is skipped (default: %(default)s)")
     runtime.add_device_flag(p)
@@ -70,10 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="average the logits over the image and its mirror image (--tta or --tta mirror), and also "
                         "over 1-pixel shifts of both (--tta shifts) (default: the run's)")
     p.add_argument("--amp", choices=runtime.AMP_MODES, help="autocast precision (default: the run's)")
-    p.add_argument("--plot", metavar="PATH", help="also draw the confusion matrix to this PNG (needs matplotlib)")
-    p.add_argument("--show", metavar="PATH",
-                   help="also draw test images with their true and predicted labels to this PNG: the most confident "
-                        "mistakes first, then the first test images (needs matplotlib)")
+    p.add_argument("--plot", metavar="PATH", type=cli.path_flag,
+                   help="also draw the confusion matrix to this picture: .png, .svg or .pdf (needs matplotlib)")
+    p.add_argument("--show", metavar="PATH", type=cli.path_flag,
+                   help="also draw test images with their true and predicted labels to this picture: the most "
+                        "confident mistakes first, then the first test images (needs matplotlib)")
     p.add_argument("--show-count", type=int, default=32, metavar="N",
                    help="how many images --show draws, 1 to 256 (default: 32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
@@ -89,7 +91,7 @@ def check_flags(args: argparse.Namespace) -> tuple[Path, list[str]]:
         raise DataError("--show-count must be in [1, 256]")
     if args.max_image_pixels < 1:
         raise DataError("--max-image-pixels must be at least 1")
-    pictures = [picture for picture in (args.plot, args.show) if picture]
+    pictures = [picture for picture in (args.plot, args.show) if picture is not None]
     if pictures:
         require_matplotlib()  # before any work: a missing package is the one message
     if args.plot and args.show and Path(args.plot).resolve() == Path(args.show).resolve():
@@ -125,23 +127,22 @@ def report(args: argparse.Namespace) -> dict:
     if not math.isfinite(result["loss"]):  # finite weights can still overflow: say so rather than report NaN
         raise DataError(f"the model's outputs are not finite numbers on this data; {checkpoint} is unusable")
     if args.json:
-        print(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
+        cli.say(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
                           **({"top5": result["top5"]} if len(classes) > 5 else {}),
                           **{k: result[k] for k in MEASURES}, "tta": tta, "amp": amp,
                           "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),
                           "confusion_matrix": result["confusion"].tolist()}))
     else:
-        print(f"{'TTA ' + tta if tta != 'none' else 'no TTA'}, amp {amp}")
-        print(format_report(result, classes))
+        cli.say(f"{'TTA ' + tta if tta != 'none' else 'no TTA'}, amp {amp}\n{format_report(result, classes)}")
     if args.plot:
         plot_confusion(result["confusion"], classes, args.plot)
         if not args.json:
-            print(f"confusion matrix drawn to {args.plot}")
+            cli.say(f"confusion matrix drawn to {args.plot}")
     if args.show:
         with runtime.autocast(amp, device):
             shown = show_predictions(model, test, classes, tta, args.show_count, args.show)
         if not args.json:
-            print(f"{shown} test images with their predictions drawn to {args.show}")
+            cli.say(f"{shown} test images with their predictions drawn to {args.show}")
     return result
 
 

@@ -42,8 +42,8 @@ class ExportError(cli.UserError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser("export.py", __doc__)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
-    p.add_argument("--output", metavar="PATH",
+    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag, help="a .pth written by train.py")
+    p.add_argument("--output", metavar="PATH", type=cli.path_flag,
                    help="the .onnx file to write (default: the checkpoint's path with .onnx)")
     return p.parse_args(argv)
 
@@ -66,6 +66,8 @@ def export_onnx(model: nn.Module, ckpt: dict, path: Path) -> None:
                 torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
                                   input_names=["images"], output_names=["logits"],
                                   dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        except OSError:  # a full disk, a quota: the system's reason, about the output (cli.atomic_output)
+            raise
         except Exception as e:  # an operator ONNX lacks at this size (vgg11 at 32 px, alexnet at 100 px: an
             # adaptive pooling whose output does not divide its input); torch's reason is its first line
             reason = " ".join(str(e).split("[Caused by")[0].split(" Please feel free")[0].split()).rstrip(".")
@@ -111,7 +113,7 @@ def max_difference(model: nn.Module, path: Path, in_channels: int, image_size: i
 def main(argv: list[str] | None = None) -> float:
     with cli.one_line_errors("export.py"):
         args = parse_args(argv)
-        output = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+        output = Path(args.output) if args.output is not None else Path(args.checkpoint).with_suffix(".onnx")
         cli.check_output(output, inputs=(args.checkpoint,), what="ONNX output", new_folder=True)
         for package in ("onnx", "onnxruntime"):  # before any work: a missing package is the one message
             require(package)
@@ -128,8 +130,8 @@ def main(argv: list[str] | None = None) -> float:
             if not difference < TOLERANCE:  # `not <` so that a NaN fails too
                 raise ExportError(f"the ONNX model differs from PyTorch by up to {difference:.3g} (limit "
                                   f"{TOLERANCE:g}); nothing written")
-    print(f"wrote {output}; largest difference from PyTorch on random inputs (batch sizes "
-          f"{', '.join(map(str, CHECK_BATCHES))}): {difference:.3g} (limit {TOLERANCE:g})")
+        cli.say(f"wrote {output}; largest difference from PyTorch on random inputs (batch sizes "
+                f"{', '.join(map(str, CHECK_BATCHES))}): {difference:.3g} (limit {TOLERANCE:g})")
     return difference
 
 

@@ -63,7 +63,7 @@ def find_lr(args: argparse.Namespace) -> float:
         t = train.build_trainer(args, data, len(classes), device, resumed=None, start=start)
         if start:
             print(f"starting from {start['source']}")
-        lrs, losses = lr_range_test(t, data, args)
+        lrs, losses, images = lr_range_test(t, data, args)
         smoothed = smooth(losses)
         best = min(range(len(smoothed)), key=smoothed.__getitem__)
         suggestion = lrs[best] / 10
@@ -78,15 +78,17 @@ def find_lr(args: argparse.Namespace) -> float:
         raise FindLrError(f"no suggestion: the loss {'diverged' if exploded else 'never fell'} from the first lr "
                           f"on (lr {lrs[0]:.2g} to {lrs[len(losses) - 1]:.2g}; drawn to {path}); {advice}")
     why = "the loss exploded" if exploded else "the last lr"
-    print(f"lr range test: {len(losses)} steps of {args.batch_size * args.accum_steps} images from lr "
+    print(f"lr range test: {len(losses)} steps ({images:,} images, of a training set of {len(data):,}) from lr "
           f"{lrs[0]:.2g} until {why} ({lrs[len(losses) - 1]:.2g}); smoothed loss lowest ({smoothed[best]:.3f}) at lr "
           f"{lrs[best]:.2g}; drawn to {path}\nsuggested --lr (a tenth of that):\n{suggestion:.2g}")
     return float(f"{suggestion:.2g}")
 
 
-def lr_range_test(t: train.Trainer, data: Split, args: argparse.Namespace) -> tuple[list[float], list[float]]:
-    """The lrs of the test, and each step's mean loss until the smoothed loss passes 4x its lowest (or is not
-    finite). --bias-lr-scale and Muon's own lr keep their ratio to --lr."""
+def lr_range_test(t: train.Trainer, data: Split,
+                  args: argparse.Namespace) -> tuple[list[float], list[float], int]:
+    """The lrs of the test, each step's mean loss until the smoothed loss passes 4x its lowest (or is not
+    finite), and the images those steps took (a pass over the set ends in a shorter step). --bias-lr-scale and
+    Muon's own lr keep their ratio to --lr."""
     start, end, n = args.find_lr_start, args.find_lr_end, args.find_lr_steps
     lrs = [start * (end / start) ** (i / (n - 1)) for i in range(n)]
     losses, sizes, summed = [], [], [0.0]
@@ -118,7 +120,7 @@ def lr_range_test(t: train.Trainer, data: Split, args: argparse.Namespace) -> tu
         m.eval()
     train.train_one_epoch(t.step_model, t.optimizer, steps(), t.scaler, t.autocast, args.grad_clip,
                           args.label_smoothing, after_step, t.class_weights)
-    return lrs, losses
+    return lrs, losses, sum(sizes[:len(losses)])
 
 
 def smooth(losses: list[float], beta: float = 0.9) -> list[float]:

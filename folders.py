@@ -13,7 +13,9 @@ import os
 import platform
 import stat
 import sys
+import tempfile
 import threading
+import unicodedata
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext, suppress
@@ -61,7 +63,8 @@ def open_regular(path: str | Path, what: str = "file") -> io.BufferedReader:
         if not stat.S_ISREG(mode):
             kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
             raise DataError(f"cannot read {what} {path}: it is {kind}; give a regular file")
-        os.set_blocking(fd, True)
+        if hasattr(os, "O_NONBLOCK"):  # (Windows has neither, nor FIFOs to wait on)
+            os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -168,7 +171,7 @@ def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int
     if mode is None:
         raise DataError(f"cannot decode images to {channels} channels: only 1 (grayscale) or 3 (RGB)")
     draft = image_size if prep.mode == "squash" else max(image_size, prep.resize_size)
-    with open_regular(path, "image") as f:
+    with open_regular(path, "image") as f, _decoding_file(path):
         try:
             with Image.open(f) as im:
                 im.draft(None, (draft, draft))  # JPEG: decode at 1/2..1/8 scale if that still covers it
@@ -190,6 +193,47 @@ def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int
         except Exception as e:  # PIL's decoders raise ValueError, SyntaxError, DecompressionBombError, ...
             raise UnreadableImage(f"cannot read image {path}: {cli.shorten(str(e)) or type(e).__name__}") from None
     return torch.from_numpy(np.array(im).reshape(image_size, image_size, channels)).permute(2, 0, 1).contiguous()
+
+
+_decoding = threading.local()  # .path: the file load_image decodes in this thread, named in Pillow's warnings
+_naming = [False]  # whether image_warnings_named is in effect (entered in the main thread)
+
+
+@contextmanager
+def image_warnings_named() -> Iterator[None]:
+    """Pillow's warnings while decoding (corrupt EXIF data, ...) as one line of ours naming the file, once per file
+    and message, instead of Pillow's raw text and source line, which name no file. Entered in the main thread,
+    around the decoding threads: the warnings' settings are the process's, not a thread's."""
+    shown, original = set(), warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        path = getattr(_decoding, "path", None)
+        if path is None:  # (not ours to reword)
+            return original(message, category, filename, lineno, file, line)
+        if (str(path), str(message)) not in shown:
+            shown.add((str(path), str(message)))
+            print(f"warning: {cli.printable(str(path))}: {cli.one_line(message)} (Pillow; the image is decoded all "
+                  f"the same)", file=sys.stderr, flush=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", module="PIL")  # each file's own: not once for all files
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # (load_image checks the size)
+        warnings.showwarning, _naming[0] = show, True
+        try:
+            yield
+        finally:
+            _naming[0] = False
+
+
+@contextmanager
+def _decoding_file(path: str | Path) -> Iterator[None]:
+    """Name `path` in the warnings of its decoding (image_warnings_named, entered here on the main thread)."""
+    _decoding.path = path
+    try:
+        with image_warnings_named() if threading.current_thread() is threading.main_thread() and not _naming[0] \
+                else nullcontext():
+            yield
+    finally:
+        _decoding.path = None
 
 
 def _to_mode(im: Image.Image, mode: str) -> Image.Image:
@@ -241,10 +285,8 @@ def split_files(root: Path, split: str, classes: list[str], against: str = "trai
     folder = _split_dir(root, split)
     found = _subfolders(folder)
     if found != classes:
-        differences = [f"{what} {', '.join(sorted(names))}" for what, names in
-                       (("missing", set(classes) - set(found)), ("extra", set(found) - set(classes))) if names]
         raise DataError(f"imagefolder: the class folders of {folder} differ from {against}: "
-                        f"{cli.shorten('; '.join(differences))}")
+                        f"{cli.shorten(class_differences(classes, found, against))}")
     return [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
 
 
@@ -273,6 +315,27 @@ def require_each_class(labels: torch.Tensor, folder: Path, classes: list[str]) -
     if 0 in counts:
         raise DataError(f"imagefolder: class folder {folder / classes[counts.index(0)]} holds no readable images "
                         f"({', '.join(IMAGE_SUFFIXES)})")
+
+
+def class_differences(classes: list[str], found: list[str], against: str) -> str:
+    """What differs between two lists of class names: "missing a, b; extra c". Names that differ only in their
+    Unicode form (café as one character é, NFC, or as e and a combining accent, NFD: macOS and zip tools may
+    change one into the other) are named as such, with the way to make them alike."""
+    missing, extra = set(classes) - set(found), set(found) - set(classes)
+    nfc = {unicodedata.normalize("NFC", name): name for name in extra}
+    alike = [(name, nfc[unicodedata.normalize("NFC", name)]) for name in sorted(missing)
+             if unicodedata.normalize("NFC", name) in nfc]
+    missing -= {a for a, _ in alike}
+    extra -= {b for _, b in alike}
+    parts = [f"{what} {', '.join(sorted(names))}" for what, names in
+             (("missing", missing), ("extra", extra)) if names]
+    parts += [f"{b} here is Unicode {unicode_form(b)}, {against} {a} is {unicode_form(a)} (the same letters, "
+              f"other bytes): rename one folder so that both are spelled alike" for a, b in alike]
+    return "; ".join(parts)
+
+
+def unicode_form(name: str) -> str:
+    return next((form for form in ("NFC", "NFD") if unicodedata.normalize(form, name) == name), "mixed")
 
 
 def _cache_path(root: Path, split: str, image_size: int, files: list[Path], max_pixels: int) -> Path:
@@ -320,7 +383,7 @@ def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, wha
             return str(e)
         return None
 
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while it decodes and resizes
+    with image_warnings_named(), ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while it decodes
         problems = list(pool.map(decode, range(len(files))))
     skipped = [p for p in problems if p is not None]
     if skipped:
@@ -366,9 +429,13 @@ def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | N
 def _write_cache(path: Path, data: dict) -> None:
     """Best effort: without a cache (a read-only data dir, a full disk) the next run only decodes again.
     Older caches of the same split and size are deleted, so edits to the folder do not pile them up."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed when complete: never a half-written cache
-    try:
-        torch.save(data, tmp)
+    tmp = None
+    try:  # a fresh name, created exclusively (mkstemp: O_EXCL) and written through its descriptor: a file or symlink
+        # planted at a predictable name is never written through. Renamed when complete: never a half-written cache
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(data, f)
         os.replace(tmp, path)
         for old in path.parent.glob(path.name.rsplit("-", 1)[0] + "-*.pt"):
             if old != path:
@@ -380,4 +447,5 @@ def _write_cache(path: Path, data: dict) -> None:
         print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)
     finally:  # a failed write, or Ctrl-C in the middle of one (after the rename there is nothing left to remove)
         with suppress(OSError):  # (a cleanup that fails must not hide why the write failed)
-            tmp.unlink(missing_ok=True)
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)

@@ -16,15 +16,20 @@ if __name__ == "__main__":
 
 import csv
 import io
+import logging
 import math
+import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import torch
 
+from folders import open_regular
 from model import confusion_metrics
 
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn
+PICTURE_FORMATS = ("png", "svg", "pdf")  # what a picture's suffix may ask for (matplotlib's savefig formats)
 OFF_SCALE = 1e6  # a loss or accuracy beyond this is drawn at the top of the rest (on_scale)
 
 
@@ -33,14 +38,32 @@ class PlotError(cli.UserError):
 
 
 def require_matplotlib() -> type:
-    """matplotlib's Figure class. Figure, not pyplot: no global figure state and no GUI backend to pick."""
-    return cli.require("matplotlib.figure", "drawing").Figure
+    """matplotlib's Figure class. Figure, not pyplot: no global figure state and no GUI backend to pick.
+    Where matplotlib cannot write its settings and font cache folder (HOME read-only or missing), it logs raw lines
+    as it imports and uses a temporary folder: that is said in one line of ours instead."""
+    if sys.modules.get("matplotlib.figure") is not None:
+        return sys.modules["matplotlib.figure"].Figure
+    log = logging.getLogger("matplotlib")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        figure = cli.require("matplotlib.figure", "drawing")
+        import matplotlib
+        folders = {Path(matplotlib.get_configdir()), Path(matplotlib.get_cachedir())}
+    finally:
+        log.setLevel(level)
+    if any(f.parent == Path(tempfile.gettempdir()) and f.name.startswith("matplotlib-") for f in folders):
+        print("note: matplotlib cannot write its settings folder (is HOME writable?); it uses a temporary one, and "
+              "builds its font cache again each run: set MPLCONFIGDIR to a writable folder to keep it",
+              file=sys.stderr, flush=True)
+    return figure.Figure
 
 
 def read_metrics(path: Path) -> dict[str, list[float]]:
-    """The CURVES columns of a metrics.csv written by train.py, as floats (a run without validation has nan)."""
-    try:
-        with open(path, newline="") as f:
+    """The CURVES columns of a metrics.csv written by train.py, as floats (a run without validation has nan). One
+    saved by a spreadsheet is read too: a UTF-8 byte-order mark is skipped (utf-8-sig), CRLF line ends are lines."""
+    try:  # (open_regular: a FIFO is refused, not waited on)
+        with io.TextIOWrapper(open_regular(path, "metrics file"), newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             rows, columns = list(reader), reader.fieldnames or []  # fieldnames reads the file: None when empty
     except OSError as e:
@@ -65,8 +88,9 @@ def label(name: str, width: int | None = None) -> str:
 
 
 def plot_curves(metrics: dict[str, list[float]], path: str | Path, best: int | None = None) -> None:
-    """Loss (left) and accuracy (right) per epoch, train and validation, to a PNG; a dashed line marks the epoch
-    of best.pth when there is validation: `best`, or else the lowest validation loss (train.py's default)."""
+    """Loss (left) and accuracy (right) per epoch, train and validation, to a picture (PNG, SVG or PDF, by the
+    suffix); a dashed line marks the epoch of best.pth when there is validation: `best`, or else the lowest
+    validation loss (train.py's default)."""
     fig = require_matplotlib()(figsize=(10, 4), layout="constrained")
     from matplotlib.ticker import MaxNLocator
     epochs = [int(e) if float(e).is_integer() else e for e in metrics["epoch"]]
@@ -205,18 +229,31 @@ def plot_lr_range(lrs: list[float], losses: list[float], smoothed: list[float], 
 
 
 def check_output(path: str | Path, inputs: tuple = ()) -> None:
-    """Refuse, before any work, a picture path whose file must not be replaced (cli.check_output): a PlotError."""
+    """Refuse, before any work, a picture path whose file must not be replaced (cli.check_output), or whose suffix
+    names no format drawn (picture_format): a PlotError."""
     try:
         cli.check_output(path, inputs, what="picture")
     except cli.UserError as e:
         raise PlotError(str(e)) from None
+    picture_format(path)
+
+
+def picture_format(path: str | Path) -> str:
+    """The format a picture's suffix asks for: PNG, SVG or PDF (any case); another suffix is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix[1:] not in PICTURE_FORMATS:
+        raise PlotError(f"the picture {path} {f'ends in {suffix}' if suffix else 'has no suffix'}: give a name ending "
+                        f"in {', '.join('.' + f for f in PICTURE_FORMATS[:-1])} or .{PICTURE_FORMATS[-1]}, the "
+                        f"formats drawn")
+    return suffix[1:]
 
 
 def _save(fig, path: str | Path, dpi: int = 100) -> None:
-    """Render, then write atomically: a full disk or a signal never leaves half a PNG (nor hides the old one)."""
+    """Render in the format the suffix names, then write atomically: a full disk or a signal never leaves half a
+    picture (nor hides the old one)."""
     check_output(path)  # every picture, whoever asks for it (train.py's curves.png too)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.savefig(buffer, format=picture_format(path), dpi=dpi)
     try:
         cli.write_output(path, buffer.getbuffer())
     except OSError as e:
@@ -226,15 +263,16 @@ def _save(fig, path: str | Path, dpi: int = 100) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     p = cli.parser("plot.py", __doc__)
-    p.add_argument("metrics", metavar="METRICS_CSV", help="a run's metrics.csv")
-    p.add_argument("--output", metavar="PATH", help="the PNG to write (default: curves.png next to METRICS_CSV)")
+    p.add_argument("metrics", metavar="METRICS_CSV", type=cli.path_flag, help="a run's metrics.csv")
+    p.add_argument("--output", metavar="PATH", type=cli.path_flag,
+                   help="the picture to write: .png, .svg or .pdf (default: curves.png next to METRICS_CSV)")
     with cli.one_line_errors("plot.py"):
         args = p.parse_args(argv)
-        output = Path(args.output) if args.output else Path(args.metrics).with_name("curves.png")
+        output = Path(args.output) if args.output is not None else Path(args.metrics).with_name("curves.png")
         require_matplotlib()  # first, so that a missing package is the one message
         check_output(output, inputs=(args.metrics,))
         plot_curves(read_metrics(Path(args.metrics)), output)
-    print(f"wrote {output}")
+        cli.say(f"wrote {output}")
     return output
 
 

@@ -36,7 +36,7 @@ class PredictError(cli.UserError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser("predict.py", __doc__)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a .pth written by train.py")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag, help="a .pth written by train.py")
     p.add_argument("--top-k", type=int, default=1, metavar="K",
                    help="classes listed per image, best first (default: 1)")
     p.add_argument("--json", action="store_true",
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"refuse an image of more pixels than this: a small file can decode to gigabytes "
                         f"(default: {MAX_IMAGE_PIXELS:,})")
     runtime.add_device_flag(p)
-    p.add_argument("images", nargs="+", metavar="IMAGE",
+    p.add_argument("images", nargs="+", metavar="IMAGE", type=cli.path_flag,
                    help=f"image files, or folders: their image files ({', '.join(IMAGE_SUFFIXES)}), sorted")
     return p.parse_args(argv)
 
@@ -99,16 +99,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"predict.py: note: --top-k {args.top_k} is more than the checkpoint's {len(classes)} classes; "
                   f"listing {len(classes)}", file=sys.stderr)
         probs, indices = predict(model, ckpt, paths, min(args.top_k, len(classes)), args.max_image_pixels)
-    results = []
-    for path, p_row, i_row in zip(paths, probs.tolist(), indices.tolist()):
-        top = [{"label": classes[i], "probability": p} for i, p in zip(i_row, p_row)]
-        results.append({"path": path, "label": top[0]["label"], "probability": top[0]["probability"], "top_k": top})
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for r in results:  # printable: a file or class name cannot break the line or send the terminal escapes
-            print(f"{cli.printable(r['path'])}: " + ", ".join(f"{cli.printable(t['label'])} "
-                                                             f"{100 * t['probability']:.2f}%" for t in r["top_k"]))
+        results = []
+        for path, p_row, i_row in zip(paths, probs.tolist(), indices.tolist()):
+            top = [{"label": classes[i], "probability": p} for i, p in zip(i_row, p_row)]
+            results.append({"path": path, "label": top[0]["label"], "probability": top[0]["probability"],
+                            "top_k": top})
+        if args.json:
+            cli.say(json.dumps(results, indent=2))
+        else:  # printable: a file or class name cannot break the line or send the terminal escapes
+            cli.say("\n".join(f"{cli.printable(r['path'])}: " + ", ".join(
+                f"{cli.printable(t['label'])} {100 * t['probability']:.2f}%" for t in r["top_k"]) for r in results))
     return results
 
 

@@ -88,16 +88,26 @@ class Progress:
                 f"{self.steps}  loss {(self.loss_before + loss_sum) / seen:.4f} "
                 f"acc {100 * (self.correct_before + correct) / seen:6.2f}%  {(seen - before) / seconds:,.0f} img/s  "
                 f"ETA {eta // 60}:{eta % 60:02d}")
-        if self.live:  # \r: back to the line's start; ESC[K: erase what a longer line left
-            sys.stdout.write("\r" + line[:shutil.get_terminal_size().columns - 1] + "\x1b[K")
+        if self.live:  # \r: back to the line's start, then erase what a longer line left
+            line = line[:shutil.get_terminal_size().columns - 1]
+            sys.stdout.write("\r" + line + erase_rest(len(line)))
             sys.stdout.flush()
         else:
             print(line, flush=True)
 
     def clear(self) -> None:
         if self.live:
-            sys.stdout.write("\r\x1b[K")
+            erase = erase_rest(0)
+            sys.stdout.write("\r" + erase + "\r" * (erase != "\x1b[K"))  # (after spaces: back to the start)
             sys.stdout.flush()
+
+
+def erase_rest(shown: int) -> str:
+    """What erases the rest of a terminal line after `shown` characters: ESC[K, or spaces on a terminal that takes
+    no escape codes (TERM=dumb: an editor's shell, a serial console)."""
+    if os.environ.get("TERM") != "dumb":
+        return "\x1b[K"
+    return " " * max(0, shutil.get_terminal_size().columns - 1 - shown)
 
 
 def draw_curves(history: list[dict], path: Path, quiet: bool, best: int | None = None) -> None:
@@ -356,6 +366,9 @@ def probe(uri: str) -> None:
         if uri.startswith("sqlite:///"):
             path = sqlite_path(uri)
             path.parent.mkdir(parents=True, exist_ok=True)
+            if path.exists() and not path.is_file():  # (a FIFO there: SQLite would wait on it forever)
+                raise TrackingError(f"--mlflow: the tracking store {path} is {cli.kind_of_file(path.stat().st_mode)}, "
+                                    f"not a database file; set MLFLOW_TRACKING_URI to a store that can be written")
             with closing(sqlite3.connect(path, timeout=10)) as db:
                 db.execute("BEGIN IMMEDIATE")  # takes the write lock: fails on a read-only file or file system
                 db.rollback()

@@ -139,6 +139,39 @@ def join_timeout() -> float:
     return timeout
 
 
+COLLECTIVE_TIMEOUT = "DIST_TIMEOUT"  # the environment variable: seconds a process waits for the others in a collective
+
+
+def collective_timeout() -> timedelta:
+    """The seconds DIST_TIMEOUT gives (default 300): how long a process waits for the others at an all-reduce or
+    broadcast before it gives them up (stopped, hung or gone). Longer than any one step, save or validation."""
+    try:
+        timeout = float(os.environ.get(COLLECTIVE_TIMEOUT, "300"))
+        if not 1 <= timeout < 1e6:
+            raise ValueError
+    except ValueError:
+        raise DeviceError(f"{COLLECTIVE_TIMEOUT}={os.environ[COLLECTIVE_TIMEOUT]} must be a number of seconds, at "
+                          f"least 1") from None
+    return timedelta(seconds=timeout)
+
+
+def lost_peer(e: RuntimeError, resume: str | None) -> None:
+    """Raise a one-line DeviceError when `e` is a collective that failed because another process of the group is
+    gone (killed, crashed) or did not answer within DIST_TIMEOUT (stopped, hung): gloo's own message is a C++ source
+    line and a stack. `resume`: the command that resumes the run (None: nothing saved yet). Any other error
+    returns, for the caller to raise."""
+    text = str(e)
+    if not dist.is_initialized() or not (isinstance(e, dist.DistError) or "gloo" in text or "NCCL" in text
+                                         or "closed by peer" in text or "Timed out waiting" in text):
+        return
+    rank, world = rank_world()
+    what = (f"did not answer for {collective_timeout().total_seconds():g} s ({COLLECTIVE_TIMEOUT}; stopped or hung?)"
+            if "Timed out" in text or "timed out" in text else "has ended (killed or failed)")
+    then = f"resume from the last completed epoch with: {resume}" if resume else "start the run again"
+    raise DeviceError(f"rank {rank} of {world}: another process of the group {what}; this one stops too: "
+                      f"{then}") from None
+
+
 def join_process_group(backend: str, cuda_device: int | None) -> None:
     """dist.init_process_group, waiting at most DIST_JOIN_TIMEOUT seconds (default 60) for every process of
     WORLD_SIZE to arrive (torch's own wait: 30 minutes, deaf to Ctrl-C). The wait runs in a thread, so that the main
@@ -146,7 +179,7 @@ def join_process_group(backend: str, cuda_device: int | None) -> None:
     retry, with a C++ stack) is kept from the terminal: the outcome is our one line."""
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    timeout = join_timeout()
+    timeout, timeout_collective = join_timeout(), collective_timeout()
     outcome: list[BaseException | None] = []
 
     def join() -> None:
@@ -155,7 +188,7 @@ def join_process_group(backend: str, cuda_device: int | None) -> None:
                 torch.cuda.set_device(cuda_device)  # (the current device is the thread's own)
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                                   is_master=rank == 0, timeout=timedelta(seconds=timeout), wait_for_workers=True)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout_collective)
             store.set_timeout(timedelta(minutes=30))  # torch's default from here on (setting up process groups)
             outcome.append(None)
         except BaseException as e:  # handed to the main thread
@@ -214,7 +247,7 @@ class StopSignal:
 
     def __init__(self):
         self.signum = 0
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self.group = dist.new_group(backend="gloo", timeout=collective_timeout()) if dist.is_initialized() else None
         self.flag = torch.zeros((), dtype=torch.int32)
 
     def note(self, signum: int, frame: object) -> None:

@@ -42,8 +42,7 @@ import report
 import runtime
 from augment import Mix, MixedBatches, image_policy
 from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_checkpoint, load_training_state,
-                        make_checkpoint, model_from_checkpoint, resume_state, run_card, save_checkpoint,
-                        starting_weights)
+                        make_checkpoint, model_from_checkpoint, resume_state, run_card, starting_weights)
 from data import Split, balanced_class_weights, epoch_plan, images_per_epoch, prepare
 from model import MEASURES, MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
@@ -204,8 +203,8 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
         for epoch in range(state.epoch + 1, args.epochs + 1):
             if not train_epoch(t, train, args, epoch, tally):
                 def save_stopped() -> None:
-                    save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, tally),
-                                    folder.path / "last.pth")
+                    folder.save(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, tally),
+                                "last.pth")
                     print(f"stopped at step {tally.step} of epoch {epoch}; saved {folder.path / 'last.pth'}. Resume "
                           f"with:\n  {config.resume_command(card['argv'], folder.path / 'last.pth')}", file=sys.stderr)
                 runtime.on_rank0(save_stopped)  # (all wait for it: torchrun stops every process once one leaves)
@@ -217,8 +216,8 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
             tally = EpochTally()
 
             def save() -> None:  # (a full disk in rank 0 ends every process with its one line)
-                save_checkpoint(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
-                                folder.path / "last.pth", *([folder.path / "best.pth"] if improved else []))
+                folder.save(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
+                            "last.pth", *(["best.pth"] if improved else []))
                 folder.write_metrics(state.history, card["changes"])
                 folder.write_args(config.run_flags(args))
                 print(report.format_epoch(row, args.epochs), flush=True)
@@ -282,6 +281,10 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str], start: 
         # first: a second run into the same folder is refused before any work
         runtime.on_rank0(lambda: folder.claim(resumed, Path(args.resume) if resumed else None))
         return train_and_test(args, resumed, argv, device, folder, start)
+    except RuntimeError as e:  # under torchrun: another process gone or stopped is one line, not gloo's
+        last = folder.path / "last.pth"
+        runtime.lost_peer(e, config.resume_command(argv, last) if last.is_file() else None)
+        raise
     finally:
         folder.release()
 
@@ -304,8 +307,8 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     t = build_trainer(args, train, len(classes), device, resumed, start)
     changes = list(resumed.get("changes", [])) if resumed else []
-    card = run_card(args, argv, t.model, train, prep, classes, folder.run_id,
-                    resumed.get("mlflow_run_id") if resumed else None, changes)
+    mlflow_run_id = resumed.get("mlflow_run_id") if resumed and not folder.copied_from else None  # (a copy: its own)
+    card = run_card(args, argv, t.model, train, prep, classes, folder.run_id, mlflow_run_id, changes)
     state, tally = (resume(t, args, resumed, card) if resumed else (RunState(), EpochTally()))
 
     def begin() -> list:  # room for the checkpoints, the run's first lines, the trackers
@@ -327,11 +330,13 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
         raise
     finally:
         if rank == 0:  # also when stopped early or by Ctrl-C
-            report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED",
-                               best=state.best_epoch if args.best_by != "val_loss" else None)
+            in_place = folder.in_place()  # (a folder moved away: its old path is not this run's to write or read)
+            if in_place:
+                report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED",
+                                   best=state.best_epoch if args.best_by != "val_loss" else None)
             files = ["results.json", "metrics.csv", "curves.png", *(["best.pth", "last.pth"]
                                                                      if args.mlflow_log_checkpoints else [])]
-            report.end(trackers, ended, [folder.path / name for name in files], results)
+            report.end(trackers, ended, [folder.path / name for name in files if in_place], results)
 
 
 def set_policy(train: Split, args: argparse.Namespace) -> None:

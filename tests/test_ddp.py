@@ -1,4 +1,5 @@
 """Data-parallel training: real 2-process gloo runs on the CPU through torchrun."""
+import contextlib
 import json
 import os
 import shlex
@@ -6,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,94 @@ def test_a_peer_that_never_comes_is_one_line_after_the_timeout(tmp_path, cifar_d
     assert len(lines) == 2 and lines[1].startswith("train.py: error: the processes of WORLD_SIZE=2 did not all join "
                                                    "at 127.0.0.1:") and "within 3 s" in lines[1], err
     assert lines[1].endswith("start every one with torchrun (or raise DIST_JOIN_TIMEOUT)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A peer stopped or killed mid-run: the others end within DIST_TIMEOUT, each with one line
+
+def workers(launcher: subprocess.Popen, count: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes, read from their environment, once all have started."""
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        found = {}
+        for pid in map(int, Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()):
+            environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+            if "RANK" in environ:
+                found[int(environ["RANK"])] = pid
+        if len(found) == count:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("torchrun's workers did not start")
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (not ended, nor a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the processes from /proc")
+@pytest.mark.parametrize("signum, nproc, what", [
+    (signal.SIGSTOP, 2, "did not answer for 5 s (DIST_TIMEOUT; stopped or hung?)"),
+    (signal.SIGKILL, 3, "has ended (killed or failed)")])
+def test_a_stopped_or_killed_peer_ends_the_group_with_one_line_from_each_survivor(tmp_path, signum, nproc, what):
+    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           "--device", "cpu", "--data-dir", str(data), "--epochs", "2000", "--out-dir", str(tmp_path / "run")]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "DIST_TIMEOUT": "5"},
+                                start_new_session=True)
+    pids = {}
+    try:
+        for line in launcher.stdout:
+            if line.startswith("epoch    2/2000"):
+                break
+        pids.update(workers(launcher, nproc))
+        os.kill(pids[nproc - 1], signum)
+        deadline = time.time() + 120
+        while any(alive(pids[rank]) for rank in range(nproc - 1)):  # the survivors end
+            assert time.time() < deadline, "the other processes are still waiting"
+            time.sleep(0.2)
+    finally:  # (torchrun itself kills a stopped worker 30 s after the others end: not waited for here)
+        for pid in [*pids.values(), launcher.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    _, err = launcher.communicate(timeout=60)
+    ours = [line for line in err.splitlines() if line.startswith("train.py: ")]
+    resume = f"torchrun --nproc_per_node={nproc} train.py --device cpu --data-dir {data} --epochs 2000 --out-dir " \
+             f"{tmp_path / 'run'} --resume {tmp_path / 'run' / 'last.pth'}"
+    lost = [f"train.py: error: rank {rank} of {nproc}: another process of the group {what}; this one stops too: "
+            f"resume from the last completed epoch with: {resume}" for rank in range(nproc - 1)]
+    # one line from each survivor: the first to notice says why; one that torchrun ends meanwhile says so
+    assert len(ours) == nproc - 1 and set(ours) & set(lost) and set(ours) <= {*lost, "train.py: stopped by SIGTERM"}, \
+        ours
+    assert "gloo" not in err and "pair.cc" not in err and "unbound_buffer" not in err, err[-3000:]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the processes from /proc")
+def test_sigterm_to_torchrun_ends_every_process_even_with_a_stopped_peer(tmp_path):
+    # (about 35 s, mostly waiting: DIST_TIMEOUT for the survivor, then torchrun's own 30 s before its SIGKILL)
+    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--device", "cpu", "--data-dir", str(data), "--epochs", "2000", "--out-dir", str(tmp_path / "run")]
+    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "DIST_TIMEOUT": "2"},
+                                start_new_session=True)
+    pids = {}
+    try:
+        for line in launcher.stdout:
+            if line.startswith("epoch    2/2000"):
+                break
+        pids.update(workers(launcher, 2))
+        os.kill(pids[1], signal.SIGSTOP)
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)
+        assert not any(alive(pid) for pid in pids.values())
+    finally:
+        for pid in [*pids.values(), launcher.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    assert "train.py: error: rank 0 of 2: another process of the group did not answer for 2 s" in err, err[-3000:]
