@@ -39,7 +39,7 @@ def error_line(err: str, prog: str = "train.py") -> str:
 def test_a_run_folder_moved_while_training_stops_the_run_and_another_run_in_its_old_name_is_untouched(tmp_path):
     data = write_cifar10(tmp_path / "data", n_per_batch=8)
     out, moved = tmp_path / "run", tmp_path / "moved"
-    proc = start("--data-dir", str(data), *CPU, "--epochs", "500", "--out-dir", str(out))
+    proc = start("--data-dir", str(data), *CPU, "--epochs", "500", "--val-split", "0", "--out-dir", str(out))
     for line in proc.stdout:
         if line.startswith("epoch   1/500"):
             break
@@ -121,7 +121,8 @@ def test_a_fifo_where_a_script_reads_metrics_or_writes_its_mlflow_store_is_refus
     pytest.importorskip("mlflow")
     os.mkfifo(tmp_path / "mlflow.db")
     proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--mlflow",
-                           "--out-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           "--val-split", "0", "--out-dir", str(tmp_path / "run")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
     assert error_line(proc.stderr) == f"train.py: error: --mlflow: the tracking store {tmp_path / 'mlflow.db'} is a " \
         f"FIFO, not a database file; set MLFLOW_TRACKING_URI to a store that can be written"
