@@ -186,23 +186,33 @@ def alive(pid: int) -> bool:
         return False
 
 
+def start_group(tmp_path: Path, nproc: int, dist_timeout: int) -> tuple[subprocess.Popen, Path]:
+    """A torchrun group of `nproc` CPU processes training for long, in a session of its own, and its data."""
+    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           "--device", "cpu", "--data-dir", str(data), "--epochs", "2000", "--out-dir", str(tmp_path / "run")]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "DIST_TIMEOUT": str(dist_timeout)},
+                            start_new_session=True), data
+
+
+def in_epoch_2(launcher: subprocess.Popen, nproc: int) -> dict[int, int]:
+    """{rank: pid} of the group's processes, once epoch 1 has ended."""
+    for line in launcher.stdout:
+        if line.startswith("epoch    2/2000"):
+            break
+    return workers(launcher, nproc)
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the processes from /proc")
 @pytest.mark.parametrize("signum, nproc, what", [
     (signal.SIGSTOP, 2, "did not answer for 5 s (DIST_TIMEOUT; stopped or hung?)"),
     (signal.SIGKILL, 3, "has ended (killed or failed)")])
 def test_a_stopped_or_killed_peer_ends_the_group_with_one_line_from_each_survivor(tmp_path, signum, nproc, what):
-    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-           "--device", "cpu", "--data-dir", str(data), "--epochs", "2000", "--out-dir", str(tmp_path / "run")]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "DIST_TIMEOUT": "5"},
-                                start_new_session=True)
+    launcher, data = start_group(tmp_path, nproc, 5)
     pids = {}
     try:
-        for line in launcher.stdout:
-            if line.startswith("epoch    2/2000"):
-                break
-        pids.update(workers(launcher, nproc))
+        pids.update(in_epoch_2(launcher, nproc))
         os.kill(pids[nproc - 1], signum)
         deadline = time.time() + 120
         while any(alive(pids[rank]) for rank in range(nproc - 1)):  # the survivors end
@@ -227,18 +237,10 @@ def test_a_stopped_or_killed_peer_ends_the_group_with_one_line_from_each_survivo
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the processes from /proc")
 def test_sigterm_to_torchrun_ends_every_process_even_with_a_stopped_peer(tmp_path):
     # (about 35 s, mostly waiting: DIST_TIMEOUT for the survivor, then torchrun's own 30 s before its SIGKILL)
-    data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=10)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--device", "cpu", "--data-dir", str(data), "--epochs", "2000", "--out-dir", str(tmp_path / "run")]
-    launcher = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "DIST_TIMEOUT": "2"},
-                                start_new_session=True)
+    launcher, _ = start_group(tmp_path, 2, 2)
     pids = {}
     try:
-        for line in launcher.stdout:
-            if line.startswith("epoch    2/2000"):
-                break
-        pids.update(workers(launcher, 2))
+        pids.update(in_epoch_2(launcher, 2))
         os.kill(pids[1], signal.SIGSTOP)
         launcher.send_signal(signal.SIGTERM)
         _, err = launcher.communicate(timeout=120)
