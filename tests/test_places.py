@@ -3,6 +3,7 @@ created exclusively, what is opened for writing or locking is a regular file (ne
 works where the system has no flock (Windows), outputs (empty paths, picture formats, a reader gone, an --out-dir
 among the images), a copied run is its own run, messages that name what the user needs, values too small to act.
 (A stopped or killed torchrun peer: test_ddp.py.)"""
+import importlib.util
 import os
 import re
 import signal
@@ -113,11 +114,12 @@ def test_a_fifo_at_the_lock_file_is_refused_at_once(tmp_path, cifar_dir, resume)
 
 @pytest.mark.slow
 def test_a_fifo_where_a_script_reads_metrics_or_writes_its_mlflow_store_is_refused_at_once(tmp_path, cifar_dir):
-    os.mkfifo(tmp_path / "metrics.csv")
-    proc = subprocess.run([sys.executable, "plot.py", str(tmp_path / "metrics.csv"), "--output",
-                           str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert error_line(proc.stderr, "plot.py") == \
-        f"plot.py: error: cannot read metrics file {tmp_path / 'metrics.csv'}: it is a FIFO; give a regular file"
+    if importlib.util.find_spec("matplotlib"):  # (without it plot.py stops first, asking for it)
+        os.mkfifo(tmp_path / "metrics.csv")
+        proc = subprocess.run([sys.executable, "plot.py", str(tmp_path / "metrics.csv"), "--output",
+                               str(tmp_path / "c.png")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert error_line(proc.stderr, "plot.py") == \
+            f"plot.py: error: cannot read metrics file {tmp_path / 'metrics.csv'}: it is a FIFO; give a regular file"
     pytest.importorskip("mlflow")
     os.mkfifo(tmp_path / "mlflow.db")
     proc = subprocess.run([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--mlflow",
@@ -340,11 +342,12 @@ def test_pillows_warning_for_corrupt_exif_is_one_line_of_ours_naming_the_file(tm
     write_corrupt_exif_jpeg(data / "train" / "red" / "exif.jpg")
     images, labels = folders.load_imagefolder_split(data, "train", ["blue", "red"], 16)  # (decoding threads)
     assert len(labels) == 13
-    expected = f"warning: {data / 'train' / 'red' / 'exif.jpg'}: Tag data larger than file. Skipping tag 270 " \
-               f"(Pillow; the image is decoded all the same)"
-    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")] == [expected]
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    # (Pillow's own words differ between its versions: 12 says "Tag data larger than file. Skipping tag 270")
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {data / 'train' / 'red' / 'exif.jpg'}: ") and \
+        warned[0].endswith(" (Pillow; the image is decoded all the same)"), warned
     folders.load_image(data / "train" / "red" / "exif.jpg", 3, 16)  # (predict.py's way: in the main thread)
-    assert capsys.readouterr().err.splitlines() == [expected]
+    assert capsys.readouterr().err.splitlines() == warned
 
 
 @pytest.mark.slow
