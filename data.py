@@ -241,7 +241,7 @@ def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu"
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
     if alternate_flips:
         first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed))  # epoch 1's, per image
-        flips = (first[order] ^ (epoch + 1) % 2)[:, None]
+        flips = (first[order % n] ^ (epoch + 1) % 2)[:, None]  # (a repeat i + r x n is image i)
     else:
         flips = torch.randint(0, 2, (n, 1), generator=g)
     columns = [order[:, None], offsets, flips]

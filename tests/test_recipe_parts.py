@@ -156,6 +156,14 @@ def test_the_balanced_sampler_draws_near_equal_classes_reproducibly():
     assert torch.equal(plan, epoch_plan(80, 0, 3, balance=labels))  # from (seed, epoch) alone
     assert not torch.equal(plan[:, 0], epoch_plan(80, 0, 4, balance=labels)[:, 0])
     assert not torch.equal(plan[:, 0], epoch_plan(80, 1, 3, balance=labels)[:, 0])
+    # with --alt-flip (the fast preset's): a repeat flips as its image does, one side each epoch
+    flips = [epoch_plan(80, 0, epoch, alternate_flips=True, balance=labels) for epoch in (3, 4)]
+    for plan in flips:
+        first_seen = {}
+        for i, flip in zip((plan[:, 0] % 80).tolist(), plan[:, 3].tolist()):
+            assert first_seen.setdefault(i, flip) == flip
+    side = {i: f for p in flips[:1] for i, f in zip((p[:, 0] % 80).tolist(), p[:, 3].tolist())}
+    assert all(side[i] != f for i, f in zip((flips[1][:, 0] % 80).tolist(), flips[1][:, 3].tolist()) if i in side)
 
 
 def test_balanced_class_weights_are_sklearns_and_average_1_over_the_images():
