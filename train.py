@@ -82,8 +82,11 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             with model.no_sync() if world > 1 and not last else nullcontext():
                 with autocast:
                     logits = model(x)                                               # 2. forward
-                loss = F.cross_entropy(logits.float(), y, class_weights,            # 3. loss
-                                       reduction="sum", label_smoothing=label_smoothing)
+                loss = F.cross_entropy(logits.float(), y, reduction="sum" if class_weights is None else "none",
+                                       label_smoothing=label_smoothing)             # 3. loss
+                if class_weights is not None:  # each image's loss x its class's weight (a mixed target's mix):
+                    # not cross_entropy's weight=, which weighs each class's share of the label smoothing too
+                    loss = (loss * (class_weights[y] if y.dim() == 1 else y @ class_weights)).sum()
                 # The micro-batch's sum over the whole step's size: the accumulated gradient is the step's mean, so
                 # K micro-batches step like one batch (exactly, without BatchNorm), a short last step included.
                 # (x world: DDP averages the processes' gradients, and each process holds 1/world of the sum.)

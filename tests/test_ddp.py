@@ -236,14 +236,20 @@ def test_a_stopped_or_killed_peer_ends_the_group_with_one_line_from_each_survivo
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the processes from /proc")
 def test_sigterm_to_torchrun_ends_every_process_even_with_a_stopped_peer(tmp_path):
-    # (about 35 s, mostly waiting: DIST_TIMEOUT for the survivor, then torchrun's own 30 s before its SIGKILL)
     launcher, _ = start_group(tmp_path, 2, 2)
     pids = {}
     try:
         pids.update(in_epoch_2(launcher, 2))
         os.kill(pids[1], signal.SIGSTOP)
-        launcher.send_signal(signal.SIGTERM)
-        _, err = launcher.communicate(timeout=120)
+        launcher.send_signal(signal.SIGTERM)  # torchrun passes it on to both
+        deadline = time.time() + 60
+        while alive(pids[0]):  # the running one ends by itself: its peer does not answer for DIST_TIMEOUT
+            assert time.time() < deadline, "rank 0 is still waiting for its stopped peer"
+            time.sleep(0.2)
+        # the stopped one, continued, meets the SIGTERM waiting for it and ends too (torchrun would otherwise
+        # SIGKILL it after 30 s of its own)
+        os.kill(pids[1], signal.SIGCONT)
+        _, err = launcher.communicate(timeout=20)
         assert not any(alive(pid) for pid in pids.values())
     finally:
         for pid in [*pids.values(), launcher.pid]:

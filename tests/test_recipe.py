@@ -164,10 +164,10 @@ def test_batchnorm_shifts_get_the_scaled_lr_and_the_same_decay_per_step():
 def test_fast_recipe_on_real_fashion_mnist(tmp_path):
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
-    # the fast preset, shrunk: a quarter of the widths, 4 epochs on 12,000 images (the other 48,000 validate)
+    # the fast preset, shrunk: a twelfth of the widths, one epoch of the 60,000 images, no TTA (88.2% here)
     results = train.main(["--preset", "fast", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
-                          "--widths", "16,32,32", "--epochs", "4", "--warmup-epochs", "1", "--batch-size", "256",
-                          "--val-split", "0.8", "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
+                          "--widths", "16,32,32", "--epochs", "1", "--batch-size", "256", "--tta", "none",
+                          "--out-dir", str(tmp_path / "run"), "--device", "cpu"])
     assert results["test_accuracy"] > 85.0
 
 

@@ -184,17 +184,26 @@ def test_deferred_class_weights_leave_the_first_epochs_plain(tmp_path, cifar_dir
     assert plain[0]["train_loss"] == deferred[0]["train_loss"] and plain[1]["train_loss"] != deferred[1]["train_loss"]
 
 
-def test_the_class_weighted_loss_is_each_images_loss_times_its_class_weight():
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_the_class_weighted_loss_is_each_images_loss_times_its_class_weight(smoothing, mixed):
+    # with label smoothing too: cross_entropy's own weight= would weigh every class's share of the smoothing, so an
+    # image of a frequent class would be pulled towards the rare ones
     torch.manual_seed(0)
     model = nn.Linear(6, 4)
     x, y = torch.randn(10, 6), torch.randint(0, 4, (10,))
     weights = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    target, weight = y, weights[y]
+    if mixed:  # a mixup target: 0.7 of the image's class, 0.3 of the next image's
+        target = 0.7 * nn.functional.one_hot(y, 4) + 0.3 * nn.functional.one_hot(y.roll(1), 4)
+        weight = 0.7 * weights[y] + 0.3 * weights[y.roll(1)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     optimizer.param_groups[0]["initial_lr"] = 0.0
-    loss, _ = train.train_one_epoch(model, optimizer, [(1.0, [(x, y)], 10)], torch.amp.GradScaler("cuda",
-                                    enabled=False), class_weights=weights)
-    each = nn.functional.cross_entropy(model(x), y, reduction="none")
-    assert loss.item() == pytest.approx((weights[y] * each).sum().item(), rel=1e-6)
+    loss, _ = train.train_one_epoch(model, optimizer, [(1.0, [(x, target)], 10)], class_weights=weights,
+                                    label_smoothing=smoothing)
+    smoothed = (target if mixed else nn.functional.one_hot(y, 4)) * (1 - smoothing) + smoothing / 4
+    each = -(smoothed * model(x).log_softmax(1)).sum(1)
+    assert loss.item() == pytest.approx((weight * each).sum().item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
