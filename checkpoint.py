@@ -1,5 +1,5 @@
-"""Checkpoints and the run folder: the checkpoint format (written here, and only here), saving it atomically,
-loading and validating it, rebuilding its model; the run folder's lock, metrics.csv and results.json.
+"""Checkpoints: the checkpoint format (written here, and only here), saving it atomically, loading and validating
+it, rebuilding its model. The run folder that holds them, its lock, metrics.csv and results.json: runfolder.py.
 
 A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors and plain containers only):
     format        2
@@ -19,7 +19,7 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
                   which step of which epoch (optional)
     run_id        random hex, the same in every checkpoint of one run: whose files a run folder holds
     run_folder    {"path", "device", "inode"}: the folder the checkpoint was saved in, whose copy, resumed, becomes a
-                  run of its own (RunFolder.original_of_copy) (optional: older checkpoints have none)
+                  run of its own (runfolder.RunFolder.original_of_copy) (optional: older checkpoints have none)
     mlflow_run_id the MLflow run that records this run (--mlflow), else None: a resumed run goes on in it
                   (optional: checkpoints written before it was added have none)
     state         the run's progress (RunState), history included: one metrics.csv row per completed epoch
@@ -28,19 +28,12 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
 """
 import argparse
 import contextlib
-import csv
 import io
-import json
 import math
 import os
 import pickle
-import secrets
-import shutil
-import stat
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from types import ModuleType
 
 import torch
 import torch.nn as nn
@@ -59,10 +52,6 @@ MAX_CLASSES = 100_000
 
 class CheckpointError(cli.UserError):
     """A checkpoint that is missing, truncated, foreign, unsafe or holds what no run of train.py writes."""
-
-
-class RunFolderError(cli.UserError):
-    """A run folder that belongs to another run or process, or that cannot take the run's files."""
 
 
 @dataclass
@@ -105,7 +94,7 @@ def write_atomically(path: Path, data: bytes | memoryview) -> None:
     """Temporary file, flushed to disk, renamed over `path`; the temporary file is removed on any failure.
     For the files of the locked run folder only; outputs the user names anywhere go through cli.write_output,
     whose temporary names are fresh. Here the name is fixed (`path`.tmp), so that what a SIGKILL leaves behind
-    is the one file the next run in the folder clears (RunFolder.claim). Whatever is at that name (a stale
+    is the one file the next run in the folder clears (runfolder.RunFolder.claim). Whatever is at that name (a stale
     temporary file, or a symlink or FIFO planted there) is removed, never opened through: the file is created anew,
     exclusively (O_EXCL), without following a symlink."""
     tmp = path.with_name(path.name + ".tmp")
@@ -409,302 +398,6 @@ def load_weights(model: nn.Module, weights: dict) -> None:
     except RuntimeError as e:  # torch spreads the details over several lines: keep them, on one
         details = cli.one_line(e, 300)
         raise CheckpointError(f"checkpoint does not match its model: {details}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run folder
-
-def run_position(ckpt: dict) -> tuple[int, int]:
-    """(epochs completed, steps into the next): how far the run of a checkpoint has come."""
-    return ckpt["state"]["epoch"], (ckpt["partial_epoch"] or {}).get("step", 0)
-
-
-class RunFolder:
-    """A run's folder: last.pth, best.pth, metrics.csv, results.json (and curves.png). One process owns it for the
-    run's life. Where the system has flock (Linux, macOS), by an exclusive lock on the folder itself: unlike a lock
-    file, nothing in the folder can be deleted to take it away, and the kernel drops it when the process dies, so a
-    lock left by a killed run is never in the way; the .lock file only names the owner's process id, for the message
-    to the next run. Elsewhere (Windows), the .lock file is the lock: created exclusively, holding the owner's
-    process id, and taken over once that process has gone. A folder that holds another run's files is never written
-    to, and every save first checks that the path still names the folder locked (check_place): a folder moved or
-    replaced while the run trains stops the run, and whatever is now at the old path is never written to."""
-
-    # What a run writes into its folder: a folder that holds any of them (a user's own curves.png too) is not claimed
-    FILES = (*RUN_FILES, "curves.png")
-
-    def __init__(self, path: Path, run_id: str):
-        self.path, self.run_id = path, run_id
-        self.lock_fd, self.lock_file, self.identity = None, False, None
-        self.created: list[Path] = []  # the folders lock() made (runs/ too, on a first run): release() may remove
-        self.copied_from: Path | None = None  # claim(): the run folder this one is a copy of, if it is one
-
-    def claim(self, resumed: dict | None, resumed_from: Path | None) -> None:
-        """Lock the folder, then check, under the lock (so that two runs started at once cannot both pass), that
-        it is empty of run files, or is the resumed checkpoint's own folder and not further on. Resuming into a
-        new folder copies the run's best.pth and the resumed checkpoint (as last.pth) there, so that the folder
-        holds the run whole and the final test finds best.pth."""
-        self.lock()
-        for name in RUN_FILES:  # what a SIGKILL in the middle of a save left behind (no live run holds the lock)
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                (self.path / (name + ".tmp")).unlink()
-        found = [name for name in self.FILES if os.path.lexists(self.path / name)]
-        own_folder = resumed_from is not None and resumed_from.parent.resolve() == self.path.resolve()
-        if found and not own_folder:
-            hint = (f"resume it with --resume {self.path / 'last.pth'} or " if "last.pth" in found and not resumed
-                    else "resume into the checkpoint's own folder or " if resumed else "move them elsewhere or ")
-            raise RunFolderError(f"{self.path} already holds run files ({', '.join(found)}); {hint}give --out-dir "
-                                 f"a new folder")
-        if own_folder and (self.path / "last.pth").exists():
-            try:
-                theirs = load_checkpoint(self.path / "last.pth")
-                validate_for_resume(theirs, self.path / "last.pth")
-            except CheckpointError:
-                theirs = {}
-            if theirs.get("run_id") != self.run_id:
-                raise RunFolderError(f"{self.path / 'last.pth'} belongs to another run; resume from it, or give "
-                                     f"--out-dir a new folder")
-            if run_position(theirs) > run_position(resumed):
-                raise RunFolderError(f"resuming here would rewind the run: {self.path / 'last.pth'} is further on "
-                                     f"(epoch {run_position(theirs)[0]}); resume from it, or give --out-dir a new "
-                                     f"folder")
-        if resumed is not None and not own_folder:
-            best = resumed_from.parent / "best.pth"
-            if not best.is_file() or load_checkpoint(best).get("run_id") != self.run_id:
-                raise RunFolderError(f"resuming into a new folder needs the run's best.pth next to "
-                                     f"{resumed_from.name}; {best} is missing or belongs to another run")
-            write_atomically(self.path / "best.pth", best.read_bytes())
-            write_atomically(self.path / "last.pth", resumed_from.read_bytes())
-        if resumed is not None:
-            self.split_from_original(resumed, resumed_from.parent)
-
-    def split_from_original(self, resumed: dict, source: Path) -> None:
-        """A copy of a run folder (`source`, which holds the resumed checkpoint), resumed, becomes a run of its own:
-        a new run_id (and so, in train.py, its own MLflow run), said in one line."""
-        self.copied_from = self.original_of_copy(resumed, folder_identity(source))
-        if self.copied_from is not None:  # its checkpoints name another run: from here on they name its own
-            self.run_id = secrets.token_hex(8)
-            print(f"note: {source} is a copy of the run in {self.copied_from}: resuming it as a run of its own (run "
-                  f"id {self.run_id}; with --mlflow, its own MLflow run), the original left as it is",
-                  file=sys.stderr, flush=True)
-
-    def lock(self) -> None:
-        self.created = cli.new_folders(self.path)
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.identity = folder_identity(self.path)
-        except OSError as e:
-            raise RunFolderError(f"cannot write to {self.path}: {cli.describe_os_error(e, filename=False)}") from None
-        try:
-            import fcntl  # POSIX only: imported here, so that the scripts run where it is missing (Windows)
-        except ImportError:
-            fcntl = None
-        if fcntl is None or not hasattr(os, "O_DIRECTORY"):
-            self.lock_with_file()
-        else:
-            self.lock_with_flock(fcntl)
-
-    def lock_with_flock(self, fcntl: ModuleType) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as e:
-            raise RunFolderError(f"cannot write to {self.path}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise self.busy(read_lock_file(self.path / ".lock")[0]) from None
-        try:
-            read_lock_file(self.path / ".lock")  # whatever is there must be a regular file (a FIFO would block)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.lock_fd = fd
-        try:
-            with os.fdopen(open_lock_file(self.path / ".lock", os.O_CREAT), "w") as f:
-                f.truncate()
-                f.write(str(os.getpid()))
-        except BaseException:
-            self.release()
-            raise
-
-    def lock_with_file(self) -> None:
-        """The lock where there is no flock: .lock created exclusively (O_EXCL: of two runs started at once, one
-        creates it), holding this process's id; a .lock whose process has gone (a killed run) is taken over."""
-        lock = self.path / ".lock"
-        for attempt in range(2):
-            try:
-                fd = open_lock_file(lock, os.O_CREAT | os.O_EXCL)
-                break
-            except FileExistsError:
-                owner, _ = read_lock_file(lock)
-                if attempt or not owner.isdigit() or process_alive(int(owner)):
-                    raise self.busy(owner, lock_file=True) from None
-                if read_lock_file(lock)[0] == owner:  # still the killed run's (not another's that took it over)
-                    with contextlib.suppress(FileNotFoundError):
-                        lock.unlink()
-        self.lock_file = True
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-
-    def busy(self, owner: str, lock_file: bool = False) -> RunFolderError:
-        process = f" (process {owner})" if owner.isdigit() else ""
-        stale = f"; if no run is using it, delete {self.path / '.lock'}" if lock_file and not process else ""
-        return RunFolderError(f"{self.path} is in use by another run{process}; wait for it to end, or choose "
-                              f"another --out-dir{stale}")
-
-    def release(self) -> None:
-        """Unlock; a folder this run created and left empty (it failed before writing) is removed. A folder moved
-        away is left as it is: what is at its old path now is not this run's."""
-        if self.lock_fd is None and not self.lock_file:
-            return
-        in_place = self.in_place()
-        if in_place:
-            (self.path / ".lock").unlink(missing_ok=True)  # before unlocking: the next owner writes its own
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)
-        self.lock_fd, self.lock_file = None, False
-        if in_place:  # (a folder moved away is not this run's to remove)
-            cli.remove_empty(self.created)
-
-    def in_place(self) -> bool:
-        """Whether the path still names the folder this run locked (not moved, renamed, deleted or replaced)."""
-        try:
-            return folder_identity(self.path) == self.identity
-        except OSError:
-            return False
-
-    def check_place(self) -> None:
-        """Before every save: a RunFolderError if the folder is no longer at its path, naming where it is now
-        (where the system can tell)."""
-        if self.in_place():
-            return
-        where = self.where_now()
-        now = (f"; its files are now in {where}: resume with --resume {Path(where) / 'last.pth'}" if where
-               else "; it was deleted" if where == "" else "")
-        raise RunFolderError(f"the run folder {self.path} was moved, renamed, deleted or replaced while the run "
-                             f"trained; stopped, so that nothing is written to whatever is at that path now{now}")
-
-    def where_now(self) -> str | None:
-        """The folder's path now ("" if deleted), from the file descriptor that locks it; None where unknown."""
-        if self.lock_fd is None:
-            return None
-        with contextlib.suppress(OSError, ImportError, AttributeError):
-            if sys.platform == "darwin":
-                import fcntl
-                return os.fsdecode(fcntl.fcntl(self.lock_fd, fcntl.F_GETPATH, bytes(1024)).rstrip(b"\0"))
-            target = os.readlink(f"/proc/self/fd/{self.lock_fd}")
-            return "" if target.endswith(" (deleted)") else target
-        return None
-
-    def save(self, ckpt: dict, *names: str) -> None:
-        """save_checkpoint into the folder, after checking it is still in place; the checkpoint records the folder
-        (`run_folder`: its path and identity), so that a copy of the folder knows it is one (original_of_copy)."""
-        self.check_place()
-        device, inode = self.identity
-        ckpt["run_folder"] = {"path": str(self.path.resolve()), "device": device, "inode": inode}
-        save_checkpoint(ckpt, *(self.path / name for name in names))
-
-    @staticmethod
-    def original_of_copy(resumed: dict, source: tuple[int, int]) -> Path | None:
-        """The run folder that the folder of identity `source`, which holds the resumed checkpoint, is a copy of,
-        or None: the checkpoint was saved in another folder, which is still there. (A folder moved, or copied and
-        the original deleted, is the run's one folder: the same run.)"""
-        record = resumed.get("run_folder")
-        if not (isinstance(record, dict) and isinstance(record.get("path"), str) and is_int(record.get("device"))
-                and is_int(record.get("inode"))) or (record["device"], record["inode"]) == source:
-            return None
-        try:
-            original = folder_identity(Path(record["path"])) == (record["device"], record["inode"])
-        except (OSError, ValueError):
-            return None
-        return Path(record["path"]) if original else None
-
-    def check_space(self, model: nn.Module, optimizer: torch.optim.Optimizer, ema: nn.Module | None) -> None:
-        """Room for the checkpoints at their largest: the old best.pth and last.pth, and the new one's temp file."""
-        moments = {"SGD": 1, "Muon": 1}.get(type(optimizer).__name__, 2)  # per weight: momentum, or Adam's two
-        need = 3 * checkpoint_bytes(model, 1 + moments + (ema is not None))
-        free = shutil.disk_usage(self.path).free
-        if free < need:
-            raise RunFolderError(f"not enough free space in {self.path}: the checkpoints need up to "
-                                 f"{need / 2**20:.0f} MiB at once, {free / 2**20:.0f} MiB free")
-
-    def write_metrics(self, history: list[dict], changes: list[dict]) -> None:
-        """metrics.csv from the whole history, after every epoch (a few hundred bytes each): never read back, so
-        on resume it is rebuilt from the checkpoint, and a run that fails in epoch 1 leaves no run file. Its last
-        column, `changed`, says which flags a resume changed in that epoch, from which step."""
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, [*METRICS, "changed"], lineterminator="\n")
-        writer.writeheader()
-        for row in history:
-            changed = "; ".join(f"{c['flags']} from step {c['step']}" for c in changes if c["epoch"] == row["epoch"])
-            writer.writerow({**row, "changed": changed})
-        self.check_place()
-        write_atomically(self.path / "metrics.csv", text.getvalue().encode())
-
-    def write_args(self, flags: dict) -> None:
-        """args.json: the run's resolved flags (config.run_flags), what `train.py --config` takes back."""
-        write_atomically(self.path / "args.json", (json.dumps(flags, indent=2) + "\n").encode())
-
-    def write_results(self, text: str) -> None:
-        self.check_place()
-        write_atomically(self.path / "results.json", text.encode())
-
-
-def folder_identity(path: Path) -> tuple[int, int]:
-    """(device, inode) of a folder: what names it, whatever its path (a copy has its own, a move keeps it)."""
-    status = os.stat(path)
-    return status.st_dev, status.st_ino
-
-
-def open_lock_file(path: Path, flags: int) -> int:
-    """The .lock file opened for writing without following a symlink or waiting on a FIFO (O_NOFOLLOW, O_NONBLOCK
-    where the system has them), and checked to be a regular file."""
-    fd = os.open(path, os.O_WRONLY | flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), 0o644)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise RunFolderError(f"{path} is not a regular file; delete it and try again")
-    return fd
-
-
-def read_lock_file(path: Path) -> tuple[str, bool]:
-    """(the process id a .lock names, or "", whether it exists). Never blocks nor follows a symlink: a FIFO, a
-    device or a folder there is refused in one line (RunFolderError)."""
-    try:
-        status = os.lstat(path)
-    except FileNotFoundError:
-        return "", False
-    except OSError:
-        return "", True
-    if not stat.S_ISREG(status.st_mode):
-        kind = "a symlink" if stat.S_ISLNK(status.st_mode) else cli.kind_of_file(status.st_mode)
-        raise RunFolderError(f"{path} is {kind}, not the run's lock file; delete it and try again")
-    try:
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))) as f:
-            return f.read(20).strip(), True
-    except (OSError, UnicodeDecodeError):
-        return "", True  # (deleted meanwhile, or garbage)
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this machine (a .lock's owner). Windows: os.kill would end it, so ask the
-    system through OpenProcess; it lives while its exit code is STILL_ACTIVE (259)."""
-    if os.name == "nt":
-        import ctypes
-        kernel32 = ctypes.windll.kernel32
-        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
-        if not handle:
-            return kernel32.GetLastError() == 5  # access denied: it exists
-        code = ctypes.c_ulong()
-        kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        kernel32.CloseHandle(handle)
-        return code.value == 259
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def as_dict(state: RunState | EpochTally | None) -> dict | None:

@@ -41,11 +41,12 @@ import config
 import report
 import runtime
 from augment import Mix, MixedBatches, image_policy
-from checkpoint import (EpochTally, RunFolder, RunState, check_same_data, load_checkpoint, load_training_state,
-                        make_checkpoint, model_from_checkpoint, resume_state, run_card, starting_weights)
+from checkpoint import (EpochTally, RunState, check_same_data, load_checkpoint, load_training_state, make_checkpoint,
+                        model_from_checkpoint, resume_state, run_card, starting_weights)
 from data import Split, balanced_class_weights, epoch_plan, images_per_epoch, prepare
 from model import MEASURES, MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
+from runfolder import RunFolder
 
 # ---------------------------------------------------------------------------------------------------------------
 # One epoch: the five steps. This function uses only torch, so it can be copied into another project as it is.

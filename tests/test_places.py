@@ -16,7 +16,7 @@ import torch
 
 import checkpoint
 import folders
-from checkpoint import RunFolder, RunFolderError
+from runfolder import RunFolder, RunFolderError
 from conftest import ROOT, as_from_a_terminal, write_cifar10
 
 CPU = ["--device", "cpu"]
