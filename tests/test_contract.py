@@ -125,7 +125,7 @@ def test_a_run_started_with_sigint_ignored_stops_cleanly_on_sigterm(tmp_path):
 
 @pytest.mark.slow
 def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
-    data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
+    data = write_cifar10(tmp_path / "data", n_per_batch=100, n_test=50)
     out = tmp_path / "run"
     flags = ["--data-dir", str(data), *CPU, "--epochs", "50", "--out-dir", str(out)]
     first, second = start(*flags), start(*flags)  # started together: both reach the check at about once

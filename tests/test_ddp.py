@@ -77,7 +77,7 @@ def test_ddp_run_metrics_are_exact_and_files_are_written_once(tmp_path, capsys):
 
 
 def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes_exactly(tmp_path):
-    data = write_cifar10(tmp_path / "data", n_per_batch=400, n_test=50)
+    data = write_cifar10(tmp_path / "data", n_per_batch=120, n_test=50)  # 67 steps an epoch
     flags = ["--data-dir", str(data), "--epochs", "2", "--batch-size", "8", "--augment"]
     torchrun(*flags, "--out-dir", str(tmp_path / "straight"))
 
