@@ -418,20 +418,6 @@ def readers() -> list[str]:
     return ["evaluate.py", "predict.py"] + (["export.py"] if have_onnx else [])
 
 
-@pytest.mark.slow
-def test_a_checkpoint_with_nan_weights_is_refused_by_every_reader(tmp_path, cifar_dir):
-    out = tmp_path / "run"
-    train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])
-    ckpt = torch.load(out / "best.pth", weights_only=True)
-    ckpt["model"]["fc3.weight"][0, 0] = float("nan")
-    torch.save(ckpt, tmp_path / "nan.pth")
-    for script in readers():
-        images = [str(tmp_path / "nan.pth")] if script == "predict.py" else []  # (never decoded: refused first)
-        proc = subprocess.run([sys.executable, script, "--checkpoint", str(tmp_path / "nan.pth"), *images],
-                              cwd=ROOT, capture_output=True, text=True)
-        assert "holds non-finite weights (model: fc3.weight)" in one_error_line(proc, script)
-
-
 @pytest.mark.parametrize("damage, message", [
     (lambda c: c.update(model=torch.zeros(3)), "model must map names to tensors"),
     (lambda c: c.update(num_classes="10"), "num_classes must be an integer"),
@@ -441,6 +427,7 @@ def test_a_checkpoint_with_nan_weights_is_refused_by_every_reader(tmp_path, cifa
     (lambda c: c.update(mean=[1e300] * 3), "mean must be in [0, 1]"),
     (lambda c: c.update(model_name="os.system"), "model_name 'os.system' is neither one of our models nor a"),
     (lambda c: c["model"].update({"fc3.weight": torch.zeros(2, 2)}), "checkpoint does not match its model"),
+    (lambda c: c["model"]["fc3.weight"].view(-1)[0].fill_(math.nan), "holds non-finite weights (model: fc3.weight)"),
     (lambda c: c.update(image_size=2**40), "image_size must be an integer in [8, 1024]"),
 ])
 def test_checkpoints_holding_nonsense_are_refused_in_one_line(tmp_path, cifar_dir, damage, message):
