@@ -215,7 +215,7 @@ finally:
     assert proc.returncode == 1 and proc.stderr.splitlines() == [
         f"predict.py: error: {evil} holds a tensor of shape (1048576, 1024) over a storage of 4 bytes (an expanded "
         f"tensor, a crafted file?); refusing it"], proc.stderr
-    assert int(proc.stdout) < 1500  # MiB: torch itself, not the 4 GiB
+    assert int(proc.stdout) < 3000  # MiB: torch itself (0.6-1.7 GiB seen), not torch + the 4 GiB
 
 
 def test_running_out_of_memory_while_mapping_a_checkpoint_says_so(tmp_path):
