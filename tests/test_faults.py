@@ -39,9 +39,8 @@ def test_ctrl_c_saves_a_mid_epoch_checkpoint_that_resumes_exactly(tmp_path):
     straight = train.main([*flags, "--out-dir", str(tmp_path / "straight")])
 
     out = tmp_path / "stopped"
-    proc = start([*flags, "--out-dir", str(out)])
-    wait_for_line(proc, "epoch 1/2")
-    time.sleep(0.3)  # well into epoch 2 (about 250 steps)
+    proc = start([*flags, "--out-dir", str(out), "--log-interval", "1"])  # (a line after every step)
+    wait_for_line(proc, "epoch 2/2  step")  # a step of epoch 2 done, however loaded the machine (of about 250)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err
