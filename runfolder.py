@@ -24,7 +24,6 @@ class RunFolderError(cli.UserError):
     """A run folder that belongs to another run or process, or that cannot take the run's files."""
 
 
-
 def run_position(ckpt: dict) -> tuple[int, int]:
     """(epochs completed, steps into the next): how far the run of a checkpoint has come."""
     return ckpt["state"]["epoch"], (ckpt["partial_epoch"] or {}).get("step", 0)
