@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
@@ -420,11 +420,64 @@ def decode_rates(folder: str, size: int, count: int = 24) -> dict[str, float]:
     return rates
 
 
+def sharpness(x: torch.Tensor) -> float:
+    """Mean absolute Laplacian of uint8 images (N, C, H, W): how much fine detail they hold."""
+    kernel = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float32).expand(x.shape[1], 1, 3, 3)
+    return F.conv2d(x.float(), kernel, groups=x.shape[1]).abs().mean().item()
+
+
+def crop_fidelity(folder: str, size: int, count: int = 8, draws: int = 4) -> dict:
+    """train.py's training crops (folders.load_image: the box drawn from the header, the JPEG decoded at the largest
+    reduction that keeps the box >= 2 x size) against torchvision's (the whole file decoded, EXIF applied,
+    RandomResizedCrop + RandomHorizontalFlip) with the same draws, on the folder's largest JPEGs, at crop areas
+    0.08, 0.25 and 1.0: sharpness (sharpness()) ours / theirs and the mean |difference| in 1/255; then the time per
+    crop, one core, over the default areas (0.08-1)."""
+    import torchvision.transforms.v2 as T
+    from folders import Prep, image_files, load_image
+    files = sorted((p for p in image_files(Path(folder) / "train") if p.suffix.lower() in (".jpg", ".jpeg")),
+                   key=lambda p: -p.stat().st_size)[:count]
+    if not files:
+        raise cli.UserError(f"no JPEG files in {folder}/train to measure the training crops on")
+    torch.set_num_threads(1)
+
+    def theirs(path: Path, scale: tuple[float, float]) -> torch.Tensor:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            return T.Compose([T.RandomResizedCrop(size, scale), T.RandomHorizontalFlip(), T.PILToTensor()])(im)
+
+    def crops(make, scale) -> torch.Tensor:
+        out = []
+        for k, path in enumerate(files):
+            for d in range(draws):
+                with stream.seeded(0, 1, k * draws + d):
+                    out.append(make(path, scale))
+        return torch.stack(out)
+
+    def ours(path: Path, scale: tuple[float, float]) -> torch.Tensor:
+        return load_image(path, 3, size, prep=Prep("crop", round(size / 0.875), scale=scale), train=True)
+    result = {}
+    for area in (0.08, 0.25, 1.0):
+        a, b = crops(ours, (area, area)), crops(theirs, (area, area))
+        result[area] = (sharpness(a) / sharpness(b), (a.float() - b.float()).abs().mean().item())
+    seconds = {}
+    for name, make in (("ours", ours), ("theirs", theirs)):
+        start = time.perf_counter()
+        crops(make, (0.08, 1.0))
+        seconds[name] = (time.perf_counter() - start) / (len(files) * draws)
+    return {"areas": result, "seconds": seconds, "files": len(files)}
+
+
 def photos(folder: str, model_name: str, size: int, batch_size: int, workers: int) -> None:
     """The photo benchmark of docs/performance.md: decoding per core, then one training epoch of each pipeline."""
     print(f"{folder}: decoding to {size} px on one core")
     for name, rate in decode_rates(folder, size).items():
         print(f"  {name:<46}{rate:>8,.1f} img/s")
+    fidelity = crop_fidelity(folder, size)
+    print(f"training crops of the {fidelity['files']} largest JPEGs, train.py against torchvision's (whole decode):")
+    for area, (sharp, diff) in fidelity["areas"].items():
+        print(f"  area {area:<5g} sharpness {sharp:.2f}x  mean |difference| {diff:.2f}/255")
+    ours, theirs = fidelity["seconds"]["ours"], fidelity["seconds"]["theirs"]
+    print(f"  areas 0.08-1, one core: {1000 * ours:.1f} ms vs {1000 * theirs:.1f} ms per crop ({theirs / ours:.2f}x)")
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     common = ["--model", model_name, "--image-size", str(size), "--batch-size", str(batch_size)]
     results = {"train.py streamed (photo recipe)": train_py_photos(folder, [*common, "--resize-mode", "crop",

@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 import cli
 from formats import DataError, allocate_images, available_memory
@@ -144,20 +144,85 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 SQUASH = Prep()
 
 
-def shape_image(im: Image.Image, size: int, prep: Prep, train: bool) -> Image.Image:
-    """The decoded image `im` shaped as `prep` says (see Prep). crop's random draws come from torch's global
-    generator: the caller seeds it per image (stream.py), so that a draw depends on (seed, epoch, image) only."""
+def shape_image(im: Image.Image, size: int, prep: Prep) -> Image.Image:
+    """The decoded image `im` shaped for evaluation as `prep` says (see Prep; training's crop: random_resized_crop)."""
     if prep.mode == "squash":
         # Pillow widens the bilinear kernel when shrinking: this averages (antialiases), not samples
         return im.resize((size, size), Image.Resampling.BILINEAR)
     import torchvision.transforms as T  # (here: torchvision takes half a second to import, and squash needs none)
     import torchvision.transforms.v2.functional as TF
     interpolation = T.InterpolationMode(prep.interpolation)
-    if train:  # the draws of torchvision's RandomResizedCrop, then of RandomHorizontalFlip, in that order
-        top, left, h, w = T.RandomResizedCrop.get_params(im, list(prep.scale), list(prep.ratio))
-        im = TF.resized_crop(im, top, left, h, w, [size, size], interpolation, antialias=True)
-        return TF.horizontal_flip(im) if torch.rand(1) < 0.5 else im
     return TF.center_crop(TF.resize(im, [prep.resize_size], interpolation, antialias=True), [size, size])
+
+
+# EXIF orientation -> the transpose that shows the photo upright (what ImageOps.exif_transpose applies)
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "nearest": Image.Resampling.NEAREST}
+
+
+def jpeg_scale(im: Image.Image, side: int) -> int:
+    """The reduction (1, 2, 4 or 8) a JPEG decodes at in draft mode for both sides to stay >= `side` (1 for other
+    formats): Pillow's own rule in JpegImageFile.draft."""
+    if not isinstance(im, JpegImagePlugin.JpegImageFile) or len(im.tile) != 1:
+        return 1
+    fits = min(im.size[0] // side, im.size[1] // side)
+    return next((s for s in (8, 4, 2) if fits >= s), 1)
+
+
+def upright_to_stored(box: tuple[int, int, int, int], transpose: Image.Transpose | None, width: int,
+                      height: int) -> tuple[int, int, int, int]:
+    """A box (left, top, right, bottom) of the upright photo, in the stored (width x height) image's coordinates."""
+    x0, y0, x1, y1 = box
+    corners = {None: ((x0, y0), (x1, y1)),
+               Image.Transpose.FLIP_LEFT_RIGHT: ((width - x0, y0), (width - x1, y1)),
+               Image.Transpose.ROTATE_180: ((width - x0, height - y0), (width - x1, height - y1)),
+               Image.Transpose.FLIP_TOP_BOTTOM: ((x0, height - y0), (x1, height - y1)),
+               Image.Transpose.TRANSPOSE: ((y0, x0), (y1, x1)),
+               Image.Transpose.ROTATE_270: ((y0, height - x0), (y1, height - x1)),
+               Image.Transpose.TRANSVERSE: ((width - y0, height - x0), (width - y1, height - x1)),
+               Image.Transpose.ROTATE_90: ((width - y0, x0), (width - y1, x1))}[transpose]
+    (a, b), (c, d) = corners
+    return min(a, c), min(b, d), max(a, c), max(b, d)
+
+
+def random_resized_crop(im: Image.Image, mode: str, size: int, prep: Prep, max_pixels: int) -> Image.Image:
+    """Training's shape in the photo recipe, from the opened, not yet decoded file `im`: torchvision's
+    RandomResizedCrop and RandomHorizontalFlip with the same draws from torch's global generator (the caller seeds
+    it per image: stream.seeded), on the upright photo. The crop's box is drawn from the header's size first; a JPEG
+    is then decoded at the largest reduction (1/2, 1/4, 1/8) that leaves the box at least twice `size` pixels
+    on each side (and the whole decode within max_pixels), so a small crop of a 12-megapixel photo is cut from
+    sharp pixels and a large one decodes several times faster. The box is resized from the stored image and the
+    EXIF rotation applied to the small result."""
+    import torchvision.transforms as T
+    width, height = im.size
+    transpose = ORIENTATIONS.get(im.getexif().get(0x0112))  # (EXIF orientation)
+    turned = transpose in (Image.Transpose.TRANSPOSE, Image.Transpose.ROTATE_270, Image.Transpose.TRANSVERSE,
+                           Image.Transpose.ROTATE_90)
+    upright = (height, width) if turned else (width, height)
+    # (the draws see only the size: an expanded 1-pixel tensor stands for the photo, allocating nothing)
+    top, left, h, w = T.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(1, upright[1], upright[0]),
+                                                     list(prep.scale), list(prep.ratio))
+    # (twice the side: the final antialiased resize then does the shrinking, as torchvision's does; at once the side,
+    # the reduced decode alone blurred the smallest crops, 0.86x torchvision's sharpness on a detailed photo)
+    scale = next((s for s in (8, 4, 2) if min(h, w) >= 2 * size * s), 1)
+    while scale < 8 and -(-width // scale) * -(-height // scale) > max_pixels:
+        scale *= 2
+    drafted = im.draft(None, (width // scale, height // scale)) if scale > 1 else None
+    scale = width / drafted[1][2] if drafted else 1  # (Pillow's own: 1 for other formats)
+    box = upright_to_stored((left, top, left + w, top + h), transpose, width, height)
+    im, resample = _to_mode(im, mode), RESAMPLING[prep.interpolation]
+    # Full scale: cut, turn upright, resize (torchvision's very pixels); reduced: the box resized in the reduced
+    # image's sub-pixel coordinates (its edges blend in their outer neighbours, as a larger decode's would)
+    if scale == 1:
+        im = im.crop(box)
+        im = (im if transpose is None else im.transpose(transpose)).resize((size, size), resample)
+    else:
+        im = im.resize((size, size), resample, box=[v / scale for v in box])
+        im = im if transpose is None else im.transpose(transpose)
+    return im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if torch.rand(1) < 0.5 else im
 
 
 def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
@@ -174,13 +239,17 @@ def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int
     with open_regular(path, "image") as f, _decoding_file(path):
         try:
             with Image.open(f) as im:
-                im.draft(None, (draft, draft))  # JPEG: decode at 1/2..1/8 scale if that still covers it
-                width, height = im.size
+                scale = jpeg_scale(im, draft)  # JPEG: decoded at 1/2..1/8 scale where that still covers `draft`
+                width, height = -(-im.size[0] // scale), -(-im.size[1] // scale)
                 if width * height > max_pixels:
                     raise UnreadableImage(f"cannot read image {path}: {width}x{height} pixels is over the limit of "
                                           f"{max_pixels:,} per image; downscale it")
                 with budget.reserve(width * height * DECODE_COPIES) if budget else nullcontext():
-                    im = shape_image(_to_mode(ImageOps.exif_transpose(im), mode), image_size, prep, train)
+                    if train and prep.mode == "crop":
+                        im = random_resized_crop(im, mode, image_size, prep, max_pixels)
+                    else:
+                        im.draft(None, (draft, draft))
+                        im = shape_image(_to_mode(ImageOps.exif_transpose(im), mode), image_size, prep)
         except DataError:
             raise
         except UnidentifiedImageError:  # (its own message names the open file object, not the path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.models import get_model_weights
 
 import data
@@ -105,6 +105,50 @@ def test_the_photo_recipe_is_torchvisions_own_transform_with_the_same_draws(tmp_
     with stream.seeded(7, 2, 0):
         torch.rand(5)
     assert torch.equal(torch.get_rng_state(), state)  # the run's own generator is left where it was
+
+
+def test_training_crops_are_torchvisions_on_every_exif_orientation_and_sharp_from_a_reduced_jpeg(tmp_path):
+    """The crop's box is drawn from the header's size and cut from the stored image, then turned upright: exactly
+    torchvision's crop of the upright photo at full scale (a PNG); a large JPEG is decoded at a reduction that
+    keeps the box >= twice the output's side, as sharp as torchvision's crop of the whole decode and close to it."""
+    import torchvision.transforms.v2 as T
+    from folders import Prep, load_image
+    rng = np.random.default_rng(0)
+    stored = Image.fromarray(rng.integers(0, 256, (150, 230, 3), dtype=np.uint8))
+    prep = Prep("crop", 73, "bilinear", (0.08, 1.0))
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        stored.save(tmp_path / f"{orientation}.png", exif=exif)
+        upright = ImageOps.exif_transpose(Image.open(tmp_path / f"{orientation}.png")).convert("RGB")
+        for i in range(3):
+            with stream.seeded(0, 1, i):
+                ours = load_image(tmp_path / f"{orientation}.png", 3, 48, prep=prep, train=True)
+            with stream.seeded(0, 1, i):
+                theirs = T.Compose([T.RandomResizedCrop(48), T.RandomHorizontalFlip(), T.PILToTensor()])(upright)
+            assert torch.equal(ours, theirs), (orientation, i)
+
+    # a detailed JPEG (smooth noise at every scale, sharp lines), rotated by EXIF: 1,600 x 1,200 stored
+    y, x = np.mgrid[0:1200, 0:1600] / 1600
+    pixels = sum(np.sin(2 * np.pi * (f * x * rng.uniform(0.5, 1) + f * y * rng.uniform(0.5, 1)) + rng.uniform(0, 9))
+                 for f in (3, 17, 60, 150, 300))
+    pixels = (128 + 25 * pixels[..., None] * np.array([1.0, 0.8, 0.6])).clip(0, 255).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "big.jpg", quality=92, exif=exif)
+    upright = ImageOps.exif_transpose(Image.open(tmp_path / "big.jpg")).convert("RGB")
+
+    def detail(x: torch.Tensor) -> float:  # mean |Laplacian|
+        return (4 * x[:, 1:-1, 1:-1] - x[:, :-2, 1:-1] - x[:, 2:, 1:-1] - x[:, 1:-1, :-2] - x[:, 1:-1, 2:]).abs().mean()
+    for area in (0.08, 0.25, 1.0):
+        prep = Prep("crop", 73, "bilinear", (area, area))
+        with stream.seeded(0, 1, 0):
+            ours = load_image(tmp_path / "big.jpg", 3, 64, prep=prep, train=True).float()
+        with stream.seeded(0, 1, 0):
+            theirs = T.Compose([T.RandomResizedCrop(64, (area, area)), T.RandomHorizontalFlip(),
+                                T.PILToTensor()])(upright).float()
+        assert not torch.equal(ours, theirs)  # (decoded at a reduction: not the same pixels)
+        assert detail(ours) >= 0.9 * detail(theirs) and (ours - theirs).abs().mean() <= 6, area
 
 
 def start(argv: list[str]) -> subprocess.Popen:
