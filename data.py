@@ -352,6 +352,8 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
         train, val = split_indices(len(train_y), val_split, seed)
         (train_x, train_y), (val_x, val_y) = (train_x[train], train_y[train]), (train_x[val], train_y[val])
         warn_small_split(val_split, len(val_y), len(classes), name)
+    if stats is None and name == "imagefolder":  # (the streamed path's very images: stream.stats_sample)
+        stats = channel_stats(train_x[stream.stats_sample(len(train_x), image_size or 32, seed)])
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device)
                  for s in (gray_stats(stats, train_x.shape[1]) or channel_stats(train_x)))
 

@@ -248,6 +248,14 @@ class StreamSet:
             batches.close()  # the workers end with the steps, however they end
 
 
+def stats_sample(n: int, size: int, seed: int) -> torch.Tensor:
+    """Which of an image folder's `n` training images its normalization is computed from, in evaluation's shape:
+    all of them up to STATS_IMAGES (and STATS_BYTES at `size`), else that many drawn from `seed`. Both paths take
+    these very images (data.prepare, prepare), so a folder normalizes alike streamed and in memory."""
+    k = max(1, min(STATS_IMAGES, STATS_BYTES // (IMAGEFOLDER_CHANNELS * size * size)))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
+
+
 def stream_set(root: Path, files: list[tuple[Path, int]], size: int, max_pixels: int, prep: Prep, seed: int,
                device: torch.device, workers: int) -> StreamSet:
     """The (file, label) list of an image folder as a StreamSet, normalized with a mean of 0 and a std of 1 until
@@ -285,8 +293,8 @@ def prepare(root: Path, val_split: float, seed: int, device: torch.device, size:
             stats: tuple[list[float], list[float]] | None, max_pixels: int, prep: Prep,
             workers: int) -> tuple[StreamSet, StreamSet | None, StreamSet, list[str]]:
     """data.prepare for a streamed image folder: (train, val or None, test, classes), validation held out the
-    same way (the same images as in memory), and normalization from up to STATS_IMAGES training images (in
-    evaluation's shape; STATS_BYTES of them at most) unless `stats` gives it."""
+    same way (the same images as in memory), and normalization from stats_sample's training images (in
+    evaluation's shape) unless `stats` gives it."""
     from data import channel_stats, split_indices, warn_small_split
     classes = imagefolder_classes(root)
     splits = {split: split_files(root, split, classes) for split in ("train", "val", "test") if split != "val" or
@@ -299,9 +307,7 @@ def prepare(root: Path, val_split: float, seed: int, device: torch.device, size:
         warn_small_split(val_split, len(val), len(classes), "imagefolder")
     sets = {split: stream_set(root, files, size, max_pixels, prep, seed, device, workers) if files else None
             for split, files in splits.items()}
-    n = max(1, min(STATS_IMAGES, STATS_BYTES // (IMAGEFOLDER_CHANNELS * size * size)))
-    some = torch.randperm(len(sets["train"]), generator=torch.Generator().manual_seed(seed))[:n]
-    stats = stats or channel_stats(sets["train"].take(some).cpu())
+    stats = stats or channel_stats(sets["train"].take(stats_sample(len(sets["train"]), size, seed)).cpu())
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
     for data in filter(None, sets.values()):
         data.mean, data.std = mean, std

@@ -86,6 +86,23 @@ def test_the_weights_do_not_depend_on_the_workers_and_squash_streams_as_it_train
     assert load_checkpoint(tmp_path / "memory" / "last.pth")["prep"]["mode"] == "squash"
 
 
+@pytest.mark.slow
+def test_a_folder_larger_than_the_normalization_sample_trains_alike_streamed_and_in_memory(tmp_path, monkeypatch):
+    """Past stream.STATS_IMAGES training images both paths normalize with the same seeded sample of them."""
+    photos = write_photos(tmp_path / "photos", {"train": 6, "test": 2})
+    monkeypatch.setattr(stream, "STATS_IMAGES", 5)  # 18 images, 14 after the split: a sample of 5
+    flags = ["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "24", "--epochs", "1",
+             "--batch-size", "4", "--val-split", "0.2"]
+    in_memory = quiet_main([*flags, "--out-dir", str(tmp_path / "memory")])
+    streamed = quiet_main([*flags, "--workers", "2", "--out-dir", str(tmp_path / "streamed")])
+    assert same_weights(tmp_path / "memory" / "last.pth", tmp_path / "streamed" / "last.pth")
+    assert in_memory["test_accuracy"] == streamed["test_accuracy"]
+    sampled = load_checkpoint(tmp_path / "memory" / "last.pth")["mean"]
+    monkeypatch.setattr(stream, "STATS_IMAGES", 2048)
+    quiet_main([*flags, "--out-dir", str(tmp_path / "all")])
+    assert load_checkpoint(tmp_path / "all" / "last.pth")["mean"] != sampled  # (the sample is not all of them)
+
+
 def test_the_photo_recipe_is_torchvisions_own_transform_with_the_same_draws(tmp_path):
     import torchvision.transforms.v2 as T
     from folders import Prep, load_image
