@@ -40,7 +40,7 @@ import torch.nn as nn
 
 import cli
 from folders import Prep
-from model import build_model, check_model_name, pretrained_start
+from model import EVAL_BATCH, build_model, check_model_name, pretrained_start
 
 FORMAT = 2
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s",
@@ -402,3 +402,10 @@ def load_weights(model: nn.Module, weights: dict) -> None:
 
 def as_dict(state: RunState | EpochTally | None) -> dict | None:
     return None if state is None else asdict(state)
+
+
+def run_batch_size(run_args: dict) -> int:
+    """The batch a run validated and tested with (--eval-batch-size, else --batch-size), or model.EVAL_BATCH for a
+    checkpoint that does not say."""
+    batch = run_args.get("eval_batch_size") or run_args.get("batch_size")
+    return batch if isinstance(batch, int) and 1 <= batch <= 2**31 else EVAL_BATCH

@@ -231,6 +231,9 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta", nargs="?", const="mirror", default="none", choices=TTA_MODES,
                    help="final test: average the logits over the image and its mirror image (--tta or --tta "
                         "mirror), and also over 1-pixel shifts of both (--tta shifts, 3x the cost) (default: none)")
+    g.add_argument("--eval-batch-size", type=int, metavar="N",
+                   help="images per forward pass in validation and the final test, over all processes: the same "
+                        "numbers for any N, a larger N only takes more memory (default: --batch-size)")
 
 
 
@@ -336,6 +339,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         (1 <= args.epochs <= 10_000, "--epochs must be in [1, 10000]"),  # epoch_plan's seeds are distinct to 10,000
         (1 <= args.batch_size <= 2**31, "--batch-size must be in [1, 2**31]"),
         (1 <= args.accum_steps <= 2**20, "--accum-steps must be in [1, 2**20]"),
+        (args.eval_batch_size is None or 1 <= args.eval_batch_size <= 2**31, "--eval-batch-size must be in [1, 2**31]"),
         (math.isfinite(args.lr) and args.lr > 0, "--lr must be a positive number"),
         (number_in(args.momentum, 0, 1), "--momentum must be in [0, 1)"),
         (math.isfinite(args.muon_lr) and args.muon_lr > 0, "--muon-lr must be a positive number"),
@@ -402,7 +406,7 @@ def check_args(args: argparse.Namespace) -> str | None:
 # What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
 MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",
                         "out_dir", "resume", "log_interval", "mlflow", "mlflow_log_checkpoints", "tensorboard",
-                        "max_image_pixels", "workers"}
+                        "max_image_pixels", "workers", "eval_batch_size"}
 # ...and these take effect from the next optimizer step: the schedule keeps its shape, with the new peak. The
 # checkpoint and metrics.csv record each change and the step it took effect at.
 TAKE_EFFECT_ON_RESUME = {"lr", "muon_lr", "bias_lr_scale", "momentum", "muon_momentum", "nesterov", "weight_decay",

@@ -26,7 +26,7 @@ import torch
 
 import runtime
 import stream
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, run_batch_size
 from data import ImageSet, Split, load_test
 from folders import MAX_IMAGE_PIXELS, Prep, split_files
 from formats import DataError
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="where the dataset is (default: the training run's)")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help="imagefolder: a file that would decode to more pixels is skipped (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass: the same numbers for "
+                   "any N, a larger N only takes more memory (default: the run's --eval-batch-size or --batch-size)")
     runtime.add_device_flag(p)
     p.add_argument("--tta", nargs="?", const="mirror", choices=TTA_MODES,
                    help="average the logits over the image and its mirror image (--tta or --tta mirror), and also "
@@ -91,6 +93,8 @@ def check_flags(args: argparse.Namespace) -> tuple[Path, list[str]]:
         raise DataError("--show-count must be in [1, 256]")
     if args.max_image_pixels < 1:
         raise DataError("--max-image-pixels must be at least 1")
+    if args.batch_size is not None and not 1 <= args.batch_size <= 2**31:
+        raise DataError("--batch-size must be in [1, 2**31]")
     pictures = [picture for picture in (args.plot, args.show) if picture is not None]
     if pictures:
         require_matplotlib()  # before any work: a missing package is the one message
@@ -122,8 +126,9 @@ def report(args: argparse.Namespace) -> dict:
         check_output(picture, inputs=(checkpoint, data_dir))
     classes = ckpt["classes"]
     test = test_set(ckpt, dataset, data_dir, args.max_image_pixels, device)
+    batch = args.batch_size or run_batch_size(run_args)
     with runtime.autocast(amp, device):
-        result = evaluate(model, test, len(classes), tta=tta)
+        result = evaluate(model, test, len(classes), batch, tta=tta)
     if not math.isfinite(result["loss"]):  # finite weights can still overflow: say so rather than report NaN
         raise DataError(f"the model's outputs are not finite numbers on this data; {checkpoint} is unusable")
     if args.json:
@@ -140,7 +145,7 @@ def report(args: argparse.Namespace) -> dict:
             cli.say(f"confusion matrix drawn to {args.plot}")
     if args.show:
         with runtime.autocast(amp, device):
-            shown = show_predictions(model, test, classes, tta, args.show_count, args.show)
+            shown = show_predictions(model, test, classes, tta, args.show_count, args.show, batch)
         if not args.json:
             cli.say(f"{shown} test images with their predictions drawn to {args.show}")
     return result
@@ -178,11 +183,11 @@ def checkpoint_path(given: str) -> Path:
 
 @torch.no_grad()
 def show_predictions(model: torch.nn.Module, test: Split, classes: list[str], tta: str, count: int,
-                     path: str) -> int:
+                     path: str, batch_size: int = EVAL_BATCH) -> int:
     """Draw `count` test images with true and predicted labels: the most confident mistakes first (up to half of
     them), then the first test images not among those, right or wrong. Returns how many were drawn."""
     probs, labels = zip(*((tta_logits(model, x, tta).softmax(1), y)
-                          for x, y in test.batches(torch.arange(len(test)), EVAL_BATCH)))
+                          for x, y in test.batches(torch.arange(len(test)), batch_size)))
     probs, labels = torch.cat(probs), torch.cat(labels)
     confidence, predicted = probs.max(1)
     wrong = (predicted != labels).nonzero().squeeze(1)

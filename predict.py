@@ -23,11 +23,11 @@ import torch
 import torch.nn as nn
 
 import runtime
-from checkpoint import load_checkpoint, model_from_checkpoint
+from checkpoint import load_checkpoint, model_from_checkpoint, run_batch_size
 from data import normalize
 from folders import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Prep, image_files, load_image
+from model import EVAL_BATCH
 
-BATCH = 256  # images decoded and run at a time: memory stays flat for any number of files
 
 
 class PredictError(cli.UserError):
@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
                    help=f"refuse an image of more pixels than this: a small file can decode to gigabytes "
                         f"(default: {MAX_IMAGE_PIXELS:,})")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images decoded and run at a time: memory stays "
+                   "flat for any number of files (default: the run's --eval-batch-size or --batch-size)")
     runtime.add_device_flag(p)
     p.add_argument("images", nargs="+", metavar="IMAGE", type=cli.path_flag,
                    help=f"image files, or folders: their image files ({', '.join(IMAGE_SUFFIXES)}), sorted")
@@ -65,16 +67,16 @@ def expand_folders(given: list[str]) -> list[str]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int,
-            max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int, max_pixels: int = MAX_IMAGE_PIXELS,
+            batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities and class indices (len(paths), top_k) of the top_k classes of each image, best first."""
     device = next(model.parameters()).device
     mean, std = (torch.tensor(ckpt[k], dtype=torch.float32, device=device) for k in ("mean", "std"))
     prep = Prep.from_dict(ckpt.get("prep"))  # the run's: squashed, or its photo recipe's centre crop
     probs = []
-    for start in range(0, len(paths), BATCH):
+    for start in range(0, len(paths), batch_size):
         x = torch.stack([load_image(p, ckpt["in_channels"], ckpt["image_size"], max_pixels, prep=prep)
-                         for p in paths[start:start + BATCH]])
+                         for p in paths[start:start + batch_size]])
         x = normalize(x.to(device), mean, std)  # exactly as training batches are normalized
         probs.append(model(x).float().softmax(1).cpu())
     probs = torch.cat(probs)
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise PredictError("--top-k must be at least 1")
         if args.max_image_pixels < 1:
             raise PredictError("--max-image-pixels must be at least 1")
+        if args.batch_size is not None and not 1 <= args.batch_size <= 2**31:
+            raise PredictError("--batch-size must be in [1, 2**31]")
         paths = expand_folders(args.images)
         device = runtime.pick_device(args.device)
         ckpt = load_checkpoint(args.checkpoint)
@@ -98,7 +102,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.top_k > len(classes):  # more than there are: list them all
             print(f"predict.py: note: --top-k {args.top_k} is more than the checkpoint's {len(classes)} classes; "
                   f"listing {len(classes)}", file=sys.stderr)
-        probs, indices = predict(model, ckpt, paths, min(args.top_k, len(classes)), args.max_image_pixels)
+        run_args = ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
+        probs, indices = predict(model, ckpt, paths, min(args.top_k, len(classes)), args.max_image_pixels,
+                                 args.batch_size or run_batch_size(run_args))
         results = []
         for path, p_row, i_row in zip(paths, probs.tolist(), indices.tolist()):
             top = [{"label": classes[i], "probability": p} for i, p in zip(i_row, p_row)]

@@ -461,3 +461,37 @@ print(len(labels), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
 """)
     n, grown_mib = map(int, proc.stdout.split())
     assert n == 6 and grown_mib < 400, (n, grown_mib, proc.stderr)
+
+
+def test_validation_test_evaluate_and_predict_run_no_larger_batches_than_training(cifar_dir, tmp_path, capsys):
+    """Memory: the evaluation passes take the training batch (or --eval-batch-size / --batch-size), not 256 at a
+    time, so a run that trains in memory also tests in it. Seen by a forward hook on every module: the batches
+    the model itself was given."""
+    seen = []
+
+    def record(module: torch.nn.Module, args: tuple) -> None:
+        if module.__class__.__name__ == "SimpleCNN":
+            seen.append((module.training, len(args[0])))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        flags = ["--data-dir", str(cifar_dir), "--epochs", "1", "--val-split", "0.2", "--device", "cpu",
+                 "--log-interval", "0", "--batch-size", "8"]
+        train.main([*flags, "--out-dir", str(tmp_path / "run")])
+        assert max(n for training, n in seen if not training) == 8  # validation (40 images) and test (50)
+        seen.clear()
+        train.main([*flags, "--eval-batch-size", "64", "--out-dir", str(tmp_path / "large")])
+        assert sorted(n for training, n in seen if not training) == [40, 50]
+        seen.clear()
+        evaluate.main(["--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--json"])
+        assert {n for _, n in seen} == {8, 2}  # 50 test images: 6 x 8 + 2
+        seen.clear()
+        evaluate.main(["--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--json", "--batch-size", "50"])
+        assert [n for _, n in seen] == [50]
+        photos = [tmp_path / f"{i}.png" for i in range(11)]
+        for p in photos:
+            Image.new("RGB", (32, 32), "red").save(p)
+        seen.clear()
+        predict.main(["--checkpoint", str(tmp_path / "run" / "best.pth"), "--device", "cpu", *map(str, photos)])
+        assert [n for _, n in seen] == [8, 3]
+    finally:
+        handle.remove()
