@@ -102,13 +102,14 @@ def lr_range_test(t: train.Trainer, data: Split,
         return ((group, micro if t.mix is None else MixedBatches(micro, t.mix, n, step))  # (--mixup, --cutmix)
                 for step, (group, micro) in enumerate(zip(groups, steps)))
 
-    def steps() -> Iterator[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
+    def steps() -> Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
         for lr, (group, micro_batches) in zip(lrs, (step for n in range(1, 10_001) for step in epoch(n))):
             smoothed = smooth(losses)
             if smoothed and (not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed)):
                 return
             sizes.append(len(group))
-            yield lr / args.lr, micro_batches, len(group)
+            train.scale_lr(t.optimizer, lr / args.lr)  # (the step's lr: train_one_epoch leaves it as it is)
+            yield micro_batches, len(group)
 
     def after_step(loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         total = loss_sum.item()  # (a sync per step: this is a 100-step test, not training)

@@ -25,8 +25,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import cli
-from folders import (IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, image_files, imagefolder_classes, load_image,
-                     require_each_class, split_files)
+from folders import (_LIBC, IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, image_files, imagefolder_classes,
+                     load_image, require_each_class, split_files)
 from formats import DataError, available_memory
 
 PREFETCH = 4  # batches each worker reads ahead
@@ -123,6 +123,15 @@ def quiet_broken_handovers() -> None:
     threading.excepthook = hook
 
 
+def hand_back_freed_memory() -> None:
+    """Give the memory this process has freed but kept (glibc's heap; runtime.keep_freed_memory keeps it all) back
+    to the system before workers are forked from it. Kept, its pages are shared with the new workers, and each
+    worker that allocates into them gets its own copy: the process tree's memory grew by half from the second epoch
+    on, each epoch's workers forked from a heap grown in training and validation (docs/performance.md)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def ignore_signals(worker_id: int) -> None:
     """In a worker: Ctrl-C and SIGTERM are the main process's to handle (it stops at a step boundary and then ends
     its workers); a worker whose main process has gone ends by itself (DataLoader's watchdog)."""
@@ -161,6 +170,8 @@ class StreamSet:
             # imported here, once: the forked workers inherit it (else each worker imports it again, every epoch)
             import torchvision.transforms.v2.functional  # noqa: F401
         quiet_broken_handovers()
+        if self.workers:
+            hand_back_freed_memory()
         loader = DataLoader(self.files, batch_sampler=Keys(batches, epoch), num_workers=self.workers,
                             collate_fn=self.files.collate,
                             pin_memory=self.device.type == "cuda", worker_init_fn=ignore_signals,

@@ -26,8 +26,7 @@ import math
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ContextManager
@@ -49,48 +48,42 @@ from optim import ema_decay, ema_update, lr_factor, make_optimizer
 from runfolder import RunFolder
 
 # ---------------------------------------------------------------------------------------------------------------
-# One epoch: the five steps. This function uses only torch, so it can be copied into another project as it is.
+# One epoch: the five steps. This function needs only torch, nn and F: copy it into another project as it is.
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
-                    steps: Iterable[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]],
-                    scaler: torch.amp.GradScaler | None = None, autocast: ContextManager | None = None,
-                    grad_clip: float = 0.0, label_smoothing: float = 0.0, after_step: Callable | None = None,
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps,
+                    scaler: torch.amp.GradScaler | None = None, autocast: torch.autocast | None = None,
+                    grad_clip: float = 0.0, label_smoothing: float = 0.0, after_step=None,
                     class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step per item of `steps`: (lr factor, its micro-batches [(x, y), ...], the images in the whole
-    step over all processes); y: class indices, or (N, classes) probabilities (mixup, cutmix). From a DataLoader,
-    one batch per step at the optimizer's own lr:
+    """One optimizer step per item of `steps`, at the lr the optimizer holds: the loop never sets it (step any
+    torch lr scheduler between calls). A step: (its micro-batches [(x, y), ...], moved to the model's device if
+    elsewhere; the images in the whole step over all processes); y: class indices, or (N, classes) probabilities
+    (mixup, cutmix). From a DataLoader, one batch per step:
 
         model.train()
-        loss_sum, correct = train_one_epoch(model, optimizer, ((1.0, [(x, y)], len(x)) for x, y in loader))
+        loss_sum, correct = train_one_epoch(model, optimizer, (([(x, y)], len(x)) for x, y in loader))
 
-    Each param group's lr is its "initial_lr" (set from its lr when missing, as torch's lr schedulers do) x the
-    factor. Optional: `scaler`, a GradScaler for fp16 (None: no loss scaling); `autocast`, the forward pass's
-    precision (e.g. torch.autocast("cpu", torch.bfloat16)); clipping; label smoothing; `after_step(loss_sum,
-    correct)`, run after each step; `class_weights`, each class's weight in the loss. Returns this process's summed
-    loss and count of correct predictions (against y's likeliest class), as tensors on the device: reading them is
-    the one GPU sync, and the caller decides when."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    device, autocast = next(model.parameters()).device, autocast or nullcontext()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.int64)
-    for lr_scale, micro_batches, step_images in steps:
-        for group in optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * lr_scale
+    Optional: `scaler`, a GradScaler for fp16; `autocast`, the forward pass's precision (e.g. torch.autocast("cpu",
+    torch.bfloat16)); clipping; label smoothing; `after_step(loss_sum, correct)`, run after each step;
+    `class_weights`, each class's weight in the loss. Returns this process's summed loss and count of correct
+    predictions (against y's likeliest class), as tensors on the device: reading them is the one GPU sync."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    device = next(model.parameters()).device
+    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
+    for micro_batches, step_images in steps:
         optimizer.zero_grad(set_to_none=True)                                       # 1. zero the gradients
         for i, (x, y) in enumerate(micro_batches):
-            # DDP all-reduces the gradients in backward; only the last micro-batch of a step needs that
-            last = i == len(micro_batches) - 1
-            with model.no_sync() if world > 1 and not last else nullcontext():
-                with autocast:
+            x, y = x.to(device), y.to(device)  # (no copy when already there)
+            # DDP all-reduces the gradients in backward: only the step's last micro-batch needs that. (enable_grad:
+            # a context that changes nothing here, as a step runs with gradients on.)
+            with model.no_sync() if world > 1 and i < len(micro_batches) - 1 else torch.enable_grad():
+                with autocast or torch.enable_grad():  # (None: float32)
                     logits = model(x)                                               # 2. forward
                 loss = F.cross_entropy(logits.float(), y, reduction="sum" if class_weights is None else "none",
                                        label_smoothing=label_smoothing)             # 3. loss
-                if class_weights is not None:  # each image's loss x its class's weight (a mixed target's mix):
-                    # not cross_entropy's weight=, which weighs each class's share of the label smoothing too
+                if class_weights is not None:  # (not weight=, which would weigh the label smoothing's shares too)
                     loss = (loss * (class_weights[y] if y.dim() == 1 else y @ class_weights)).sum()
-                # The micro-batch's sum over the whole step's size: the accumulated gradient is the step's mean, so
-                # K micro-batches step like one batch (exactly, without BatchNorm), a short last step included.
-                # (x world: DDP averages the processes' gradients, and each process holds 1/world of the sum.)
+                # Sum / the step's size: the summed gradient is the step's mean, so K micro-batches step like one
+                # batch (exactly, without BatchNorm; x world: DDP averages the processes' 1/world shares of the sum)
                 loss_mean = loss * (world / step_images)
                 (loss_mean if scaler is None else scaler.scale(loss_mean)).backward()  # 4. backward
             loss_sum += loss.detach()
@@ -137,10 +130,18 @@ class Trainer:
     mix: Mix | None = None        # --mixup-alpha, --cutmix-alpha
 
 
+def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """The project's own schedule, set before each step: each param group's lr is its "initial_lr" (set from its lr
+    when missing, as torch's lr schedulers do) x `factor`."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+
+
 def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
-                first_step: int) -> Iterator[tuple[float, Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
-    """The optimizer steps of epoch `epoch` from `first_step` on, as train_one_epoch takes them; ends early when a
-    signal asks the run to stop (at a step boundary, the same one in every process)."""
+                first_step: int) -> Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
+    """The optimizer steps of epoch `epoch` from `first_step` on, as train_one_epoch takes them, each step's lr set
+    (scale_lr) as it is handed over; ends early when a signal asks the run to stop (at a step boundary, the same one
+    in every process)."""
     rank, world = runtime.rank_world()
     plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
                       args.color_jitter, data.labels if args.balanced_sampler else None
@@ -158,8 +159,8 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
                 return
             if t.mix is not None:
                 micro_batches = MixedBatches(micro_batches, t.mix, epoch, step)
-            yield lr_factor((epoch - 1) * t.steps_per_epoch + step, total, warmup, args.scheduler), micro_batches, \
-                len(group)
+            scale_lr(t.optimizer, lr_factor((epoch - 1) * t.steps_per_epoch + step, total, warmup, args.scheduler))
+            yield micro_batches, len(group)
     finally:
         batches.close()  # a streamed set's workers end now
 
@@ -233,6 +234,12 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
     return False
 
 
+def eval_batch(args: argparse.Namespace) -> int:
+    """Images per forward pass in each process when validating and testing: no more than training's (a frozen
+    backbone trains in less memory than a larger batch tests in), unless --eval-batch-size asks."""
+    return math.ceil((args.eval_batch_size or args.batch_size) / runtime.rank_world()[1])
+
+
 def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, card: dict,
                  state: RunState, tally: EpochTally, epoch: int) -> tuple[dict, bool]:
     """Validate, update the run state, and return the epoch's metrics row and whether it is the best so far."""
@@ -245,7 +252,7 @@ def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split 
         raise Diverged(f"the training loss became {row['train_loss']:.3g} in epoch {epoch}")
     if val is not None:
         with t.autocast:
-            result = evaluate(t.ema if t.ema is not None else t.model, val, card["num_classes"])
+            result = evaluate(t.ema if t.ema is not None else t.model, val, card["num_classes"], eval_batch(args))
         row.update(val_loss=result["loss"], val_acc=result["accuracy"], val_top5=result["top5"])
         if not math.isfinite(row["val_loss"]):
             raise Diverged(f"the validation loss became {row['val_loss']} in epoch {epoch}")
@@ -374,7 +381,7 @@ def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[
         if args.channels_last:
             best = best.to(memory_format=torch.channels_last)
         with runtime.autocast(args.amp, device):  # the test runs in the precision the model trained in
-            result = evaluate(best, test, len(classes), tta=args.tta)
+            result = evaluate(best, test, len(classes), eval_batch(args), tta=args.tta)
     except cli.Interrupted:
         runtime.print0(f"training finished ({state.epoch} epochs, best.pth from epoch {state.best_epoch}); the final "
                        f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint "

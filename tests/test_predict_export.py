@@ -1,16 +1,22 @@
-"""predict.py on an image folder, and the ONNX export round trip."""
+"""predict.py on an image folder, the ONNX export round trip, and the README's onnxruntime example against
+predict.py on photos."""
 import json
+import re
 import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import folders
 import export
 import predict
+import train
+from conftest import ROOT
 from image_files import make_image_folder
 from checkpoint import model_from_checkpoint
 from model import MODELS, build_model
@@ -155,3 +161,110 @@ def test_export_bad_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match=r"^export.py: error: cannot read checkpoint .*junk.pth: "):
         export.main(["--checkpoint", str(tmp_path / "junk.pth"), "--output", str(tmp_path / "m.onnx")])
     assert not (tmp_path / "m.onnx").exists()
+
+
+# The README's onnxruntime example (its export.py section), run as a user runs it, against predict.py on photos
+
+COLORS = {"blue": (40, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
+# EXIF orientation -> how a camera held that way stores the upright picture (exif_transpose undoes it)
+STORED = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def readme_onnx_example() -> str:
+    """The fenced python block of the README's export.py section: the code users copy is the code tested."""
+    section = (ROOT / "README.md").read_text().split("\n### export.py\n")[1].split("\n### ")[0]
+    [code] = re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
+    return code
+
+
+def run_example(code: str, model: Path, paths: list[str], monkeypatch) -> np.ndarray:
+    """The example's probabilities (len(paths), classes), run as `python label.py MODEL IMAGE...`."""
+    monkeypatch.setattr(sys, "argv", ["label.py", str(model), *paths])
+    namespace = {"__name__": "__main__"}
+    exec(compile(code, "README.md (export.py's onnxruntime example)", "exec"), namespace)
+    return namespace["probs"]
+
+
+def upright_photo(rng: np.random.Generator, color: tuple[int, int, int], width: int, height: int) -> Image.Image:
+    """Noisy, the class's colour above and its complement below, shaded left to right: which way up it is and what
+    a crop leaves out both change what a model sees."""
+    pixels = np.empty((height, width, 3))
+    pixels[:height // 2], pixels[height // 2:] = color, 255 - np.array(color)
+    pixels += np.linspace(-40, 40, width)[None, :, None] + rng.integers(-30, 30, (height, width, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def write_training_photos(root: Path, rng: np.random.Generator) -> Path:
+    for split, n in {"train": 4, "test": 1}.items():
+        for name, color in COLORS.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                upright_photo(rng, color, *rng.integers(60, 120, 2)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def write_photos_to_label(folder: Path, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """Photos as they come, and which of them are stored turned: JPEGs with each EXIF orientation a camera writes
+    (1 upright, 3 upside down, 6 and 8 sideways; large ones, which predict.py decodes at a reduced scale, and small
+    ones), a grayscale JPEG, a PNG with an alpha channel and a palette PNG with a transparent colour."""
+    folder.mkdir()
+    paths, turned = [], []
+    for name, (width, height) in zip(COLORS, [(400, 260), (260, 400), (90, 70)]):
+        photo = upright_photo(rng, COLORS[name], width, height)
+        for orientation in (1, 3, 6, 8):
+            exif = Image.Exif()
+            exif[0x0112] = orientation  # (Orientation)
+            path = folder / f"{name}-{orientation}.jpg"
+            stored = photo.transpose(STORED[orientation]) if orientation in STORED else photo
+            stored.save(path, quality=90, exif=exif)
+            paths.append(str(path))
+            turned += [str(path)] if orientation in STORED else []
+    upright_photo(rng, COLORS["green"], 300, 200).convert("L").save(folder / "gray.jpg", quality=90)
+    rgba = np.array(upright_photo(rng, COLORS["red"], 150, 100).convert("RGBA"))
+    rgba[:30, :, 3], rgba[30:60, :, 3] = 0, 128  # a transparent band and a half-transparent one
+    Image.fromarray(rgba).save(folder / "alpha.png")
+    palette = upright_photo(rng, COLORS["blue"], 100, 150).convert("P")
+    palette.save(folder / "palette.png", transparency=0)
+    return paths + [str(folder / name) for name in ("gray.jpg", "alpha.png", "palette.png")], turned
+
+
+@pytest.mark.parametrize("recipe", [pytest.param("crop", marks=pytest.mark.slow),
+                                    pytest.param("squash", marks=pytest.mark.slow), "grayscale"])
+def test_the_readme_onnx_example_labels_photos_as_predict_does(tmp_path, monkeypatch, capsys, recipe):
+    """The README's example, run on the exported model, gives predict.py's probabilities within 1e-3 on every photo
+    (EXIF-rotated JPEGs, transparent PNGs, grayscale): for a model trained with the photo recipe (crop), one trained
+    with squash, and a grayscale (1-channel, MNIST-like) one. Without its EXIF line it is off by far more on the
+    turned photos: the photos test what the README says."""
+    pytest.importorskip("onnx", reason="export.py needs the optional package onnx")
+    pytest.importorskip("onnxruntime", reason="the README's example runs the model with the optional onnxruntime")
+    rng = np.random.default_rng(0)
+    if recipe == "grayscale":
+        checkpoint = write_checkpoint(tmp_path / "gray.pth", list(COLORS), in_channels=1, image_size=28)
+    else:
+        photos = write_training_photos(tmp_path / "photos", rng)
+        train.main(["--dataset", "imagefolder", "--data-dir", str(photos), "--resize-mode", recipe,
+                    "--image-size", "40", "--epochs", "3", "--batch-size", "4", "--lr", "3e-3", "--val-split", "0",
+                    "--workers", "0", "--device", "cpu", "--log-interval", "0", "--out-dir", str(tmp_path / "run")])
+        checkpoint = tmp_path / "run" / "best.pth"
+        assert torch.load(checkpoint, weights_only=True)["prep"]["mode"] == recipe
+    model = tmp_path / "model.onnx"
+    export.main(["--checkpoint", str(checkpoint), "--output", str(model)])
+    paths, turned = write_photos_to_label(tmp_path / "new", rng)
+    capsys.readouterr()
+
+    results = predict.main(["--checkpoint", str(checkpoint), "--top-k", "3", "--json", *paths])
+    expected = np.array([[{t["label"]: t["probability"] for t in r["top_k"]}[name] for name in COLORS]
+                         for r in results])
+    capsys.readouterr()
+    code = readme_onnx_example()
+    probs = run_example(code, model, paths, monkeypatch)
+    assert probs.shape == expected.shape
+    assert np.abs(probs - expected).max() < 1e-3, np.abs(probs - expected).max(1)
+    assert capsys.readouterr().out.splitlines() == [
+        f"{r['path']}: {r['label']} {100 * p.max():.2f}%" for r, p in zip(results, probs)]
+
+    if recipe != "grayscale":  # (random weights: near-even probabilities whichever way up)
+        assert "ImageOps.exif_transpose(im)" in code
+        unturned = run_example(code.replace("ImageOps.exif_transpose(im)", "im"), model, paths, monkeypatch)
+        on_turned = [paths.index(p) for p in turned]
+        assert np.abs(unturned - expected)[on_turned].max() > 1e-2

@@ -198,8 +198,7 @@ def test_the_class_weighted_loss_is_each_images_loss_times_its_class_weight(smoo
         target = 0.7 * nn.functional.one_hot(y, 4) + 0.3 * nn.functional.one_hot(y.roll(1), 4)
         weight = 0.7 * weights[y] + 0.3 * weights[y.roll(1)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    optimizer.param_groups[0]["initial_lr"] = 0.0
-    loss, _ = train.train_one_epoch(model, optimizer, [(1.0, [(x, target)], 10)], class_weights=weights,
+    loss, _ = train.train_one_epoch(model, optimizer, [([(x, target)], 10)], class_weights=weights,
                                     label_smoothing=smoothing)
     smoothed = (target if mixed else nn.functional.one_hot(y, 4)) * (1 - smoothing) + smoothing / 4
     each = -(smoothed * model(x).log_softmax(1)).sum(1)
@@ -266,8 +265,7 @@ def test_the_training_accuracy_under_mixed_targets_counts_the_dominant_label():
     x = torch.eye(4)[:3]  # image k: class k's logit highest
     targets = torch.tensor([[0.6, 0.4, 0.0], [0.3, 0.0, 0.7], [0.0, 0.45, 0.55]])  # dominant: 0, 2, 2
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    optimizer.param_groups[0]["initial_lr"] = 0.0
-    loss, correct = train.train_one_epoch(model, optimizer, [(1.0, [(x, targets)], 3)],
+    loss, correct = train.train_one_epoch(model, optimizer, [([(x, targets)], 3)],
                                           torch.amp.GradScaler("cuda", enabled=False), label_smoothing=0.1)
     assert correct.item() == 2  # images 0 and 2
     smoothed = targets * 0.9 + 0.1 / 3

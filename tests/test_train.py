@@ -263,17 +263,38 @@ def test_keep_freed_memory_stops_large_blocks_faulting_in_again_each_step():
     assert faults("keep") == 0     # reused from the heap, already mapped
 
 
-def test_the_loop_copies_into_another_project(cifar_dir):
-    """train_one_epoch's source, run in a fresh namespace that holds only torch (and the standard library names its
-    signature uses), on plain lists of batches, ends at the same weights as train.py's own call: accumulation
-    over a short last step (80 images, steps of 4 x 8) and clipping included."""
+PASTE_HEADER = "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n\n"
+
+
+def pasted_loop(tmp_path: Path):
+    """train_one_epoch's source alone, pasted into a file that imports only torch, torch.nn as nn and
+    torch.nn.functional as F, and run: that file's train_one_epoch (its annotations resolved there) and the
+    docstring's usage lines, as code."""
     import inspect
-    namespace: dict = {}
-    exec("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
-         "from collections.abc import Callable, Iterable, Sequence\nfrom contextlib import nullcontext\n"
-         "from typing import ContextManager\n" + inspect.getsource(train.train_one_epoch), namespace)
+    import runpy
+    import textwrap
+    import typing
+    source = inspect.getsource(train.train_one_epoch)
+    assert source.startswith("def train_one_epoch(") and len(source.splitlines()) <= 50  # the function alone
+    path = tmp_path / "pasted.py"
+    path.write_text(PASTE_HEADER + source)
+    namespace = runpy.run_path(str(path))
+    assert set(namespace) - {name for name in namespace if name.startswith("__")} == {"torch", "nn", "F",
+                                                                                       "train_one_epoch"}
     copied = namespace["train_one_epoch"]
-    assert copied is not train.train_one_epoch and copied.__globals__ is namespace
+    assert copied is not train.train_one_epoch and copied.__code__.co_filename == str(path)
+    typing.get_type_hints(copied)  # the annotations name nothing the paste lacks
+    example = textwrap.dedent("\n".join(line for line in train.train_one_epoch.__doc__.splitlines()
+                                        if line.startswith(" " * 8)))  # the docstring's indented code
+    assert "train_one_epoch(model, optimizer," in example and "loader" in example
+    return copied, example
+
+
+def test_the_loop_copies_into_another_project(cifar_dir, tmp_path):
+    """train_one_epoch pasted into a file that imports only torch, nn and F, on plain lists of batches, ends at the
+    same weights as train.py's own call: accumulation over a short last step (80 images, steps of 4 x 8) and
+    clipping included."""
+    copied, _ = pasted_loop(tmp_path)
     data = prepare("cifar10", cifar_dir, 0, seed=0, device="cpu")[0]
     data.images, data.labels = data.images[:80], data.labels[:80]
     flags = ("--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05", "--grad-clip", "0.05", "--batch-size", "8",
@@ -284,9 +305,9 @@ def test_the_loop_copies_into_another_project(cifar_dir):
     model = build_model("simplecnn", 10, 3, 32)
     optimizer = optim.make_optimizer(model, args_for(*flags), torch.device("cpu"), 10)
     plan = epoch_plan(len(data), 0, 1)  # the same samples in the same order
-    steps = [(1.0, [data.batch(part[:, 0]) for part in group.tensor_split(math.ceil(len(group) / 8))], len(group))
+    steps = [([data.batch(part[:, 0]) for part in group.tensor_split(math.ceil(len(group) / 8))], len(group))
              for group in plan.split(32)]
-    assert [len(s[1]) for s in steps] == [4, 4, 2]  # the short last step: two micro-batches of 8
+    assert [len(s[0]) for s in steps] == [4, 4, 2]  # the short last step: two micro-batches of 8
     model.train()
     loss_sum, correct = copied(model, optimizer, steps, torch.amp.GradScaler("cuda", enabled=False), grad_clip=0.05)
     assert 0 < loss_sum.item() and 0 <= correct.item() <= 80
@@ -296,41 +317,77 @@ def test_the_loop_copies_into_another_project(cifar_dir):
     assert not torch.equal(unclipped.fc3.weight, model.fc3.weight)
 
 
-def test_the_loop_copies_with_a_plain_optimizer_and_a_dataloader_as_its_docstring_shows():
-    """train_one_epoch's source in a fresh namespace (torch and the standard library names its signature uses), a
-    plain torch.optim.SGD (no "initial_lr"), no scaler: the docstring's own lines, run on a DataLoader, end at the
-    weights of the five steps written out by hand over the same batches."""
-    import inspect
-    import textwrap
-    namespace: dict = {}
-    exec("import torch\nimport torch.distributed as dist\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
-         "from collections.abc import Callable, Iterable, Sequence\nfrom contextlib import nullcontext\n"
-         "from typing import ContextManager\n" + inspect.getsource(train.train_one_epoch), namespace)
-    example = textwrap.dedent("\n".join(line for line in train.train_one_epoch.__doc__.splitlines()
-                                        if line.startswith(" " * 8)))  # the docstring's indented code
+@pytest.mark.parametrize("kind, epochs", [("StepLR", 3), ("ReduceLROnPlateau", 4)])
+def test_the_pasted_loop_trains_as_the_hand_written_one_under_a_torch_lr_scheduler(tmp_path, kind, epochs):
+    """The issue's paste: train_one_epoch alone in a file that imports only torch, nn and F, run as its docstring
+    shows on a plain DataLoader with plain SGD and a torch lr scheduler stepped after each epoch, ends at the weights
+    of the five steps written out by hand, and every step runs at the lr the scheduler set (the loop used to reset
+    it to initial_lr x its factor: 0.1 throughout)."""
+    copied, example = pasted_loop(tmp_path)
     generator = torch.Generator().manual_seed(0)
-    dataset = torch.utils.data.TensorDataset(torch.randn(50, 3, 32, 32, generator=generator),
-                                             torch.randint(0, 10, (50,), generator=generator))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=16)  # a short last batch of 2
+    dataset = torch.utils.data.TensorDataset(torch.randn(50, 3, 8, 8, generator=generator),
+                                             torch.randint(0, 4, (50,), generator=generator))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)  # 4 steps, the last of 2 images
 
     def fresh():
         torch.manual_seed(0)
-        model = build_model("simplecnn", 10, 3, 32)
-        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model, optimizer = fresh()
-    run = {**namespace, "model": model, "optimizer": optimizer, "loader": loader}
-    exec(example, run)
-    assert run["loss_sum"].item() > 0 and 0 <= run["correct"].item() <= 50
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 4))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        if kind == "StepLR":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.1)
+        else:  # patience 0 and a metric that never improves: a cut after every epoch but the first
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=0)
+        ran_at = []  # the lr each optimizer step ran at
+        optimizer.register_step_pre_hook(lambda opt, args, kwargs: ran_at.append(opt.param_groups[0]["lr"]))
+        return model, optimizer, scheduler, ran_at
 
-    by_hand, optimizer = fresh()
-    by_hand.train()
-    for x, y in loader:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(by_hand(x), y)
-        loss.backward()
-        optimizer.step()
+    def end_epoch(scheduler, said):
+        said.extend(scheduler.get_last_lr()[:1] * len(loader))  # what the scheduler set for the epoch's steps
+        scheduler.step() if kind == "StepLR" else scheduler.step(1.0)
+
+    model, optimizer, scheduler, pasted_lrs = fresh()
+    said = []
+    for _ in range(epochs):
+        run = {"train_one_epoch": copied, "model": model, "optimizer": optimizer, "loader": loader}
+        exec(example, run)  # the docstring's lines, as they are
+        assert run["loss_sum"].item() > 0 and 0 <= run["correct"].item() <= 50
+        end_epoch(scheduler, said)
+
+    by_hand, optimizer, scheduler, hand_lrs = fresh()
+    for _ in range(epochs):
+        by_hand.train()
+        for x, y in loader:
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(by_hand(x), y)
+            loss.backward()
+            optimizer.step()
+        end_epoch(scheduler, [])
     for (name, a), b in zip(by_hand.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+    assert pasted_lrs == hand_lrs == said
+    cuts = [0, 1, 2] if kind == "StepLR" else [0, 0, 1, 2]
+    assert pasted_lrs == pytest.approx([0.1 * 0.1 ** cut for cut in cuts for _ in range(len(loader))])
+
+
+def test_the_pasted_loop_moves_batches_to_the_models_device(tmp_path):
+    """The docstring's promise: micro-batches on another device than the model's are moved there. A model on the
+    meta device (shapes only) trains on CPU batches; and on a GPU, when there is one, it ends where the same steps
+    on the CPU end."""
+    copied, _ = pasted_loop(tmp_path)
+    model = torch.nn.Linear(6, 3, device="meta")
+    batches = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(3)]
+    loss_sum, correct = copied(model, torch.optim.SGD(model.parameters(), lr=0.1), [([b], 5) for b in batches])
+    assert loss_sum.device.type == correct.device.type == "meta"
+    if torch.cuda.is_available():
+        weights = []
+        for device in ("cpu", "cuda"):
+            torch.manual_seed(0)
+            model = torch.nn.Linear(6, 3).to(device)
+            loss_sum, _ = copied(model, torch.optim.SGD(model.parameters(), lr=0.1), [([b], 5) for b in batches])
+            assert loss_sum.device.type == device
+            weights.append(model.weight.detach().cpu())
+        assert torch.allclose(*weights, atol=1e-5)
 
 
 def test_a_failed_first_run_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
