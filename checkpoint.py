@@ -72,6 +72,7 @@ class EpochTally:
     loss_sum: float = 0.0
     correct: int = 0
     seconds: float = 0.0
+    skipped: int = 0  # streamed files that could not be read (older checkpoints: not recorded, 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,7 +216,8 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():  # a folder, or a FIFO (that torch.load would wait on forever)
         raise CheckpointError(f"cannot read checkpoint {path}: not a regular file; give the .pth file itself")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with cli.c_openable(path) as name:  # (a run folder whose name is not UTF-8 too)
+            ckpt = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         if isinstance(e, pickle.UnpicklingError) and "GLOBAL" in str(e):  # a class or function: what code needs
             raise CheckpointError(f"cannot read checkpoint {path}: it holds Python objects other than tensors and "
@@ -362,6 +364,8 @@ def typed(cls: type, values: object, path: Path):
     """A RunState or EpochTally from a checkpoint's dict, with every field of its declared type."""
     kinds = {int: (int,), float: (float, int), list: (list,)}
     names = [f.name for f in fields(cls)]
+    if cls is EpochTally and isinstance(values, dict) and list(values) == names[:-1]:  # (from before "skipped")
+        values = {**values, "skipped": 0}
     if not (isinstance(values, dict) and list(values) == names and all(
             isinstance(values[f.name], kinds[f.type]) and not isinstance(values[f.name], bool) for f in fields(cls))):
         raise CheckpointError(f"{path} cannot be resumed: its {cls.__name__} is malformed")

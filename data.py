@@ -134,6 +134,12 @@ class ImageSet:
         for part in idx.split(batch_size):
             yield self.batch(part)
 
+    def indexed_batches(self, idx: torch.Tensor,
+                        batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """batches(), with the indices of the images each batch holds (all of them, here)."""
+        for part in idx.split(batch_size):
+            yield *self.batch(part), part
+
     def steps(self, parts: list[Sequence[torch.Tensor]], epoch: int, augment: bool, pad: int,
               channels_last: bool) -> Iterator["MicroBatches"]:
         """Training: the micro-batches of each optimizer step (see MicroBatches); `epoch` is in the plan already."""

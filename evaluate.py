@@ -45,7 +45,8 @@ def format_report(result: dict, classes: list[str]) -> str:
     width = max(len(c) for c in classes) + 2
     top5 = "" if math.isnan(result.get("top5", math.nan)) else f"   top-5 {result['top5']:.2f}%"
     m = confusion_metrics(result["confusion"])
-    lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%{top5}",
+    skipped = f" ({result['skipped']:,} unreadable images skipped)" if result.get("skipped") else ""
+    lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%{top5}{skipped}",
              f"balanced accuracy {m['balanced_accuracy']:.2f}%   macro precision {m['macro_precision']:.2f}%   "
              f"recall {m['macro_recall']:.2f}%   F1 {m['macro_f1']:.2f}%", "", f"{'class':<{width}}accuracy"]
     lines += [f"{c:<{width}}{a:7.2f}%" for c, a in zip(classes, per_class_accuracy(result["confusion"]))]
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="a .pth written by train.py, or a run folder (its best.pth)")
     p.add_argument("--data-dir", metavar="DIR", type=cli.path_flag,
                    help="where the dataset is (default: the training run's)")
-    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
-                   help="imagefolder: a file that would decode to more pixels is skipped (default: %(default)s)")
+    p.add_argument("--max-image-pixels", type=int, metavar="N", help="imagefolder: a file that would decode to more "
+                   f"pixels is skipped (default: the run's --max-image-pixels, else {MAX_IMAGE_PIXELS:,})")
     p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass: the same numbers for "
                    "any N, a larger N only takes more memory (default: the run's --eval-batch-size or --batch-size)")
     runtime.add_device_flag(p)
@@ -91,7 +92,7 @@ def check_flags(args: argparse.Namespace) -> tuple[Path, list[str]]:
     neither picture on the checkpoint nor on the other)."""
     if not 1 <= args.show_count <= 256:
         raise DataError("--show-count must be in [1, 256]")
-    if args.max_image_pixels < 1:
+    if args.max_image_pixels is not None and args.max_image_pixels < 1:
         raise DataError("--max-image-pixels must be at least 1")
     if args.batch_size is not None and not 1 <= args.batch_size <= 2**31:
         raise DataError("--batch-size must be in [1, 2**31]")
@@ -125,7 +126,9 @@ def report(args: argparse.Namespace) -> dict:
     for picture in pictures:  # now that the data is known: no picture may land on it or among it
         check_output(picture, inputs=(checkpoint, data_dir))
     classes = ckpt["classes"]
-    test = test_set(ckpt, dataset, data_dir, args.max_image_pixels, device)
+    max_pixels = args.max_image_pixels or run_args.get("max_image_pixels")  # (the run's skipped what it skipped)
+    max_pixels = max_pixels if isinstance(max_pixels, int) and max_pixels >= 1 else MAX_IMAGE_PIXELS
+    test = test_set(ckpt, dataset, data_dir, max_pixels, device)
     batch = args.batch_size or run_batch_size(run_args)
     with runtime.autocast(amp, device):
         result = evaluate(model, test, len(classes), batch, tta=tta)
@@ -134,7 +137,8 @@ def report(args: argparse.Namespace) -> dict:
     if args.json:
         cli.say(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
                           **({"top5": result["top5"]} if len(classes) > 5 else {}),
-                          **{k: result[k] for k in MEASURES}, "tta": tta, "amp": amp,
+                          **{k: result[k] for k in MEASURES}, "images": int(result["confusion"].sum()),
+                          "skipped": result["skipped"], "tta": tta, "amp": amp,
                           "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),
                           "confusion_matrix": result["confusion"].tolist()}))
     else:
@@ -186,19 +190,19 @@ def show_predictions(model: torch.nn.Module, test: Split, classes: list[str], tt
                      path: str, batch_size: int = EVAL_BATCH) -> int:
     """Draw `count` test images with true and predicted labels: the most confident mistakes first (up to half of
     them), then the first test images not among those, right or wrong. Returns how many were drawn."""
-    probs, labels = zip(*((tta_logits(model, x, tta).softmax(1), y)
-                          for x, y in test.batches(torch.arange(len(test)), batch_size)))
-    probs, labels = torch.cat(probs), torch.cat(labels)
+    probs, labels, index = zip(*((tta_logits(model, x, tta).softmax(1), y, i)
+                                 for x, y, i in test.indexed_batches(torch.arange(len(test)), batch_size)))
+    probs, labels, index = torch.cat(probs), torch.cat(labels), torch.cat(index).cpu()  # (index: of the images read)
     confidence, predicted = probs.max(1)
     wrong = (predicted != labels).nonzero().squeeze(1)
     worst = wrong[confidence[wrong].argsort(descending=True, stable=True)][:(count + 1) // 2]
-    rest = torch.ones(len(test), dtype=torch.bool, device=probs.device)
+    rest = torch.ones(len(probs), dtype=torch.bool, device=probs.device)
     rest[worst] = False
     chosen = torch.cat([worst, rest.nonzero().squeeze(1)[:count - len(worst)]]).cpu()
-    plot_predictions(test.take(chosen).cpu(), labels.cpu()[chosen].tolist(), predicted.cpu()[chosen].tolist(),
+    plot_predictions(test.take(index[chosen]).cpu(), labels.cpu()[chosen].tolist(), predicted.cpu()[chosen].tolist(),
                      confidence.cpu()[chosen].tolist(), classes, path,
                      title=f"the {len(worst)} most confident mistakes (red), then the first test images "
-                           f"({len(wrong)} mistakes in {len(test)} images)")
+                           f"({len(wrong)} mistakes in {len(probs)} images)")
     return len(chosen)
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import cli
 import runtime
+from formats import DataError
 
 
 class SimpleCNN(nn.Module):
@@ -166,7 +167,8 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Te
 def evaluate(model: nn.Module, data, num_classes: int, batch_size: int = EVAL_BATCH,
              tta: str = "none") -> dict:
     """Mean cross-entropy, accuracy and top-5 accuracy (percent; top-5 only for more than 5 classes, else nan), the
-    confusion matrix (rows = true class) and the class-balanced measures of confusion_metrics, over all of `data`,
+    confusion matrix (rows = true class) and the class-balanced measures of confusion_metrics, over the images of
+    `data` that could be read (all, held in memory; "skipped": how many streamed files could not be, else 0),
     with the test-time views of `tta` (see tta_logits); `data` is a data.Split. Under torchrun each process
     takes every world_size-th image and the sums are added up across processes, so every image counts once."""
     model.eval()
@@ -186,10 +188,13 @@ def evaluate(model: nn.Module, data, num_classes: int, batch_size: int = EVAL_BA
         dist.all_reduce(confusion)
         dist.all_reduce(top5)
     confusion = confusion.view(num_classes, num_classes).cpu()
-    n = max(len(data), 1)
+    n = confusion.sum().item()  # the images read: a streamed file that cannot be read was skipped (and warned)
+    if n == 0 and len(data):
+        raise DataError(f"none of the {len(data):,} images could be read (each unreadable file was named above)")
+    n = max(n, 1)
     return {"loss": loss_sum.item() / n, "accuracy": 100.0 * confusion.diag().sum().item() / n,
             "top5": 100.0 * top5.item() / n if num_classes > 5 else math.nan, "confusion": confusion,
-            **confusion_metrics(confusion)}
+            "skipped": len(data) - confusion.sum().item(), **confusion_metrics(confusion)}
 
 
 MEASURES = ("balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")  # confusion_metrics' keys
@@ -359,7 +364,8 @@ def torchvision_weights(weights) -> dict:
                              f"({type(e).__name__}); put {path.name} (from {weights.url}) in {path.parent}/ "
                              f"(or set TORCH_HOME to a folder whose hub/checkpoints/ has it)") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with cli.c_openable(path) as name:  # (a TORCH_HOME whose name is not UTF-8 too)
+            state = torch.load(name, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"cannot read the pretrained weights {path} ({type(e).__name__}); delete it to "
                          f"download it again") from None

@@ -71,7 +71,8 @@ class FolderFiles(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, str | None, bool]:
         epoch, i = key
-        path = self.root / self.files[i % len(self.files)].decode()  # (i >= n: a repeat, data.balanced_order)
+        # (os.fsdecode: a name that is not UTF-8, Latin-1 bytes, comes back as the very name the system gave)
+        path = self.root / os.fsdecode(self.files[i % len(self.files)])  # (i >= n: a repeat, data.balanced_order)
         try:
             if epoch == 0:
                 return load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep), None, False
@@ -90,6 +91,11 @@ class FolderFiles(Dataset):
         x = torch.stack(images) if images else torch.empty(0, IMAGEFOLDER_CHANNELS, self.size, self.size,
                                                             dtype=torch.uint8)
         return x, keep, [(message, fatal) for _, message, fatal in items if message]
+
+
+class Step(list):
+    """A training step's micro-batches [(x, y), ...], and how many of its images could not be read (`skipped`)."""
+    skipped: int = 0
 
 
 class Keys:
@@ -206,11 +212,17 @@ class StreamSet:
                 it._shutdown_workers()  # now, not whenever the iterator is collected
 
     def batches(self, idx: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Evaluation: normalized images and labels of the images `idx`, `batch_size` at a time."""
+        """Evaluation: normalized images and labels of the readable images of `idx`, `batch_size` at a time."""
+        for x, y, _ in self.indexed_batches(idx, batch_size):
+            yield x, y
+
+    def indexed_batches(self, idx: torch.Tensor,
+                        batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """batches(), with the indices of the images each batch holds (the readable ones of its part of `idx`)."""
         from data import to_input
         parts = idx.cpu().split(batch_size)
         for part, (x, keep) in zip(parts, self.read(parts, 0)):
-            yield to_input(x, self.mean, self.std), self.labels[part[keep]].to(self.device)
+            yield to_input(x, self.mean, self.std), self.labels[part[keep]].to(self.device), part[keep]
 
     def set_policy(self, policy: Callable[[torch.Tensor], torch.Tensor] | None, seed: int) -> None:
         """Training images go through `policy` (augment.image_policy) in the workers, after their shape, each with
@@ -245,9 +257,10 @@ class StreamSet:
         crop_flip = augment and self.files.prep.mode == "squash"
         try:
             for step in parts:
-                micro = []
+                micro = Step()
                 for part in step:
                     x, keep = next(batches)
+                    micro.skipped += len(keep) - int(keep.sum())
                     kept = part[keep.to(part.device)].to(self.device)
                     if len(kept):  # (a micro-batch of unreadable files only is left out)
                         x = to_input(x, self.mean, self.std, kept[:, 1:4] if crop_flip else None, pad,
@@ -272,7 +285,9 @@ def stream_set(root: Path, files: list[tuple[Path, int]], size: int, max_pixels:
     """The (file, label) list of an image folder as a StreamSet, normalized with a mean of 0 and a std of 1 until
     they are set."""
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    names = np.array([p.relative_to(root).as_posix().encode() for p, _ in files], dtype="S")
+    # os.fsencode: the bytes the file system has, for any name (one not UTF-8 reaches Python with surrogates, which
+    # .encode() refuses); a UTF-8 name gives the bytes it gave before, so --resume's fingerprint is unchanged
+    names = np.array([os.fsencode(p.relative_to(root).as_posix()) for p, _ in files], dtype="S")
     return StreamSet(FolderFiles(root, names, size, max_pixels, prep, seed), labels,
                      torch.zeros(IMAGEFOLDER_CHANNELS, device=device), torch.ones(IMAGEFOLDER_CHANNELS, device=device),
                      device, workers)

@@ -128,6 +128,7 @@ class Trainer:
     frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
     class_weights: torch.Tensor | None = None  # --class-weights balanced: each class's weight in the loss
     mix: Mix | None = None        # --mixup-alpha, --cutmix-alpha
+    skips_noted: bool = False     # whether the run said that it skips unreadable training images
 
 
 def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -137,11 +138,11 @@ def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
-def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
-                first_step: int) -> Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
+def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, first_step: int,
+                skipped: torch.Tensor) -> Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
     """The optimizer steps of epoch `epoch` from `first_step` on, as train_one_epoch takes them, each step's lr set
     (scale_lr) as it is handed over; ends early when a signal asks the run to stop (at a step boundary, the same one
-    in every process)."""
+    in every process). Adds to `skipped` the streamed files of the steps that could not be read (warned each)."""
     rank, world = runtime.rank_world()
     plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
                       args.color_jitter, data.labels if args.balanced_sampler else None
@@ -157,6 +158,7 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int,
         for step, (group, micro_batches) in enumerate(zip(groups, batches), first_step):
             if t.stop.requested():
                 return
+            skipped += getattr(micro_batches, "skipped", 0)  # (stream.Step)
             if t.mix is not None:
                 micro_batches = MixedBatches(micro_batches, t.mix, epoch, step)
             scale_lr(t.optimizer, lr_factor((epoch - 1) * t.steps_per_epoch + step, total, warmup, args.scheduler))
@@ -185,8 +187,10 @@ def train_epoch(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, t
 
     runtime.sync(data.device)
     start = time.perf_counter()
-    loss_sum, correct = train_one_epoch(t.step_model, t.optimizer, epoch_steps(t, data, args, epoch, tally.step),
-                                        t.scaler, t.autocast, args.grad_clip, args.label_smoothing, after_step,
+    skipped = torch.zeros((), dtype=torch.int64, device=data.device)
+    steps = epoch_steps(t, data, args, epoch, tally.step, skipped)
+    loss_sum, correct = train_one_epoch(t.step_model, t.optimizer, steps, t.scaler, t.autocast, args.grad_clip,
+                                        args.label_smoothing, after_step,
                                         t.class_weights if epoch >= args.class_weights_from_epoch else None)
     if progress:
         progress.clear()
@@ -194,6 +198,8 @@ def train_epoch(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, t
     if world > 1:
         dist.all_reduce(loss_sum)
         dist.all_reduce(correct)
+        dist.all_reduce(skipped)
+    tally.skipped += int(skipped.item())
     tally.seconds += time.perf_counter() - start
     tally.loss_sum += loss_sum.item()
     tally.correct += int(correct.item())
@@ -243,7 +249,14 @@ def eval_batch(args: argparse.Namespace) -> int:
 def end_of_epoch(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, card: dict,
                  state: RunState, tally: EpochTally, epoch: int) -> tuple[dict, bool]:
     """Validate, update the run state, and return the epoch's metrics row and whether it is the best so far."""
-    n = t.images_per_epoch
+    n = t.images_per_epoch - tally.skipped  # the images trained on: all but the unreadable streamed files
+    if n <= 0:
+        raise TrainError(f"none of the {t.images_per_epoch:,} training images of epoch {epoch} could be read (each "
+                         f"unreadable file was named above)")
+    if tally.skipped and not t.skips_noted:  # (once: each file was named when it was met)
+        t.skips_noted = True
+        runtime.print0(f"note: {tally.skipped:,} of epoch {epoch}'s {t.images_per_epoch:,} training images could not "
+                       f"be read; the training loss and accuracy count the {n:,} read", file=sys.stderr)
     row = {"epoch": epoch, "train_loss": tally.loss_sum / n, "train_acc": 100.0 * tally.correct / n,
            "val_loss": math.nan, "val_acc": math.nan, "lr": t.optimizer.param_groups[0]["lr"],
            "train_seconds": tally.seconds, "images_per_s": n / tally.seconds, "val_top5": math.nan}
@@ -390,6 +403,7 @@ def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[
     results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
                **({"test_top5": result["top5"]} if len(classes) > 5 else {}),
                **{f"test_{k}": result[k] for k in MEASURES},
+               "test_images": len(test) - result["skipped"], "test_skipped": result["skipped"],
                "best_epoch": state.best_epoch,
                "epochs_completed": state.epoch, "stopped_early": stopped_early,
                "train_seconds": state.train_seconds}
@@ -397,9 +411,10 @@ def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[
     runtime.on_rank0(lambda: folder.write_results(json.dumps(results, indent=2) + "\n"))
     tta = "" if args.tta == "none" else f" and {args.tta} TTA"
     top5 = f", top-5 {result['top5']:.2f}%" if len(classes) > 5 else ""
+    skipped = f"; {result['skipped']:,} unreadable test images skipped" if result["skipped"] else ""
     runtime.print0(f"test accuracy {result['accuracy']:.2f}% (loss {result['loss']:.4f}{top5}, balanced accuracy "
                    f"{result['balanced_accuracy']:.2f}%) with best.pth from epoch "
-                   f"{state.best_epoch}{tta}; results in {folder.path / 'results.json'}")
+                   f"{state.best_epoch}{tta}{skipped}; results in {folder.path / 'results.json'}")
     return results
 
 

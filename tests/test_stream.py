@@ -17,6 +17,7 @@ from torchvision.models import get_model_weights
 
 import data
 import evaluate
+import folders
 import predict
 import stream
 import train
@@ -254,6 +255,39 @@ def test_a_corrupt_file_met_mid_epoch_is_skipped_with_one_warning(tmp_path):
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: cannot read image {broken}: ") and \
         warnings[0].endswith("; skipped"), proc.stderr  # once, though all three epochs meet it
     assert "epoch 3/3" in proc.stdout
+
+
+def test_streamed_numbers_count_the_images_read_and_agree_with_evaluate(tmp_path, capsys):
+    """Unreadable files, skipped, are left out of every number: the training loss and accuracy, the test's accuracy,
+    loss and confusion matrix (results.json = evaluate.py, and it keeps the count); a test set of which nothing
+    can be read is one line, not "accuracy 0.00%"."""
+    photos = write_photos(tmp_path / "photos", {"train": 6, "test": 2})
+    (photos / "train" / "blue" / "zz.jpg").write_bytes(b"not an image")
+    (photos / "test" / "red" / "zz.jpg").write_bytes(b"not an image")
+    result = quiet_main(["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "40", "--epochs", "1",
+                         "--batch-size", "4", "--val-split", "0", "--workers", "1", "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert "note: 1 of epoch 1's 19 training images could not be read; the training loss and accuracy count the " \
+           "18 read" in err
+    row = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1].split(",")
+    correct = float(row[2]) * 18 / 100
+    assert correct > 0 and abs(correct - round(correct)) < 1e-6  # a count out of 18, not of 19
+    assert result["test_images"] == 6 and result["test_skipped"] == 1
+    report = evaluate.main(["--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--json"])
+    assert report["skipped"] == 1 and report["confusion"].sum() == 6
+    assert report["accuracy"] == result["test_accuracy"] == 100 * report["confusion"].diag().sum().item() / 6
+    assert report["loss"] == result["test_loss"]
+
+    test = evaluate.test_set(load_checkpoint(tmp_path / "run" / "best.pth"), "imagefolder", str(photos),
+                             folders.MAX_IMAGE_PIXELS, torch.device("cpu"))
+    index = torch.cat([i for _, y, i in test.indexed_batches(torch.arange(len(test)), 4)])
+    assert index.tolist() == [0, 1, 2, 3, 4, 5]  # the red one (file 6) left out: --show captions the images read
+    for p in (photos / "test").rglob("*.*"):
+        p.write_bytes(b"not an image")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--checkpoint", str(tmp_path / "run"), "--device", "cpu"])
+    assert exc.value.code == "evaluate.py: error: none of the 7 images could be read (each unreadable file was " \
+                             "named above)"
 
 
 @pytest.mark.slow
