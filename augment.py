@@ -60,9 +60,10 @@ def apply_policy(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: 
 @dataclass(frozen=True)
 class Mix:
     """--mixup-alpha and --cutmix-alpha (0 = off) as torchvision.transforms.v2's MixUp and CutMix mean them: each
-    image blended with (mixup), or a box of it replaced by (cutmix), the batch's previous image (the batch rolled by
-    one), lam ~ Beta(alpha, alpha) of its own, and its one-hot target mixed in the same proportion. With both, each
-    step takes one of the two, at even odds."""
+    image blended with (mixup), or a box of it replaced by (cutmix), the previous image of the optimizer step (the
+    step's images rolled by one, over all its micro-batches and processes: train.micro_parts), lam ~ Beta(alpha,
+    alpha) of its own, and its one-hot target mixed in the same proportion. With both, each step takes one of the
+    two, at even odds."""
     mixup_alpha: float
     cutmix_alpha: float
     num_classes: int
@@ -84,16 +85,17 @@ class Mix:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lam: float,
                  box: tuple[int, int, int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A micro-batch (x, class indices y) mixed as drawn: (x, targets (N, num_classes) that sum to 1)."""
+        """A micro-batch (x, class indices y) whose first image is the partner of the second (micro_parts), mixed
+        as drawn, each image with the one before it: (x[1:] mixed, targets (N - 1, num_classes) that sum to 1)."""
         targets = F.one_hot(y, self.num_classes).float()
-        mixed = x.clone()  # (keeps x's memory layout: channels_last stays so)
+        mixed = x[1:].clone()  # (keeps x's memory layout: channels_last stays so)
         if box is None:
-            mixed.mul_(lam).add_(x.roll(1, 0), alpha=1 - lam)
+            mixed.mul_(lam).add_(x[:-1], alpha=1 - lam)
         else:
             y1, y2, x1, x2 = box
-            mixed[..., y1:y2, x1:x2] = x.roll(1, 0)[..., y1:y2, x1:x2]
+            mixed[..., y1:y2, x1:x2] = x[:-1, ..., y1:y2, x1:x2]
             lam = 1 - (y2 - y1) * (x2 - x1) / (x.shape[-2] * x.shape[-1])  # the share of the image left as it was
-        return mixed, targets.roll(1, 0).mul_(1 - lam).add_(targets, alpha=lam)
+        return mixed, targets[:-1] * (1 - lam) + targets[1:] * lam
 
 
 class MixedBatches(Sequence):
@@ -107,4 +109,6 @@ class MixedBatches(Sequence):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.micro_batches[i]
+        if len(x) == 0:  # (an empty share at the end of an epoch)
+            return x, F.one_hot(y, self.mix.num_classes).float()
         return self.mix(x, y, *self.mix.draw(self.epoch, self.step, x.shape[-2], x.shape[-1]))

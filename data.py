@@ -141,8 +141,9 @@ class ImageSet:
             yield *self.batch(part), part
 
     def steps(self, parts: list[Sequence[torch.Tensor]], epoch: int, augment: bool, pad: int,
-              channels_last: bool) -> Iterator["MicroBatches"]:
-        """Training: the micro-batches of each optimizer step (see MicroBatches); `epoch` is in the plan already."""
+              channels_last: bool, partnered: bool = False) -> Iterator["MicroBatches"]:
+        """Training: the micro-batches of each optimizer step (see MicroBatches); `epoch` is in the plan already.
+        (partnered: each part's first row is its mixing partner (train.micro_parts): read as any other here.)"""
         for step in parts:
             yield MicroBatches(self, step, augment, pad, channels_last, epoch)
 

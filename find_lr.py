@@ -97,8 +97,8 @@ def lr_range_test(t: train.Trainer, data: Split,
         groups = epoch_plan(len(data), args.seed, n, data.labels.device, args.crop_pad, args.alt_flip,
                             args.color_jitter, data.labels if args.balanced_sampler else None
                             )[:t.images_per_epoch].split(args.batch_size * args.accum_steps)
-        parts = [group.tensor_split(math.ceil(len(group) / args.batch_size)) for group in groups]
-        steps = data.steps(parts, n, args.augment, args.crop_pad, args.channels_last)
+        parts = [train.micro_parts(group, 0, 1, args.batch_size, t.mix is not None) for group in groups]
+        steps = data.steps(parts, n, args.augment, args.crop_pad, args.channels_last, partnered=t.mix is not None)
         return ((group, micro if t.mix is None else MixedBatches(micro, t.mix, n, step))  # (--mixup, --cutmix)
                 for step, (group, micro) in enumerate(zip(groups, steps)))
 

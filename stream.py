@@ -247,10 +247,12 @@ class StreamSet:
         return self.take(torch.arange(min(n, len(self))))
 
     def steps(self, parts: list[Sequence[torch.Tensor]], epoch: int, augment: bool, pad: int,
-              channels_last: bool) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+              channels_last: bool, partnered: bool = False) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """Training: the micro-batches (x, y) of each optimizer step; `parts`: each step's rows of the epoch plan
         (data.epoch_plan), one tensor per micro-batch. The crop recipe's random crop and flip were drawn in the
-        worker; squash's pad-crop, flip and jitter are drawn from the plan rows, as for the in-memory sets."""
+        worker; squash's pad-crop, flip and jitter are drawn from the plan rows, as for the in-memory sets.
+        partnered: each part's first row is the mixing partner of its second (train.micro_parts); where it cannot be
+        read, that image is its own partner (mixed with itself: left as it is), and it is not counted as skipped."""
         from data import to_input
         rows = [part.cpu() for step in parts for part in step]
         batches = self.read([r[:, 0] for r in rows], epoch)
@@ -262,7 +264,10 @@ class StreamSet:
                     x, keep = next(batches)
                     micro.skipped += len(keep) - int(keep.sum())
                     kept = part[keep.to(part.device)].to(self.device)
-                    if len(kept):  # (a micro-batch of unreadable files only is left out)
+                    if partnered and len(keep) and not keep[0]:
+                        micro.skipped -= 1  # (the partner: counted where it is trained on)
+                        x, kept = torch.cat([x[:1], x]), torch.cat([kept[:1], kept])  # the first read stands in
+                    if len(kept) > partnered:  # (a micro-batch of unreadable files only is left out)
                         x = to_input(x, self.mean, self.std, kept[:, 1:4] if crop_flip else None, pad,
                                      kept[:, 4:] if kept.shape[1] > 4 else None)
                         micro.append((x.contiguous(memory_format=torch.channels_last) if channels_last else x,

@@ -138,6 +138,16 @@ def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
         group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
 
 
+def micro_parts(group: torch.Tensor, rank: int, world: int, batch_size: int, mix: bool) -> list[torch.Tensor]:
+    """This process's micro-batches of one step's plan rows `group`. With mixup or cutmix each also holds, first, the
+    row before its own first in the whole step (the step's last, for its first): the mixing partner of its first
+    image (augment.MixedBatches), so the pairs are the step's, whatever the processes and micro-batches."""
+    positions = torch.arange(len(group)).tensor_split(world)[rank].tensor_split(math.ceil(len(group) / batch_size))
+    if mix:
+        positions = [torch.cat([(p[:1] - 1) % len(group), p]) if len(p) else p for p in positions]
+    return [group[p.to(group.device)] for p in positions]
+
+
 def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, first_step: int,
                 skipped: torch.Tensor) -> Iterator[tuple[Sequence[tuple[torch.Tensor, torch.Tensor]], int]]:
     """The optimizer steps of epoch `epoch` from `first_step` on, as train_one_epoch takes them, each step's lr set
@@ -151,9 +161,9 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, f
     groups = plan.split(args.batch_size * args.accum_steps)[first_step:]
     # Every process takes its share of the step and cuts it into the same number of micro-batches, so all of
     # them join the same gradient all-reduce (a share may be empty at the very end of an epoch).
-    parts = [group.tensor_split(world)[rank].tensor_split(math.ceil(len(group) / args.batch_size))
-             for group in groups]
-    batches = data.steps(parts, epoch, args.augment, args.crop_pad, args.channels_last)  # (streamed: read ahead)
+    parts = [micro_parts(group, rank, world, args.batch_size, t.mix is not None) for group in groups]
+    batches = data.steps(parts, epoch, args.augment, args.crop_pad, args.channels_last,  # (streamed: read ahead)
+                         partnered=t.mix is not None)
     try:
         for step, (group, micro_batches) in enumerate(zip(groups, batches), first_step):
             if t.stop.requested():

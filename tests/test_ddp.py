@@ -38,12 +38,12 @@ def weights(path):
     return torch.load(path, weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+@pytest.mark.parametrize("optimizer", ["sgd", "muon", "sgd --cutmix-alpha 1.0"])  # (cutmix: pairs across processes)
 def test_two_processes_take_the_same_first_step_as_one(tmp_path, optimizer):
     # 40 images, val split 0.2: exactly 32 train, so one epoch is one optimizer step of batch 32
     data = write_cifar10(tmp_path / "data", n_per_batch=8, n_test=21)
     flags = ["--data-dir", str(data), "--epochs", "1", "--batch-size", "32", "--val-split", "0.2",
-             "--optimizer", optimizer, "--lr", "0.1", "--no-channels-last"]
+             "--optimizer", *optimizer.split(), "--lr", "0.1", "--no-channels-last"]
     train.main([*flags, "--device", "cpu", "--out-dir", str(tmp_path / "one")])
     torchrun(*flags, "--out-dir", str(tmp_path / "two"))  # 2 processes x 16 images
     one, two = weights(tmp_path / "one" / "last.pth"), weights(tmp_path / "two" / "last.pth")

@@ -23,7 +23,7 @@ import train
 from augment import Mix, apply_policy, image_policy
 from checkpoint import RunState, load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
-from data import ImageSet, balanced_class_weights, epoch_plan
+from data import ImageSet, balanced_class_weights, epoch_plan, prepare
 from formats import load_cifar10
 from model import MEASURES, build_model, evaluate
 from test_stream import same_weights, write_photos
@@ -239,23 +239,37 @@ def test_mixup_and_cutmix_mix_targets_in_the_images_proportion_and_draw_from_see
         lam, box = mix.draw(1, step, 16, 16)
         assert torch.equal(torch.get_rng_state(), state) and (lam, box) == mix.draw(1, step, 16, 16)
         mixed, targets = mix(x, y, lam, box)
-        assert torch.allclose(targets.sum(1), torch.ones(5)) and (targets >= 0).all()
+        assert torch.allclose(targets.sum(1), torch.ones(4)) and (targets >= 0).all()  # x[0]: x[1]'s partner
         if box is None:
             kinds.add("mixup")
-            assert torch.allclose(mixed, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-6)
+            assert torch.allclose(mixed, lam * x[1:] + (1 - lam) * x[:-1], atol=1e-6)
             kept = lam
         else:
             kinds.add("cutmix")
             y1, y2, x1, x2 = box
             inside = torch.zeros(16, 16, dtype=torch.bool)
             inside[y1:y2, x1:x2] = True
-            assert torch.equal(mixed[..., inside], x.roll(1, 0)[..., inside])
-            assert torch.equal(mixed[..., ~inside], x[..., ~inside])
+            assert torch.equal(mixed[..., inside], x[:-1][..., inside])
+            assert torch.equal(mixed[..., ~inside], x[1:][..., ~inside])
             kept = 1 - inside.float().mean().item()
-        assert targets[0].tolist() == pytest.approx([kept, 1 - kept, 0, 0] if kept < 1 else [1, 0, 0, 0])
+        assert targets[0].tolist() == pytest.approx([1 - kept, kept, 0, 0] if kept < 1 else [0, 1, 0, 0])
     assert kinds == {"mixup", "cutmix"}  # both set: each step one of the two
     assert mix.draw(1, 0, 16, 16) != mix.draw(2, 0, 16, 16) != Mix(0.2, 1.0, 4, seed=1).draw(2, 0, 16, 16)
     assert Mix(0.0, 1.0, 4, 0).draw(1, 0, 16, 16)[1] is not None and Mix(0.3, 0.0, 4, 0).draw(1, 0, 16, 16)[1] is None
+
+
+@pytest.mark.parametrize("mix", [["--mixup-alpha", "0.4"], ["--cutmix-alpha", "1.0"]])
+def test_mixup_and_cutmix_pair_across_the_whole_step_so_accumulation_equals_one_batch(tmp_path, mix):
+    """Each image is mixed with the step's previous one, whichever micro-batch holds either: K micro-batches of
+    N/K images take the step of one batch of N (SimpleCNN: no BatchNorm), 80 images: a short last step too."""
+    from test_train import assert_same_weights, one_epoch
+    data = prepare("cifar10", write_cifar10(tmp_path, n_per_batch=16), 0, seed=0, device="cpu")[0]  # 80 images
+    flags = ("--optimizer", "sgd", "--momentum", "0.9", "--lr", "0.05", "--no-channels-last", *mix)
+    big = one_epoch(data, "--batch-size", "32", *flags)
+    small = one_epoch(data, "--batch-size", "8", "--accum-steps", "4", *flags)
+    assert_same_weights(big, small, atol=1e-6)
+    other = one_epoch(data, "--batch-size", "16", *flags)  # another step: the test tells them apart
+    assert not torch.allclose(other.fc3.weight, big.fc3.weight, atol=1e-4)
 
 
 def test_the_training_accuracy_under_mixed_targets_counts_the_dominant_label():

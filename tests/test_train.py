@@ -19,6 +19,7 @@ import runtime
 import config
 import optim
 import train
+from augment import Mix
 from checkpoint import METRICS, EpochTally
 from conftest import ROOT, fails_with, write_cifar10
 from data import epoch_plan, prepare
@@ -40,7 +41,9 @@ def one_epoch(data, *argv: str, model_seed: int = 0) -> torch.nn.Module:
     optimizer = optim.make_optimizer(model, args, torch.device("cpu"), 10)
     trainer = train.Trainer(model=model, step_model=model, optimizer=optimizer,
                             scaler=torch.amp.GradScaler("cuda", enabled=False), autocast=nullcontext(), ema=None,
-                            stop=runtime.StopSignal(), steps_per_epoch=steps, images_per_epoch=len(data))
+                            stop=runtime.StopSignal(), steps_per_epoch=steps, images_per_epoch=len(data),
+                            mix=Mix(args.mixup_alpha, args.cutmix_alpha, 10, args.seed)
+                            if args.mixup_alpha or args.cutmix_alpha else None)
     tally = EpochTally()
     assert train.train_epoch(trainer, data, args, 1, tally)
     assert tally.step == steps
