@@ -21,12 +21,18 @@ so that no file goes through the plain unpickler), a DataLoader with batch 32 an
 all 50,000 training images. train.py runs as a subprocess with the same recipe and --val-split 0, so both train
 on the same images. images/s counts the training pass alone in both.
 """
+import cli
+
+if __name__ == "__main__":
+    cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly, as in the other scripts
+
 import contextlib
 import csv
 import json
 import os
 import pickle
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +48,6 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-import cli
 import runtime
 import config
 import optim
@@ -52,6 +57,7 @@ from checkpoint import EpochTally
 from data import ImageSet, load_raw
 from model import AirNet, SimpleCNN, build_model
 
+PHOTOS_LIMIT = 256  # --photos' default: resnet18 trains ~9 images/s on 2 cores, so 3 epochs of 256 take ~90 s
 ROOT = Path(__file__).resolve().parent  # train.py runs by its full path, in the user's folder: their paths hold
 TRAIN_PY = str(ROOT / "train.py")
 
@@ -107,7 +113,9 @@ def seed_guide_process(data_dir: str) -> None:
 
 
 def run_train_py(cmd: list[str]) -> None:
-    if subprocess.run(cmd).returncode != 0:  # train.py has said why, in one line
+    # (a stdout that has failed here, closed or full, is not handed on: train.py would fail on it too)
+    if subprocess.run(cmd, stdout=subprocess.DEVNULL if cli.stdout_failed() else None).returncode != 0:
+        # train.py has said why, in one line
         raise cli.UserError("the train.py run above failed")
 
 
@@ -350,13 +358,20 @@ def peak_tree_memory(pid: int, peak: list[int]) -> Iterator[None]:
 def train_py_photos(folder: str, extra: list[str]) -> dict:
     """One epoch of train.py on the image folder: training images/s (metrics.csv) and peak memory."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", folder, "--epochs", "1",
+        cmd = [sys.executable, TRAIN_PY, "--dataset", "imagefolder", "--data-dir", folder, "--epochs", "1",
                "--val-split", "0", "--out-dir", out, "--log-interval", "0", *extra]
-        print("  " + " ".join(cmd[1:]), flush=True)
+        show(cmd)
         peak = [0]
-        proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.DEVNULL)
-        with peak_tree_memory(proc.pid, peak):
-            proc.wait()
+        # In a session of its own: Ctrl-C reaches bench.py alone, which ends the run and its workers without a word
+        # (its folders are temporary); run in the user's folder by its full path, so their relative paths hold.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+        try:
+            with peak_tree_memory(proc.pid, peak):
+                proc.wait()
+        finally:
+            if proc.returncode is None:  # (stopped: Ctrl-C, SIGTERM, an error of ours)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if proc.returncode != 0:
             raise cli.UserError("the train.py run above failed")
         with open(Path(out) / "metrics.csv", newline="") as f:
@@ -373,7 +388,8 @@ def torchvision_photos(folder: str, model_name: str, size: int, batch_size: int,
                              transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
     dataset = ImageFolder(str(Path(folder) / "train"), transform=tf)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        persistent_workers=False, drop_last=False)
+                        persistent_workers=False, drop_last=False,
+                        worker_init_fn=stream.ignore_signals)  # (Ctrl-C is the main process's to handle)
     torch.manual_seed(0)
     model = build_model(model_name, len(dataset.classes), 3, size).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -381,10 +397,16 @@ def torchvision_photos(folder: str, model_name: str, size: int, batch_size: int,
     peak = [0]
     with peak_tree_memory(os.getpid(), peak):
         start = time.perf_counter()
-        for x, y in loader:
-            optimizer.zero_grad()
-            F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
-            optimizer.step()
+        with cli.signals_held():  # (a Ctrl-C as the workers are forked stops bench.py, not a worker: see there)
+            batches = iter(loader)
+        try:
+            for x, y in batches:
+                optimizer.zero_grad()
+                F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
+                optimizer.step()
+        finally:
+            if hasattr(batches, "_shutdown_workers"):  # now, however the loop ended (Ctrl-C), not when collected
+                batches._shutdown_workers()
         seconds = time.perf_counter() - start
     return {"images_per_s": len(dataset) / seconds, "memory": peak[0]}
 
@@ -467,30 +489,73 @@ def crop_fidelity(folder: str, size: int, count: int = 8, draws: int = 4) -> dic
     return {"areas": result, "seconds": seconds, "files": len(files)}
 
 
-def photos(folder: str, model_name: str, size: int, batch_size: int, workers: int) -> None:
-    """The photo benchmark of docs/performance.md: decoding per core, then one training epoch of each pipeline."""
-    print(f"{folder}: decoding to {size} px on one core")
-    for name, rate in decode_rates(folder, size).items():
+def photos(folder: str, model_name: str, size: int, batch_size: int, workers: int, limit: int) -> None:
+    """The photo benchmark of docs/performance.md: decoding per core, then one training epoch of each pipeline over
+    at most `limit` of the folder's training images (0: all). Nothing is written into the folder: the pipelines
+    read links to its files in a temporary folder, where train.py's in-memory path keeps its cache."""
+    root = Path(folder).absolute()  # (the user's folder, whatever folder the processes started here work in)
+    if not (root / "train").is_dir():
+        raise cli.UserError(f"--photos {folder}: {root / 'train'} is not a folder; give an image folder with "
+                            f"train/ and test/, each with one sub-folder of images per class")
+    print(f"{cli.printable(str(root))}: decoding to {size} px on one core")
+    for name, rate in decode_rates(str(root), size).items():
         print(f"  {name:<46}{rate:>8,.1f} img/s")
-    fidelity = crop_fidelity(folder, size)
+    fidelity = crop_fidelity(str(root), size)
     print(f"training crops of the {fidelity['files']} largest JPEGs, train.py against torchvision's (whole decode):")
     for area, (sharp, diff) in fidelity["areas"].items():
         print(f"  area {area:<5g} sharpness {sharp:.2f}x  mean |difference| {diff:.2f}/255")
     ours, theirs = fidelity["seconds"]["ours"], fidelity["seconds"]["theirs"]
     print(f"  areas 0.08-1, one core: {1000 * ours:.1f} ms vs {1000 * theirs:.1f} ms per crop ({theirs / ours:.2f}x)")
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-    common = ["--model", model_name, "--image-size", str(size), "--batch-size", str(batch_size)]
-    results = {"train.py streamed (photo recipe)": train_py_photos(folder, [*common, "--resize-mode", "crop",
-                                                                             "--workers", str(workers)]),
-               "torchvision ImageFolder + DataLoader": torchvision_photos(folder, model_name, size, batch_size,
-                                                                          workers),
-               "train.py in memory (squash)": train_py_photos(folder, [*common, "--resize-mode", "squash"])}
+    with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
+        used, total = photo_links(root, Path(tmp) / "photos", limit)
+        print(f"one training epoch of each pipeline on {used:,} of the {total:,} training images"
+              + (f" (--photos-limit {limit}; 0 for all)" if used < total else ""), flush=True)
+        results = photo_pipelines(str(Path(tmp) / "photos"), model_name, size, batch_size, workers)
     print(f"\n{'pipeline (' + model_name + f', {size} px, {workers} workers)':<44}{'images/s':>10}{'memory':>12}")
     for name, r in results.items():
         print(f"{name:<44}{r['images_per_s']:>10,.1f}{r['memory'] / 2**30:>9,.2f} GiB")
     ratio = results["train.py streamed (photo recipe)"]["images_per_s"] / \
         results["torchvision ImageFolder + DataLoader"]["images_per_s"]
     print(f"streamed / torchvision: {ratio:.2f}x")
+
+
+def photo_pipelines(folder: str, model_name: str, size: int, batch_size: int, workers: int) -> dict[str, dict]:
+    """One training epoch of each pipeline on the image folder: images/s and peak memory, by pipeline."""
+    common = ["--model", model_name, "--image-size", str(size), "--batch-size", str(batch_size)]
+    results = {"train.py streamed (photo recipe)": train_py_photos(folder, [*common, "--resize-mode", "crop",
+                                                                             "--workers", str(workers)])}
+    print(f"  torchvision ImageFolder + DataLoader, {workers} workers", flush=True)
+    results["torchvision ImageFolder + DataLoader"] = torchvision_photos(folder, model_name, size, batch_size,
+                                                                         workers)
+    results["train.py in memory (squash)"] = train_py_photos(folder, [*common, "--resize-mode", "squash"])
+    return results
+
+
+def photo_links(root: Path, dest: Path, limit: int) -> tuple[int, int]:
+    """dest/train/ and dest/test/: links to the files of the image folder `root`, under their own names. Training:
+    at most `limit` images (0: all), taken from the classes in turn (each class's first, sorted), at least one per
+    class; test: one per class, which train.py needs and the benchmark does not time (no val/: none is run).
+    Returns (training images linked, training images in `root`)."""
+    from folders import image_files, imagefolder_classes
+    classes = imagefolder_classes(root)
+    files = {c: image_files(root / "train" / c) for c in classes}
+    total = sum(map(len, files.values()))
+    take = {c: len(found) for c, found in files.items()}
+    if limit and limit < total:
+        take, left = dict.fromkeys(classes, 0), min(total, max(limit, len(classes)))
+        while left:  # a round over the classes, each giving one more while it has one
+            for c in classes:
+                if left and take[c] < len(files[c]):
+                    take[c], left = take[c] + 1, left - 1
+    tests = {c: image_files(root / "test" / c)[:1] for c in classes if (root / "test" / c).is_dir()}
+    for split, chosen in (("train", {c: files[c][:take[c]] for c in classes}), ("test", tests)):
+        for c, paths in chosen.items():
+            for path in paths:
+                link = dest / split / c / path.relative_to(root / split / c)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(path, link)
+    return sum(take.values()), total
 
 
 def stream_memory(folder: str, counts: list[int], workers: int) -> None:
@@ -513,6 +578,57 @@ def stream_memory(folder: str, counts: list[int], workers: int) -> None:
             r = train_py_photos(tmp, ["--image-size", "64", "--resize-mode", "crop", "--workers", str(workers),
                                       "--batch-size", "64"])
         print(f"{count:>8,}{r['memory'] / 2**30:>9,.2f} GiB{r['images_per_s']:>10,.0f}")
+
+
+def simulated_folder(sources: list[Path], root: Path, files: int, classes: int) -> None:
+    """root/train/ with `files` links to `sources` (in turn) over `classes` class folders, and root/test/ with two
+    per class: a folder of ImageNet's shape from a few photos."""
+    for split, per_class in (("train", None), ("test", 2)):
+        for c in range(classes):
+            folder = root / split / f"c{c:04d}"
+            folder.mkdir(parents=True)
+            n = per_class or files // classes + (c < files % classes)
+            for i in range(n):
+                source = sources[(c + i) % len(sources)]
+                os.symlink(source, folder / f"{i:07d}{source.suffix}")
+
+
+def start_up(folder: str, counts: list[int], workers: int, classes: int = 1000) -> None:
+    """Seconds from launch to train.py's first optimizer step, and the main process's peak resident memory then
+    (VmHWM), streaming a simulated folder of N links to the folder's photos for each N: what listing a large folder
+    costs. Per file: the peak's growth from the smallest N to the largest, over the files added."""
+    from folders import image_files
+    sources = [p.resolve() for p in image_files(Path(folder) / "train")][:16]
+    if not sources:
+        raise cli.UserError(f"no image files in {folder}/train to link to")
+    print(f"{'files':>10}{'first step':>12}{'main process':>14}  (simplecnn, 64 px, photo recipe, {workers} workers)")
+    peaks = {}
+    for count in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            simulated_folder(sources, Path(tmp) / "photos", count, min(classes, count))
+            cmd = [sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", str(Path(tmp) / "photos"),
+                   "--image-size", "64", "--resize-mode", "crop", "--workers", str(workers), "--epochs", "1",
+                   "--batch-size", "64", "--val-split", "0", "--log-interval", "1", "--out-dir", str(Path(tmp) / "run")]
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            try:
+                for line in proc.stdout:
+                    if line.split()[2:3] == ["step"]:
+                        seconds = time.perf_counter() - start
+                        status = Path(f"/proc/{proc.pid}/status").read_text()
+                        peaks[count] = int(next(v for k, v in (x.split(":") for x in status.splitlines())
+                                                if k == "VmHWM").split()[0]) * 1024
+                        break
+                else:
+                    raise cli.UserError("train.py ended before its first step")
+            finally:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        print(f"{count:>10,}{seconds:>11.1f}s{peaks[count] / 2**20:>11,.0f} MiB", flush=True)
+    if len(counts) > 1:
+        low, high = min(counts), max(counts)
+        print(f"main process: {(peaks[high] - peaks[low]) / (high - low):.0f} bytes per file")
 
 
 def long_tail_counts(n: int, imbalance: float, classes: int = 10) -> list[int]:
@@ -565,8 +681,15 @@ def run_benchmark() -> None:
                    help="with --loop-cost: also time the loop with train.py's --log-interval N (default: 0, off)")
     p.add_argument("--photos", metavar="FOLDER", help="an image folder (train/, test/): train.py's streamed photo "
                    "recipe against torchvision's ImageFolder + DataLoader, and the in-memory path, one epoch each")
+    p.add_argument("--start-up", nargs="+", type=int, metavar="N",
+                   help="with --photos: seconds to the first step and main-process memory streaming a simulated "
+                        "folder of N links to its photos (e.g. 1281167: ImageNet's training set)")
     p.add_argument("--stream-memory", nargs="+", type=int, metavar="N",
                    help="with --photos: peak memory of a streamed epoch over N images each (links to its files)")
+    p.add_argument("--photos-limit", type=int, default=PHOTOS_LIMIT, metavar="N",
+                   help=f"--photos: train each pipeline on at most N of the folder's training images, taken from the "
+                        f"classes in turn, 0 for all (default: {PHOTOS_LIMIT}: the benchmark in under 5 minutes on 2 "
+                        f"cores with resnet18 at 224 px)")
     p.add_argument("--model", default="resnet18", metavar="NAME", help="--photos: the model (default: resnet18)")
     p.add_argument("--image-size", type=int, default=224, metavar="PX", help="--photos: the side (default: 224)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="--photos: the batch (default: 32)")
@@ -586,6 +709,8 @@ def run_benchmark() -> None:
         p.error("--step-cost takes AirNet widths: three channel counts each, like 32,192,192")
     if not 1 <= args.imbalance <= 5000:
         p.error("--imbalance must be in [1, 5000]")
+    if args.photos_limit < 0:
+        p.error("--photos-limit must be >= 0 (0: all the training images)")
     if args.long_tailed:
         counts = long_tailed_cifar10(args.data_dir, args.long_tailed, args.imbalance)
         return print(f"{sum(counts):,} training images ({', '.join(map(str, counts))}) written to "
@@ -599,10 +724,12 @@ def run_benchmark() -> None:
         return loop_cost(args.loop_cost, log_interval=args.log_interval)
     if args.memory:
         return memory(args.data_dir, args.train_args)
+    if args.photos and args.start_up:
+        return start_up(args.photos, args.start_up, args.workers)
     if args.photos and args.stream_memory:
         return stream_memory(args.photos, args.stream_memory, args.workers)
     if args.photos:
-        return photos(args.photos, args.model, args.image_size, args.batch_size, args.workers)
+        return photos(args.photos, args.model, args.image_size, args.batch_size, args.workers, args.photos_limit)
     if args.preset:
         return time_to_accuracy(args.data_dir, args.preset, args.train_args)
     ours = train_py_run(args.data_dir, args.epochs, args.train_args)

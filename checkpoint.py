@@ -15,8 +15,8 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
                   start (optional: older checkpoints have none)
     args          every train.py flag of the run (a dict; data_dir resolved)
     argv          the run's flags as given (a list of strings): what --resume parses again
-    changes       [{"epoch", "step", "flags"}]: what each resume changed (config.TAKE_EFFECT_ON_RESUME), from
-                  which step of which epoch (optional)
+    changes       [{"epoch", "step", "flags"}]: what each resume changed in what is trained
+                  (config.changes_on_resume), from which step of which epoch (optional)
     run_id        random hex, the same in every checkpoint of one run: whose files a run folder holds
     run_folder    {"path", "device", "inode"}: the folder the checkpoint was saved in, whose copy, resumed, becomes a
                   run of its own (runfolder.RunFolder.original_of_copy) (optional: older checkpoints have none)
@@ -293,7 +293,7 @@ def validate(ckpt: object, path: Path) -> None:
     need(all(0 <= v <= 1 for v in ckpt["mean"]) and all(1e-3 <= v <= 1 for v in ckpt["std"]),
          "mean must be in [0, 1] and std in [1e-3, 1]: pixel units")
     try:
-        Prep.from_dict(ckpt.get("prep"))
+        Prep.from_dict(ckpt.get("prep"), ckpt["image_size"])  # (the rule --resize-mode's flags are checked by)
     except ValueError as e:
         need(False, str(e))
     for key in ("model", "ema_model"):

@@ -1,6 +1,7 @@
 """The command line every script shares: bad input is one `prog: error: ...` line and a non-zero exit, never a
 traceback, and Ctrl-C exits quietly with 130. Standard library only, so a script can import it before torch."""
 import argparse
+import codecs
 import importlib
 import errno
 import os
@@ -9,6 +10,7 @@ import stat
 import sys
 import tempfile
 import textwrap
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +54,25 @@ def handle_signals(handler=exit_at_once) -> dict:
 def restore_signals(handlers: dict) -> None:
     for s, handler in handlers.items():
         signal.signal(s, handler)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back while the block runs, then handed to the handler in place before it (once
+    each). Whatever starts DataLoader workers runs in it: a worker keeps the handler of the moment it was forked
+    until its worker_init_fn ignores the signals, and a signal then would end it (the parent reporting a dead
+    worker instead of stopping); forked under this handler, it only takes a note."""
+    if threading.current_thread() is not threading.main_thread():  # (only the main thread sets handlers)
+        yield
+        return
+    held = []
+    previous = handle_signals(lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        restore_signals(previous)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 def path_flag(text: str) -> str:
@@ -107,23 +128,20 @@ def examples(lines: list[str], width: int) -> list[str]:
 def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
     """Turn what a user can cause into `prog: error: <one line>` and a non-zero exit: a UserError, a file the
     system refuses (full disk, name too long, no permission), memory that is not there (followed by `oom_hint`,
-    the way forward in this script's own flags), a signal (exit 128 + N), stdout's reader gone (`| head`: no
-    message, exit 141, as a shell's own commands). The line is printable() (a file name
-    with a newline or a terminal escape in it cannot break or drive the terminal). Ctrl-C and SIGTERM stop the work
-    at once inside it (train.py's loop defers them to a step boundary)."""
-    global _stdout_gone
-
+    the way forward in this script's own flags), a signal (exit 128 + N), stdout's reader gone (`| head`) or stdout
+    closed (`>&-`): no message, exit 141, as a shell's own commands; stdout full (/dev/full): one line, after the
+    work (GuardedStdout). The line is printable() (a file name with a newline or a terminal escape in it cannot
+    break or drive the terminal). Ctrl-C and SIGTERM stop the work at once inside it (train.py's loop defers them
+    to a step boundary)."""
     def fail(message: str) -> SystemExit:
         return SystemExit(f"{prog}: error: {printable(message)}")
     hint = f"; {oom_hint}" if oom_hint else ""
     previous_handlers = handle_signals(raise_interrupted)
+    stdout = GuardedStdout.install()
     try:
         yield
-        sys.stdout.flush()  # (what print() left in the buffer: a reader that has gone fails it here, not at exit)
-        if _stdout_gone:
-            _stdout_gone = False  # (for the next command run in this process: its own stdout, its own status)
-            raise SystemExit(STDOUT_GONE)
-    except BrokenPipeError:  # a plain print() whose reader has gone: quietly, with the shell's status
+        stdout.finish(prog)  # (what print() left in the buffer is written now: a failure is seen here, not at exit)
+    except BrokenPipeError:  # a write to stdout past the guard whose reader has gone: quietly, the shell's status
         drop_stdout()
         raise SystemExit(STDOUT_GONE) from None
     except UserError as e:
@@ -131,6 +149,10 @@ def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
     except Interrupted as e:
         print(f"{prog}: stopped by {signal.Signals(e.signum).name}", file=sys.stderr)
         raise SystemExit(e.code) from None
+    except SystemExit as e:  # --help (0), or an error line: a failed stdout is told after a clean exit only
+        if not e.code:
+            stdout.finish(prog)
+        raise
     except OSError as e:
         raise fail(describe_os_error(e)) from None
     except MemoryError:
@@ -144,6 +166,7 @@ def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
         raise fail(f"out of memory: {shorten(str(e).splitlines()[0])}{hint}") from None
     finally:
         restore_signals(previous_handlers)
+        stdout.uninstall()
 
 
 STDOUT_GONE = 141  # 128 + SIGPIPE: the status a shell's own commands end with when their reader has gone (| head)
@@ -163,9 +186,137 @@ def say(*values: object) -> None:
 def drop_stdout() -> None:
     global _stdout_gone
     _stdout_gone = True
+    to_null(sys.stdout)
+
+
+def to_null(stream: object) -> None:
+    """Send what `stream` writes from now on (what its buffer holds included) to the null device, by its file
+    descriptor: a stream without one (a test's capture) is left as it is."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
     null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, sys.stdout.fileno())
+    os.dup2(null, fd)
     os.close(null)
+
+
+def escape_unencodable(e: UnicodeError) -> tuple[str, int]:
+    """The codec error handler "cli.printable": a character an encoding lacks written as printable() writes it,
+    the byte of a file name that is not UTF-8 (a lone surrogate) as \\xNN, any other as \\uNNNN."""
+    if not isinstance(e, UnicodeEncodeError):
+        raise e
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else ascii(c)[1:-1]
+                   for c in e.object[e.start:e.end]), e.end
+
+
+codecs.register_error("cli.printable", escape_unencodable)
+
+
+class GuardedStdout:
+    """sys.stdout while a script runs (one_line_errors installs it): a stdout that fails never stops the work nor
+    prints a traceback. Its reader gone (`| head`: EPIPE) or closed (`>&-`): what is printed from then on is dropped
+    (to the null device) and the script ends with status 141, quietly, as a shell's own commands; any other
+    failure (a full disk, /dev/full, an I/O error): dropped too, and the script ends with one line naming it. A
+    character stdout's encoding lacks (a file name that is not UTF-8, on a UTF-8 terminal) is written as
+    printable() writes it. Anything else is the real stdout's (isatty, fileno, encoding)."""
+
+    def __init__(self, target: object):
+        self.target, self.error, self.owner, self.nowhere = target, None, True, False
+
+    @classmethod
+    def install(cls) -> "GuardedStdout":
+        if isinstance(sys.stdout, cls):  # (one command run inside another, in one process: the outer one's)
+            inner = cls(sys.stdout.target)
+            inner.owner = False
+            return inner
+        guard = cls(sys.stdout if sys.stdout is not None else open(os.devnull, "w"))
+        guard.nowhere = sys.stdout is None  # (no stdout at all, as Python leaves it for a closed one)
+        sys.stdout = guard
+        return guard
+
+    def uninstall(self) -> None:
+        self.flush()  # (now: a stdout that fails at the interpreter's exit prints Python's own lines)
+        if self.owner and sys.stdout is self:
+            sys.stdout = self.target
+
+    def write(self, text: str) -> int:
+        global _stdout_gone
+        if _stdout_closed or self.nowhere:  # (>&-: file descriptor 1 is the null device, reserve_standard_fds)
+            _stdout_gone = _stdout_gone or bool(text)
+            return len(text)
+        try:
+            try:
+                self.target.write(text)
+            except UnicodeEncodeError:  # (raised before anything is written: the text again, escaped)
+                encoding = getattr(self.target, "encoding", None) or "utf-8"
+                self.target.write(text.encode(encoding, "cli.printable").decode(encoding))
+        except OSError as e:
+            self.failed(e)
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.target.flush()
+        except OSError as e:
+            self.failed(e)
+
+    def failed(self, e: OSError) -> None:
+        global _stdout_gone
+        if isinstance(e, BrokenPipeError) or e.errno == errno.EBADF:  # no reader, or no stdout
+            _stdout_gone = True
+        elif self.error is None:
+            self.error = e
+        to_null(self.target)
+
+    def finish(self, prog: str) -> None:
+        """Flush; raise the exit that a failed stdout calls for (after the work: it was done all the same)."""
+        global _stdout_gone
+        self.flush()
+        error, gone = self.error, _stdout_gone
+        self.error, _stdout_gone = None, False  # (for the next command run in this process: its own status)
+        if error is not None:
+            raise SystemExit(f"{prog}: error: cannot write to stdout: {describe_os_error(error, filename=False)} "
+                             f"(the command did its work; what it printed is incomplete)")
+        if gone:
+            raise SystemExit(STDOUT_GONE)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.target, name)
+
+
+def stdout_failed() -> bool:
+    """Whether this command's stdout has failed (its reader gone, closed, full): a process it starts now should
+    get the null device as its stdout rather than fail on it too."""
+    return _stdout_gone or _stdout_closed or getattr(sys.stdout, "error", None) is not None
+
+
+def reserve_standard_fds() -> bool:
+    """Open the null device on each of file descriptors 0, 1 and 2 that is closed (`>&-`), before anything else
+    opens a file: else the next file opened takes the free number, and what is written to stdout or stderr (by
+    C code, a child process) lands in it, a checkpoint say. Python leaves sys.stdout None then: it becomes a
+    stream on the null device, and GuardedStdout treats stdout as gone. Returns whether stdout was closed."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            closed.append(fd)
+    if 1 in closed and sys.stdout is None:
+        sys.stdout = open(1, "w", closefd=False)
+    if 2 in closed and sys.stderr is None:
+        sys.stderr = open(2, "w", errors="backslashreplace", closefd=False)
+    return 1 in closed
+
+
+_stdout_closed = reserve_standard_fds()  # at import: the scripts import cli first, before any file is opened
+if getattr(sys.stderr, "errors", None) == "backslashreplace" and hasattr(sys.stderr, "reconfigure"):
+    # Python's own stderr writes a lone surrogate as \udce9: a name's byte as printable() writes it, \xe9
+    sys.stderr.reconfigure(errors="cli.printable")
 
 
 def describe_os_error(e: OSError, filename: bool = True) -> str:
@@ -299,6 +450,28 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def c_openable(path: str | Path, flags: int = os.O_RDONLY) -> Iterator[str]:
+    """A name for `path` that C++ code can open (torch.load's mmap, torch.onnx.export, onnxruntime: they take the
+    name encoded as UTF-8): the path itself, or, for a name that is not UTF-8 (Latin-1 bytes reach Python as lone
+    surrogates, which that encoding refuses), /proc/self/fd/N of the file opened here with `flags`, for as long
+    as the block runs (Linux: opening that name opens the file anew; where names must be UTF-8, as on macOS, the
+    question does not arise)."""
+    try:
+        os.fspath(path).encode("utf-8")
+        utf8 = True
+    except UnicodeEncodeError:
+        utf8 = False
+    if utf8 or not os.path.isdir("/proc/self/fd"):
+        yield os.fspath(path)
+        return
+    fd = os.open(path, flags)
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
 def write_output(path: str | Path, data: bytes | memoryview) -> None:

@@ -5,7 +5,8 @@ A preset replaces the parser's defaults; flags given on the command line still w
 come back from its checkpoint and those given now replace them where MAY_CHANGE_ON_RESUME allows.
 """
 import argparse
-import json
+import contextlib
+import copy
 import math
 import os
 import re
@@ -20,13 +21,10 @@ import cli
 import runtime
 from augment import MAGNITUDES, POLICIES
 from checkpoint import load_checkpoint, validate_for_resume
+from configfile import CHANGES, ConfigError, expand_config, spelled_out
 from folders import INTERPOLATIONS, MAX_IMAGE_PIXELS, PREP_MODES, SQUASH, Prep
 from formats import DATASETS
 from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, pretrained_weights, torchvision_models
-
-
-class ConfigError(cli.UserError):
-    """Flags that do not fit together, or a resume that would change what cannot change."""
 
 
 # Named recipes. A preset replaces the defaults; flags given on the command line still win.
@@ -149,7 +147,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         "for the rest (--lr, --momentum, --nesterov) (default: adam)")
     g.add_argument("--lr", type=float, default=1e-3, metavar="LR", help="peak learning rate (default: 1e-3)")
     g.add_argument("--momentum", type=float, default=0.9, metavar="M", help="SGD momentum (default: 0.9)")
-    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum for SGD")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=False,
+                   help="Nesterov momentum for SGD and Muon (--no-nesterov: off where a preset turns it on) "
+                        "(default: off)")
     g.add_argument("--muon-lr", type=float, default=0.2, metavar="LR", help="Muon's peak lr: each step moves a "
                    "filter by LR x a matrix whose singular values are ~1 (default: 0.2)")
     g.add_argument("--muon-momentum", type=float, default=0.6, metavar="M",
@@ -190,12 +190,12 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="evaluate and save an exponential moving average of the weights, updated every step, "
                         "0 = off (default: 0)")
-    g.add_argument("--augment", action="store_true",
-                   help="random crop (from an image padded by mirroring) and horizontal flip")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False, help="squashed images: "
+                   "random crop (from an image padded by mirroring) and horizontal flip (default: off)")
     g.add_argument("--crop-pad", type=int, default=4, metavar="PX",
                    help="--augment's crops shift images by up to PX pixels (default: 4)")
-    g.add_argument("--alt-flip", action="store_true",
-                   help="--augment flips each image in every other epoch, not at random")
+    g.add_argument("--alt-flip", action=argparse.BooleanOptionalAction, default=False, help="--augment flips "
+                   "each image in every other epoch, not at random (default: off)")
     g.add_argument("--color-jitter", type=float, default=0.0, metavar="S",
                    help="scale each image's brightness, then its contrast, by factors drawn in [1-S, 1+S] each epoch "
                         "(the beginner guide's ColorJitter(0.2, 0.2) is 0.2), 0 = off (default: 0)")
@@ -318,14 +318,17 @@ SMALLEST = {"lr": (1e-10, False), "muon_lr": (1e-10, False), "bias_lr_scale": (1
             "grad_clip": (1e-8, True), "weight_decay": (1e-12, True), "momentum": (1e-6, True),
             "muon_momentum": (1e-6, True), "label_smoothing": (1e-6, True), "ema": (1e-6, True),
             "min_delta": (1e-12, True), "val_split": (1e-6, True), "color_jitter": (1e-6, True),
-            "warmup_epochs": (1e-6, True), "find_lr_start": (1e-12, False), "find_lr_end": (1e-12, False)}
+            "warmup_epochs": (1e-6, True), "find_lr_start": (1e-12, False), "find_lr_end": (1e-12, False),
+            "norm_weight_decay": (1e-12, True), "bias_weight_decay": (1e-12, True), "random_erase": (1e-6, True),
+            "mixup_alpha": (1e-3, True), "cutmix_alpha": (1e-3, True)}
+# (--crop-scale, --crop-ratio and --crop-fraction have bounds of their own, away from 0: folders.Prep.problem.)
 
 
 def too_small(args: argparse.Namespace) -> str | None:
     """The first real-valued flag below its smallest sensible value (SMALLEST), as a message, or None."""
     for dest, (low, zero_off) in SMALLEST.items():
         value = getattr(args, dest)
-        if not (value == 0 and zero_off or value >= low):
+        if value is not None and not (value == 0 and zero_off or value >= low):  # (None: not given, the default)
             return (f"--{dest.replace('_', '-')} {value:g} is too small to act: give {'0 (off) or ' * zero_off}at "
                     f"least {low:g}")
     return None
@@ -358,9 +361,6 @@ def check_args(args: argparse.Namespace) -> str | None:
         (args.image_size is None or 8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
         (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),
         (args.workers is None or 0 <= args.workers <= 256, "--workers must be in [0, 256]"),
-        (0 < args.crop_scale[0] <= args.crop_scale[1] <= 1, "--crop-scale must be LOW HIGH with 0 < LOW <= HIGH <= 1"),
-        (0 < args.crop_ratio[0] <= args.crop_ratio[1] <= 100, "--crop-ratio must be LOW HIGH with 0 < LOW <= HIGH "
-                                                              "<= 100"),
         (args.crop_fraction is None or 0.05 <= args.crop_fraction <= 1, "--crop-fraction must be in [0.05, 1]"),
         (args.dataset == "imagefolder" or args.resize_mode != "crop" and args.workers is None,
          f"--resize-mode crop and --workers are for image folders (--dataset imagefolder); {args.dataset} is held "
@@ -400,7 +400,49 @@ def check_args(args: argparse.Namespace) -> str | None:
         check_model_name(args.model)
     except ValueError as e:
         problem = problem or str(e)
-    return problem
+    return problem or recipe_problem(args)
+
+
+def ineffective(args: argparse.Namespace, dests: set[str]) -> str | None:
+    """The first of the flags `dests` (given, with a value other than the run would have without them) that would
+    do nothing in this run, as a message naming the way forward, or None. A preset's own values are not given."""
+    mode = image_prep(copy.copy(args)).mode  # (check_args has refused a recipe image_prep cannot resolve)
+    held = f"; {args.dataset} is held in memory and squashed" if args.dataset != "imagefolder" else \
+        "; this run squashes its images (--resize-mode squash, or an image folder of at most 32 px)"
+    photo = (mode == "crop", f"is for the photo recipe (--resize-mode crop){held}: leave it out"
+             + ("" if args.dataset != "imagefolder" else ", or give --resize-mode crop"))
+    shapes = "shapes --augment's crops of squashed images"
+    acts = {
+        "crop_scale": photo, "crop_ratio": photo, "crop_fraction": photo, "interpolation": photo,
+        "augment": (mode == "squash" or not args.augment, "pads, crops and flips squashed images, and this run "
+                    "takes the photo recipe, which crops and flips already: leave it out, or give --resize-mode "
+                    "squash"),
+        "crop_pad": (args.augment and mode == "squash", f"{shapes}: give --augment too, or leave it out"
+                     if mode == "squash" else f"{shapes}, and this run takes the photo recipe: leave it out"),
+        "momentum": (args.optimizer in ("sgd", "muon"), f"is for sgd and muon; {args.optimizer} has none (its "
+                                                        f"betas are fixed): leave it out, or give --optimizer sgd"),
+        "muon_lr": (args.optimizer == "muon", "is for --optimizer muon: leave it out, or give --optimizer muon"),
+        "find_lr_start": (args.find_lr, "is for the lr range test (find_lr.py, or --find-lr): leave it out"),
+        "max_image_pixels": (args.dataset == "imagefolder", f"limits the image files of an image folder, and "
+                                                            f"{args.dataset} has none: leave it out"),
+    }
+    acts |= {"alt_flip": (acts["crop_pad"][0] or not args.alt_flip, acts["crop_pad"][1]),
+             "muon_momentum": acts["muon_lr"], "find_lr_end": acts["find_lr_start"],
+             "find_lr_steps": acts["find_lr_start"]}
+    return next((f"{shown_flag(d, getattr(args, d))} has no effect here: it {why}"
+                 for d, (ok, why) in acts.items() if d in dests and not ok), None)
+
+
+def recipe_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the run's photo recipe (--resize-mode and its flags, as image_prep resolves them), by
+    the rule a checkpoint's recipe is checked by (folders.Prep.problem), or None."""
+    resolved = copy.copy(args)
+    try:
+        prep = image_prep(resolved)
+    except ValueError as e:  # (--pretrained of a model without weights)
+        return str(e)
+    scale, ratio = tuple(map(float, args.crop_scale)), tuple(map(float, args.crop_ratio))
+    return Prep(prep.mode, prep.resize_size, prep.interpolation, scale, ratio).problem(resolved.image_size or 8)
 
 
 # What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
@@ -455,10 +497,12 @@ def without_resume(argv: list[str]) -> list[str]:
     return without(argv, "--resume")
 
 
-def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[argparse.Namespace, list[str]]:
-    """The resumed run's flags: the checkpoint's, then those given now. A flag given now must equal the run's,
-    unless it is one MAY_CHANGE_ON_RESUME or TAKE_EFFECT_ON_RESUME; --epochs may rise but not fall below the epochs
-    already done."""
+def resume_args(argv: list[str], args: argparse.Namespace,
+                ckpt: dict) -> tuple[argparse.Namespace, list[str], set[str]]:
+    """The resumed run's flags: the checkpoint's, then those given now; and the flags given now that change the
+    run. A flag given now must equal the run's (as given, or as the run resolved it: its recipe, image size,
+    warm-up), unless it is one MAY_CHANGE_ON_RESUME or TAKE_EFFECT_ON_RESUME; --epochs may rise but not fall below
+    the epochs already done."""
     saved_argv = ckpt.get("argv")
     if not (isinstance(saved_argv, list) and len(saved_argv) < 10_000 and all(isinstance(a, str) for a in saved_argv)):
         raise ConfigError(f"--resume: {args.resume} holds no command line to resume (written by an older train.py?)")
@@ -466,16 +510,19 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
         saved = parse_args(saved_argv)
     except SystemExit as e:
         raise ConfigError(f"--resume: the checkpoint's own flags do not parse: {e.code}") from None
-    given = given_flags(argv)
+    saved_argv, given, own = spelled_out(saved_argv, build_parser()), given_flags(argv), resolved_run(saved, ckpt)
+    saved.warmup_epochs = own.warmup_epochs
     for dest in sorted(given - MAY_CHANGE_ON_RESUME - TAKE_EFFECT_ON_RESUME):
-        if getattr(args, dest) != getattr(saved, dest):
-            flag = f"--{dest.replace('_', '-')}"
-            raise ConfigError(f"--resume: the run was trained with {flag} {getattr(saved, dest)}, not "
-                              f"{getattr(args, dest)}; that would be another run: "
+        if getattr(args, dest) not in (getattr(saved, dest), getattr(own, dest)):
+            now, flag = shown_flag(dest, getattr(args, dest)), f"--{dest.replace('_', '-')} "
+            raise ConfigError(f"--resume: the run was trained with {shown_flag(dest, getattr(own, dest))}, not "
+                              f"{now.removeprefix(flag)}; that would be another run: "
                               f"{new_run_hint(dest, saved_argv, argv, args.resume)}")
+    check_workers(args, given, saved, own.workers, ckpt)
     done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
     if isinstance(ckpt["args"].get("data_dir"), str):  # resolved when saved: a resume from any folder finds the data
         saved.data_dir = ckpt["args"]["data_dir"]
+    changed = {d for d in given & (MAY_CHANGE_ON_RESUME | TAKE_EFFECT_ON_RESUME) if getattr(args, d) != getattr(own, d)}
     for dest in given & (MAY_CHANGE_ON_RESUME | TAKE_EFFECT_ON_RESUME):
         setattr(saved, dest, getattr(args, dest))
     if saved.epochs < done:
@@ -484,7 +531,51 @@ def resume_args(argv: list[str], args: argparse.Namespace, ckpt: dict) -> tuple[
     if finished:
         raise ConfigError(finished)
     saved.out_dir, saved.resume = args.out_dir, args.resume
-    return saved, without_resume(replace_flags(saved_argv, argv))
+    run_argv = without_resume(replace_flags(saved_argv, argv))
+    if parse_args(run_argv).warmup_epochs != saved.warmup_epochs:  # a preset's, scaled to the --epochs of its start
+        run_argv += ["--warmup-epochs", repr(saved.warmup_epochs)]  # (kept when --epochs changes)
+    return saved, run_argv, changed
+
+
+def resolved_run(saved: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
+    """The resumed run's flags as it resolved them (its checkpoint's args): its photo recipe (image_prep), its
+    image size, its warm-up, whether it streamed its images (--workers; None: held in memory)."""
+    own, run = copy.copy(saved), ckpt["args"]
+    with contextlib.suppress(ValueError):  # (--pretrained weights this torchvision no longer has)
+        own.resize_mode = image_prep(own).mode
+    own.image_size = ckpt["image_size"]  # (validated by load_checkpoint)
+    if isinstance(run.get("warmup_epochs"), float) and math.isfinite(run["warmup_epochs"]):
+        own.warmup_epochs = run["warmup_epochs"]  # (a preset's, scaled to the --epochs the run started with)
+    workers = run.get("workers")
+    own.workers = workers if isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0 else None
+    return own
+
+
+def check_workers(args: argparse.Namespace, given: set[str], saved: argparse.Namespace, own: int | None,
+                  ckpt: dict) -> None:
+    """--workers on resume changes how many processes stream the images, not whether they are streamed: a resume
+    checks that it trains on the run's own images by the run's fingerprint of them, of the pixels when they were
+    held in memory, of the files when streamed (the weights are the same either way). Without --workers, a streamed
+    run goes on streaming, with its own count (`own`: None when held in memory)."""
+    streamed = own is not None or Prep.from_dict(ckpt.get("prep")).mode == "crop" or saved.dataset != "imagefolder"
+    if "workers" in given and args.workers is not None and not streamed:
+        raise ConfigError("--resume: the run held its images in memory, and --workers would stream them from disk, "
+                          "where the check that they are the run's own images (a fingerprint of their pixels) cannot "
+                          "be made: resume without --workers (streamed or not, the weights are the same)")
+    if "workers" not in given and saved.workers is None and own is not None:
+        saved.workers = own
+
+
+def shown_flag(dest: str, value: object) -> str:
+    """A flag with its value as the command line spells it (--crop-scale 0.08 1.0, --widths 8,8,8, --no-augment)."""
+    action = next(a for a in build_parser()._actions if a.dest == dest)
+    flag = action.option_strings[0]
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}" if isinstance(action, argparse.BooleanOptionalAction) else \
+            f"no {flag}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {(' ' if action.nargs == 2 else ',').join(map(str, value))}"
+    return f"{flag} {value}"
 
 
 def replace_flags(saved_argv: list[str], argv: list[str]) -> list[str]:
@@ -523,10 +614,17 @@ def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str) -
 
 
 def changes_on_resume(args: argparse.Namespace, resumed: dict) -> str:
-    """The TAKE_EFFECT_ON_RESUME flags that differ from the resumed checkpoint's, as "--lr 0.75 -> 0.3; ..."."""
-    saved = resumed["args"]
+    """What a resume changes in the run from this step on, as "--lr 0.75 -> 0.3; ...": the TAKE_EFFECT_ON_RESUME
+    flags that differ from the resumed checkpoint's; the --epochs of a decaying schedule (it jumps to where the
+    longer one is), --min-delta (it decides which epoch is best), a --patience that could have stopped the run
+    sooner. The checkpoint, metrics.csv and args.json record them: the last values from the start would train
+    another run (configfile.changed_run)."""
+    saved, before = resumed["args"], resumed["args"].get("patience")
+    shapes = {"epochs": args.scheduler != "none", "min_delta": True,
+              "patience": isinstance(before, int) and args.patience != 0 and (before == 0 or args.patience < before)}
+    dests = sorted(TAKE_EFFECT_ON_RESUME | {d for d, matters in shapes.items() if matters})
     return "; ".join(f"--{d.replace('_', '-')} {saved.get(d)} -> {getattr(args, d)}"
-                     for d in sorted(TAKE_EFFECT_ON_RESUME) if saved.get(d) != getattr(args, d))
+                     for d in dests if saved.get(d) != getattr(args, d))
 
 
 def resume_command(argv: list[str], path: Path) -> str:
@@ -556,7 +654,7 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     """train.py's flags, checked: (args, the checkpoint --resume continues or None, the run's flags as a command
     line, --config's file spelled out in it). A resumed run's flags are its checkpoint's, with those given now where
     they may change. `prog`, `doc`: the script's name and --help text."""
-    argv = expand_config(argv)
+    argv = expand_config(argv, build_parser(prog, doc))
     args = parse_args(argv, prog, doc)
     resumed, run_argv = None, without_resume(argv)
     if args.find_lr and args.resume:
@@ -565,8 +663,11 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     if args.resume:
         resumed = load_checkpoint(args.resume)
         validate_for_resume(resumed, Path(args.resume))  # now, not after the data has loaded
-        args, run_argv = resume_args(argv, args, resumed)
-    problem = check_args(args)
+        args, run_argv, changed = resume_args(argv, args, resumed)
+    else:
+        defaults = vars(parse_args(["--preset", args.preset]))  # (what the run has without them)
+        changed = {d for d in given_flags(argv) if getattr(args, d) != defaults[d]}
+    problem = check_args(args) or ineffective(args, changed)
     if problem:
         raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
     check_out_dir_outside_data(args)
@@ -579,60 +680,13 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
 NOT_IN_CONFIG = ("resume", "out_dir", "config")  # where a run is, not what it is
 
 
-def run_flags(args: argparse.Namespace) -> dict:
+def run_flags(args: argparse.Namespace, changes: list[dict] = ()) -> dict:
     """The run's resolved flags, as its args.json holds them and --config takes them back: every flag but where
-    the run is (--out-dir, --resume), the data folder resolved."""
+    the run is (--out-dir, --resume), the data folder resolved; and the checkpoint's `changes`, what its resumes
+    changed from a step on (changes_on_resume), when there are any: --config refuses such a file for a new run,
+    which would train the last values from the start (configfile.changed_run)."""
     flags = {dest: value for dest, value in vars(args).items() if dest not in NOT_IN_CONFIG}
-    return {**flags, "data_dir": str(Path(args.data_dir).resolve())}
-
-
-def expand_config(argv: list[str]) -> list[str]:
-    """`argv` with --config FILE replaced by the flags FILE holds, put first so that the flags given win."""
-    for i, a in enumerate(argv):
-        if a == "--config" or a.startswith("--config="):
-            path = a.partition("=")[2] if "=" in a else argv[i + 1] if i + 1 < len(argv) else ""
-            if not path:
-                raise ConfigError("--config needs a file: a JSON object of flags, like a run's args.json")
-            return config_flags(path) + argv[:i] + argv[i + (1 if "=" in a else 2):]
-    return argv
-
-
-def config_flags(path: str) -> list[str]:
-    """The flags a --config file holds ({"lr": 0.1, "widths": [32, 64, 64], "augment": true, ...}), as a command
-    line; checked as train.py checks its command line."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(1_000_001)
-        flags = json.loads(raw) if len(raw) <= 1_000_000 else None
-    except OSError as e:
-        raise ConfigError(f"--config {path}: {cli.describe_os_error(e, filename=False)}") from None
-    except ValueError as e:  # (UnicodeDecodeError included)
-        raise ConfigError(f"--config {path}: not JSON ({cli.one_line(e, 100)}); give a file like a run's "
-                          f"args.json") from None
-    if not isinstance(flags, dict):
-        raise ConfigError(f"--config {path}: not a JSON object of flags (under 1 MB), like a run's args.json")
-    actions = {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest not in ("help", "config")}
-    argv = []
-    for dest, value in flags.items():
-        action = actions.get(dest)
-        switch = action is not None and action.nargs == 0  # (true or false in the file)
-        if action is None or dest == "resume" or switch != isinstance(value, bool) or isinstance(value, dict):
-            raise ConfigError(f"--config {path}: {cli.printable(cli.shorten(repr(dest), 60))} is not a flag it may "
-                              f"set, or its value is not one: the file's keys are train.py's flags as in args.json")
-        flag = f"--{dest.replace('_', '-')}"
-        if isinstance(action, argparse.BooleanOptionalAction):
-            argv += [flag if value else f"--no-{flag[2:]}"]
-        elif switch:
-            argv += [flag] if value else []
-        elif value is not None and isinstance(value, list) and action.nargs == 2:  # --crop-scale LOW HIGH
-            argv += [flag, *map(str, value)]
-        elif value is not None:
-            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    try:
-        parse_args(argv)
-    except SystemExit as e:
-        raise ConfigError(f"--config {path}: {str(e.code).removeprefix('train.py: error: ')}") from None
-    return argv
+    return {**flags, "data_dir": str(Path(args.data_dir).resolve()), **({CHANGES: list(changes)} if changes else {})}
 
 
 def check_out_dir_outside_data(args: argparse.Namespace) -> None:

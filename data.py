@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 import stream
 from augment import apply_policy
-from folders import MAX_IMAGE_PIXELS, SQUASH, Prep, load_imagefolder, load_imagefolder_split
+from folders import (MAX_IMAGE_PIXELS, SQUASH, Prep, imagefolder_classes, load_imagefolder, load_imagefolder_split,
+                     split_listing)
 from formats import (DATASETS, MIN_IMAGES, DataError, allocate_images, check_memory, load_cifar10, load_cifar100,
                      load_idx_dataset)
 
@@ -345,14 +346,22 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
     or, for an image folder streamed from disk (stream.streams: the photo recipe, --workers, or too large to hold),
     as stream.StreamSets."""
     device = torch.device(device)
-    if name == "imagefolder":
-        workers = stream.streams(Path(data_dir), image_size or 32, prep, workers)
+    if name == "imagefolder":  # listed once, then streamed or decoded into memory
+        root, size = Path(data_dir), image_size or 32
+        classes = imagefolder_classes(root)
+        listing = {split: split_listing(root, split, classes) for split in ("train", "val", "test")
+                   if split != "val" or (root / "val").is_dir()}  # (the user's own val/ beats a random split)
+        workers = stream.streams(root, size, prep, workers, sum(len(labels) for _, labels in listing.values()))
         if workers is not None:
-            return stream.prepare(Path(data_dir), val_split, seed, device, image_size or 32, stats, max_pixels, prep,
+            return stream.prepare(root, listing, classes, val_split, seed, device, size, stats, max_pixels, prep,
                                   workers)
-    train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size, max_pixels)
-    if name == "imagefolder" and (Path(data_dir) / "val").is_dir():  # the user's own split beats a random one
-        val_x, val_y = load_imagefolder_split(Path(data_dir), "val", classes, image_size or 32, max_pixels)
+        (train_x, train_y), (test_x, test_y) = (load_imagefolder_split(root, split, classes, size, max_pixels,
+                                                                       listing=listing[split])
+                                                for split in ("train", "test"))
+    else:
+        train_x, train_y, test_x, test_y, classes = load_raw(name, data_dir, image_size, max_pixels)
+    if name == "imagefolder" and "val" in listing:
+        val_x, val_y = load_imagefolder_split(root, "val", classes, size, max_pixels, listing=listing["val"])
     else:
         check_memory(train_x.nbytes, f"{name}: holding out --val-split {val_split} of {len(train_y):,} training "
                                      f"images (a copy)")

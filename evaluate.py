@@ -28,7 +28,7 @@ import runtime
 import stream
 from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, run_batch_size
 from data import ImageSet, Split, load_test
-from folders import MAX_IMAGE_PIXELS, Prep, split_files
+from folders import MAX_IMAGE_PIXELS, Prep, split_listing
 from formats import DataError
 from model import EVAL_BATCH, MEASURES, TTA_MODES, confusion_metrics, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
@@ -161,8 +161,8 @@ def test_set(ckpt: dict, dataset: str, data_dir: str, max_pixels: int, device: t
     mean, std = (torch.tensor(ckpt[k], device=device) for k in ("mean", "std"))
     prep = Prep.from_dict(ckpt.get("prep"))
     if dataset == "imagefolder" and prep.mode == "crop":
-        files = split_files(Path(data_dir), "test", ckpt["classes"], against="the checkpoint's")
-        test = stream.stream_set(Path(data_dir), files, ckpt["image_size"], max_pixels, prep, 0, device,
+        names, labels = split_listing(Path(data_dir), "test", ckpt["classes"], against="the checkpoint's")
+        test = stream.stream_set(Path(data_dir), names, labels, ckpt["image_size"], max_pixels, prep, 0, device,
                                  stream.default_workers())
         test.mean, test.std = mean, std
         return test

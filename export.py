@@ -125,8 +125,9 @@ def main(argv: list[str] | None = None) -> float:
         cli.check_output(output, inputs=(args.checkpoint, data_dir), what="ONNX output", new_folder=True)
         output.parent.mkdir(parents=True, exist_ok=True)
         with cli.atomic_output(output) as tmp:  # becomes `output` only once the check has passed
-            export_onnx(model, ckpt, tmp)
-            difference = max_difference(model, tmp, ckpt["in_channels"], ckpt["image_size"])
+            with cli.c_openable(tmp, os.O_RDWR) as name:  # (torch and onnxruntime take no name that is not UTF-8)
+                export_onnx(model, ckpt, Path(name))
+                difference = max_difference(model, Path(name), ckpt["in_channels"], ckpt["image_size"])
             if not difference < TOLERANCE:  # `not <` so that a NaN fails too
                 raise ExportError(f"the ONNX model differs from PyTorch by up to {difference:.3g} (limit "
                                   f"{TOLERANCE:g}); nothing written")

@@ -125,22 +125,48 @@ class Prep:
         return {"mode": self.mode, "resize_size": self.resize_size, "interpolation": self.interpolation,
                 "scale": list(self.scale), "ratio": list(self.ratio)}
 
+    def problem(self, image_size: int) -> str | None:
+        """What is wrong with this recipe for images of side `image_size`, in the flags' words, or None: the one
+        rule for the flags (config.check_args) and for a checkpoint's prep (from_dict). The bounds keep every
+        value one the recipe acts on: a crop below 1/10,000 of the area or of a ratio beyond 1:100 (a denormal
+        1e-310 among them) is never drawn, a centre crop larger than the resized image pads with black."""
+        (s0, s1), (r0, r1) = self.scale, self.ratio
+        if self.mode not in PREP_MODES or self.interpolation not in INTERPOLATIONS:
+            return f"--resize-mode must be {' or '.join(PREP_MODES)}, --interpolation {', '.join(INTERPOLATIONS)}"
+        if not SCALE_RANGE[0] <= s0 <= s1 <= SCALE_RANGE[1]:
+            return f"--crop-scale must be LOW HIGH with {SCALE_RANGE[0]:g} <= LOW <= HIGH <= {SCALE_RANGE[1]:g}"
+        if not RATIO_RANGE[0] <= r0 <= r1 <= RATIO_RANGE[1]:
+            return f"--crop-ratio must be LOW HIGH with {RATIO_RANGE[0]:g} <= LOW <= HIGH <= {RATIO_RANGE[1]:g}"
+        low = image_size if self.mode == "crop" else 0
+        if not low <= self.resize_size <= MAX_RESIZE:
+            return (f"the photo recipe resizes the shorter side to {self.resize_size} px (--image-size / "
+                    f"--crop-fraction): it must be from the image size, {image_size}, to {MAX_RESIZE} (a larger "
+                    f"--crop-fraction, or a smaller --image-size)")
+        return None
+
     @classmethod
-    def from_dict(cls, d: object) -> "Prep":
-        """A checkpoint's prep, checked (a ValueError saying what is wrong); None: an older checkpoint's squash."""
+    def from_dict(cls, d: object, image_size: int | None = None) -> "Prep":
+        """A checkpoint's prep for images of side `image_size` (None: any), checked (a ValueError saying what is
+        wrong); None: an older checkpoint's squash."""
         if d is None:
             return SQUASH
-        ok = (isinstance(d, dict) and d.get("mode") in PREP_MODES and d.get("interpolation") in INTERPOLATIONS
-              and isinstance(d.get("resize_size"), int) and 0 <= d["resize_size"] <= 4096
+        ok = (isinstance(d, dict) and isinstance(d.get("mode"), str) and isinstance(d.get("interpolation"), str)
+              and isinstance(d.get("resize_size"), int) and not isinstance(d["resize_size"], bool)
               and all(isinstance(d.get(k), list) and len(d[k]) == 2 and all(isinstance(v, float) for v in d[k])
-                      and 0 < d[k][0] <= d[k][1] < 100 for k in ("scale", "ratio")))
+                      for k in ("scale", "ratio")))
         if not ok:
             raise ValueError("prep must be a photo recipe of these scripts")
-        return cls(d["mode"], d["resize_size"], d["interpolation"], tuple(d["scale"]), tuple(d["ratio"]))
+        prep = cls(d["mode"], d["resize_size"], d["interpolation"], tuple(d["scale"]), tuple(d["ratio"]))
+        problem = prep.problem(image_size or 8)
+        if problem:
+            raise ValueError(f"prep: {problem}")
+        return prep
 
 
 PREP_MODES = ("squash", "crop")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+SCALE_RANGE, RATIO_RANGE = (1e-4, 1.0), (1e-2, 1e2)  # the crop's share of the area, its width / height
+MAX_RESIZE = 4096  # the largest side the photo recipe resizes to
 SQUASH = Prep()
 
 
@@ -328,8 +354,28 @@ def _subfolders(folder: Path) -> list[str]:
 
 def image_files(folder: Path) -> list[Path]:
     """Image files anywhere under `folder`, sorted; hidden ones (such as macOS's ._x.jpg) left out."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return [folder / name for name in list_images(folder)]
+
+
+def list_images(folder: Path | str) -> list[str]:
+    """The image files under `folder` as paths relative to it ("/" between parts), in the order of their sorted
+    Paths; hidden files and folders left out, symlinked folders not entered (as Path.rglob). os.scandir's entries:
+    no Path object and, where the file system tells the kind of an entry, no stat per file (ImageNet's 1.28
+    million files list in seconds)."""
+    found = []
+
+    def walk(directory: str, prefix: str) -> None:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    walk(entry.path, f"{prefix}{entry.name}/")
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    found.append(prefix + entry.name)
+    walk(os.fspath(folder), "")
+    found.sort(key=lambda name: name.split("/"))  # (as sorted Paths: part by part)
+    return found
 
 
 def imagefolder_classes(root: Path) -> list[str]:
@@ -348,24 +394,31 @@ def load_imagefolder(root: Path, image_size: int, max_pixels: int = MAX_IMAGE_PI
     return (*train, *test, classes)
 
 
-def split_files(root: Path, split: str, classes: list[str], against: str = "train/'s") -> list[tuple[Path, int]]:
-    """(file, label) of every image of DATA_DIR/<split>/, class by class, after checking its class folders are
-    `classes`."""
+def split_listing(root: Path, split: str, classes: list[str],
+                  against: str = "train/'s") -> tuple[np.ndarray, torch.Tensor]:
+    """The image files of DATA_DIR/<split>/, class by class, after checking its class folders are `classes`: their
+    paths relative to DATA_DIR as one numpy array of bytes (the names as the file system has them, os.fsencode:
+    a few dozen bytes per file, no Python object each) and their labels."""
     folder = _split_dir(root, split)
     found = _subfolders(folder)
     if found != classes:
         raise DataError(f"imagefolder: the class folders of {folder} differ from {against}: "
                         f"{cli.shorten(class_differences(classes, found, against))}")
-    return [(p, label) for label, name in enumerate(classes) for p in image_files(folder / name)]
+    names = [np.array([os.fsencode(f"{split}/{name}/{f}") for f in list_images(folder / name)], dtype="S")
+             for name in classes]  # (one class at a time: its Python strings are gone before the next is listed)
+    labels = torch.repeat_interleave(torch.arange(len(classes)), torch.tensor([len(n) for n in names]))
+    return np.concatenate(names), labels
 
 
 def load_imagefolder_split(root: Path, split: str, classes: list[str], image_size: int,
-                           max_pixels: int = MAX_IMAGE_PIXELS,
-                           against: str = "train/'s") -> tuple[torch.Tensor, torch.Tensor]:
-    """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/, from the cache while it is
-    current. Unreadable files are skipped with a warning; a class left without images is an error."""
+                           max_pixels: int = MAX_IMAGE_PIXELS, against: str = "train/'s",
+                           listing: tuple[np.ndarray, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images uint8 (N, 3, image_size, image_size) and labels of DATA_DIR/<split>/ (its split_listing when given,
+    else listed here), from the cache while it is current. Unreadable files are skipped with a warning; a class
+    left without images is an error."""
     folder = root / split
-    files = split_files(root, split, classes, against)
+    names, labels = listing or split_listing(root, split, classes, against)
+    files = [(root / os.fsdecode(name), label) for name, label in zip(names.tolist(), labels.tolist())]
     cache = _cache_path(root, split, image_size, [p for p, _ in files], max_pixels)
     data = _read_cache(cache, torch.tensor([label for _, label in files], dtype=torch.int64), image_size)
     if data is None:

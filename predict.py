@@ -8,6 +8,11 @@ Nothing but the checkpoint is needed: it holds the classes, the image size and t
 decoded exactly as training decoded it (folders.load_image: EXIF rotation, transparency on white, grayscale or RGB
 as the model takes, then shaped by the run's recipe: squashed to the checkpoint's image size, or, for a run with the
 photo recipe, the shorter side resized and the centre cropped), then normalized like a training batch.
+
+A file that cannot be read (not an image, corrupt, over --max-image-pixels, no permission, missing) is named on
+stderr, one line each; the others are labelled all the same. Exit status: 0 when every image was labelled; 2 when
+some could not be read (named on stderr, the rest labelled on stdout); 1 for any other error (nothing labelled);
+130 or 143 when stopped by Ctrl-C or SIGTERM; 141 when stdout's reader has gone or stdout is closed.
 """
 import cli
 
@@ -26,6 +31,7 @@ import runtime
 from checkpoint import load_checkpoint, model_from_checkpoint, run_batch_size
 from data import normalize
 from folders import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Prep, image_files, load_image
+from formats import DataError
 from model import EVAL_BATCH
 
 
@@ -66,23 +72,43 @@ def expand_folders(given: list[str]) -> list[str]:
     return paths
 
 
+UNREADABLE = 2  # the exit status when some files could not be read (the others are labelled)
+
+
+def decode(paths: list[str], ckpt: dict, max_pixels: int, prep: Prep) -> tuple[list[int], list[torch.Tensor]]:
+    """The images of `paths` that can be read, decoded as training decoded them, and which of `paths` they are.
+    One that cannot (folders.load_image's DataError: not an image, corrupt, too many pixels, no permission,
+    missing) is named on stderr at once, one line, and left out."""
+    kept, images = [], []
+    for i, path in enumerate(paths):
+        try:
+            images.append(load_image(path, ckpt["in_channels"], ckpt["image_size"], max_pixels, prep=prep))
+        except DataError as e:
+            print(f"predict.py: error: {cli.printable(str(e))}", file=sys.stderr, flush=True)
+            continue
+        kept.append(i)
+    return kept, images
+
+
 @torch.no_grad()
 def predict(model: nn.Module, ckpt: dict, paths: list[str], top_k: int, max_pixels: int = MAX_IMAGE_PIXELS,
-            batch_size: int = EVAL_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities and class indices (len(paths), top_k) of the top_k classes of each image, best first."""
+            batch_size: int = EVAL_BATCH) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """Which of `paths` could be read (decode()), and their probabilities and class indices (len(those), top_k) of
+    the top_k classes, best first."""
     device = next(model.parameters()).device
     mean, std = (torch.tensor(ckpt[k], dtype=torch.float32, device=device) for k in ("mean", "std"))
     prep = Prep.from_dict(ckpt.get("prep"))  # the run's: squashed, or its photo recipe's centre crop
-    probs = []
+    read, probs = [], [torch.empty(0, len(ckpt["classes"]))]
     for start in range(0, len(paths), batch_size):
-        x = torch.stack([load_image(p, ckpt["in_channels"], ckpt["image_size"], max_pixels, prep=prep)
-                         for p in paths[start:start + batch_size]])
-        x = normalize(x.to(device), mean, std)  # exactly as training batches are normalized
-        probs.append(model(x).float().softmax(1).cpu())
+        kept, images = decode(paths[start:start + batch_size], ckpt, max_pixels, prep)
+        read += [start + i for i in kept]
+        if images:
+            x = normalize(torch.stack(images).to(device), mean, std)  # exactly as training batches are normalized
+            probs.append(model(x).float().softmax(1).cpu())
     probs = torch.cat(probs)
     if not torch.isfinite(probs).all():  # finite weights can still overflow: say so rather than print nan%
         raise PredictError("the model's outputs are not finite numbers for some image; the checkpoint is unusable")
-    return probs.topk(top_k, dim=1)
+    return read, *probs.topk(top_k, dim=1)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -103,18 +129,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"predict.py: note: --top-k {args.top_k} is more than the checkpoint's {len(classes)} classes; "
                   f"listing {len(classes)}", file=sys.stderr)
         run_args = ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
-        probs, indices = predict(model, ckpt, paths, min(args.top_k, len(classes)), args.max_image_pixels,
-                                 args.batch_size or run_batch_size(run_args))
+        read, probs, indices = predict(model, ckpt, paths, min(args.top_k, len(classes)), args.max_image_pixels,
+                                       args.batch_size or run_batch_size(run_args))
         results = []
-        for path, p_row, i_row in zip(paths, probs.tolist(), indices.tolist()):
+        for path, p_row, i_row in zip([paths[i] for i in read], probs.tolist(), indices.tolist()):
             top = [{"label": classes[i], "probability": p} for i, p in zip(i_row, p_row)]
             results.append({"path": path, "label": top[0]["label"], "probability": top[0]["probability"],
                             "top_k": top})
         if args.json:
             cli.say(json.dumps(results, indent=2))
-        else:  # printable: a file or class name cannot break the line or send the terminal escapes
+        elif results:  # printable: a file or class name cannot break the line or send the terminal escapes
             cli.say("\n".join(f"{cli.printable(r['path'])}: " + ", ".join(
                 f"{cli.printable(t['label'])} {100 * t['probability']:.2f}%" for t in r["top_k"]) for r in results))
+        if len(read) < len(paths):  # each named on stderr already; the others are labelled
+            raise SystemExit(UNREADABLE)
     return results
 
 

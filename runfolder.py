@@ -2,13 +2,17 @@
 to it: last.pth, best.pth, metrics.csv, results.json, curves.png."""
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
 import sys
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -34,10 +38,12 @@ class RunFolder:
     run's life. Where the system has flock (Linux, macOS), by an exclusive lock on the folder itself: unlike a lock
     file, nothing in the folder can be deleted to take it away, and the kernel drops it when the process dies, so a
     lock left by a killed run is never in the way; the .lock file only names the owner's process id, for the message
-    to the next run. Elsewhere (Windows), the .lock file is the lock: created exclusively, holding the owner's
-    process id, and taken over once that process has gone. A folder that holds another run's files is never written
-    to, and every save first checks that the path still names the folder locked (check_place): a folder moved or
-    replaced while the run trains stops the run, and whatever is now at the old path is never written to."""
+    to the next run. Elsewhere (Windows), the .lock file is the lock, holding the owner's process id: made whole
+    under one name, taken over once that process has gone, and of several runs that start at once, however they
+    start, exactly one owns it (claim_lock_file). Processes forked from the owner (DataLoader workers) never hold
+    the lock (forget_locks). A folder that holds another run's files is never written to, and every save first
+    checks that the path still names the folder locked (check_place): a folder moved or replaced while the run
+    trains stops the run, and whatever is now at the old path is never written to."""
 
     # What a run writes into its folder: a folder that holds any of them (a user's own curves.png too) is not claimed
     FILES = (*RUN_FILES, "curves.png")
@@ -112,6 +118,7 @@ class RunFolder:
             self.lock_with_file()
         else:
             self.lock_with_flock(fcntl)
+        _LOCKED.add(self)
 
     def lock_with_flock(self, fcntl: ModuleType) -> None:
         try:
@@ -122,7 +129,8 @@ class RunFolder:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise self.busy(read_lock_file(self.path / ".lock")[0]) from None
+            found = read_lock_file(self.path / ".lock")
+            raise self.busy(found and found[0]) from None
         try:
             read_lock_file(self.path / ".lock")  # whatever is there must be a regular file (a FIFO would block)
         except BaseException:
@@ -138,27 +146,15 @@ class RunFolder:
             raise
 
     def lock_with_file(self) -> None:
-        """The lock where there is no flock: .lock created exclusively (O_EXCL: of two runs started at once, one
-        creates it), holding this process's id; a .lock whose process has gone (a killed run) is taken over."""
-        lock = self.path / ".lock"
-        for attempt in range(2):
-            try:
-                fd = open_lock_file(lock, os.O_CREAT | os.O_EXCL)
-                break
-            except FileExistsError:
-                owner, _ = read_lock_file(lock)
-                if attempt or not owner.isdigit() or process_alive(int(owner)):
-                    raise self.busy(owner, lock_file=True) from None
-                if read_lock_file(lock)[0] == owner:  # still the killed run's (not another's that took it over)
-                    with contextlib.suppress(FileNotFoundError):
-                        lock.unlink()
+        """The lock where there is no flock: .lock itself, naming this process (claim_lock_file)."""
+        claim_lock_file(self.path / ".lock", lambda pid: self.busy(pid, lock_file=True))
         self.lock_file = True
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
 
-    def busy(self, owner: str, lock_file: bool = False) -> RunFolderError:
-        process = f" (process {owner})" if owner.isdigit() else ""
-        stale = f"; if no run is using it, delete {self.path / '.lock'}" if lock_file and not process else ""
+    def busy(self, pid: int | None, lock_file: bool = False) -> RunFolderError:
+        """The refusal of a folder another process holds. Where .lock is the lock, it names the way out too: the
+        process it names may be another program that took a killed run's process id."""
+        process = f" (process {pid})" if pid else ""
+        stale = f"; if no run is using it, delete {self.path / '.lock'}" if lock_file else ""
         return RunFolderError(f"{self.path} is in use by another run{process}; wait for it to end, or choose "
                               f"another --out-dir{stale}")
 
@@ -167,8 +163,9 @@ class RunFolder:
         away is left as it is: what is at its old path now is not this run's."""
         if self.lock_fd is None and not self.lock_file:
             return
+        _LOCKED.discard(self)
         in_place = self.in_place()
-        if in_place:
+        if in_place and (self.lock_fd is not None or lock_file_names_me(self.path / ".lock")):
             (self.path / ".lock").unlink(missing_ok=True)  # before unlocking: the next owner writes its own
         if self.lock_fd is not None:
             os.close(self.lock_fd)
@@ -276,23 +273,121 @@ def open_lock_file(path: Path, flags: int) -> int:
     return fd
 
 
-def read_lock_file(path: Path) -> tuple[str, bool]:
-    """(the process id a .lock names, or "", whether it exists). Never blocks nor follows a symlink: a FIFO, a
-    device or a folder there is refused in one line (RunFolderError)."""
+def read_lock_file(path: Path) -> tuple[int | None, str] | None:
+    """What a .lock holds, or None where there is none: the process id it names (lock_owner), and a tag of this
+    very file (of its content, inode and time: another file at the path has another tag). Never blocks nor follows
+    a symlink: a FIFO, a device or a folder there is refused in one line (RunFolderError)."""
     try:
         status = os.lstat(path)
+        if not stat.S_ISREG(status.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(status.st_mode) else cli.kind_of_file(status.st_mode)
+            raise RunFolderError(f"{path} is {kind}, not the run's lock file; delete it and try again")
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)),
+                       "rb") as f:
+            status, content = os.fstat(f.fileno()), f.read(64)
     except FileNotFoundError:
-        return "", False
-    except OSError:
-        return "", True
-    if not stat.S_ISREG(status.st_mode):
-        kind = "a symlink" if stat.S_ISLNK(status.st_mode) else cli.kind_of_file(status.st_mode)
-        raise RunFolderError(f"{path} is {kind}, not the run's lock file; delete it and try again")
+        return None
+    except OSError:  # (unreadable: it names no one)
+        return None, "unreadable"
+    if not stat.S_ISREG(status.st_mode):  # (replaced meanwhile)
+        return read_lock_file(path)
+    tag = (content, status.st_dev, status.st_ino, status.st_mtime_ns, status.st_size)
+    return lock_owner(content), hashlib.blake2b(repr(tag).encode(), digest_size=8).hexdigest()
+
+
+def lock_owner(content: bytes) -> int | None:
+    """The process id a .lock's content names: ASCII digits (whitespace around them allowed) of a number a process
+    can have. Anything else names no one: empty, garbage, a sign, another script's digits, a number too large."""
+    found = re.fullmatch(rb"\s*([0-9]{1,10})\s*", content)
+    pid = int(found[1]) if found else 0
+    return pid if 0 < pid < 2**31 else None
+
+
+def lock_file_names_me(path: Path) -> bool:
+    with contextlib.suppress(RunFolderError):
+        found = read_lock_file(path)
+        return found is not None and found[0] == os.getpid()
+    return False
+
+
+TAKEOVERS = 3  # how deep a claim on a stale lock file may itself be taken over (each depth: a taker killed)
+
+
+def claim_lock_file(path: Path, busy: Callable[[int | None], RunFolderError], depth: int = 0) -> None:
+    """Make `path` a lock file naming this process, or raise busy(pid) while a live process holds it. A new one
+    comes into being whole (place_claim): of several processes that start at once, exactly one makes it. One that
+    names no live process (its run killed, or empty, or garbage) is replaced only by the process that first
+    claims path.<its tag> the same way: of all those that find it stale, exactly one, which checks it is still
+    that very file (only that claim's holder may replace it) before it replaces it. A taker killed in between
+    leaves its claim to be taken over in turn, TAKEOVERS deep; deeper, the way out is named (busy(None))."""
+    for _ in range(100):  # (each turn: the file changed meanwhile; bounded, against a pathological file system)
+        if place_claim(path, replace=False):
+            return
+        found = read_lock_file(path)
+        if found is None:  # (released meanwhile)
+            continue
+        if found[0] is not None and process_alive(found[0]):
+            raise busy(found[0])
+        if depth == TAKEOVERS:
+            break
+        takeover = path.with_name(f"{path.name}.{found[1]}")
+        claim_lock_file(takeover, busy, depth + 1)
+        try:
+            if read_lock_file(path) == found:
+                place_claim(path, replace=True)
+                return
+        finally:
+            with contextlib.suppress(OSError):
+                takeover.unlink()
+    raise busy(None)
+
+
+def place_claim(path: Path, replace: bool) -> bool:
+    """Give `path` a whole file naming this process, written under a fresh name first (so that no one ever reads
+    it half made): True; False where `path` exists and not `replace`. link() gives it the name only if the name is
+    free; where the file system has no hard links (FAT), rename() does, which on Windows refuses a name taken."""
+    temp = path.with_name(f"{path.name}.{secrets.token_hex(8)}.tmp")
+    with os.fdopen(open_lock_file(temp, os.O_CREAT | os.O_EXCL), "w") as f:
+        f.write(str(os.getpid()))
     try:
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))) as f:
-            return f.read(20).strip(), True
-    except (OSError, UnicodeDecodeError):
-        return "", True  # (deleted meanwhile, or garbage)
+        if replace:
+            os.replace(temp, path)
+            return True
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            if os.name != "nt":
+                raise
+            try:
+                os.rename(temp, path)
+            except FileExistsError:
+                return False
+        return True
+    finally:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+
+
+_LOCKED: "weakref.WeakSet[RunFolder]" = weakref.WeakSet()  # the run folders this process holds
+
+
+def forget_locks() -> None:
+    """In a child forked from a process that holds a run folder (DataLoader workers: os.register_at_fork): close
+    its descriptor of the folder. An flock is held while any process has that descriptor open: closed here, the
+    lock is the run's own process's alone, ends with it, and a worker left behind never makes a resume refuse.
+    The child never releases the folder, nor removes its .lock."""
+    for folder in list(_LOCKED):
+        if folder.lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(folder.lock_fd)
+        folder.lock_fd, folder.lock_file = None, False
+    _LOCKED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=forget_locks)
 
 
 def process_alive(pid: int) -> bool:

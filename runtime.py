@@ -8,6 +8,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -239,30 +240,59 @@ def leave_processes() -> None:
     os._exit(code or 0)
 
 
+AGAIN_AFTER = 1.0  # seconds after a first signal from which a second one stops the run at once
+
+
 class StopSignal:
     """SIGINT/SIGTERM during training: noted, not acted on at once, so that the loop can finish its optimizer
     step and save a checkpoint that resumes exactly. Outside `deferred()` they stop the process at once
     (cli.Interrupted). Under torchrun all processes decide together, at the same step, with a CPU all-reduce
-    over a gloo group: no GPU sync per step, and a signal to any one process stops them all."""
+    over a gloo group: no GPU sync per step, and a signal to any one process stops them all.
+    Nothing can keep a noted signal from stopping the run: one that comes while the loop waits for the DataLoader
+    workers' next training batch ends the wait at once, at that step boundary (interruptible, until_interrupted);
+    a second one, a second or more after the first, stops the process at once, unsaved (cli.Interrupted). (Two
+    at once are one: torchrun, and other launchers, pass the terminal's Ctrl-C on to processes that got it too.)"""
+
+    active: "StopSignal | None" = None  # the one whose deferred() is in force: what interruptible() consults
 
     def __init__(self):
         self.signum = 0
         self.group = dist.new_group(backend="gloo", timeout=collective_timeout()) if dist.is_initialized() else None
         self.flag = torch.zeros((), dtype=torch.int32)
+        self.noted_at: float | None = None  # when this process got its first signal (time.monotonic)
+        self.waiting = False  # inside interruptible()
 
     def note(self, signum: int, frame: object) -> None:
-        if not self.signum:
-            self.signum = signum
-            print(f"\n{signal.Signals(signum).name}: stopping after this optimizer step...", file=sys.stderr,
-                  flush=True)
+        now = time.monotonic()
+        if self.noted_at is None:
+            self.noted_at = now
+            if not self.signum:
+                self.signum = signum
+                print(f"\n{signal.Signals(signum).name}: stopping after this optimizer step... (again to stop at "
+                      f"once, without saving)", file=sys.stderr, flush=True)
+        elif now - self.noted_at >= AGAIN_AFTER:
+            raise cli.Interrupted(signum)
+        if self.waiting:
+            raise cli.Interrupted(self.signum)
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
-        previous = cli.handle_signals(self.note)
+        previous, outer = cli.handle_signals(self.note), StopSignal.active
+        StopSignal.active = self
         try:
             yield
         finally:
+            StopSignal.active = outer
             cli.restore_signals(previous)
+
+    def until_interrupted(self, steps: Iterator[T]) -> Iterator[T]:
+        """`steps` (the optimizer steps' batches), ended by a signal that interrupted the making of the next one
+        (the wait for the workers' batches: interruptible): the run stops at this step boundary. Under torchrun
+        every process stops at the same one: requested() here is the all-reduce the others meet at this step."""
+        try:
+            yield from steps
+        except cli.Interrupted:
+            self.requested()
 
     def requested(self) -> bool:
         """True once any process got a signal; every process gets the same answer at the same step."""
@@ -273,3 +303,23 @@ class StopSignal:
                 return False
             self.signum = self.signum or int(self.flag)
         return self.signum != 0
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Around a wait, at an optimizer step boundary, for what other processes make (the DataLoader workers' next
+    training batch: stream.StreamSet.read): a signal noted before it or during it ends the wait at once with
+    cli.Interrupted, and StopSignal.until_interrupted stops the run at this step, as requested() would. So a
+    worker that has stopped answering cannot keep a run from stopping. Outside StopSignal.deferred(), a signal
+    ends any wait already."""
+    stop = StopSignal.active
+    if stop is None:
+        yield
+        return
+    stop.waiting = True  # (first: a signal from here on raises in note())
+    try:
+        if stop.signum:
+            raise cli.Interrupted(stop.signum)
+        yield
+    finally:
+        stop.waiting = False

@@ -10,10 +10,7 @@ object per file for the workers' copy-on-write pages to duplicate), and batches 
 """
 import hashlib
 import os
-import signal
 import sys
-import threading
-import traceback
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 import cli
-from folders import (_LIBC, IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, image_files, imagefolder_classes,
-                     load_image, require_each_class, split_files)
+import workers
+from folders import _LIBC, IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, load_image, require_each_class
 from formats import DataError, available_memory
 
 PREFETCH = 4  # batches each worker reads ahead
@@ -113,22 +110,6 @@ class Keys:
             yield [(self.epoch, i) for i in b.tolist()]
 
 
-def quiet_broken_handovers() -> None:
-    """When a worker dies while handing a batch over, multiprocessing's resource-sharing thread (which passes the
-    batch's shared memory to this process) loses its peer and prints a traceback of its own. The run already says
-    in one line that the worker ended (StreamSet.read): that thread's broken connection is left unsaid."""
-    previous = threading.excepthook
-    if getattr(previous, "quiet_broken_handovers", False):
-        return
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        if not (issubclass(args.exc_type, (ConnectionError, EOFError)) and any(
-                "resource_sharer" in frame.filename for frame in traceback.extract_tb(args.exc_traceback))):
-            previous(args)
-    hook.quiet_broken_handovers = True
-    threading.excepthook = hook
-
-
 def hand_back_freed_memory() -> None:
     """Give the memory this process has freed but kept (glibc's heap; runtime.keep_freed_memory keeps it all) back
     to the system before workers are forked from it. Kept, its pages are shared with the new workers, and each
@@ -138,11 +119,7 @@ def hand_back_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def ignore_signals(worker_id: int) -> None:
-    """In a worker: Ctrl-C and SIGTERM are the main process's to handle (it stops at a step boundary and then ends
-    its workers); a worker whose main process has gone ends by itself (DataLoader's watchdog)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+ignore_signals = workers.init_worker  # what every worker starts with (bench.py's DataLoader too): workers.py
 
 
 @dataclass
@@ -171,22 +148,28 @@ class StreamSet:
     def read(self, batches: Sequence[torch.Tensor], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(uint8 images on the device, which of the batch's images they are) for each of `batches` (image indices),
         in order, read by the workers. Unreadable files are left out with one warning each; a failure that may pass
-        ends the run in one line. The workers are ended when the iteration ends, however it ends."""
+        ends the run in one line, and so does a worker that stops answering (WORKER_TIMEOUT) or what the system
+        refuses the workers (workers.py). The workers are ended when the iteration ends, however it ends."""
         if self.files.prep.mode == "crop":
             # imported here, once: the forked workers inherit it (else each worker imports it again, every epoch)
             import torchvision.transforms.v2.functional  # noqa: F401
-        quiet_broken_handovers()
+        workers.quiet_broken_handovers()
         if self.workers:
             hand_back_freed_memory()
+            workers.make_room_for_descriptors(self.workers, PREFETCH)
         loader = DataLoader(self.files, batch_sampler=Keys(batches, epoch), num_workers=self.workers,
                             collate_fn=self.files.collate,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_signals,
+                            pin_memory=self.device.type == "cuda", worker_init_fn=workers.init_worker,
                             prefetch_factor=PREFETCH if self.workers else None,
+                            timeout=workers.POLL if self.workers else 0,
                             generator=torch.Generator())  # (its own: the workers' base seed is not drawn from
         # torch's global generator, whose draws (init, dropout) must not depend on the data path)
-        it = iter(loader)
+        with cli.signals_held():  # (a Ctrl-C as the workers are forked stops the run, not a worker: see there)
+            reading = workers.Reading(loader)
+        finished = False
         try:
-            for x, keep, problems in it:
+            while (batch := reading.next(training=epoch > 0)) is not None:
+                x, keep, problems = batch
                 for message, fatal in problems:
                     if fatal:
                         raise DataError(message)
@@ -194,22 +177,9 @@ class StreamSet:
                         self.warned.add(message)
                         print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
                 yield x.to(self.device, non_blocking=True), keep
-        except (RuntimeError, OSError, EOFError) as e:
-            # A worker killed (by the out-of-memory killer?) breaks its queue, or torch's own check says so. The
-            # broken queue can come before the dying worker's exit is seen: give each a moment.
-            workers = getattr(it, "_workers", [])
-            for w in workers:
-                w.join(timeout=1)
-            dead = [w for w in workers if w.exitcode not in (None, 0)]
-            if not dead and "DataLoader worker" not in str(e):
-                raise
-            how = ", ".join(f"pid {w.pid}: " + (f"killed by {signal.Signals(-w.exitcode).name}" if w.exitcode < 0
-                                                else f"exit status {w.exitcode}") for w in dead)
-            raise DataError(f"a worker process reading the images ended ({how or cli.one_line(e)}); if the system "
-                            f"ran out of memory, give fewer --workers") from None
+            finished = True
         finally:
-            if hasattr(it, "_shutdown_workers"):
-                it._shutdown_workers()  # now, not whenever the iterator is collected
+            reading.end(at_once=not finished)
 
     def batches(self, idx: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Evaluation: normalized images and labels of the readable images of `idx`, `batch_size` at a time."""
@@ -234,7 +204,9 @@ class StreamSet:
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{len(self)},{self.image_size}".encode())
         h.update(self.labels.numpy().tobytes())
-        h.update(b"\0".join(self.files.files.tolist()))
+        names = self.files.files
+        for start in range(0, len(names), 2**16):  # (b"\0".join of all names, a slice at a time: no object per file)
+            h.update((b"\0" if start else b"") + b"\0".join(names[start:start + 2**16].tolist()))
         return h.hexdigest()
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
@@ -285,23 +257,20 @@ def stats_sample(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
 
 
-def stream_set(root: Path, files: list[tuple[Path, int]], size: int, max_pixels: int, prep: Prep, seed: int,
-               device: torch.device, workers: int) -> StreamSet:
-    """The (file, label) list of an image folder as a StreamSet, normalized with a mean of 0 and a std of 1 until
-    they are set."""
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    # os.fsencode: the bytes the file system has, for any name (one not UTF-8 reaches Python with surrogates, which
-    # .encode() refuses); a UTF-8 name gives the bytes it gave before, so --resume's fingerprint is unchanged
-    names = np.array([os.fsencode(p.relative_to(root).as_posix()) for p, _ in files], dtype="S")
+def stream_set(root: Path, names: np.ndarray, labels: torch.Tensor, size: int, max_pixels: int, prep: Prep,
+               seed: int, device: torch.device, workers: int) -> StreamSet:
+    """An image folder's files (folders.split_listing: paths relative to `root` as bytes, and labels) as a
+    StreamSet, normalized with a mean of 0 and a std of 1 until they are set."""
     return StreamSet(FolderFiles(root, names, size, max_pixels, prep, seed), labels,
                      torch.zeros(IMAGEFOLDER_CHANNELS, device=device), torch.ones(IMAGEFOLDER_CHANNELS, device=device),
                      device, workers)
 
 
-def streams(root: Path, size: int, prep: Prep, workers: int | None) -> int | None:
-    """How many worker processes stream the image folder `root`, or None to hold it in memory (data.prepare): the
-    photo recipe and --workers stream; so does a folder whose decoded images would take over half the memory
-    available (the rest is the model's, the batches' and the system's). Says why in one line when it chooses."""
+def streams(root: Path, size: int, prep: Prep, workers: int | None, files: int) -> int | None:
+    """How many worker processes stream the image folder `root` of `files` images, or None to hold it in memory
+    (data.prepare): the photo recipe and --workers stream; so does a folder whose decoded images would take over
+    half the memory available (the rest is the model's, the batches' and the system's). Says why in one line when
+    it chooses."""
     if workers is not None:
         return workers
     if prep.mode == "crop":
@@ -309,7 +278,6 @@ def streams(root: Path, size: int, prep: Prep, workers: int | None) -> int | Non
         print(f"imagefolder: the photo recipe crops each photo whole: streaming {root} from disk with {workers} "
               f"worker processes (--workers)", file=sys.stderr)
         return workers
-    files = sum(len(image_files(d)) for d in (root / s for s in ("train", "val", "test")) if d.is_dir())
     need, available = files * IMAGEFOLDER_CHANNELS * size * size, available_memory()
     if available is None or need <= available // 2:
         return None
@@ -320,24 +288,24 @@ def streams(root: Path, size: int, prep: Prep, workers: int | None) -> int | Non
     return workers
 
 
-def prepare(root: Path, val_split: float, seed: int, device: torch.device, size: int,
-            stats: tuple[list[float], list[float]] | None, max_pixels: int, prep: Prep,
-            workers: int) -> tuple[StreamSet, StreamSet | None, StreamSet, list[str]]:
-    """data.prepare for a streamed image folder: (train, val or None, test, classes), validation held out the
-    same way (the same images as in memory), and normalization from stats_sample's training images (in
-    evaluation's shape) unless `stats` gives it."""
+def prepare(root: Path, listing: dict[str, tuple[np.ndarray, torch.Tensor]], classes: list[str], val_split: float,
+            seed: int, device: torch.device, size: int, stats: tuple[list[float], list[float]] | None,
+            max_pixels: int, prep: Prep, workers: int) -> tuple[StreamSet, StreamSet | None, StreamSet, list[str]]:
+    """data.prepare for a streamed image folder, from its `listing` (split: folders.split_listing; its train entry
+    is replaced by the training part): (train, val or None, test, classes), validation held out the same way (the
+    same images as in memory), and normalization from stats_sample's training images (in evaluation's shape)
+    unless `stats` gives it."""
     from data import channel_stats, split_indices, warn_small_split
-    classes = imagefolder_classes(root)
-    splits = {split: split_files(root, split, classes) for split in ("train", "val", "test") if split != "val" or
-              (root / "val").is_dir()}  # the user's own val/ beats a random split
-    for split, files in splits.items():
-        require_each_class(torch.tensor([label for _, label in files], dtype=torch.int64), root / split, classes)
-    if "val" not in splits:
-        train, val = split_indices(len(splits["train"]), val_split, seed)
-        splits["train"], splits["val"] = [splits["train"][i] for i in train], [splits["train"][i] for i in val]
+    for split, (_, labels) in listing.items():
+        require_each_class(labels, root / split, classes)
+    if "val" not in listing:  # (the user's own val/ beats a random split)
+        names, labels = listing.pop("train")  # (popped: the caller's listing holds no second copy of the names)
+        train, val = split_indices(len(labels), val_split, seed)
+        listing["train"], listing["val"] = (names[train.numpy()], labels[train]), (names[val.numpy()], labels[val])
+        del names, labels
         warn_small_split(val_split, len(val), len(classes), "imagefolder")
-    sets = {split: stream_set(root, files, size, max_pixels, prep, seed, device, workers) if files else None
-            for split, files in splits.items()}
+    sets = {split: stream_set(root, names, labels, size, max_pixels, prep, seed, device, workers) if len(labels)
+            else None for split, (names, labels) in listing.items()}
     stats = stats or channel_stats(sets["train"].take(stats_sample(len(sets["train"]), size, seed)).cpu())
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
     for data in filter(None, sets.values()):

@@ -142,10 +142,12 @@ def micro_parts(group: torch.Tensor, rank: int, world: int, batch_size: int, mix
     """This process's micro-batches of one step's plan rows `group`. With mixup or cutmix each also holds, first, the
     row before its own first in the whole step (the step's last, for its first): the mixing partner of its first
     image (augment.MixedBatches), so the pairs are the step's, whatever the processes and micro-batches."""
-    positions = torch.arange(len(group)).tensor_split(world)[rank].tensor_split(math.ceil(len(group) / batch_size))
-    if mix:
-        positions = [torch.cat([(p[:1] - 1) % len(group), p]) if len(p) else p for p in positions]
-    return [group[p.to(group.device)] for p in positions]
+    parts = group.tensor_split(world)[rank].tensor_split(math.ceil(len(group) / batch_size))  # (views)
+    if not mix:
+        return list(parts)
+    positions = torch.arange(len(group)).tensor_split(world)[rank].tensor_split(len(parts))
+    return [group[torch.cat([(p[:1] - 1) % len(group), p]).to(group.device)] if len(p) else part
+            for p, part in zip(positions, parts)]
 
 
 def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, first_step: int,
@@ -165,7 +167,8 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, f
     batches = data.steps(parts, epoch, args.augment, args.crop_pad, args.channels_last,  # (streamed: read ahead)
                          partnered=t.mix is not None)
     try:
-        for step, (group, micro_batches) in enumerate(zip(groups, batches), first_step):
+        # (a signal while the next step's batches are awaited ends the wait and the steps here: until_interrupted)
+        for step, (group, micro_batches) in enumerate(zip(groups, t.stop.until_interrupted(batches)), first_step):
             if t.stop.requested():
                 return
             skipped += getattr(micro_batches, "skipped", 0)  # (stream.Step)
@@ -240,7 +243,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
                 folder.save(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
                             "last.pth", *(["best.pth"] if improved else []))
                 folder.write_metrics(state.history, card["changes"])
-                folder.write_args(config.run_flags(args))
+                folder.write_args(config.run_flags(args, card["changes"]))
                 print(report.format_epoch(row, args.epochs), flush=True)
                 report.log_epoch(trackers, row)
             runtime.on_rank0(save)
@@ -334,6 +337,7 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                         image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
                                         prep=prep, workers=args.workers)
+    args.workers = getattr(train, "workers", args.workers)  # resolved: None only when held in memory (--resume)
     set_policy(train, args)
     if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
         runtime.keep_freed_memory()

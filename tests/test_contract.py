@@ -158,7 +158,7 @@ def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
                               "from its weights: python train.py --epochs 2 --lr 0.05 --data-dir {data} --device cpu "
                               "--optimizer adam --init-from {out}/last.pth"),
     (["--batch-size", "16"], "trained with --batch-size 32, not 16; that would be another run"),
-    (["--augment"], "trained with --augment False, not True"),
+    (["--augment"], "trained with --no-augment, not --augment; that would be another run"),
     (["--scheduler", "cosine"], "trained with --scheduler none, not cosine"),
     (["--model", "resnet9"], "trained with --model simplecnn, not resnet9; that would be another run: start a new "
                              "run without --resume: python train.py"),
@@ -209,8 +209,9 @@ def test_the_run_folders_args_json_makes_the_same_run_again_with_config(tmp_path
     ("{'lr': 0.1}", "--config {path}: not JSON (Expecting property name enclosed in double quotes: line 1 column 2 "
                     "(char 1)); give a file like a run's args.json"),
     ("[1, 2]", "--config {path}: not a JSON object of flags (under 1 MB), like a run's args.json"),
-    ('{"learning_rate": 0.1}', "--config {path}: 'learning_rate' is not a flag it may set, or its value is not one"),
-    ('{"augment": "yes"}', "--config {path}: 'augment' is not a flag it may set, or its value is not one"),
+    ('{"learning_rate": 0.1}', "--config {path}: 'learning_rate' is not a flag it may set (the keys are "
+                               "train.py's flags as args.json spells them, with _ for -)"),
+    ('{"augment": "yes"}', "--config {path}: 'augment' is a switch: give true or false, not \"yes\""),
     ('{"lr": "fast"}', "--config {path}: argument --lr: invalid float value: 'fast'"),
     ('{"optimizer": "lion"}', "--config {path}: argument --optimizer: invalid choice: 'lion'"),
 ])

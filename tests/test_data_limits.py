@@ -288,7 +288,7 @@ def test_predict_refuses_a_fifo_at_once(tmp_path):
     os.mkfifo(fifo)  # nothing ever writes to it: a plain open() would wait forever
     proc = subprocess.run([sys.executable, "predict.py", "--checkpoint", str(checkpoint), str(fifo)], cwd=ROOT,
                           capture_output=True, text=True, timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+    assert proc.returncode == predict.UNREADABLE and proc.stderr.splitlines() == [
         f"predict.py: error: cannot read image {fifo}: it is a FIFO; give a regular file"]
     with pytest.raises(CheckpointError, match="^cannot read checkpoint .*photo.png: not a regular file"):
         load_checkpoint(fifo)
@@ -316,14 +316,15 @@ def test_predict_top_k_over_the_classes_lists_them_all_with_a_note(tmp_path, cap
     assert capsys.readouterr().err == "predict.py: note: --top-k 5 is more than the checkpoint's 3 classes; listing 3\n"
 
 
-def test_predict_refuses_an_image_over_max_image_pixels(tmp_path):
+def test_predict_refuses_an_image_over_max_image_pixels(tmp_path, capsys):
     checkpoint = write_predict_checkpoint(tmp_path / "best.pth", ["cat", "dog", "fox"])
     image = tmp_path / "x.png"
     Image.new("RGB", (100, 100)).save(image)
     with pytest.raises(SystemExit) as exc:
         predict.main(["--checkpoint", str(checkpoint), "--max-image-pixels", "9999", str(image)])
-    assert exc.value.code == (f"predict.py: error: cannot read image {image}: 100x100 pixels is over the limit of "
-                              f"9,999 per image; downscale it")
+    assert exc.value.code == predict.UNREADABLE
+    assert capsys.readouterr() == ("", f"predict.py: error: cannot read image {image}: 100x100 pixels is over the "
+                                       f"limit of 9,999 per image; downscale it\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

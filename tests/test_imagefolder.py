@@ -196,3 +196,28 @@ def test_the_memory_line_counts_what_decoding_these_images_can_take(image_folder
     lines = [line for line in capsys.readouterr().err.splitlines() if "train" in line and "MiB in memory" in line]
     assert len(lines) == 1 and lines[0].endswith(f"(0.0 MiB in memory, plus up to {frames / 2**20:,.1f} MiB while "
                                                  f"filling it)"), lines
+
+
+def test_a_folder_is_listed_once_in_the_order_of_sorted_paths(tmp_path, monkeypatch, capsys):
+    """folders.list_images (os.scandir, no Path per file) gives what sorted(Path.rglob) gave: nested folders part
+    by part, upper-case suffixes, hidden files and folders left out, symlinked folders not entered; and a run lists
+    each folder once, also when a squash folder too large for memory goes to streaming."""
+    root = tmp_path / "cls"
+    for name in ("b.png", "a.JPG", "a-b.jpg", "a/z.jpg", "a/b/c.webp", ".hidden.jpg", ".git/x.jpg", "notes.txt",
+                 "é.jpeg", "a.b/c.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+    (root / "linked").symlink_to(root / "a", target_is_directory=True)
+    (root / "file-link.png").symlink_to(root / "b.png")
+    rglob = sorted(p for p in root.rglob("*") if p.suffix.lower() in folders.IMAGE_SUFFIXES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    assert folders.image_files(root) == rglob and len(rglob) == 8
+
+    make_image_folder(tmp_path / "photos")
+    scanned = []
+    scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scanned.append(str(path)) or scandir(path))
+    monkeypatch.setattr(data.stream, "available_memory", lambda: 1000)  # "too large": the squash folder streams
+    data.prepare("imagefolder", tmp_path / "photos", 0.25, 0, "cpu", image_size=16)
+    assert "streaming them from disk" in capsys.readouterr().err
+    assert sorted(scanned) == sorted(set(scanned)) and len(scanned) == 4  # train/ and test/: blue, red

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -182,6 +183,117 @@ def test_the_lock_file_locks_where_there_is_no_flock_and_a_dead_owners_is_taken_
     assert (out / ".lock").read_text() == str(os.getpid())
     second.release()
     assert list(out.iterdir()) == []
+
+
+def dead_pid() -> int:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def race_in_threads(out: Path, starters: int) -> list[str]:
+    """`starters` threads lock `out` at the same instant: "owner" or the refusal, from each."""
+    start = threading.Barrier(starters)
+    outcomes = []
+
+    def one() -> None:
+        start.wait()
+        try:
+            RunFolder(out, "run").lock()
+            outcomes.append("owner")
+        except RunFolderError as e:
+            outcomes.append(str(e))
+    threads = [threading.Thread(target=one) for _ in range(starters)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def race_in_processes(out: Path, starters: int) -> list[str]:
+    """The same with `starters` forked processes, each its own process id: each holds what it won until all
+    have said ("1": owner, "0": refused, "E": anything else)."""
+    go, said, hold = os.pipe(), os.pipe(), os.pipe()
+    pids = []
+    for _ in range(starters):
+        pid = os.fork()
+        if pid == 0:  # (the child: one byte, then wait to be let go, then leave without a word)
+            outcome = b"E"
+            try:
+                os.read(go[0], 1)
+                RunFolder(out, "run").lock()
+                outcome = b"1"
+            except RunFolderError:
+                outcome = b"0"
+            finally:
+                os.write(said[1], outcome)
+                os.read(hold[0], 1)
+                os._exit(0)
+        pids.append(pid)
+    os.close(go[1])  # all start at once: each read ends
+    outcomes = b""
+    while len(outcomes) < starters:
+        outcomes += os.read(said[0], starters)
+    os.close(hold[1])
+    for pid in pids:
+        os.waitpid(pid, 0)
+    for fd in (*go[:1], *said, hold[0]):
+        os.close(fd)
+    return [{"1": "owner", "0": "refused"}.get(c, c) for c in outcomes.decode()]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks its racing processes")
+def test_of_runs_started_at_once_over_a_stale_lock_file_exactly_one_owns_the_folder(tmp_path, monkeypatch):
+    """Each round: a killed run's .lock, and 8 runs that find it stale at the same instant. (Taking it over in two
+    steps, delete then create, let two of them own it in about one round in 20.)"""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    pid = dead_pid()
+    for round in range(200):
+        out = tmp_path / f"threads{round}"
+        out.mkdir()
+        (out / ".lock").write_text(str(pid))
+        outcomes = race_in_threads(out, 8)
+        assert outcomes.count("owner") == 1, (round, outcomes)
+        assert sorted(os.listdir(out)) == [".lock"] and (out / ".lock").read_text() == str(os.getpid())
+        refusal = f"{out} is in use by another run (process {os.getpid()}); wait for it to end, or choose another " \
+                  f"--out-dir; if no run is using it, delete {out / '.lock'}"
+        assert set(outcomes) == {"owner", refusal}, outcomes
+    for round in range(4):
+        out = tmp_path / f"processes{round}"
+        out.mkdir()
+        (out / ".lock").write_text(str(pid))
+        outcomes = race_in_processes(out, 6)
+        assert sorted(outcomes) == ["owner"] + ["refused"] * 5, outcomes
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"garbage", b"9" * 40, "\u00b2".encode(), "\u0661\u0662".encode(),
+                                     b"-5", b"0", b"\xff\xfe\x00", b"12 34", b"x" * 10000])
+def test_a_lock_file_that_names_no_process_is_taken_over(tmp_path, monkeypatch, content):
+    """Empty, garbage, a number no process can have, other scripts' digits, a sign, bytes that are no text, a large
+    file: none of them names a run, and none is a traceback."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_bytes(content)
+    folder = RunFolder(out, "run")
+    folder.lock()
+    assert (out / ".lock").read_text() == str(os.getpid())
+    folder.release()
+    assert list(out.iterdir()) == []
+
+
+def test_a_lock_file_naming_a_live_process_is_refused_with_the_way_out(tmp_path, monkeypatch):
+    """The process may be another program that took a killed run's process id: the refusal says what to do then."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(" 1\n")  # init: alive, and no run
+    with pytest.raises(RunFolderError) as refused:
+        RunFolder(out, "run").lock()
+    assert str(refused.value) == f"{out} is in use by another run (process 1); wait for it to end, or choose " \
+                                 f"another --out-dir; if no run is using it, delete {out / '.lock'}"
+    assert (out / ".lock").read_text() == " 1\n"
 
 
 # ---------------------------------------------------------------------------------------------------------------

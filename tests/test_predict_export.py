@@ -93,12 +93,18 @@ def test_predict_argument_errors(image_folder, checkpoint, extra, message):
     assert exit_info.value.code == message
 
 
-def test_predict_file_errors(image_folder, checkpoint, tmp_path):
+def test_predict_file_errors(image_folder, checkpoint, tmp_path, capsys):
     broken = image_folder / "train" / "red" / "z_broken.jpg"
-    with pytest.raises(SystemExit, match=rf"^predict.py: error: cannot read image {broken}: cannot identify"):
+    with pytest.raises(SystemExit) as exc:  # the readable one labelled, the other named: exit 2
         predict.main(["--checkpoint", str(checkpoint), image_paths(image_folder)[0], str(broken)])
-    with pytest.raises(SystemExit, match=r"^predict.py: error: cannot read image .*nowhere.png: .*No such file"):
+    out, err = capsys.readouterr()
+    assert exc.value.code == predict.UNREADABLE and out.startswith(f"{image_paths(image_folder)[0]}: ")
+    assert re.fullmatch(rf"predict.py: error: cannot read image {broken}: cannot identify [^\n]*\n", err), err
+    with pytest.raises(SystemExit) as exc:
         predict.main(["--checkpoint", str(checkpoint), str(tmp_path / "nowhere.png")])
+    assert exc.value.code == predict.UNREADABLE
+    assert re.fullmatch(r"predict.py: error: cannot read image .*nowhere.png: .*No such file[^\n]*\n",
+                        capsys.readouterr().err)
     with pytest.raises(SystemExit, match=r"^predict.py: error: checkpoint not found: .*none.pth$"):
         predict.main(["--checkpoint", str(tmp_path / "none.pth"), image_paths(image_folder)[0]])
 

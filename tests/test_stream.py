@@ -2,11 +2,14 @@
 PNG files of mixed sizes, real worker processes, real signals, torchrun."""
 import io
 import os
+import resource
+import select
 import shlex
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,8 @@ import stream
 import train
 from formats import available_memory
 from checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import ROOT, as_from_a_terminal
+from conftest import ROOT, as_from_a_terminal, fails_with
+from runfolder import RunFolder
 from test_torchvision_models import plant_weights
 
 CLASSES = {"blue": (40, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
@@ -358,3 +362,141 @@ def test_a_folder_too_large_for_memory_is_streamed_and_says_so(tmp_path, capsys)
     line = capsys.readouterr().err.strip()
     assert line.startswith(f"imagefolder: {4 * n:,} images at 1024x1024 would take ") and \
         line.endswith(f"streaming them from disk with {stream.default_workers()} worker processes (--workers)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers cannot hang a run: a worker that stops answering, a signal while the run waits for one, what the system
+# refuses them (shared memory, file descriptors), and a main process that dies first
+
+def streamed_run(tmp_path: Path, *flags: str, env: dict | None = None, preexec_fn=as_from_a_terminal,
+                 prefix: tuple = (), out: str = "run") -> tuple[subprocess.Popen, Path]:
+    """train.py streaming 60 tiny photos by 2 workers (flags may change that), 30 steps an epoch, a line a step."""
+    photos = tmp_path / "photos"
+    if not photos.exists():
+        write_photos(photos, {"train": 20, "test": 2}, sizes=(30, 50))
+    out = tmp_path / out
+    argv = ["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "24", "--epochs", "50",
+            "--batch-size", "2", "--val-split", "0", "--workers", "2", "--device", "cpu", "--log-interval", "1",
+            "--out-dir", str(out), *flags]
+    return subprocess.Popen([*prefix, sys.executable, "train.py", *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}), out
+
+
+def wait_for_step(proc: subprocess.Popen, epoch: int, step: int) -> None:
+    for line in proc.stdout:
+        words = line.split()
+        if words[:1] == ["epoch"] and words[1].startswith(f"{epoch}/") and words[3:4] == [f"{step}/30"]:
+            return
+    raise AssertionError(f"train.py ended first: {proc.stderr.read()}")
+
+
+def all_gone(pids: list[int]) -> bool:
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
+
+
+@pytest.mark.slow
+def test_a_stopped_worker_ends_the_run_after_worker_timeout_in_one_line_naming_it(tmp_path, monkeypatch):
+    proc, _ = streamed_run(tmp_path, env={"WORKER_TIMEOUT": "3"})
+    wait_for_step(proc, 2, 1)
+    stopped = children(proc.pid)[0]
+    os.kill(stopped, signal.SIGSTOP)  # (it answers nothing, not even the handover of a batch it has made)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err == f"train.py: error: the worker process {stopped} reading the images did " \
+        f"not hand a batch over for 3 s (WORKER_TIMEOUT; stopped or hung?); the run stops. If reading a batch can " \
+        f"take that long, raise WORKER_TIMEOUT\n", err
+    assert all_gone([stopped])
+
+    monkeypatch.setenv("WORKER_TIMEOUT", "soon")
+    fails_with(["--dataset", "imagefolder", "--data-dir", str(tmp_path / "photos"), "--workers", "1", "--device",
+                "cpu", "--out-dir", str(tmp_path / "run2")],
+               "WORKER_TIMEOUT=soon must be a number of seconds, at least 1")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_workers_are_stopped_stops_at_once_with_a_checkpoint_that_resumes(tmp_path, signum):
+    proc, out = streamed_run(tmp_path, "--epochs", "2", env={"WORKER_TIMEOUT": "600"})  # (only the signal ends it)
+    wait_for_step(proc, 2, 2)
+    workers = children(proc.pid)
+    for pid in workers:
+        os.kill(pid, signal.SIGSTOP)
+    os.set_blocking(proc.stdout.fileno(), False)
+    while select.select([proc.stdout], [], [], 2)[0] and proc.stdout.read():  # the batches read ahead consumed:
+        pass  # no step for 2 s, the run waits for the stopped workers
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err
+    assert all_gone(workers)
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["state"]["epoch"] == 1 and 2 <= ckpt["partial_epoch"]["step"] < 30
+    assert err.strip().splitlines()[-1].strip().endswith(f"--resume {out / 'last.pth'}")
+    resumed = train.main([*shlex.split(err.strip().splitlines()[-1])[2:], "--log-interval", "0"])
+    assert load_checkpoint(out / "last.pth")["state"]["epoch"] == 2 and "test_accuracy" in resumed
+
+
+def in_own_mount_namespace(shm_options: str) -> tuple:
+    """A command prefix: the rest runs with a fresh tmpfs mounted (`shm_options`) on /dev/shm, in a mount namespace
+    of its own (the machine's /dev/shm is untouched)."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs root and unshare(1) to give the run a /dev/shm of its own")
+    return ("unshare", "-m", "--propagation", "private", "sh", "-c",
+            f'mount -t tmpfs -o {shm_options} tmpfs /dev/shm && exec "$@"', "sh")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options, problem", [
+    ("size=64k", "the worker processes cannot hand batches over: shared memory (/dev/shm: 64 KiB, "),
+    ("ro,size=64k", "the worker processes need shared memory (/dev/shm), which this system does not give "
+                    "(Read-only file system); ")])
+def test_shared_memory_that_is_small_or_read_only_is_one_line_with_the_way_out(tmp_path, options, problem):
+    proc, _ = streamed_run(tmp_path, "--epochs", "1", prefix=in_own_mount_namespace(options))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.startswith(f"train.py: error: {problem}") and err.count("\n") == 1, err
+    assert "give --workers 0 to read the images in this process" in err and \
+        err.endswith("(in a container: docker run --shm-size=1g)\n"), err
+
+
+def open_files(limit: int, hard: int | None) -> Callable[[], None]:
+    def preexec() -> None:
+        as_from_a_terminal()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                                                    if hard is None else hard))
+    return preexec
+
+
+@pytest.mark.slow
+def test_too_few_file_descriptors_are_raised_to_the_hard_limit_or_refused_in_one_line(tmp_path):
+    proc, _ = streamed_run(tmp_path, "--epochs", "1", "--workers", "4", "--log-interval", "0",
+                           preexec_fn=open_files(40, None))  # (the hard limit: the machine's)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == "" and "test accuracy" in out, err
+
+    proc, _ = streamed_run(tmp_path, "--epochs", "1", "--workers", "4", preexec_fn=open_files(40, 40), out="run2")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and err.startswith("train.py: error: 4 worker processes (--workers) need about ") and \
+        err.count("\n") == 1 and "open files, and this process may open only 40 (ulimit -Hn); raise the limit" in err
+    assert err.endswith("or give fewer --workers (--workers 0 reads the images in this process)\n"), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGHUP])
+def test_workers_end_with_their_main_process_quietly_and_never_hold_the_run_folder(tmp_path, signum):
+    proc, out = streamed_run(tmp_path)
+    wait_for_step(proc, 2, 3)
+    workers = children(proc.pid)
+    for pid in workers:  # no descriptor of the run folder: its lock (an flock) is the main process's alone
+        held = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+        assert not [path for path in held if path.startswith(str(out))], held
+        if signum == signal.SIGKILL:
+            os.kill(pid, signal.SIGSTOP)  # (a stopped worker takes no notice of anything but SIGKILL)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)  # (the workers share its stderr: whatever they say is in it)
+    assert proc.returncode == -signum and err == "", err
+    assert all_gone(workers)
+    again = RunFolder(out, "resumed")  # what a resume does first: the folder is free at once
+    again.lock()
+    again.release()

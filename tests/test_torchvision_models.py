@@ -199,7 +199,7 @@ def test_init_from_a_run_with_other_classes_replaces_the_head_only(resnet18_run,
     fails_with(["--resume", str(out / "last.pth"), "--epochs", "2", "--init-from", str(out / "best.pth")],
                f"not {out / 'best.pth'}; that would be another run: start a new run without --resume")
     fails_with(["--resume", str(out / "last.pth"), "--epochs", "2", "--image-size", "16"],
-               "trained with --image-size None, not 16; that would be another run: start a new run from its weights")
+               "trained with --image-size 32, not 16; that would be another run: start a new run from its weights")
     # other images of the same classes (the normalization is the weights', so only the data's fingerprint tells)
     other = tmp_path / "other"
     for split in ("train", "test"):

@@ -101,9 +101,10 @@ def test_a_run_writes_metrics_checkpoints_and_results(tmp_path, cifar_dir, capsy
     assert all(float(r["images_per_s"]) > 0 and 0 <= float(r["val_acc"]) <= 100 for r in rows)
     assert json.loads((out / "results.json").read_text()) == results
     assert set(results) == {"test_accuracy", "test_loss", "test_top5", "test_balanced_accuracy",
-                            "test_macro_precision", "test_macro_recall", "test_macro_f1", "best_epoch",
-                            "epochs_completed", "stopped_early", "train_seconds"}
+                            "test_macro_precision", "test_macro_recall", "test_macro_f1", "test_images",
+                            "test_skipped", "best_epoch", "epochs_completed", "stopped_early", "train_seconds"}
     assert results["epochs_completed"] == 2 and results["stopped_early"] is False
+    assert results["test_images"] == 50 and results["test_skipped"] == 0
     drawn = ["curves.png"] if importlib.util.find_spec("matplotlib") else []  # (drawn when matplotlib is there)
     assert sorted(p.name for p in out.iterdir()) == sorted(["args.json", "best.pth", "last.pth", "metrics.csv",
                                                              "results.json", *drawn])
