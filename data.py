@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+import cli
 import stream
 from augment import apply_policy
 from folders import (MAX_IMAGE_PIXELS, SQUASH, Prep, imagefolder_classes, load_imagefolder, load_imagefolder_split,
@@ -230,7 +231,7 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
 
 def split_train_val(images, labels, val_split: float, seed: int):
     """Hold out a seeded random `val_split` fraction of the training set for validation."""
-    train, val = split_indices(len(labels), val_split, seed)
+    train, val = split_indices(labels, val_split, seed)
     return (images[train], labels[train]), (images[val], labels[val])
 
 
@@ -326,14 +327,17 @@ def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -
 MIN_VAL_PER_CLASS = 10
 
 
-def warn_small_split(val_split: float, n_val: int, n_classes: int, name: str) -> None:
-    """One warning line when --val-split holds out fewer than MIN_VAL_PER_CLASS images per class, with the ways
-    forward."""
-    if 0 < n_val < MIN_VAL_PER_CLASS * n_classes:
+def warn_small_split(val_split: float, val_labels: torch.Tensor, classes: list[str], name: str) -> None:
+    """One warning line when --val-split holds out fewer than MIN_VAL_PER_CLASS images of some class (the one with
+    the fewest named), with the ways forward."""
+    counts = torch.bincount(val_labels.cpu(), minlength=len(classes))
+    fewest = int(counts.argmin())
+    if len(val_labels) and counts[fewest] < MIN_VAL_PER_CLASS:
         folder = "a val/ folder next to train/, " if name == "imagefolder" else ""
-        print(f"warning: --val-split {val_split} holds out {n_val} images for {n_classes} classes, too few to pick "
-              f"the best epoch by; give {folder}a larger --val-split, or --val-split 0 with a fixed --epochs",
-              file=sys.stderr, flush=True)
+        print(f"warning: --val-split {val_split} holds out {len(val_labels)} images for {len(classes)} classes, "
+              f"{int(counts[fewest])} of class {cli.printable(classes[fewest])}: too few to pick the best epoch by; "
+              f"give {folder}a larger --val-split, or --val-split 0 with a fixed --epochs", file=sys.stderr,
+              flush=True)
 
 
 def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,
@@ -365,9 +369,9 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
     else:
         check_memory(train_x.nbytes, f"{name}: holding out --val-split {val_split} of {len(train_y):,} training "
                                      f"images (a copy)")
-        train, val = split_indices(len(train_y), val_split, seed)
+        train, val = split_indices(train_y, val_split, seed)
         (train_x, train_y), (val_x, val_y) = (train_x[train], train_y[train]), (train_x[val], train_y[val])
-        warn_small_split(val_split, len(val_y), len(classes), name)
+        warn_small_split(val_split, val_y, classes, name)
     if stats is None and name == "imagefolder":  # (the streamed path's very images: stream.stats_sample)
         stats = channel_stats(train_x[stream.stats_sample(len(train_x), image_size or 32, seed)])
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device)
@@ -384,8 +388,13 @@ def gray_stats(stats: tuple[list[float], list[float]] | None, channels: int):
     return tuple([sum(s) / len(s)] for s in stats) if stats is not None and channels == 1 else stats
 
 
-def split_indices(n: int, val_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training and validation indices of `n` images: a seeded random `val_split` fraction held out."""
+def split_indices(labels: torch.Tensor, val_split: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training and validation indices of the images of `labels`, both in a seeded random order: a `val_split`
+    fraction held out, stratified: each class's share (rounded so that the total is the whole set's share, as
+    many as an unstratified split holds out), and at least one image of each class that has two or more (a class
+    of one image trains on it). A class 10x rarer than the others is not left to chance: a random split of 123
+    images once gave one class 4 of them."""
+    n = len(labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = round(n * val_split)
     if val_split > 0 and n_val < MIN_IMAGES["val"]:
@@ -394,7 +403,20 @@ def split_indices(n: int, val_split: float, seed: int) -> tuple[torch.Tensor, to
     if n - n_val < MIN_IMAGES["train"]:
         raise DataError(f"--val-split {val_split} of the {n} training images leaves {n - n_val} to train on; "
                         f"it needs at least {MIN_IMAGES['train']}: give a smaller --val-split")
-    return order[n_val:], order[:n_val]
+    if n_val == 0:
+        return order, order[:0]
+    shuffled = labels.cpu()[order]
+    counts = torch.bincount(shuffled)
+    share = counts.double() * val_split
+    held = share.floor().long()
+    rest = n_val - int(held.sum())  # (the largest remainders get one more: the total is n_val)
+    held[torch.argsort(share - held, descending=True, stable=True)[:rest]] += 1
+    held = torch.where(counts >= 2, held.clamp(1, None), held).minimum((counts - 1).clamp(0, None))
+    by_class = torch.argsort(shuffled, stable=True)  # each image's place among its class's, in the random order
+    place_in_class = torch.empty(n, dtype=torch.int64)
+    place_in_class[by_class] = torch.arange(n) - (counts.cumsum(0) - counts)[shuffled[by_class]]
+    in_val = place_in_class < held[shuffled]
+    return order[~in_val], order[in_val]
 
 
 def place(images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -26,7 +26,7 @@ import workers
 from folders import _LIBC, IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, load_image, require_each_class
 from formats import DataError, available_memory
 
-PREFETCH = 4  # batches each worker reads ahead
+PREFETCH = 2  # batches each worker reads ahead (DataLoader's default: more only took memory, measured)
 # --workers is the user's choice: DataLoader's advice against more workers than cores is not printed to them
 warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
 STATS_IMAGES = 2048  # training images a streamed set's normalization is computed from, at most...
@@ -300,10 +300,10 @@ def prepare(root: Path, listing: dict[str, tuple[np.ndarray, torch.Tensor]], cla
         require_each_class(labels, root / split, classes)
     if "val" not in listing:  # (the user's own val/ beats a random split)
         names, labels = listing.pop("train")  # (popped: the caller's listing holds no second copy of the names)
-        train, val = split_indices(len(labels), val_split, seed)
+        train, val = split_indices(labels, val_split, seed)
         listing["train"], listing["val"] = (names[train.numpy()], labels[train]), (names[val.numpy()], labels[val])
         del names, labels
-        warn_small_split(val_split, len(val), len(classes), "imagefolder")
+        warn_small_split(val_split, listing["val"][1], classes, "imagefolder")
     sets = {split: stream_set(root, names, labels, size, max_pixels, prep, seed, device, workers) if len(labels)
             else None for split, (names, labels) in listing.items()}
     stats = stats or channel_stats(sets["train"].take(stats_sample(len(sets["train"]), size, seed)).cpu())

@@ -42,7 +42,7 @@ import runtime
 from augment import Mix, MixedBatches, image_policy
 from checkpoint import (EpochTally, RunState, check_same_data, load_checkpoint, load_training_state, make_checkpoint,
                         model_from_checkpoint, resume_state, run_card, starting_weights)
-from data import Split, balanced_class_weights, epoch_plan, images_per_epoch, prepare
+from data import ImageSet, Split, balanced_class_weights, epoch_plan, images_per_epoch, prepare
 from model import MEASURES, MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
 from optim import ema_decay, ema_update, lr_factor, make_optimizer
 from runfolder import RunFolder
@@ -339,7 +339,9 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
                                         prep=prep, workers=args.workers)
     args.workers = getattr(train, "workers", args.workers)  # resolved: None only when held in memory (--resume)
     set_policy(train, args)
-    if device.type == "cpu":  # only now: the loader's temporary copies have gone back to the OS
+    # Only now: the loader's temporary copies have gone back to the OS. Not when streaming: there a step's time is
+    # the model's and the workers', and the kept heap raised the process tree's peak above torchvision's pipeline
+    if device.type == "cpu" and isinstance(train, ImageSet):
         runtime.keep_freed_memory()
     if args.patience and val is None:
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")

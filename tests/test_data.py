@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
+import train
 from conftest import write_idx, write_mnist
 from data import (PAD, DataError, ImageSet, channel_stats, epoch_plan, load_raw, prepare, random_crop_flip,
                   split_train_val)
@@ -139,11 +141,12 @@ def test_channel_stats_are_exact_across_chunks():
 
 def test_validation_split_is_seeded_and_disjoint():
     images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
-    labels = torch.arange(100)
+    labels = torch.arange(100) % 5
     (tx, ty), (vx, vy) = split_train_val(images, labels, 0.2, seed=3)
     (tx2, ty2), (vx2, vy2) = split_train_val(images, labels, 0.2, seed=3)
     assert len(vy) == 20 and len(ty) == 80 and torch.equal(vy, vy2)
-    assert sorted(ty.tolist() + vy.tolist()) == list(range(100))
+    assert sorted(tx.view(-1).tolist() + vx.view(-1).tolist()) == list(range(100))
+    assert torch.bincount(vy).tolist() == [4] * 5  # each class's share
     assert not torch.equal(split_train_val(images, labels, 0.2, seed=4)[1][1], vy)
 
 
@@ -244,17 +247,43 @@ def test_color_jitter_is_planned_per_image_and_epoch_and_leaves_the_rest_of_the_
 
 
 def test_a_validation_split_too_small_to_pick_the_best_epoch_warns_in_one_line(cifar_dir, tmp_path, capsys):
-    prepare("cifar10", cifar_dir, 0.1, seed=0, device="cpu")  # 20 of 200 images for 10 classes
+    prepare("cifar10", cifar_dir, 0.1, seed=0, device="cpu")  # 20 of 200 images for 10 classes: 1 to 3 each
     assert capsys.readouterr().err == (
-        "warning: --val-split 0.1 holds out 20 images for 10 classes, too few to pick the best epoch by; give a larger "
-        "--val-split, or --val-split 0 with a fixed --epochs\n")
-    for enough in (0.5, 0):  # 10 images per class; no validation
+        "warning: --val-split 0.1 holds out 20 images for 10 classes, 1 of class cat: too few to pick the best epoch "
+        "by; give a larger --val-split, or --val-split 0 with a fixed --epochs\n")
+    for enough in (0.9, 0):  # 10 or more images of each class (cat has 12 in all); no validation
         prepare("cifar10", cifar_dir, enough, seed=0, device="cpu")
         assert capsys.readouterr().err == ""
     from image_files import make_image_folder
     root = make_image_folder(tmp_path / "images")
     prepare("imagefolder", root, 0.2, seed=0, device="cpu", image_size=8)
     [warning] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --val-split")]
-    assert warning == ("warning: --val-split 0.2 holds out 2 images for 2 classes, too few to pick the best epoch "
-                       "by; give a val/ folder next to train/, a larger --val-split, or --val-split 0 with a fixed "
-                       "--epochs")
+    assert warning == ("warning: --val-split 0.2 holds out 2 images for 2 classes, 1 of class blue: too few to pick "
+                       "the best epoch by; give a val/ folder next to train/, a larger --val-split, or --val-split 0 "
+                       "with a fixed --epochs")
+
+
+def test_the_validation_split_is_stratified_and_a_rare_class_is_met_at_the_door(tmp_path, capsys):
+    """Each class gives its share to validation (a rare class at least one image), on both data paths, and a run
+    whose largest class has 5x the images of its smallest says so once, with the flags that help."""
+    labels = torch.tensor([0] * 100 + [1] * 10 + [2] * 2 + [3])[torch.randperm(113)]
+    kept, held = data.split_indices(labels, 0.1, seed=0)
+    assert torch.bincount(labels[held], minlength=4).tolist() == [10, 1, 1, 0]  # 10% of 100 and of 10; 1 of 2
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(113))
+    assert torch.equal(data.split_indices(labels, 0.1, seed=0)[1], held)  # (seeded)
+
+    from test_stream import write_photos
+    photos = write_photos(tmp_path / "photos", {"train": 68, "test": 1}, sizes=(20, 30))
+    for p in sorted((photos / "train" / "green").iterdir())[2:]:  # green: 2 training images, the others 68
+        p.unlink()
+    flags = ["--dataset", "imagefolder", "--data-dir", str(photos), "--image-size", "16", "--val-split", "0.25",
+             "--epochs", "8", "--batch-size", "64", "--device", "cpu", "--log-interval", "0"]
+    for extra in ([], ["--workers", "1"]):  # in memory, streamed
+        train.main([*flags, *extra, "--out-dir", str(tmp_path / f"run{len(extra)}")])
+        out = capsys.readouterr()
+        assert "imagefolder: 103 train, 35 val, 3 test images" in out.out  # 17 + 1 + 17: each class's share
+        assert [line for line in out.err.splitlines() if line.startswith("note:")] == [
+            "note: class green has 1 training image, blue 51: for rare classes, weigh the loss by class for the last "
+            "quarter of the run: --class-weights balanced --class-weights-from-epoch 7 (README: FAQ)"]
+    train.main([*flags, "--class-weights", "balanced", "--out-dir", str(tmp_path / "weighed")])
+    assert "note:" not in capsys.readouterr().err

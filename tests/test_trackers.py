@@ -85,8 +85,8 @@ def test_a_disk_that_fills_mid_run_is_one_warning_line_per_failure(tmp_path, mou
     mounts(out / "tensorboard", "1m")
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/store/mlflow.db"}
     proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(data), *CPU, "--epochs", "20",
-                             "--out-dir", str(out), "--mlflow", "--tensorboard"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--val-split", "0.2", "--out-dir", str(out), "--mlflow", "--tensorboard"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if line.startswith("epoch  1/20"):  # both trackers started, and logged epoch 1
             break

@@ -273,8 +273,7 @@ def test_find_lr_starts_from_the_runs_weights_and_gives_no_suggestion_without_a_
         find_lr.main([*base, "--init-from", str(tmp_path / "none.pth"), "--out-dir", str(tmp_path / "a")])
     assert not (tmp_path / "a").exists()
     # the checkpoint's weights are what it trains (here, trained on random labels, they do not improve: no valley)
-    with pytest.raises(SystemExit, match=r"no suggestion: the loss never fell from the first lr on .*; try another "
-                                         r"range, or more --find-lr-steps$"):
+    with pytest.raises(SystemExit, match=r"no suggestion: the loss (never fell|diverged) from the first lr on "):
         find_lr.main([*base, "--init-from", str(finished_run / "best.pth"), "--out-dir", str(tmp_path / "b")])
     assert f"starting from {finished_run / 'best.pth'} (simplecnn after epoch" in capsys.readouterr().out
     out = tmp_path / "c"  # an lr that blows the loss up at once: no valley, no suggestion
