@@ -32,6 +32,7 @@ import io
 import math
 import os
 import pickle
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -206,6 +207,19 @@ def init_weights(path: str, model_name: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading and validating: every reader goes through load_checkpoint, so nonsense is refused in one place
+
+def checkpoint_path(given: str, doing: str) -> Path:
+    """--checkpoint of evaluate.py and predict.py: a .pth, or a run folder, whose best.pth is taken and said so on
+    stderr ("RUN is a folder: <doing> its best.pth")."""
+    path = Path(given)
+    if not path.is_dir():
+        return path
+    if not (path / "best.pth").is_file():
+        raise CheckpointError(f"{path} is a folder without a best.pth; give --checkpoint a .pth file (a run folder "
+                              f"holds best.pth once its first epoch has ended)")
+    print(f"{path} is a folder: {doing} its best.pth", file=sys.stderr)
+    return path / "best.pth"
+
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read and validate a checkpoint (on the CPU). Never unpickles code: weights_only admits only tensors and

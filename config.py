@@ -60,8 +60,12 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
                         "(default: cifar10)")
     g.add_argument("--data-dir", default="./data", metavar="DIR",
                    help="where datasets are found or downloaded (default: ./data)")
-    g.add_argument("--image-size", type=int, metavar="PX", help="side images are resized to, once, into the "
-                   "in-memory dataset (default: the dataset's own: 32 for CIFAR, 28 for MNIST; 32 for imagefolder)")
+    g.add_argument("--image-size", type=int, metavar="PX",
+                   help="side of the model's input, 8 to 1024: CIFAR and MNIST are resized to it once, in memory; an "
+                        "image folder held in memory (squash) is decoded to it once, one streamed from disk (the "
+                        "photo recipe, --workers) is shaped to it file by file by the workers (default: the "
+                        "dataset's own: 32 for CIFAR, 28 for MNIST; 32 for imagefolder, with --pretrained the "
+                        "weights' own)")
     g.add_argument("--val-split", type=float, default=0.1, metavar="F",
                    help="fraction of the training set held out for validation, 0 = none (default: 0.1)")
     g.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, metavar="N",
@@ -95,8 +99,9 @@ def add_photo_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("photos")
     g.add_argument("--workers", type=int, metavar="N",
                    help="imagefolder: stream the files from disk, read by N DataLoader worker processes (0: by the "
-                        "training process); same weights for any N (default: in memory when the decoded images fit "
-                        "in half the memory available, else streamed with one worker per core, at most 8)")
+                        "training process), for either recipe; same weights for any N (default: the photo recipe, "
+                        "--resize-mode crop, streams with one worker per core, at most 8; a squash folder is held "
+                        "in memory when its decoded images fit in half the memory available, else streamed likewise)")
     g.add_argument("--resize-mode", choices=PREP_MODES,
                    help="squash: each image resized whole to a square, its aspect ratio lost (--augment: pad-crop and "
                         "flip); crop: torchvision's photo recipe: training takes a random resized crop and a flip, "

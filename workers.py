@@ -65,13 +65,17 @@ def make_room_for_descriptors(workers: int, prefetch: int) -> None:
     need = open_descriptors() + workers * (2 * prefetch + 4) + 16
     if soft == resource.RLIM_INFINITY or soft >= need:
         return
-    if hard != resource.RLIM_INFINITY and hard < need:
+    capped = hard != resource.RLIM_INFINITY and hard < need
+    room = max(need, 4096) if hard == resource.RLIM_INFINITY else max(need, min(hard, 4096))
+    try:
+        if capped:
+            raise ValueError
+        resource.setrlimit(resource.RLIMIT_NOFILE, (room, hard))
+    except (ValueError, OSError):  # (beyond the hard limit, or beyond what the system lets a process open: macOS)
         raise DataError(f"{workers} worker processes (--workers) need about {need} open files, and this process may "
-                        f"open only {hard} (ulimit -Hn); raise the limit (as root: ulimit -n {max(need, 4096)}; in a "
-                        f"container: docker run --ulimit nofile={max(need, 4096)}), or give fewer --workers "
-                        f"(--workers 0 reads the images in this process)")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(need, min(hard, 4096)) if hard != resource.RLIM_INFINITY
-                                                else max(need, 4096), hard))
+                        f"open only {hard if capped else soft} (ulimit -{'H' if capped else ''}n); raise the limit "
+                        f"(as root: ulimit -n {room}; in a container: docker run --ulimit nofile={room}), or give "
+                        f"fewer --workers (--workers 0 reads the images in this process)") from None
 
 
 def open_descriptors() -> int:
@@ -151,7 +155,10 @@ def hand_over_failure(queue: multiprocessing.queues.Queue, error: Exception, ite
         os._exit(1)
     info = get_worker_info()
     where = f"in DataLoader worker process {info.id if info else '?'}"
-    queue.put((item[0], ExceptionWrapper((type(error), error, error.__traceback__), where)))
+    try:
+        queue.put((item[0], ExceptionWrapper((type(error), error, error.__traceback__), where)))
+    except Exception:  # (the queue closed meanwhile: nothing to tell, and no one to tell it to)
+        os._exit(1)
 
 
 class Reading:
@@ -174,7 +181,8 @@ class Reading:
                     try:
                         return next(self.it, None)
                     except RuntimeError as e:  # torch's own timeout, POLL: nothing is lost, the wait goes on
-                        if not str(e).startswith("DataLoader timed out") or self.watchdog.gave_up:
+                        if not str(e).startswith("DataLoader timed out") or self.watchdog is None or \
+                                self.watchdog.gave_up:
                             raise
         except (RuntimeError, OSError, EOFError) as e:
             message = self.failure(e)
@@ -286,16 +294,17 @@ def start(loader: DataLoader) -> Iterator:
     except OSError as e:
         for w in set(multiprocessing.active_children()) - before:
             w.kill()  # (they ignore SIGTERM)
-            w.join()
+            w.join(timeout=2)
         raise DataError(system_refusal(e, starting=True) or
                         f"cannot start the worker processes: {cli.describe_os_error(e)}; {IN_THIS_PROCESS}") from None
 
 
 def ended(workers: list) -> str:
     """Which of `workers` have ended, and how ("" if none). A worker killed (by the out-of-memory killer?) breaks
-    its queue before its exit is seen: each is given a moment."""
+    its queue before its exit is seen: they are given a moment."""
+    deadline = time.monotonic() + 1
     for w in workers:
-        w.join(timeout=1)
+        w.join(timeout=max(0.0, deadline - time.monotonic()))
     return ", ".join(f"pid {w.pid}: " + (f"killed by {signal.Signals(-w.exitcode).name}" if w.exitcode < 0
                                          else f"exit status {w.exitcode}")
                      for w in workers if w.exitcode not in (None, 0))

@@ -52,3 +52,15 @@ def test_the_pages_name_helps_groups_as_config_has_them():
     assert [title.removeprefix("and ") for title, _ in named] == list(groups)
     for title, flags in named:
         assert set(re.findall(r"`(--[a-z-]+)`", flags)) <= set(groups[title.removeprefix("and ")]), title
+
+
+def test_image_size_and_workers_help_describe_the_in_memory_and_the_streamed_path(monkeypatch):
+    """--image-size and --workers say what they do on both paths: held in memory (CIFAR, MNIST, a squash folder) and
+    streamed from disk (the photo recipe, --workers)."""
+    helps = {a.option_strings[0]: " ".join(a.help.split()) for a in config.build_parser()._actions if a.option_strings}
+    assert "CIFAR and MNIST are resized to it once, in memory" in helps["--image-size"]
+    assert "streamed from disk (the photo recipe, --workers)" in helps["--image-size"]
+    assert "for either recipe" in helps["--workers"]
+    assert "the photo recipe, --resize-mode crop, streams with one worker per core" in helps["--workers"]
+    assert "a squash folder is held in memory when" in helps["--workers"]
+    assert max(map(len, help_text(monkeypatch).splitlines())) <= 80

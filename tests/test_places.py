@@ -17,6 +17,7 @@ import torch
 
 import checkpoint
 import folders
+import runfolder
 from runfolder import RunFolder, RunFolderError
 from conftest import ROOT, as_from_a_terminal, write_cifar10
 
@@ -221,6 +222,8 @@ def race_in_processes(out: Path, starters: int) -> list[str]:
         if pid == 0:  # (the child: one byte, then wait to be let go, then leave without a word)
             outcome = b"E"
             try:
+                os.close(go[1])
+                os.close(hold[1])
                 os.read(go[0], 1)
                 RunFolder(out, "run").lock()
                 outcome = b"1"
@@ -256,9 +259,9 @@ def test_of_runs_started_at_once_over_a_stale_lock_file_exactly_one_owns_the_fol
         outcomes = race_in_threads(out, 8)
         assert outcomes.count("owner") == 1, (round, outcomes)
         assert sorted(os.listdir(out)) == [".lock"] and (out / ".lock").read_text() == str(os.getpid())
-        refusal = f"{out} is in use by another run (process {os.getpid()}); wait for it to end, or choose another " \
-                  f"--out-dir; if no run is using it, delete {out / '.lock'}"
-        assert set(outcomes) == {"owner", refusal}, outcomes
+    refusal = f"{out} is in use by another run (process {os.getpid()}); wait for it to end, or choose another " \
+              f"--out-dir; if no run is using it, delete {out / '.lock'}"
+    assert set(outcomes) == {"owner", refusal}, outcomes
     for round in range(4):
         out = tmp_path / f"processes{round}"
         out.mkdir()
@@ -281,6 +284,21 @@ def test_a_lock_file_that_names_no_process_is_taken_over(tmp_path, monkeypatch, 
     assert (out / ".lock").read_text() == str(os.getpid())
     folder.release()
     assert list(out.iterdir()) == []
+
+
+def test_a_takeover_whose_taker_was_killed_is_taken_over_in_turn(tmp_path, monkeypatch):
+    """A run killed between claiming a stale .lock (.lock.<its tag>) and replacing it leaves that claim: stale in
+    turn, it is taken over the same way, and the folder is left with the new owner's .lock alone."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # as on Windows
+    out = tmp_path / "run"
+    out.mkdir()
+    pid = dead_pid()
+    (out / ".lock").write_text(str(pid))
+    (out / f".lock.{runfolder.read_lock_file(out / '.lock')[1]}").write_text(str(pid))
+    folder = RunFolder(out, "run")
+    folder.lock()
+    assert sorted(os.listdir(out)) == [".lock"] and (out / ".lock").read_text() == str(os.getpid())
+    folder.release()
 
 
 def test_a_lock_file_naming_a_live_process_is_refused_with_the_way_out(tmp_path, monkeypatch):

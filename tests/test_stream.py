@@ -18,10 +18,12 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.models import get_model_weights
 
+import cli
 import data
 import evaluate
 import folders
 import predict
+import runtime
 import stream
 import train
 from formats import available_memory
@@ -500,3 +502,18 @@ def test_workers_end_with_their_main_process_quietly_and_never_hold_the_run_fold
     again = RunFolder(out, "resumed")  # what a resume does first: the folder is free at once
     again.lock()
     again.release()
+
+
+def test_a_second_signal_a_second_later_stops_at_once_and_two_at_once_are_one():
+    """What ends a wait that is not for a training batch (validation's, a save's): the signal sent again. Two that
+    come together are one: a launcher (torchrun) passes the terminal's Ctrl-C on to processes that got it too."""
+    stop = runtime.StopSignal()
+    with stop.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # (handled, like the first, before the next line runs)
+        assert stop.signum == signal.SIGTERM and stop.requested()
+        time.sleep(runtime.AGAIN_AFTER)
+        with pytest.raises(cli.Interrupted) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (not reached)
+    assert stopped.value.code == 128 + signal.SIGTERM
