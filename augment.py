@@ -5,14 +5,14 @@ random state, so a resumed run makes the very draws it would have made (docs/dat
 """
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from stream import seeded
+from torch.utils.data import get_worker_info
 
 POLICIES = ("ta_wide", "ra", "augmix", "imagenet")
 MAGNITUDES = {"ra": (9, 0, 30), "augmix": (3, 1, 10)}  # the policies that take one: (default, lowest, highest)
@@ -42,10 +42,24 @@ def image_policy(auto_augment: str | None, magnitude: int | None, random_erase: 
     return v2.Compose(steps)
 
 
+@contextmanager
+def seeded(seed: int, epoch: int, index: int) -> Iterator[None]:
+    """torch's global generator seeded from (seed, epoch, image index) for one image's random draws. In the main
+    process (--workers 0) its state is put back afterwards, so the run's own draws (dropout) do not move."""
+    state = torch.get_rng_state() if get_worker_info() is None else None
+    key = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
+    torch.default_generator.manual_seed(int.from_bytes(key, "little") >> 1)  # (the CPU's alone: CUDA's is the run's)
+    try:
+        yield
+    finally:
+        if state is not None:
+            torch.set_rng_state(state)
+
+
 def apply_policy(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int,
                  policy: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """The in-memory path's policy: each uint8 image of the batch (N, C, H, W) through `policy` on its own, its draws
-    from (seed, epoch, its index `indices`) (stream.seeded, which puts the run's random state back after), on the
+    from (seed, epoch, its index `indices`) (seeded, which puts the run's random state back after), on the
     CPU: what a DataLoader worker does for a streamed image (stream.FolderFiles), so both paths draw alike."""
     out = torch.empty_like(images, device="cpu")
     for k, (image, i) in enumerate(zip(images.cpu(), indices.tolist())):
@@ -61,7 +75,7 @@ def apply_policy(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: 
 class Mix:
     """--mixup-alpha and --cutmix-alpha (0 = off) as torchvision.transforms.v2's MixUp and CutMix mean them: each
     image blended with (mixup), or a box of it replaced by (cutmix), the previous image of the optimizer step (the
-    step's images rolled by one, over all its micro-batches and processes: train.micro_parts), lam ~ Beta(alpha,
+    step's images rolled by one, over all its micro-batches and processes: trainer.micro_parts), lam ~ Beta(alpha,
     alpha) of its own, and its one-hot target mixed in the same proportion. With both, each step takes one of the
     two, at even odds."""
     mixup_alpha: float

@@ -26,40 +26,39 @@ import cli
 if __name__ == "__main__":
     cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly, as in the other scripts
 
+import argparse
 import contextlib
 import csv
 import json
 import os
 import pickle
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-import runtime
+import bench_photos
 import config
 import optim
-import stream
+import runtime
 import train
+from bench_photos import TRAIN_PY, show
 from checkpoint import EpochTally
 from data import ImageSet, load_raw
-from model import AirNet, SimpleCNN, build_model
+from formats import load_cifar10
+from model import AirNet, SimpleCNN
+from trainer import build_trainer
 
-PHOTOS_LIMIT = 256  # --photos' default: resnet18 trains ~9 images/s on 2 cores, so 3 epochs of 256 take ~90 s
-ROOT = Path(__file__).resolve().parent  # train.py runs by its full path, in the user's folder: their paths hold
-TRAIN_PY = str(ROOT / "train.py")
+ROOT = Path(__file__).resolve().parent  # what --memory's seed guide process imports bench.py from
 
 
 class SeedGuideCIFAR10(Dataset):
@@ -100,10 +99,6 @@ def seed_guide_run(data_dir: str, epochs: int) -> dict:
     with torch.no_grad():
         correct = sum((model(x).argmax(1) == y).sum().item() for x, y in test)
     return {"images_per_s": sum(rates) / len(rates), "test_accuracy": 100 * correct / len(test.dataset)}
-
-
-def show(cmd: list[str]) -> None:
-    print("  " + " ".join(["train.py" if a == TRAIN_PY else a for a in cmd[1:]]), flush=True)
 
 
 def seed_guide_process(data_dir: str) -> None:
@@ -222,8 +217,8 @@ def loop_cost(batch_sizes: list[int], images: int = 4096, rounds: int = 5, log_i
         data = ImageSet(torch.randint(0, 256, (images, 3, 32, 32), dtype=torch.uint8, generator=generator),
                         torch.randint(0, 10, (images,), generator=generator), torch.full((3,), 0.5),
                         torch.full((3,), 0.25))
-        trainer = train.build_trainer(args, data, 10, cpu, resumed=None)
-        logged_trainer = train.build_trainer(logged_args, data, 10, cpu, resumed=None)
+        trainer = build_trainer(args, data, 10, cpu, resumed=None)
+        logged_trainer = build_trainer(logged_args, data, 10, cpu, resumed=None)
         bare_model = SimpleCNN().to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(bare_model.parameters(), lr=args.lr, fused=True)
         x, y = data.batch(torch.arange(batch_size))
@@ -295,7 +290,7 @@ def efficiency(presets: list[str], steps: int = 30, train_images: int = 50_000, 
         generator = torch.Generator().manual_seed(0)
         data = ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator),
                         torch.randint(0, 10, (n,), generator=generator), torch.full((3,), 0.5), torch.full((3,), 0.25))
-        t = train.build_trainer(args, data, 10, cpu, resumed=None)
+        t = build_trainer(args, data, 10, cpu, resumed=None)
         x, y = data.batch(torch.arange(min(64, n)))
         train_flops, test_flops = model_flops(t.model, x.contiguous(memory_format=torch.channels_last), y, t.autocast)
         views = {"none": 1, "mirror": 2, "shifts": 6}[args.tta]
@@ -320,317 +315,6 @@ def main() -> None:
         run_benchmark()
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Photos: train.py's streamed image folder against torchvision's reference pipeline
-
-def tree_memory(pid: int) -> int:
-    """The proportional set size (PSS) of process `pid` and its children, in bytes: what they hold of the memory,
-    each shared page split between its sharers (forked DataLoader workers share most of theirs)."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if entry.name == str(pid) or fields[1] == str(pid):
-                rollup = (entry / "smaps_rollup").read_text()
-                total += next(int(line.split()[1]) for line in rollup.splitlines() if line.startswith("Pss:")) * 1024
-        except (OSError, IndexError, StopIteration, ValueError):
-            continue
-    return total
-
-
-@contextlib.contextmanager
-def peak_tree_memory(pid: int, peak: list[int]) -> Iterator[None]:
-    """While the block runs, sample tree_memory(pid) 20 times a second; peak[0] is the largest sample."""
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(0.05):
-            peak[0] = max(peak[0], tree_memory(pid))
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
-def train_py_photos(folder: str, extra: list[str]) -> dict:
-    """One epoch of train.py on the image folder: training images/s (metrics.csv) and peak memory."""
-    with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, TRAIN_PY, "--dataset", "imagefolder", "--data-dir", folder, "--epochs", "1",
-               "--val-split", "0", "--out-dir", out, "--log-interval", "0", *extra]
-        show(cmd)
-        peak = [0]
-        # In a session of its own: Ctrl-C reaches bench.py alone, which ends the run and its workers without a word
-        # (its folders are temporary); run in the user's folder by its full path, so their relative paths hold.
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
-        try:
-            with peak_tree_memory(proc.pid, peak):
-                proc.wait()
-        finally:
-            if proc.returncode is None:  # (stopped: Ctrl-C, SIGTERM, an error of ours)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        if proc.returncode != 0:
-            raise cli.UserError("the train.py run above failed")
-        with open(Path(out) / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    return {"images_per_s": float(rows[-1]["images_per_s"]), "memory": peak[0]}
-
-
-def torchvision_photos(folder: str, model_name: str, size: int, batch_size: int, workers: int) -> dict:
-    """torchvision's reference pipeline: ImageFolder (PIL decodes each file whole) and a DataLoader with `workers`
-    processes, RandomResizedCrop + RandomHorizontalFlip + ToTensor + Normalize per image, then the five steps with
-    train.py's defaults (Adam 1e-3, channels-last). One epoch: training images/s and peak memory."""
-    from torchvision.datasets import ImageFolder
-    tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(),
-                             transforms.ToTensor(), transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
-    dataset = ImageFolder(str(Path(folder) / "train"), transform=tf)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                        persistent_workers=False, drop_last=False,
-                        worker_init_fn=stream.ignore_signals)  # (Ctrl-C is the main process's to handle)
-    torch.manual_seed(0)
-    model = build_model(model_name, len(dataset.classes), 3, size).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-    peak = [0]
-    with peak_tree_memory(os.getpid(), peak):
-        start = time.perf_counter()
-        with cli.signals_held():  # (a Ctrl-C as the workers are forked stops bench.py, not a worker: see there)
-            batches = iter(loader)
-        try:
-            for x, y in batches:
-                optimizer.zero_grad()
-                F.cross_entropy(model(x.contiguous(memory_format=torch.channels_last)), y).backward()
-                optimizer.step()
-        finally:
-            if hasattr(batches, "_shutdown_workers"):  # now, however the loop ended (Ctrl-C), not when collected
-                batches._shutdown_workers()
-        seconds = time.perf_counter() - start
-    return {"images_per_s": len(dataset) / seconds, "memory": peak[0]}
-
-
-def decode_rates(folder: str, size: int, count: int = 24) -> dict[str, float]:
-    """Images/s on one core turning JPEGs of the folder into evaluation's size x size centre crop (resize to
-    size / 0.875 first): Pillow decoding the whole file (torchvision's ImageFolder), Pillow's draft mode
-    (folders.load_image, what train.py streams with), and torchvision.io.decode_jpeg."""
-    import torchvision.io
-    import torchvision.transforms.v2.functional as TF
-    from folders import Prep, image_files, load_image
-    files = [p for p in image_files(Path(folder) / "train") if p.suffix.lower() in (".jpg", ".jpeg")][:count]
-    if not files:
-        raise cli.UserError(f"no JPEG files in {folder}/train to time decoding on")
-    prep = Prep("crop", round(size / 0.875))
-    torch.set_num_threads(1)
-
-    def pillow_whole(p: Path) -> None:
-        with Image.open(p) as im:
-            TF.center_crop(TF.resize(im.convert("RGB"), [prep.resize_size], antialias=True), [size, size])
-
-    def io_decode(p: Path) -> None:
-        x = torchvision.io.decode_jpeg(torchvision.io.read_file(str(p)))
-        TF.center_crop(TF.resize(x, [prep.resize_size], antialias=True), [size, size])
-    rates = {}
-    for name, decode in (("Pillow whole file, Pillow resize", pillow_whole),
-                         ("Pillow draft mode, Pillow resize (train.py)", lambda p: load_image(p, 3, size, prep=prep)),
-                         ("torchvision.io.decode_jpeg, torch resize", io_decode)):
-        start = time.perf_counter()
-        for p in files:
-            decode(p)
-        rates[name] = len(files) / (time.perf_counter() - start)
-    return rates
-
-
-def sharpness(x: torch.Tensor) -> float:
-    """Mean absolute Laplacian of uint8 images (N, C, H, W): how much fine detail they hold."""
-    kernel = torch.tensor([[0, 1, 0], [1, -4, 1], [0, 1, 0]], dtype=torch.float32).expand(x.shape[1], 1, 3, 3)
-    return F.conv2d(x.float(), kernel, groups=x.shape[1]).abs().mean().item()
-
-
-def crop_fidelity(folder: str, size: int, count: int = 8, draws: int = 4) -> dict:
-    """train.py's training crops (folders.load_image: the box drawn from the header, the JPEG decoded at the largest
-    reduction that keeps the box >= 2 x size) against torchvision's (the whole file decoded, EXIF applied,
-    RandomResizedCrop + RandomHorizontalFlip) with the same draws, on the folder's largest JPEGs, at crop areas
-    0.08, 0.25 and 1.0: sharpness (sharpness()) ours / theirs and the mean |difference| in 1/255; then the time per
-    crop, one core, over the default areas (0.08-1)."""
-    import torchvision.transforms.v2 as T
-    from folders import Prep, image_files, load_image
-    files = sorted((p for p in image_files(Path(folder) / "train") if p.suffix.lower() in (".jpg", ".jpeg")),
-                   key=lambda p: -p.stat().st_size)[:count]
-    if not files:
-        raise cli.UserError(f"no JPEG files in {folder}/train to measure the training crops on")
-    torch.set_num_threads(1)
-
-    def theirs(path: Path, scale: tuple[float, float]) -> torch.Tensor:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            return T.Compose([T.RandomResizedCrop(size, scale), T.RandomHorizontalFlip(), T.PILToTensor()])(im)
-
-    def crops(make, scale) -> torch.Tensor:
-        out = []
-        for k, path in enumerate(files):
-            for d in range(draws):
-                with stream.seeded(0, 1, k * draws + d):
-                    out.append(make(path, scale))
-        return torch.stack(out)
-
-    def ours(path: Path, scale: tuple[float, float]) -> torch.Tensor:
-        return load_image(path, 3, size, prep=Prep("crop", round(size / 0.875), scale=scale), train=True)
-    result = {}
-    for area in (0.08, 0.25, 1.0):
-        a, b = crops(ours, (area, area)), crops(theirs, (area, area))
-        result[area] = (sharpness(a) / sharpness(b), (a.float() - b.float()).abs().mean().item())
-    seconds = {}
-    for name, make in (("ours", ours), ("theirs", theirs)):
-        start = time.perf_counter()
-        crops(make, (0.08, 1.0))
-        seconds[name] = (time.perf_counter() - start) / (len(files) * draws)
-    return {"areas": result, "seconds": seconds, "files": len(files)}
-
-
-def photos(folder: str, model_name: str, size: int, batch_size: int, workers: int, limit: int) -> None:
-    """The photo benchmark of docs/performance.md: decoding per core, then one training epoch of each pipeline over
-    at most `limit` of the folder's training images (0: all). Nothing is written into the folder: the pipelines
-    read links to its files in a temporary folder, where train.py's in-memory path keeps its cache."""
-    root = Path(folder).absolute()  # (the user's folder, whatever folder the processes started here work in)
-    if not (root / "train").is_dir():
-        raise cli.UserError(f"--photos {folder}: {root / 'train'} is not a folder; give an image folder with "
-                            f"train/ and test/, each with one sub-folder of images per class")
-    print(f"{cli.printable(str(root))}: decoding to {size} px on one core")
-    for name, rate in decode_rates(str(root), size).items():
-        print(f"  {name:<46}{rate:>8,.1f} img/s")
-    fidelity = crop_fidelity(str(root), size)
-    print(f"training crops of the {fidelity['files']} largest JPEGs, train.py against torchvision's (whole decode):")
-    for area, (sharp, diff) in fidelity["areas"].items():
-        print(f"  area {area:<5g} sharpness {sharp:.2f}x  mean |difference| {diff:.2f}/255")
-    ours, theirs = fidelity["seconds"]["ours"], fidelity["seconds"]["theirs"]
-    print(f"  areas 0.08-1, one core: {1000 * ours:.1f} ms vs {1000 * theirs:.1f} ms per crop ({theirs / ours:.2f}x)")
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
-    with tempfile.TemporaryDirectory(prefix="bench-photos-") as tmp:
-        used, total = photo_links(root, Path(tmp) / "photos", limit)
-        print(f"one training epoch of each pipeline on {used:,} of the {total:,} training images"
-              + (f" (--photos-limit {limit}; 0 for all)" if used < total else ""), flush=True)
-        results = photo_pipelines(str(Path(tmp) / "photos"), model_name, size, batch_size, workers)
-    print(f"\n{'pipeline (' + model_name + f', {size} px, {workers} workers)':<44}{'images/s':>10}{'memory':>12}")
-    for name, r in results.items():
-        print(f"{name:<44}{r['images_per_s']:>10,.1f}{r['memory'] / 2**30:>9,.2f} GiB")
-    ratio = results["train.py streamed (photo recipe)"]["images_per_s"] / \
-        results["torchvision ImageFolder + DataLoader"]["images_per_s"]
-    print(f"streamed / torchvision: {ratio:.2f}x")
-
-
-def photo_pipelines(folder: str, model_name: str, size: int, batch_size: int, workers: int) -> dict[str, dict]:
-    """One training epoch of each pipeline on the image folder: images/s and peak memory, by pipeline."""
-    common = ["--model", model_name, "--image-size", str(size), "--batch-size", str(batch_size)]
-    results = {"train.py streamed (photo recipe)": train_py_photos(folder, [*common, "--resize-mode", "crop",
-                                                                             "--workers", str(workers)])}
-    print(f"  torchvision ImageFolder + DataLoader, {workers} workers", flush=True)
-    results["torchvision ImageFolder + DataLoader"] = torchvision_photos(folder, model_name, size, batch_size,
-                                                                         workers)
-    results["train.py in memory (squash)"] = train_py_photos(folder, [*common, "--resize-mode", "squash"])
-    return results
-
-
-def photo_links(root: Path, dest: Path, limit: int) -> tuple[int, int]:
-    """dest/train/ and dest/test/: links to the files of the image folder `root`, under their own names. Training:
-    at most `limit` images (0: all), taken from the classes in turn (each class's first, sorted), at least one per
-    class; test: one per class, which train.py needs and the benchmark does not time (no val/: none is run).
-    Returns (training images linked, training images in `root`)."""
-    from folders import image_files, imagefolder_classes
-    classes = imagefolder_classes(root)
-    files = {c: image_files(root / "train" / c) for c in classes}
-    total = sum(map(len, files.values()))
-    take = {c: len(found) for c, found in files.items()}
-    if limit and limit < total:
-        take, left = dict.fromkeys(classes, 0), min(total, max(limit, len(classes)))
-        while left:  # a round over the classes, each giving one more while it has one
-            for c in classes:
-                if left and take[c] < len(files[c]):
-                    take[c], left = take[c] + 1, left - 1
-    tests = {c: image_files(root / "test" / c)[:1] for c in classes if (root / "test" / c).is_dir()}
-    for split, chosen in (("train", {c: files[c][:take[c]] for c in classes}), ("test", tests)):
-        for c, paths in chosen.items():
-            for path in paths:
-                link = dest / split / c / path.relative_to(root / split / c)
-                link.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(path, link)
-    return sum(take.values()), total
-
-
-def stream_memory(folder: str, counts: list[int], workers: int) -> None:
-    """Peak memory (workers included) of one streamed epoch over `counts` images: links to the folder's training
-    files, as many as each count asks, in a temporary image folder of the same classes."""
-    from folders import image_files, imagefolder_classes
-    root = Path(folder)
-    classes = imagefolder_classes(root)
-    sources = {c: image_files(root / "train" / c) for c in classes}
-    print(f"{'images':>8}{'memory':>12}{'images/s':>10}  (simplecnn, 64 px, {workers} workers, one epoch)")
-    for count in counts:
-        with tempfile.TemporaryDirectory() as tmp:
-            for split, n in (("train", count), ("test", len(classes))):
-                for k, c in enumerate(classes):
-                    (Path(tmp) / split / c).mkdir(parents=True)
-                    share = n // len(classes) + (k < n % len(classes))
-                    for i in range(share):
-                        source = sources[c][i % len(sources[c])]
-                        os.symlink(source.resolve(), Path(tmp) / split / c / f"{i}{source.suffix}")
-            r = train_py_photos(tmp, ["--image-size", "64", "--resize-mode", "crop", "--workers", str(workers),
-                                      "--batch-size", "64"])
-        print(f"{count:>8,}{r['memory'] / 2**30:>9,.2f} GiB{r['images_per_s']:>10,.0f}")
-
-
-def simulated_folder(sources: list[Path], root: Path, files: int, classes: int) -> None:
-    """root/train/ with `files` links to `sources` (in turn) over `classes` class folders, and root/test/ with two
-    per class: a folder of ImageNet's shape from a few photos."""
-    for split, per_class in (("train", None), ("test", 2)):
-        for c in range(classes):
-            folder = root / split / f"c{c:04d}"
-            folder.mkdir(parents=True)
-            n = per_class or files // classes + (c < files % classes)
-            for i in range(n):
-                source = sources[(c + i) % len(sources)]
-                os.symlink(source, folder / f"{i:07d}{source.suffix}")
-
-
-def start_up(folder: str, counts: list[int], workers: int, classes: int = 1000) -> None:
-    """Seconds from launch to train.py's first optimizer step, and the main process's peak resident memory then
-    (VmHWM), streaming a simulated folder of N links to the folder's photos for each N: what listing a large folder
-    costs. Per file: the peak's growth from the smallest N to the largest, over the files added."""
-    from folders import image_files
-    sources = [p.resolve() for p in image_files(Path(folder) / "train")][:16]
-    if not sources:
-        raise cli.UserError(f"no image files in {folder}/train to link to")
-    print(f"{'files':>10}{'first step':>12}{'main process':>14}  (simplecnn, 64 px, photo recipe, {workers} workers)")
-    peaks = {}
-    for count in counts:
-        with tempfile.TemporaryDirectory() as tmp:
-            simulated_folder(sources, Path(tmp) / "photos", count, min(classes, count))
-            cmd = [sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", str(Path(tmp) / "photos"),
-                   "--image-size", "64", "--resize-mode", "crop", "--workers", str(workers), "--epochs", "1",
-                   "--batch-size", "64", "--val-split", "0", "--log-interval", "1", "--out-dir", str(Path(tmp) / "run")]
-            start = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True,
-                                    start_new_session=True)
-            try:
-                for line in proc.stdout:
-                    if line.split()[2:3] == ["step"]:
-                        seconds = time.perf_counter() - start
-                        status = Path(f"/proc/{proc.pid}/status").read_text()
-                        peaks[count] = int(next(v for k, v in (x.split(":") for x in status.splitlines())
-                                                if k == "VmHWM").split()[0]) * 1024
-                        break
-                else:
-                    raise cli.UserError("train.py ended before its first step")
-            finally:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        print(f"{count:>10,}{seconds:>11.1f}s{peaks[count] / 2**20:>11,.0f} MiB", flush=True)
-    if len(counts) > 1:
-        low, high = min(counts), max(counts)
-        print(f"main process: {(peaks[high] - peaks[low]) / (high - low):.0f} bytes per file")
-
-
 def long_tail_counts(n: int, imbalance: float, classes: int = 10) -> list[int]:
     """How many training images class i keeps: int(n x imbalance^(-i/(classes-1))), at least 1 (the literature's
     rounding down: for n = 5,000 and imbalance 100, 5,000, 2,997, ..., 83, 50)."""
@@ -642,7 +326,6 @@ def long_tailed_cifar10(data_dir: str, out: str, imbalance: float = 100.0, seed:
     NeurIPS 2019): class i keeps int(n x imbalance^(-i/9)) of its training images (n: the smallest class's count,
     5,000 for CIFAR-10; at imbalance 100: 5,000 down to 50, 12,406 in all), a seeded random choice; the test set is
     copied untouched. Returns the counts kept, class by class."""
-    from formats import load_cifar10
     src, dst = Path(data_dir) / "cifar-10-batches-py", Path(out) / "cifar-10-batches-py"
     if dst.exists():
         raise cli.UserError(f"{dst} already exists; give --long-tailed a new folder")
@@ -661,7 +344,7 @@ def long_tailed_cifar10(data_dir: str, out: str, imbalance: float = 100.0, seed:
     return counts
 
 
-def run_benchmark() -> None:
+def parse_bench_args() -> argparse.Namespace:
     p = cli.parser("bench.py", __doc__)
     p.add_argument("--data-dir", default="./data", metavar="DIR", help="holds cifar-10-batches-py (default: ./data)")
     p.add_argument("--epochs", type=int, default=5, metavar="N", help="epochs for each pipeline (default: 5)")
@@ -679,59 +362,42 @@ def run_benchmark() -> None:
                    help="peak resident memory of one epoch instead: the seed guide's pipeline against train.py")
     p.add_argument("--log-interval", type=int, default=0, metavar="N",
                    help="with --loop-cost: also time the loop with train.py's --log-interval N (default: 0, off)")
-    p.add_argument("--photos", metavar="FOLDER", help="an image folder (train/, test/): train.py's streamed photo "
-                   "recipe against torchvision's ImageFolder + DataLoader, and the in-memory path, one epoch each")
-    p.add_argument("--start-up", nargs="+", type=int, metavar="N",
-                   help="with --photos: seconds to the first step and main-process memory streaming a simulated "
-                        "folder of N links to its photos (e.g. 1281167: ImageNet's training set)")
-    p.add_argument("--stream-memory", nargs="+", type=int, metavar="N",
-                   help="with --photos: peak memory of a streamed epoch over N images each (links to its files)")
-    p.add_argument("--photos-limit", type=int, default=PHOTOS_LIMIT, metavar="N",
-                   help=f"--photos: train each pipeline on at most N of the folder's training images, taken from the "
-                        f"classes in turn, 0 for all (default: {PHOTOS_LIMIT}: the benchmark in under 5 minutes on 2 "
-                        f"cores with resnet18 at 224 px)")
-    p.add_argument("--model", default="resnet18", metavar="NAME", help="--photos: the model (default: resnet18)")
-    p.add_argument("--image-size", type=int, default=224, metavar="PX", help="--photos: the side (default: 224)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="--photos: the batch (default: 32)")
-    p.add_argument("--workers", type=int, default=stream.default_workers(), metavar="N",
-                   help="--photos: DataLoader worker processes of both pipelines (default: one per core, at most 8)")
+    bench_photos.add_photo_flags(p)
     p.add_argument("--long-tailed", metavar="DIR", help="write a long-tailed copy of --data-dir's CIFAR-10 to DIR "
                    "instead (class i keeps 5000 x imbalance^(-i/9) training images; the test set as it is)")
     p.add_argument("--imbalance", type=float, default=100.0, metavar="R",
                    help="--long-tailed: the most common class's count over the rarest's (default: 100)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags, after --")
     args = p.parse_args()
-    if args.loop_cost and not all(1 <= n <= 4096 for n in args.loop_cost):
-        p.error("--loop-cost takes batch sizes in [1, 4096]")
-    if args.log_interval < 0:
-        p.error("--log-interval must be >= 0")
-    if args.step_cost and any(len(w) != 3 for w in args.step_cost):
-        p.error("--step-cost takes AirNet widths: three channel counts each, like 32,192,192")
-    if not 1 <= args.imbalance <= 5000:
-        p.error("--imbalance must be in [1, 5000]")
-    if args.photos_limit < 0:
-        p.error("--photos-limit must be >= 0 (0: all the training images)")
+    for wrong, message in ((args.loop_cost and not all(1 <= n <= 4096 for n in args.loop_cost),
+                            "--loop-cost takes batch sizes in [1, 4096]"),
+                           (args.log_interval < 0, "--log-interval must be >= 0"),
+                           (args.step_cost and any(len(w) != 3 for w in args.step_cost),
+                            "--step-cost takes AirNet widths: three channel counts each, like 32,192,192"),
+                           (not 1 <= args.imbalance <= 5000, "--imbalance must be in [1, 5000]"),
+                           (args.photos_limit < 0, "--photos-limit must be >= 0 (0: all the training images)")):
+        if wrong:
+            p.error(message)
+    return args
+
+
+def run_benchmark() -> None:
+    """The benchmark the flags ask for: the first of --long-tailed, --flops, --step-cost, --loop-cost, --memory,
+    --photos and --preset given, else the seed guide's pipeline against train.py."""
+    args = parse_bench_args()
     if args.long_tailed:
         counts = long_tailed_cifar10(args.data_dir, args.long_tailed, args.imbalance)
         return print(f"{sum(counts):,} training images ({', '.join(map(str, counts))}) written to "
                      f"{Path(args.long_tailed) / 'cifar-10-batches-py'}; train with --data-dir {args.long_tailed}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.flops:
-        return efficiency(args.flops)
-    if args.step_cost:
-        return step_cost(args.step_cost, args.optimizers)
-    if args.loop_cost:
-        return loop_cost(args.loop_cost, log_interval=args.log_interval)
-    if args.memory:
-        return memory(args.data_dir, args.train_args)
-    if args.photos and args.start_up:
-        return start_up(args.photos, args.start_up, args.workers)
-    if args.photos and args.stream_memory:
-        return stream_memory(args.photos, args.stream_memory, args.workers)
-    if args.photos:
-        return photos(args.photos, args.model, args.image_size, args.batch_size, args.workers, args.photos_limit)
-    if args.preset:
-        return time_to_accuracy(args.data_dir, args.preset, args.train_args)
+    for asked, benchmark in ((args.flops, lambda: efficiency(args.flops)),
+                             (args.step_cost, lambda: step_cost(args.step_cost, args.optimizers)),
+                             (args.loop_cost, lambda: loop_cost(args.loop_cost, log_interval=args.log_interval)),
+                             (args.memory, lambda: memory(args.data_dir, args.train_args)),
+                             (args.photos, lambda: bench_photos.run_photos(args)),
+                             (args.preset, lambda: time_to_accuracy(args.data_dir, args.preset, args.train_args))):
+        if asked:
+            return benchmark()
     ours = train_py_run(args.data_dir, args.epochs, args.train_args)
     base = seed_guide_run(args.data_dir, args.epochs)
     print(f"\n{'pipeline':<12}{'images/s':>10}{'test acc':>10}")

@@ -16,7 +16,7 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
     args          every train.py flag of the run (a dict; data_dir resolved)
     argv          the run's flags as given (a list of strings): what --resume parses again
     changes       [{"epoch", "step", "flags"}]: what each resume changed in what is trained
-                  (config.changes_on_resume), from which step of which epoch (optional)
+                  (runargs.changes_on_resume), from which step of which epoch (optional)
     run_id        random hex, the same in every checkpoint of one run: whose files a run folder holds
     run_folder    {"path", "device", "inode"}: the folder the checkpoint was saved in, whose copy, resumed, becomes a
                   run of its own (runfolder.RunFolder.original_of_copy) (optional: older checkpoints have none)
@@ -24,7 +24,9 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
                   (optional: checkpoints written before it was added have none)
     state         the run's progress (RunState), history included: one metrics.csv row per completed epoch
     partial_epoch the epoch in progress (EpochTally) in a checkpoint saved by Ctrl-C, else None
-    optimizer, scaler, rng   what exact resume needs (scaler: fp16 only)
+    optimizer, scaler, rng   what exact resume needs (scaler: fp16 only): in last.pth alone. best.pth holds the rest,
+                  what evaluate.py, predict.py, export.py and --init-from read (the optimizer's state would double
+                  or triple its size), and is refused by --resume (for_inference)
 """
 import argparse
 import contextlib
@@ -42,6 +44,7 @@ import torch.nn as nn
 import cli
 from folders import Prep
 from model import EVAL_BATCH, build_model, check_model_name, pretrained_start
+from torchfiles import oversized_tensor
 
 FORMAT = 2
 METRICS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "train_seconds", "images_per_s",
@@ -157,10 +160,18 @@ def make_checkpoint(card: dict, model: nn.Module, ema: nn.Module | None, optimiz
             "scaler": scaler.state_dict(), "rng": rng}
 
 
+RESUME_ONLY = ("optimizer", "scaler", "rng")  # what best.pth leaves out
+
+
+def for_inference(ckpt: dict) -> dict:
+    """best.pth's checkpoint: `ckpt` without what only resuming needs (RESUME_ONLY)."""
+    return {k: v for k, v in ckpt.items() if k not in RESUME_ONLY}
+
+
 def load_training_state(ckpt: dict, model: nn.Module, ema: nn.Module | None, optimizer: torch.optim.Optimizer,
                         scaler: torch.amp.GradScaler) -> None:
     """Weights, optimizer state, loss scaler and random number generators as the checkpoint left them. The
-    optimizer's hyperparameters stay those it was built with: this run's flags (config.TAKE_EFFECT_ON_RESUME)."""
+    optimizer's hyperparameters stay those it was built with: this run's flags (runargs.TAKE_EFFECT_ON_RESUME)."""
     load_weights(model, ckpt["model"])
     hyperparameters = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if ema is not None:
@@ -245,34 +256,13 @@ def load_checkpoint(path: str | Path) -> dict:
             raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
         raise CheckpointError(f"cannot read checkpoint {path}: not a .pth file, or truncated "
                               f"({type(e).__name__})") from None
-    check_tensor_sizes(ckpt, path)
+    problem = oversized_tensor(ckpt, path)
+    if problem is not None:
+        raise CheckpointError(problem)
     if isinstance(ckpt, dict) and "training_model" in ckpt and "format" not in ckpt:  # format 1 (2026-11-24)
         ckpt = {**ckpt, "model": ckpt["training_model"], "ema_model": ckpt["model"]}
     validate(ckpt, path)
     return ckpt
-
-
-def check_tensor_sizes(content: object, path: Path) -> None:
-    """Refuse, before anything reads a tensor, one whose elements are more than its storage holds (an expanded,
-    zero-stride tensor: a few bytes in the file, gigabytes once an operation materializes it) or reach past it, or
-    a storage larger than the file. Each container is visited once, however often a crafted file refers to it."""
-    file_size, seen, stack = path.stat().st_size, set(), [content]
-    while stack:
-        x = stack.pop()
-        if id(x) in seen:
-            continue
-        seen.add(id(x))
-        if isinstance(x, dict):
-            stack += [*x.keys(), *x.values()]
-        elif isinstance(x, (list, tuple, set)):
-            stack += x
-        elif isinstance(x, torch.Tensor):
-            storage, size = x.untyped_storage().nbytes(), x.element_size()
-            reach = x.storage_offset() + sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride())) + 1
-            if storage > file_size or x.numel() and (x.numel() * size > storage or reach * size > storage):
-                raise CheckpointError(f"{path} holds a tensor of shape {cli.shorten(str(tuple(x.shape)), 100)} over a "
-                                      f"storage of {storage:,} bytes (an expanded tensor, a crafted file?); refusing "
-                                      f"it")
 
 
 def validate(ckpt: object, path: Path) -> None:
@@ -331,6 +321,10 @@ def validate_for_resume(ckpt: dict, path: Path) -> tuple[RunState, EpochTally | 
         raise CheckpointError(f"{path} was written by an older train.py: evaluate.py, predict.py and export.py "
                               f"read it, but it cannot be resumed")
     missing = [k for k in ("args", "run_id", "state", "partial_epoch", "optimizer", "rng") if k not in ckpt]
+    if missing and set(missing) <= set(RESUME_ONLY):  # a best.pth (for_inference)
+        raise CheckpointError(f"{path} cannot be resumed: it holds the best weights, for evaluate.py, predict.py, "
+                              f"export.py and --init-from, without the optimizer's state; resume from the run's "
+                              f"last.pth ({path.with_name('last.pth')})")
     if missing:
         raise CheckpointError(f"{path} cannot be resumed: it has no {', '.join(missing)}")
     state = typed(RunState, ckpt["state"], path)

@@ -5,6 +5,7 @@ import codecs
 import importlib
 import errno
 import os
+import shutil
 import signal
 import stat
 import sys
@@ -81,6 +82,16 @@ def path_flag(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("an empty path; give the path of a file or folder")
     return text
+
+
+def python() -> str:
+    """This interpreter, as a printed command names it: by its name where that name on PATH is this very file (an
+    active virtual environment's `python`, or `python3`), else by its full path (a virtual environment that is not
+    active: `python` would find another interpreter, without the run's packages)."""
+    if not sys.executable:  # (an embedding interpreter that cannot say)
+        return "python"
+    name, found = os.path.basename(sys.executable), shutil.which(os.path.basename(sys.executable))
+    return name if found and os.path.abspath(found) == os.path.abspath(sys.executable) else sys.executable
 
 
 def parser(prog: str, doc: str | None, epilog: str | None = None) -> argparse.ArgumentParser:

@@ -1,27 +1,18 @@
-"""train.py's command line: the presets, the flags in groups (`python train.py --help`), their checks, and what
---resume lets change. find_lr.py takes the same flags.
+"""train.py's command line: the presets, the flags in groups (`python train.py --help`) and their checks.
+find_lr.py takes the same flags.
 
-A preset replaces the parser's defaults; flags given on the command line still win. On resume the run's own flags
-come back from its checkpoint and those given now replace them where MAY_CHANGE_ON_RESUME allows.
+A preset replaces the parser's defaults; flags given on the command line still win. How a run's flags are put
+together (a --config file, --resume and what it lets change): runargs.py.
 """
 import argparse
-import contextlib
 import copy
 import math
 import os
-import re
-import shlex
 import textwrap
-import time
-from pathlib import Path
-
-import torch.distributed as dist
 
 import cli
 import runtime
 from augment import MAGNITUDES, POLICIES
-from checkpoint import load_checkpoint, validate_for_resume
-from configfile import CHANGES, ConfigError, expand_config, spelled_out
 from folders import INTERPOLATIONS, MAX_IMAGE_PIXELS, PREP_MODES, SQUASH, Prep
 from formats import DATASETS
 from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, pretrained_weights, torchvision_models
@@ -72,7 +63,16 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
                    help="imagefolder: a file that would decode to more pixels is skipped with a warning, read from "
                         "its header (default: %(default)s)")
     add_photo_flags(p)
+    add_model_flags(p)
+    add_training_flags(p)
+    add_regularization_flags(p)
+    add_rare_class_flags(p)
+    add_evaluation_flags(p)
+    add_run_flags(p)
+    return p
 
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and starting weights")
     g.add_argument("--model", default="simplecnn", metavar="NAME",
                    help="simplecnn, resnet9, airnet, or any torchvision classification model by its name (resnet18, "
@@ -89,10 +89,6 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
     g.add_argument("--freeze-backbone", action="store_true",
                    help="with --pretrained or --init-from: train the classifier only; the rest, BatchNorm "
                         "statistics included, keeps its loaded weights")
-
-    add_training_flags(p)
-    add_run_flags(p)
-    return p
 
 
 def add_photo_flags(p: argparse.ArgumentParser) -> None:
@@ -185,8 +181,6 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="what best.pth and --patience go by: the lowest validation loss or the highest validation "
                         "accuracy (default: val_loss)")
 
-    add_regularization_flags(p)
-
 
 def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("regularization and augmentation")
@@ -222,6 +216,8 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, metavar="S",
                    help="seeds init, split, order and augmentation (default: 0)")
 
+
+def add_rare_class_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("rare classes")
     g.add_argument("--class-weights", default="none", choices=["none", "balanced"],
                    help="balanced: each class's loss weighted by the inverse of its share of the training images "
@@ -232,6 +228,8 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
                    help="draw each epoch class-balanced: every class an equal share of the epoch's images, a rare "
                         "class's repeated (from the seed and epoch, as the order)")
 
+
+def add_evaluation_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--tta", nargs="?", const="mirror", default="none", choices=TTA_MODES,
                    help="final test: average the logits over the image and its mirror image (--tta or --tta "
@@ -239,7 +237,6 @@ def add_regularization_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-batch-size", type=int, metavar="N",
                    help="images per forward pass in validation and the final test, over all processes: the same "
                         "numbers for any N, a larger N only takes more memory (default: --batch-size)")
-
 
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
@@ -254,8 +251,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("watching and tracking")
     g.add_argument("--log-interval", type=int, metavar="N",
                    help="every N optimizer steps, a line with the epoch's running loss and accuracy, images/s and "
-                        "ETA; 0 = off (default: on a terminal, one live line updated 20 times per epoch; none in a "
-                        "log)")
+                        "ETA; 0 = off (default: on a terminal, one live line updated 20 times per epoch; in a log, "
+                        "a line at most once a minute)")
     # (--no-mlflow and the like: a resumed run may turn them off)
     g.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=False,
                    help="record the run in MLflow: MLFLOW_TRACKING_URI, else sqlite:///<out-dir's parent>/mlflow.db "
@@ -340,10 +337,25 @@ def too_small(args: argparse.Namespace) -> str | None:
 
 
 def check_args(args: argparse.Namespace) -> str | None:
-    """The first problem with the arguments, as a message, or None."""
-    def number_in(x, low, high):
-        return math.isfinite(x) and low <= x < high
-    rules = [
+    """The first problem with the arguments, as a message, or None: a value out of its range, then flags that do
+    not go together, then a value too small to act (too_small), an unknown model, a photo recipe that cannot be."""
+    rules = [*range_rules(args), *combination_rules(args)]
+    problem = next((message for ok, message in rules if not ok), None) or too_small(args)
+    try:
+        check_model_name(args.model)
+    except ValueError as e:
+        problem = problem or str(e)
+    return problem or recipe_problem(args)
+
+
+def number_in(x: float, low: float, high: float) -> bool:
+    """Whether x is a finite number in [low, high)."""
+    return math.isfinite(x) and low <= x < high
+
+
+def range_rules(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """(whether the flag's value is in its range, the message when not), for each flag that has one."""
+    return [
         (1 <= args.epochs <= 10_000, "--epochs must be in [1, 10000]"),  # epoch_plan's seeds are distinct to 10,000
         (1 <= args.batch_size <= 2**31, "--batch-size must be in [1, 2**31]"),
         (1 <= args.accum_steps <= 2**20, "--accum-steps must be in [1, 2**20]"),
@@ -364,17 +376,10 @@ def check_args(args: argparse.Namespace) -> str | None:
         (number_in(args.min_delta, 0, math.inf), "--min-delta must be >= 0"),
         (number_in(args.val_split, 0, 1), "--val-split must be in [0, 1)"),
         (args.image_size is None or 8 <= args.image_size <= 1024, "--image-size must be in [8, 1024]"),
-        (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),
+        (0 <= args.crop_pad <= 7, "--crop-pad must be in [0, 7]"),  # mirroring needs a pad below the image side
         (args.workers is None or 0 <= args.workers <= 256, "--workers must be in [0, 256]"),
         (args.crop_fraction is None or 0.05 <= args.crop_fraction <= 1, "--crop-fraction must be in [0.05, 1]"),
-        (args.dataset == "imagefolder" or args.resize_mode != "crop" and args.workers is None,
-         f"--resize-mode crop and --workers are for image folders (--dataset imagefolder); {args.dataset} is held "
-         f"in memory and squashed: leave them out"),  # mirroring needs a pad below the image side
         (1 <= args.class_weights_from_epoch <= args.epochs, "--class-weights-from-epoch must be in [1, --epochs]"),
-        (args.class_weights == "balanced" or args.class_weights_from_epoch == 1,
-         "--class-weights-from-epoch needs --class-weights balanced"),
-        (args.auto_augment_magnitude is None or args.auto_augment in MAGNITUDES,
-         "--auto-augment-magnitude is for --auto-augment ra or augmix"),
         (args.auto_augment_magnitude is None or args.auto_augment not in MAGNITUDES or
          MAGNITUDES[args.auto_augment][1] <= args.auto_augment_magnitude <= MAGNITUDES[args.auto_augment][2],
          "--auto-augment-magnitude must be in [0, 30] for ra (its magnitude), [1, 10] for augmix (its severity)"),
@@ -387,6 +392,22 @@ def check_args(args: argparse.Namespace) -> str | None:
         (args.log_interval is None or args.log_interval >= 0, "--log-interval must be >= 0 (0 = off)"),
         (all(p != "" for p in (args.out_dir, args.resume, args.data_dir, args.init_from)),
          "--out-dir, --resume, --data-dir and --init-from must not be empty"),
+        (0 < args.find_lr_start < args.find_lr_end < math.inf, "--find-lr-start and --find-lr-end must be "
+                                                               "positive, the start below the end"),
+        (10 <= args.find_lr_steps <= 10_000, "--find-lr-steps must be in [10, 10000]"),
+    ]
+
+
+def combination_rules(args: argparse.Namespace) -> list[tuple[bool, str]]:
+    """(whether the flags go together, the message when not), for the flags that need or exclude others."""
+    return [
+        (args.dataset == "imagefolder" or args.resize_mode != "crop" and args.workers is None,
+         f"--resize-mode crop and --workers are for image folders (--dataset imagefolder); {args.dataset} is held "
+         f"in memory and squashed: leave them out"),
+        (args.class_weights == "balanced" or args.class_weights_from_epoch == 1,
+         "--class-weights-from-epoch needs --class-weights balanced"),
+        (args.auto_augment_magnitude is None or args.auto_augment in MAGNITUDES,
+         "--auto-augment-magnitude is for --auto-augment ra or augmix"),
         (not args.nesterov or args.optimizer in ("sgd", "muon") and args.momentum > 0,
          "--nesterov needs sgd or muon, and --momentum above 0"),
         (not (args.pretrained and args.init_from), "--pretrained and --init-from both choose the starting weights: "
@@ -394,18 +415,9 @@ def check_args(args: argparse.Namespace) -> str | None:
         (not args.freeze_backbone or args.pretrained or args.init_from,
          "--freeze-backbone needs --pretrained or --init-from: it trains the classifier on top of loaded weights"),
         (args.mlflow or not args.mlflow_log_checkpoints, "--mlflow-log-checkpoints needs --mlflow"),
-        (0 < args.find_lr_start < args.find_lr_end < math.inf, "--find-lr-start and --find-lr-end must be "
-                                                               "positive, the start below the end"),
-        (10 <= args.find_lr_steps <= 10_000, "--find-lr-steps must be in [10, 10000]"),
         (not args.find_lr or not (args.mlflow or args.tensorboard or os.environ.get("WORLD_SIZE", "1") != "1"),
          "--find-lr runs in one process and records nothing: not with --mlflow, --tensorboard or torchrun"),
     ]
-    problem = next((message for ok, message in rules if not ok), None) or too_small(args)
-    try:
-        check_model_name(args.model)
-    except ValueError as e:
-        problem = problem or str(e)
-    return problem or recipe_problem(args)
 
 
 def ineffective(args: argparse.Namespace, dests: set[str]) -> str | None:
@@ -450,17 +462,6 @@ def recipe_problem(args: argparse.Namespace) -> str | None:
     return Prep(prep.mode, prep.resize_size, prep.interpolation, scale, ratio).problem(resolved.image_size or 8)
 
 
-# What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
-MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",
-                        "out_dir", "resume", "log_interval", "mlflow", "mlflow_log_checkpoints", "tensorboard",
-                        "max_image_pixels", "workers", "eval_batch_size"}
-# ...and these take effect from the next optimizer step: the schedule keeps its shape, with the new peak. The
-# checkpoint and metrics.csv record each change and the step it took effect at.
-TAKE_EFFECT_ON_RESUME = {"lr", "muon_lr", "bias_lr_scale", "momentum", "muon_momentum", "nesterov", "weight_decay",
-                         "grad_clip", "label_smoothing"}
-NEW_RUN_ONLY = {"model", "widths", "pretrained", "init_from", "freeze_backbone", "preset"}  # --init-from cannot help
-
-
 def parse_args(argv: list[str], prog: str = "train.py", doc: str | None = None) -> argparse.Namespace:
     """The flags: those given, then the preset's, then the parser's defaults. A preset's values follow the flags
     given: its warm-up keeps its share of the --epochs given (--preset fast --epochs 2: 2/11 of its 2 epochs), and
@@ -485,92 +486,6 @@ def given_flags(argv: list[str]) -> set[str]:
     return {dest for dest, value in vars(namespace).items() if value is not unset}
 
 
-def without(argv: list[str], *flags: str, switches: tuple[str, ...] = ()) -> list[str]:
-    """`argv` without the given flags (and their values) and `switches` (flags that take no value)."""
-    out, skip = [], False
-    for a in argv:
-        if skip and not a.startswith("--"):  # (--tta takes its value or none)
-            skip = False
-            continue
-        skip = a in flags
-        if not (skip or a in switches or a.startswith(tuple(f + "=" for f in flags))):
-            out.append(a)
-    return out
-
-
-def without_resume(argv: list[str]) -> list[str]:
-    return without(argv, "--resume")
-
-
-def resume_args(argv: list[str], args: argparse.Namespace,
-                ckpt: dict) -> tuple[argparse.Namespace, list[str], set[str]]:
-    """The resumed run's flags: the checkpoint's, then those given now; and the flags given now that change the
-    run. A flag given now must equal the run's (as given, or as the run resolved it: its recipe, image size,
-    warm-up), unless it is one MAY_CHANGE_ON_RESUME or TAKE_EFFECT_ON_RESUME; --epochs may rise but not fall below
-    the epochs already done."""
-    saved_argv = ckpt.get("argv")
-    if not (isinstance(saved_argv, list) and len(saved_argv) < 10_000 and all(isinstance(a, str) for a in saved_argv)):
-        raise ConfigError(f"--resume: {args.resume} holds no command line to resume (written by an older train.py?)")
-    try:
-        saved = parse_args(saved_argv)
-    except SystemExit as e:
-        raise ConfigError(f"--resume: the checkpoint's own flags do not parse: {e.code}") from None
-    saved_argv, given, own = spelled_out(saved_argv, build_parser()), given_flags(argv), resolved_run(saved, ckpt)
-    saved.warmup_epochs = own.warmup_epochs
-    for dest in sorted(given - MAY_CHANGE_ON_RESUME - TAKE_EFFECT_ON_RESUME):
-        if getattr(args, dest) not in (getattr(saved, dest), getattr(own, dest)):
-            now, flag = shown_flag(dest, getattr(args, dest)), f"--{dest.replace('_', '-')} "
-            raise ConfigError(f"--resume: the run was trained with {shown_flag(dest, getattr(own, dest))}, not "
-                              f"{now.removeprefix(flag)}; that would be another run: "
-                              f"{new_run_hint(dest, saved_argv, argv, args.resume)}")
-    check_workers(args, given, saved, own.workers, ckpt)
-    done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
-    if isinstance(ckpt["args"].get("data_dir"), str):  # resolved when saved: a resume from any folder finds the data
-        saved.data_dir = ckpt["args"]["data_dir"]
-    changed = {d for d in given & (MAY_CHANGE_ON_RESUME | TAKE_EFFECT_ON_RESUME) if getattr(args, d) != getattr(own, d)}
-    for dest in given & (MAY_CHANGE_ON_RESUME | TAKE_EFFECT_ON_RESUME):
-        setattr(saved, dest, getattr(args, dest))
-    if saved.epochs < done:
-        raise ConfigError(f"--resume: the run has already done {done} epochs; --epochs {saved.epochs} is fewer")
-    finished = nothing_left(saved, ckpt["state"], argv)
-    if finished:
-        raise ConfigError(finished)
-    saved.out_dir, saved.resume = args.out_dir, args.resume
-    run_argv = without_resume(replace_flags(saved_argv, argv))
-    if parse_args(run_argv).warmup_epochs != saved.warmup_epochs:  # a preset's, scaled to the --epochs of its start
-        run_argv += ["--warmup-epochs", repr(saved.warmup_epochs)]  # (kept when --epochs changes)
-    return saved, run_argv, changed
-
-
-def resolved_run(saved: argparse.Namespace, ckpt: dict) -> argparse.Namespace:
-    """The resumed run's flags as it resolved them (its checkpoint's args): its photo recipe (image_prep), its
-    image size, its warm-up, whether it streamed its images (--workers; None: held in memory)."""
-    own, run = copy.copy(saved), ckpt["args"]
-    with contextlib.suppress(ValueError):  # (--pretrained weights this torchvision no longer has)
-        own.resize_mode = image_prep(own).mode
-    own.image_size = ckpt["image_size"]  # (validated by load_checkpoint)
-    if isinstance(run.get("warmup_epochs"), float) and math.isfinite(run["warmup_epochs"]):
-        own.warmup_epochs = run["warmup_epochs"]  # (a preset's, scaled to the --epochs the run started with)
-    workers = run.get("workers")
-    own.workers = workers if isinstance(workers, int) and not isinstance(workers, bool) and workers >= 0 else None
-    return own
-
-
-def check_workers(args: argparse.Namespace, given: set[str], saved: argparse.Namespace, own: int | None,
-                  ckpt: dict) -> None:
-    """--workers on resume changes how many processes stream the images, not whether they are streamed: a resume
-    checks that it trains on the run's own images by the run's fingerprint of them, of the pixels when they were
-    held in memory, of the files when streamed (the weights are the same either way). Without --workers, a streamed
-    run goes on streaming, with its own count (`own`: None when held in memory)."""
-    streamed = own is not None or Prep.from_dict(ckpt.get("prep")).mode == "crop" or saved.dataset != "imagefolder"
-    if "workers" in given and args.workers is not None and not streamed:
-        raise ConfigError("--resume: the run held its images in memory, and --workers would stream them from disk, "
-                          "where the check that they are the run's own images (a fingerprint of their pixels) cannot "
-                          "be made: resume without --workers (streamed or not, the weights are the same)")
-    if "workers" not in given and saved.workers is None and own is not None:
-        saved.workers = own
-
-
 def shown_flag(dest: str, value: object) -> str:
     """A flag with its value as the command line spells it (--crop-scale 0.08 1.0, --widths 8,8,8, --no-augment)."""
     action = next(a for a in build_parser()._actions if a.dest == dest)
@@ -583,134 +498,3 @@ def shown_flag(dest: str, value: object) -> str:
     return f"{flag} {value}"
 
 
-def replace_flags(saved_argv: list[str], argv: list[str]) -> list[str]:
-    """`saved_argv` with the flags given in `argv` replaced by their new values (at the end): a command line that
-    is resumed again and again does not pile them up."""
-    defaults, given = vars(parse_args([])), given_flags(argv)
-    flags = [f"--{d.replace('_', '-')}" for d in given if not isinstance(defaults[d], bool)]
-    switches = [f"--{no}{d.replace('_', '-')}" for d in given if isinstance(defaults[d], bool) for no in ("", "no-")]
-    return without(saved_argv, *flags, switches=tuple(switches)) + argv
-
-
-def nothing_left(args: argparse.Namespace, state: dict, argv: list[str]) -> str | None:
-    """Why a resumed run would have nothing left to train (all its --epochs done, or early stopping ended it), and
-    the command that trains on; None when it has steps left."""
-    def again(flag: str) -> str:
-        return shlex.join(["python", "train.py", "--resume", args.resume, *without(argv, "--resume", flag), flag])
-    if state["epoch"] >= args.epochs:
-        return (f"--resume: the run has done all its {args.epochs} epochs, so nothing is left to train (its test: "
-                f"python evaluate.py --checkpoint {Path(args.resume).parent / 'best.pth'}); to train on, give a "
-                f"larger --epochs: {again('--epochs')} {2 * args.epochs}")
-    if args.patience and state["bad_epochs"] >= args.patience:
-        return (f"--resume: early stopping ended the run after epoch {state['epoch']} ({state['bad_epochs']} epochs "
-                f"without improvement, --patience {args.patience}), so nothing is left to train; to train on, give a "
-                f"larger --patience (0 = off): {again('--patience')} 0")
-    return None
-
-
-def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str) -> str:
-    """The way forward when a flag that makes another run is given with --resume: a new run with the run's flags
-    and those given now, from the resumed checkpoint's weights (`path`) where they fit (--init-from)."""
-    flags = without(replace_flags(saved_argv, argv), "--resume", "--out-dir", "--init-from",
-                    switches=("--pretrained",))
-    if dest in NEW_RUN_ONLY:
-        return f"start a new run without --resume: python train.py {shlex.join(flags)}"
-    return f"start a new run from its weights: {shlex.join(['python', 'train.py', *flags, '--init-from', path])}"
-
-
-def changes_on_resume(args: argparse.Namespace, resumed: dict) -> str:
-    """What a resume changes in the run from this step on, as "--lr 0.75 -> 0.3; ...": the TAKE_EFFECT_ON_RESUME
-    flags that differ from the resumed checkpoint's; the --epochs of a decaying schedule (it jumps to where the
-    longer one is), --min-delta (it decides which epoch is best), a --patience that could have stopped the run
-    sooner. The checkpoint, metrics.csv and args.json record them: the last values from the start would train
-    another run (configfile.changed_run)."""
-    saved, before = resumed["args"], resumed["args"].get("patience")
-    shapes = {"epochs": args.scheduler != "none", "min_delta": True,
-              "patience": isinstance(before, int) and args.patience != 0 and (before == 0 or args.patience < before)}
-    dests = sorted(TAKE_EFFECT_ON_RESUME | {d for d, matters in shapes.items() if matters})
-    return "; ".join(f"--{d.replace('_', '-')} {saved.get(d)} -> {getattr(args, d)}"
-                     for d in dests if saved.get(d) != getattr(args, d))
-
-
-def resume_command(argv: list[str], path: Path) -> str:
-    """The command line that continues this run: its flags, with --resume pointing at `path`."""
-    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if dist.is_initialized() \
-        else ["python"]
-    return shlex.join([*launcher, "train.py", *argv, "--resume", str(path)])
-
-
-
-def out_dir_for(args: argparse.Namespace) -> Path:
-    if args.out_dir:
-        return Path(args.out_dir)
-    if args.resume:
-        return Path(args.resume).parent
-    name = f"{args.dataset}-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if dist.is_initialized():  # the processes may start in different seconds: take rank 0's name
-        names = [name]
-        dist.broadcast_object_list(names, src=0)
-        name = names[0]
-    return Path("runs") / name
-
-
-
-def parse_run_args(argv: list[str], prog: str = "train.py",
-                   doc: str | None = None) -> tuple[argparse.Namespace, dict | None, list[str]]:
-    """train.py's flags, checked: (args, the checkpoint --resume continues or None, the run's flags as a command
-    line, --config's file spelled out in it). A resumed run's flags are its checkpoint's, with those given now where
-    they may change. `prog`, `doc`: the script's name and --help text."""
-    argv = expand_config(argv, build_parser(prog, doc))
-    args = parse_args(argv, prog, doc)
-    resumed, run_argv = None, without_resume(argv)
-    if args.find_lr and args.resume:
-        raise ConfigError("the lr range test cannot --resume a run: give --init-from the checkpoint to start from "
-                          "its weights")
-    if args.resume:
-        resumed = load_checkpoint(args.resume)
-        validate_for_resume(resumed, Path(args.resume))  # now, not after the data has loaded
-        args, run_argv, changed = resume_args(argv, args, resumed)
-    else:
-        defaults = vars(parse_args(["--preset", args.preset]))  # (what the run has without them)
-        changed = {d for d in given_flags(argv) if getattr(args, d) != defaults[d]}
-    problem = check_args(args) or ineffective(args, changed)
-    if problem:
-        raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
-    check_out_dir_outside_data(args)
-    return args, resumed, run_argv
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The run's flags in a file: args.json in the run folder, and --config FILE
-
-NOT_IN_CONFIG = ("resume", "out_dir", "config")  # where a run is, not what it is
-
-
-def run_flags(args: argparse.Namespace, changes: list[dict] = ()) -> dict:
-    """The run's resolved flags, as its args.json holds them and --config takes them back: every flag but where
-    the run is (--out-dir, --resume), the data folder resolved; and the checkpoint's `changes`, what its resumes
-    changed from a step on (changes_on_resume), when there are any: --config refuses such a file for a new run,
-    which would train the last values from the start (configfile.changed_run)."""
-    flags = {dest: value for dest, value in vars(args).items() if dest not in NOT_IN_CONFIG}
-    return {**flags, "data_dir": str(Path(args.data_dir).resolve()), **({CHANGES: list(changes)} if changes else {})}
-
-
-def check_out_dir_outside_data(args: argparse.Namespace) -> None:
-    """Refuse an --out-dir inside the images the run reads (an image folder's train/, val/ or test/): its
-    curves.png would be read as an image by the next run, its folder as a class."""
-    if args.dataset != "imagefolder":  # (the packed sets are files of fixed names: nothing else in them is read)
-        return
-    out = Path(args.out_dir or (Path(args.resume).parent if args.resume else "runs")).resolve()
-    for split in ("train", "val", "test"):
-        read = Path(args.data_dir) / split
-        if out.is_relative_to(read.resolve()):
-            raise ConfigError(f"--out-dir {out_dir_for(args)} is inside {read}, which this run reads as images: "
-                              f"give --out-dir a folder outside --data-dir's train/, val/ and test/")
-
-
-def from_preset(problem: str, args: argparse.Namespace, argv: list[str]) -> str:
-    """Where a refused value came from, when it is a preset's and not a flag the user gave."""
-    given = given_flags(argv)
-    named = [d for d in dict.fromkeys(f.replace("-", "_") for f in re.findall(r"--([a-z][a-z-]*)", problem))
-             if d in PRESETS[args.preset] and d not in given]
-    return "".join(f" (--{d.replace('_', '-')} {getattr(args, d)} comes from --preset {args.preset}; give "
-                   f"--{d.replace('_', '-')} to change it)" for d in named)

@@ -1,6 +1,6 @@
-"""--config FILE: train.py's flags from a JSON object such as a run's args.json (config.run_flags writes it),
-spelled out as a command line put before the flags given, which win over it. Reading the file only: config.py
-imports this module and hands it its parser; nothing here imports config.py.
+"""--config FILE: train.py's flags from a JSON object such as a run's args.json (runargs.run_flags writes it),
+spelled out as a command line put before the flags given, which win over it. Reading the file only: runargs.py
+imports this module and hands it config.py's parser; nothing here imports either.
 
 Nothing in the file is dropped: an unknown key is refused (with the flag it may mean), a value of the wrong kind is
 refused, a switch's false turns it off (--no-augment where a preset turns it on), and a second --config, or an
@@ -15,7 +15,7 @@ from folders import open_regular
 from formats import DataError
 
 MAX_BYTES = 1_000_000
-CHANGES = "changed_on_resume"  # args.json of a resumed run that changed what it trains (config.run_flags)
+CHANGES = "changed_on_resume"  # args.json of a resumed run that changed what it trains (runargs.run_flags)
 
 
 class ConfigError(cli.UserError):

@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import cli
 import stream
 from augment import apply_policy
+from batches import JITTER_UNIT, PAD, channel_stats, to_input
 from folders import (MAX_IMAGE_PIXELS, SQUASH, Prep, imagefolder_classes, load_imagefolder, load_imagefolder_split,
-                     split_listing)
+                     require_each_class, split_listing)
 from formats import (DATASETS, MIN_IMAGES, DataError, allocate_images, check_memory, load_cifar10, load_cifar100,
                      load_idx_dataset)
 
-JITTER_UNIT = 2**16  # epoch_plan's jitter factors are integers in units of 1/65536
-PAD = 4  # random-crop padding, pixels (default)
 RESIZE_BUFFER = 64 * 2**20  # bytes of float copies --image-size's resizing may hold beyond its result (>= 1 image)
 
 
@@ -145,7 +145,7 @@ class ImageSet:
     def steps(self, parts: list[Sequence[torch.Tensor]], epoch: int, augment: bool, pad: int,
               channels_last: bool, partnered: bool = False) -> Iterator["MicroBatches"]:
         """Training: the micro-batches of each optimizer step (see MicroBatches); `epoch` is in the plan already.
-        (partnered: each part's first row is its mixing partner (train.micro_parts): read as any other here.)"""
+        (partnered: each part's first row is its mixing partner (trainer.micro_parts): read as any other here.)"""
         for step in parts:
             yield MicroBatches(self, step, augment, pad, channels_last, epoch)
 
@@ -192,41 +192,6 @@ class MicroBatches(Sequence):
 
 
 Split = ImageSet | stream.StreamSet  # a split of a dataset, held in memory or streamed from disk
-
-
-def to_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, crop_flip: torch.Tensor | None = None,
-             pad: int = PAD, jitter: torch.Tensor | None = None) -> torch.Tensor:
-    """A uint8 batch (N, C, H, W) as the model takes it: cropped and flipped where crop_flip (epoch_plan's rows) is
-    given, jittered where `jitter` is, then normalized. Both data paths make their batches here."""
-    if crop_flip is not None:
-        x = random_crop_flip(x, crop_flip, pad)
-    if jitter is not None:
-        x = color_jitter(x, jitter)
-    return normalize(x, mean, std)
-
-
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 images (N, C, H, W) -> float (pixel / 255 - mean) / std per channel: what every model here takes.
-    (Float images in [0, 255], color_jitter's, are normalized in place.)"""
-    return images.float().div_(255).sub_(mean[:, None, None]).div_(std[:, None, None])
-
-
-def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (n - 1) of uint8 images, in [0, 1] units. Counted from a histogram of the 256
-    pixel values per channel, a few thousand images at a time: the sums are exact integers, and no float copy of
-    the set is made (CIFAR-10's would be 1.2 GB in float64)."""
-    counts = torch.zeros(images.shape[1], 256, dtype=torch.int64)
-    for chunk in images.split(4096):
-        for c in range(images.shape[1]):
-            counts[c] += torch.bincount(chunk[:, c].reshape(-1), minlength=256)
-    means, stds = [], []
-    for hist in counts.tolist():  # Python ints from here on: exact, whatever the pixel count
-        n = sum(hist)
-        s1 = sum(v * k for v, k in enumerate(hist))
-        s2 = sum(v * v * k for v, k in enumerate(hist))
-        means.append(s1 / (255 * n))
-        stds.append(math.sqrt((n * s2 - s1 * s1) / (n * (n - 1) * 255 * 255)) if n > 1 else math.nan)
-    return means, stds
 
 
 def split_train_val(images, labels, val_split: float, seed: int):
@@ -300,29 +265,6 @@ def images_per_epoch(n: int, step_images: int, batch_size: int, world: int) -> i
     return n - rest if 1 in sizes else n
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Brightness, then contrast, per image of the uint8 batch x (N, C, H, W), as float pixels in [0, 255]: x * b,
-    then (x - its mean) * c + its mean (the mean over the image's pixels and channels), clipped; `factors`: (N, 2)
-    integer (b, c) in units of 1/JITTER_UNIT, from epoch_plan. Whole-batch tensor operations, no per-image Python."""
-    b, c = (factors.to(torch.float32) / JITTER_UNIT).view(-1, 2, 1, 1, 1).unbind(1)
-    f = x.float().mul_(b)
-    mean = f.mean((1, 2, 3), keepdim=True)
-    return f.sub_(mean).mul_(c).add_(mean).clamp_(0, 255)
-
-
-def random_crop_flip(x: torch.Tensor, crop_flip: torch.Tensor, pad: int = PAD) -> torch.Tensor:
-    """Crop each image of x (N, C, H, W) at its own offset (dy, dx) from a copy padded by `pad` mirrored
-    pixels on each side, and mirror those with flip = 1: one gather for the whole batch, no per-image Python."""
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect").reshape(n, c, (h + 2 * pad) * (w + 2 * pad))
-    arange_w = torch.arange(w, device=x.device)
-    rows = crop_flip[:, 0:1] + torch.arange(h, device=x.device)                               # (N, H)
-    flip = crop_flip[:, 2:3].bool()
-    cols = crop_flip[:, 1:2] + torch.where(flip, arange_w.flip(0), arange_w)                 # (N, W)
-    flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
-    return padded.gather(2, flat).view(n, c, h, w)
-
-
 # Below this many validation images per class, the best epoch (best.pth, early stopping) is picked on noise
 MIN_VAL_PER_CLASS = 10
 
@@ -357,8 +299,8 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
                    if split != "val" or (root / "val").is_dir()}  # (the user's own val/ beats a random split)
         workers = stream.streams(root, size, prep, workers, sum(len(labels) for _, labels in listing.values()))
         if workers is not None:
-            return stream.prepare(root, listing, classes, val_split, seed, device, size, stats, max_pixels, prep,
-                                  workers)
+            return prepare_streamed(root, listing, classes, val_split, seed, device, size, stats, max_pixels, prep,
+                                    workers)
         (train_x, train_y), (test_x, test_y) = (load_imagefolder_split(root, split, classes, size, max_pixels,
                                                                        listing=listing[split])
                                                 for split in ("train", "test"))
@@ -381,6 +323,31 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
         return ImageSet(place(resize_images(x, image_size, f"{name} {split}"), device), y.to(device), mean, std)
     val = on_device(val_x, val_y, "val") if len(val_y) else None
     return on_device(train_x, train_y, "train"), val, on_device(test_x, test_y, "test"), classes
+
+
+def prepare_streamed(root: Path, listing: dict[str, tuple[np.ndarray, torch.Tensor]], classes: list[str],
+                     val_split: float, seed: int, device: torch.device, size: int,
+                     stats: tuple[list[float], list[float]] | None, max_pixels: int, prep: Prep,
+                     workers: int) -> tuple[stream.StreamSet, stream.StreamSet | None, stream.StreamSet, list[str]]:
+    """prepare for an image folder streamed from disk, from its `listing` (split: folders.split_listing; its train
+    entry is replaced by the training part): (train, val or None, test, classes) as StreamSets, validation held out
+    the same way (the same images as in memory), and normalization from stream.stats_sample's training images (in
+    evaluation's shape) unless `stats` gives it."""
+    for split, (_, labels) in listing.items():
+        require_each_class(labels, root / split, classes)
+    if "val" not in listing:  # (the user's own val/ beats a random split)
+        names, labels = listing.pop("train")  # (popped: the caller's listing holds no second copy of the names)
+        train, val = split_indices(labels, val_split, seed)
+        listing["train"], listing["val"] = (names[train.numpy()], labels[train]), (names[val.numpy()], labels[val])
+        del names, labels
+        warn_small_split(val_split, listing["val"][1], classes, "imagefolder")
+    sets = {split: stream.stream_set(root, names, labels, size, max_pixels, prep, seed, device, workers) if len(labels)
+            else None for split, (names, labels) in listing.items()}
+    stats = stats or channel_stats(sets["train"].take(stream.stats_sample(len(sets["train"]), size, seed)).cpu())
+    mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
+    for data in filter(None, sets.values()):
+        data.mean, data.std = mean, std
+    return sets["train"], sets["val"], sets["test"], classes
 
 
 def gray_stats(stats: tuple[list[float], list[float]] | None, channels: int):

@@ -19,25 +19,35 @@ if __name__ == "__main__":
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
 import runtime
 import stream
-from checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, run_batch_size
+from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, run_batch_size
 from data import ImageSet, Split, load_test
 from folders import MAX_IMAGE_PIXELS, Prep, split_listing
 from formats import DataError
-from model import EVAL_BATCH, MEASURES, TTA_MODES, confusion_metrics, evaluate, tta_logits
+from model import EVAL_BATCH, MEASURES, TTA_MODES, as_decimal, confusion_metrics, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib
 
 
 def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
-    """Percent of each true class predicted right (0 for a class with no samples)."""
-    totals = confusion.sum(1).clamp(min=1)
-    return (100.0 * confusion.diag() / totals).tolist()
+    """Percent of each true class predicted right (0 for a class with no samples), in float64 and as the decimal it
+    is (float32 would print 72.6 as 72.5999984741211)."""
+    totals = confusion.sum(1).clamp(min=1).double()
+    return [as_decimal(a) for a in (100.0 * confusion.diag().double() / totals).tolist()]
+
+
+def json_report(result: dict, classes: list[str], tta: str, amp: str) -> str:
+    """--json's object: model.evaluate's `result` on a test set of `classes`, tested with `tta` and `amp`."""
+    return json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
+                       **({"top5": result["top5"]} if len(classes) > 5 else {}),
+                       **{k: result[k] for k in MEASURES}, "images": int(result["confusion"].sum()),
+                       "skipped": result["skipped"], "tta": tta, "amp": amp,
+                       "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),
+                       "confusion_matrix": result["confusion"].tolist()})
 
 
 def format_report(result: dict, classes: list[str]) -> str:
@@ -101,7 +111,7 @@ def check_flags(args: argparse.Namespace) -> tuple[Path, list[str]]:
         require_matplotlib()  # before any work: a missing package is the one message
     if args.plot and args.show and Path(args.plot).resolve() == Path(args.show).resolve():
         raise DataError(f"--plot and --show both name {args.show}; give each its own file")
-    checkpoint = checkpoint_path(args.checkpoint)
+    checkpoint = checkpoint_path(args.checkpoint, "evaluating")
     for picture in pictures:
         check_output(picture, inputs=(checkpoint,))
     return checkpoint, pictures
@@ -135,12 +145,7 @@ def report(args: argparse.Namespace) -> dict:
     if not math.isfinite(result["loss"]):  # finite weights can still overflow: say so rather than report NaN
         raise DataError(f"the model's outputs are not finite numbers on this data; {checkpoint} is unusable")
     if args.json:
-        cli.say(json.dumps({"accuracy": result["accuracy"], "loss": result["loss"],
-                          **({"top5": result["top5"]} if len(classes) > 5 else {}),
-                          **{k: result[k] for k in MEASURES}, "images": int(result["confusion"].sum()),
-                          "skipped": result["skipped"], "tta": tta, "amp": amp,
-                          "per_class_accuracy": dict(zip(classes, per_class_accuracy(result["confusion"]))),
-                          "confusion_matrix": result["confusion"].tolist()}))
+        cli.say(json_report(result, classes, tta, amp))
     else:
         cli.say(f"{'TTA ' + tta if tta != 'none' else 'no TTA'}, amp {amp}\n{format_report(result, classes)}")
     if args.plot:
@@ -171,18 +176,6 @@ def test_set(ckpt: dict, dataset: str, data_dir: str, max_pixels: int, device: t
         raise DataError(f"the {dataset} images in {data_dir} have {test_x.shape[1]} channels, the checkpoint's model "
                         f"takes {ckpt['in_channels']}; give --data-dir the data the model was trained on")
     return ImageSet(test_x.to(device), test_y.to(device), mean, std)
-
-
-def checkpoint_path(given: str) -> Path:
-    """--checkpoint: a .pth, or a run folder, whose best.pth is taken (and said so)."""
-    path = Path(given)
-    if not path.is_dir():
-        return path
-    if not (path / "best.pth").is_file():
-        raise CheckpointError(f"{path} is a folder without a best.pth; give --checkpoint a .pth file (a run folder "
-                              f"holds best.pth once its first epoch has ended)")
-    print(f"{path} is a folder: evaluating its best.pth", file=sys.stderr)
-    return path / "best.pth"
 
 
 @torch.no_grad()

@@ -28,8 +28,9 @@ import torch
 
 import config
 import plot
+import runargs
 import runtime
-import train
+import trainer
 from augment import MixedBatches
 from checkpoint import starting_weights
 from data import Split, epoch_plan, prepare
@@ -59,8 +60,8 @@ def find_lr(args: argparse.Namespace) -> float:
         data, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
                                       image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
                                       prep=config.image_prep(args), workers=args.workers)
-        train.set_policy(data, args)
-        t = train.build_trainer(args, data, len(classes), device, resumed=None, start=start)
+        trainer.set_policy(data, args)
+        t = trainer.build_trainer(args, data, len(classes), device, resumed=None, start=start)
         if start:
             print(f"starting from {start['source']}")
         lrs, losses, images = lr_range_test(t, data, args)
@@ -84,7 +85,7 @@ def find_lr(args: argparse.Namespace) -> float:
     return float(f"{suggestion:.2g}")
 
 
-def lr_range_test(t: train.Trainer, data: Split,
+def lr_range_test(t: trainer.Trainer, data: Split,
                   args: argparse.Namespace) -> tuple[list[float], list[float], int]:
     """The lrs of the test, each step's mean loss until the smoothed loss passes 4x its lowest (or is not
     finite), and the images those steps took (a pass over the set ends in a shorter step). --bias-lr-scale and
@@ -97,7 +98,7 @@ def lr_range_test(t: train.Trainer, data: Split,
         groups = epoch_plan(len(data), args.seed, n, data.labels.device, args.crop_pad, args.alt_flip,
                             args.color_jitter, data.labels if args.balanced_sampler else None
                             )[:t.images_per_epoch].split(args.batch_size * args.accum_steps)
-        parts = [train.micro_parts(group, 0, 1, args.batch_size, t.mix is not None) for group in groups]
+        parts = [trainer.micro_parts(group, 0, 1, args.batch_size, t.mix is not None) for group in groups]
         steps = data.steps(parts, n, args.augment, args.crop_pad, args.channels_last, partnered=t.mix is not None)
         return ((group, micro if t.mix is None else MixedBatches(micro, t.mix, n, step))  # (--mixup, --cutmix)
                 for step, (group, micro) in enumerate(zip(groups, steps)))
@@ -108,7 +109,7 @@ def lr_range_test(t: train.Trainer, data: Split,
             if smoothed and (not math.isfinite(smoothed[-1]) or smoothed[-1] > 4 * min(smoothed)):
                 return
             sizes.append(len(group))
-            train.scale_lr(t.optimizer, lr / args.lr)  # (the step's lr: train_one_epoch leaves it as it is)
+            trainer.scale_lr(t.optimizer, lr / args.lr)  # (the step's lr: train_one_epoch leaves it as it is)
             yield micro_batches, len(group)
 
     def after_step(loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
@@ -119,7 +120,7 @@ def lr_range_test(t: train.Trainer, data: Split,
     t.step_model.train()
     for m in t.frozen:  # --freeze-backbone
         m.eval()
-    train.train_one_epoch(t.step_model, t.optimizer, steps(), t.scaler, t.autocast, args.grad_clip,
+    trainer.train_one_epoch(t.step_model, t.optimizer, steps(), t.scaler, t.autocast, args.grad_clip,
                           args.label_smoothing, after_step, t.class_weights)
     return lrs, losses, sum(sizes[:len(losses)])
 
@@ -136,7 +137,7 @@ def smooth(losses: list[float], beta: float = 0.9) -> list[float]:
 def main(argv: list[str] | None = None) -> float:
     argv = sys.argv[1:] if argv is None else argv
     with cli.one_line_errors("find_lr.py"):
-        args, _, _ = config.parse_run_args(["--find-lr", *argv], "find_lr.py", __doc__)
+        args, _, _ = runargs.parse_run_args(["--find-lr", *argv], "find_lr.py", __doc__)
         return find_lr(args)
 
 

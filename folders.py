@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 import cli
 from formats import DataError, allocate_images, available_memory
+from torchfiles import oversized_tensor
 
 # The most pixels one image may decode to (after JPEG's draft scaling): 50 megapixels is a 200 MB RGBA frame.
 # Pillow's own limit (89 megapixels warns, 179 errors) lets a 518 KB PNG of 13000x13000 take 0.7 GB per copy.
@@ -189,6 +190,11 @@ RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling
               "nearest": Image.Resampling.NEAREST}
 
 
+def resized_pixels(width: int, height: int, short: int) -> int:
+    """The pixels of a width x height image once its shorter side is resized to `short` (evaluation's shape)."""
+    return -(-max(width, height) * short // max(1, min(width, height))) * short
+
+
 def jpeg_scale(im: Image.Image, side: int) -> int:
     """The reduction (1, 2, 4 or 8) a JPEG decodes at in draft mode for both sides to stay >= `side` (1 for other
     formats): Pillow's own rule in JpegImageFile.draft."""
@@ -217,7 +223,7 @@ def upright_to_stored(box: tuple[int, int, int, int], transpose: Image.Transpose
 def random_resized_crop(im: Image.Image, mode: str, size: int, prep: Prep, max_pixels: int) -> Image.Image:
     """Training's shape in the photo recipe, from the opened, not yet decoded file `im`: torchvision's
     RandomResizedCrop and RandomHorizontalFlip with the same draws from torch's global generator (the caller seeds
-    it per image: stream.seeded), on the upright photo. The crop's box is drawn from the header's size first; a JPEG
+    it per image: augment.seeded), on the upright photo. The crop's box is drawn from the header's size first; a JPEG
     is then decoded at the largest reduction (1/2, 1/4, 1/8) that leaves the box at least twice `size` pixels
     on each side (and the whole decode within max_pixels), so a small crop of a 12-megapixel photo is cut from
     sharp pixels and a large one decodes several times faster. The box is resized from the stored image and the
@@ -270,6 +276,11 @@ def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int
                 if width * height > max_pixels:
                     raise UnreadableImage(f"cannot read image {path}: {width}x{height} pixels is over the limit of "
                                           f"{max_pixels:,} per image; downscale it")
+                resized = resized_pixels(width, height, prep.resize_size) if prep.mode == "crop" else 0
+                if resized > max_pixels:  # (a 143-byte PNG of 20000x1 resized to 256 high: 5 gigapixels)
+                    raise UnreadableImage(f"cannot read image {path}: {width}x{height} pixels resize to "
+                                          f"{resized:,} (its shorter side to {prep.resize_size}), over the limit of "
+                                          f"{max_pixels:,} per image; crop it to a less elongated shape")
                 with budget.reserve(width * height * DECODE_COPIES) if budget else nullcontext():
                     if train and prep.mode == "crop":
                         im = random_resized_crop(im, mode, image_size, prep, max_pixels)
@@ -490,7 +501,8 @@ def _decode(files: list[tuple[Path, int]], image_size: int, max_pixels: int, wha
     # than the budget decodes alone (and one that does not fit at all is an out-of-memory error, never cached).
     # At most `workers` images decode at once: their frames, from the files' headers, are all decoding can take
     result, available, workers = len(files) * IMAGEFOLDER_CHANNELS * image_size**2, available_memory(), THREADS
-    with ThreadPoolExecutor(workers) as pool:
+    with warnings.catch_warnings(), ThreadPoolExecutor(workers) as pool:
+        warnings.filterwarnings("ignore", module="PIL")  # (a header's: the decoding below names the file in them)
         frames = sorted(pool.map(lambda file: _frame_bytes(file[0], image_size, max_pixels), files), reverse=True)
     limit = min(DECODE_BUFFER, sum(frames[:workers]),
                 DECODE_BUFFER if available is None else max(0, available - result) // 2)
@@ -520,25 +532,11 @@ def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | N
     checkpoints are (weights_only, tensors no larger than their storage), then every field against the folder."""
     if not path.is_file():
         return None
-    from checkpoint import CheckpointError, check_tensor_sizes  # (checkpoint imports model: only when needed)
     try:
         data = torch.load(path, weights_only=True)
-        check_tensor_sizes(data, path)
-        images, labels, skipped = data["images"], data["labels"], data["skipped"]
-        shape_ok = (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
-                    and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
-                    and isinstance(skipped, list) and all(isinstance(m, str) and len(m) <= 8192 for m in skipped)
-                    and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.ndim == 1
-                    and len(images) == len(labels) == len(expected) - len(skipped))
-        # The files are listed class by class, so the labels must run in order, each class no more often than it
-        # has files: a negative or out-of-range label, or one class's images under another's, is refused.
-        labels_ok = shape_ok and (len(labels) == 0 or (
-            0 <= labels.min() and labels.max() <= expected.max() and bool((labels.diff() >= 0).all())
-            and bool((torch.bincount(labels, minlength=int(expected.max()) + 1)
-                      <= torch.bincount(expected)).all())))
-        problem = None if labels_ok else "its images, labels or skipped files do not match the folder"
-    except CheckpointError as e:
-        problem = str(e)
+        problem = oversized_tensor(data, path) or (
+            None if _cache_fits(data, expected, image_size)
+            else "its images, labels or skipped files do not match the folder")
     except Exception as e:  # truncated, foreign or mangled
         problem = f"unreadable ({type(e).__name__})"
     if problem is None:
@@ -546,6 +544,21 @@ def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | N
     print(f"warning: ignoring the image cache {path}: {cli.shorten(cli.printable(problem))}; decoding again",
           file=sys.stderr)
     return None
+
+
+def _cache_fits(data: dict, expected: torch.Tensor, image_size: int) -> bool:
+    """Whether a cache's fields are those of decoded files of the labels `expected` at image_size."""
+    images, labels, skipped = data["images"], data["labels"], data["skipped"]
+    shape_ok = (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                and images.shape[1:] == (IMAGEFOLDER_CHANNELS, image_size, image_size)
+                and isinstance(skipped, list) and all(isinstance(m, str) and len(m) <= 8192 for m in skipped)
+                and isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and labels.ndim == 1
+                and len(images) == len(labels) == len(expected) - len(skipped))
+    # The files are listed class by class, so the labels must run in order, each class no more often than it
+    # has files: a negative or out-of-range label, or one class's images under another's, is refused.
+    return shape_ok and (len(labels) == 0 or (
+        0 <= labels.min() and labels.max() <= expected.max() and bool((labels.diff() >= 0).all())
+        and bool((torch.bincount(labels, minlength=int(expected.max()) + 1) <= torch.bincount(expected)).all())))
 
 
 def _write_cache(path: Path, data: dict) -> None:

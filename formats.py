@@ -10,9 +10,12 @@ import gzip
 import math
 import os
 import pickle
+import shutil
 import struct
 import sys
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +94,31 @@ def _read_cifar_batch(path: Path, label_key: str = "labels",
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.tensor(labels, dtype=torch.int64)
 
 
+@contextmanager
+def undone_on_failure(folder: Path, names: list[str]) -> Iterator[None]:
+    """A download into `folder` that writes the files or folders `names`: if it fails, those of them that were not
+    there before are removed, then the folders it made, so that a failed attempt (offline, a truncated or corrupt
+    file) leaves nothing behind, and the next attempt does not take a half-written folder for the data."""
+    created = cli.new_folders(folder)
+    fresh = [folder / name for name in names if not os.path.lexists(folder / name)]
+    try:
+        yield
+    except BaseException:
+        for path in fresh:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        cli.remove_empty(created)
+        raise
+
+
 def _download_cifar(url: str, md5: str, folder: Path) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
-    created = cli.new_folders(folder.parent)
     try:
-        download_and_extract_archive(url, str(folder.parent), md5=md5)
+        with undone_on_failure(folder.parent, [url.rsplit("/", 1)[1], folder.name]):  # the archive, what it holds
+            download_and_extract_archive(url, str(folder.parent), md5=md5)
     except Exception as e:
-        cli.remove_empty(created)  # (a failed first run leaves no empty data/)
         raise DataError(f"{folder.name} not found in {folder.parent} and the download failed "
                         f"({type(e).__name__}); put the extracted {url} there, or give --data-dir the folder that "
                         f"holds {folder.name}") from None
@@ -183,8 +204,11 @@ def load_idx_dataset(name: str, data_dir: Path, splits: tuple[str, ...] = ("trai
         dirs.append(Path("/usr/share/datasets/fashion-mnist"))  # Debian's dataset-fashion-mnist
     if _find_idx(dirs, IDX_FILES[splits[0]][0]) is None:
         import torchvision  # its download verifies checksums and writes DATA_DIR/<MNIST|FashionMNIST>/raw
+        dataset = getattr(torchvision.datasets, tv_name)
+        written = [n for name, _ in dataset.resources for n in (name, name.removesuffix(".gz"))]  # (and extracted)
         try:
-            getattr(torchvision.datasets, tv_name)(str(data_dir), download=True)
+            with undone_on_failure(dirs[0], written):
+                dataset(str(data_dir), download=True)
         except Exception as e:
             hint = " or apt-get install dataset-fashion-mnist" if name == "fashion-mnist" else ""
             raise DataError(f"{name} not found in {', '.join(map(str, dirs))} and the download failed "

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import cli
 import runtime
 from formats import DataError
+from torchfiles import oversized_tensor
 
 
 class SimpleCNN(nn.Module):
@@ -200,6 +201,12 @@ def evaluate(model: nn.Module, data, num_classes: int, batch_size: int = EVAL_BA
 MEASURES = ("balanced_accuracy", "macro_precision", "macro_recall", "macro_f1")  # confusion_metrics' keys
 
 
+def as_decimal(x: float) -> float:
+    """`x` to 12 significant digits: a measure made of counts prints as the decimal it is (80.2, not the
+    80.19999999999999 of float arithmetic's last bits), and no difference a test set can make is lost."""
+    return float(f"{x:.12g}")
+
+
 def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
     """The measures that weigh every class alike, in percent, from a confusion matrix (rows = true class), as
     scikit-learn computes them: balanced accuracy, the mean recall over the classes that have images; macro
@@ -212,9 +219,10 @@ def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
     seen = (true > 0) | (predicted > 0)
     if not seen.any():
         return dict.fromkeys(MEASURES, math.nan)
-    return {"balanced_accuracy": 100 * recall[true > 0].mean().item(),
-            "macro_precision": 100 * precision[seen].mean().item(), "macro_recall": 100 * recall[seen].mean().item(),
-            "macro_f1": 100 * f1[seen].mean().item()}
+    return {"balanced_accuracy": as_decimal(100 * recall[true > 0].mean().item()),
+            "macro_precision": as_decimal(100 * precision[seen].mean().item()),
+            "macro_recall": as_decimal(100 * recall[seen].mean().item()),
+            "macro_f1": as_decimal(100 * f1[seen].mean().item())}
 
 
 MODELS = {"simplecnn": SimpleCNN, "resnet9": ResNet9, "airnet": AirNet}
@@ -369,8 +377,9 @@ def torchvision_weights(weights) -> dict:
     except Exception as e:
         raise ValueError(f"cannot read the pretrained weights {path} ({type(e).__name__}); delete it to "
                          f"download it again") from None
-    from checkpoint import check_tensor_sizes  # (checkpoint imports this module)
-    check_tensor_sizes(state, path)
+    problem = oversized_tensor(state, path)
+    if problem is not None:
+        raise ValueError(problem)
     if not (isinstance(state, dict) and all(isinstance(t, torch.Tensor) for t in state.values())):
         raise ValueError(f"{path} is not a state_dict of pretrained weights; delete it to download it again")
     return state

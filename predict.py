@@ -3,6 +3,7 @@
     python predict.py --checkpoint runs/photos/best.pth photo.jpg
     python predict.py --checkpoint runs/photos/best.pth --top-k 3 --json *.jpg
     python predict.py --checkpoint runs/photos/best.pth new/     # every image file in new/, sorted
+    python predict.py --checkpoint runs/photos photo.jpg         # a run folder: its best.pth
 
 Nothing but the checkpoint is needed: it holds the classes, the image size and the normalization. Each image is
 decoded exactly as training decoded it (folders.load_image: EXIF rotation, transparency on white, grayscale or RGB
@@ -28,8 +29,8 @@ import torch
 import torch.nn as nn
 
 import runtime
-from checkpoint import load_checkpoint, model_from_checkpoint, run_batch_size
-from data import normalize
+from batches import normalize
+from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, run_batch_size
 from folders import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Prep, image_files, load_image
 from formats import DataError
 from model import EVAL_BATCH
@@ -42,7 +43,8 @@ class PredictError(cli.UserError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser("predict.py", __doc__)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag, help="a .pth written by train.py")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag,
+                   help="a .pth written by train.py, or a run folder (its best.pth)")
     p.add_argument("--top-k", type=int, default=1, metavar="K",
                    help="classes listed per image, best first (default: 1)")
     p.add_argument("--json", action="store_true",
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise PredictError("--batch-size must be in [1, 2**31]")
         paths = expand_folders(args.images)
         device = runtime.pick_device(args.device)
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_checkpoint(checkpoint_path(args.checkpoint, "labelling with"))
         model = model_from_checkpoint(ckpt).to(device)
         classes = ckpt["classes"]
         if args.top_k > len(classes):  # more than there are: list them all

@@ -49,17 +49,23 @@ def format_epoch(row: dict, epochs: int) -> str:
             f"{row['images_per_s']:,.0f} img/s")
 
 
+LOG_SECONDS = 60.0  # in a log, without --log-interval: a progress line at most this often
+
+
 class Progress:
     """The --log-interval line inside an epoch: step, the epoch's running loss and accuracy, images/s and the
     epoch's ETA. On a terminal it is one live line, rewritten in place and cleared before the epoch line; when
-    stdout is not a terminal (a log file) it is a plain line each time, and only when --log-interval is given."""
+    stdout is not a terminal (a log file) it is a plain line each time: every --log-interval steps when given,
+    else after the first step that ends LOG_SECONDS or more after the last line (or the epoch's start), so that a
+    long epoch shows it is alive in a log without filling it (an epoch shorter than that prints none)."""
 
     def __init__(self, interval: int, live: bool, epoch: int, epochs: int, n: int, steps: int, group: int,
                  first_step: int, loss_before: float, correct_before: int, world: int):
         self.interval, self.live, self.epoch, self.epochs = interval, live, epoch, epochs
         self.n, self.steps, self.group, self.world = n, steps, group, world
         self.first_step, self.loss_before, self.correct_before = first_step, loss_before, correct_before
-        self.start = time.perf_counter()
+        self.start = self.shown = time.perf_counter()
+        self.seconds: float | None = None  # a line at most this often (None: every `interval` steps)
 
     @classmethod
     def start_epoch(cls, log_interval: int | None, epoch: int, epochs: int, n: int, steps: int, group: int,
@@ -69,15 +75,19 @@ class Progress:
         `first_step` with the loss sum and correct count of the steps before it."""
         live = sys.stdout.isatty()
         interval = log_interval
-        if interval is None:  # auto: on a terminal only, 20 updates per epoch (1-2 s apart for --preset fast)
-            interval = math.ceil(steps / 20) if live else 0
-        return cls(interval, live, epoch, epochs, n, steps, group, first_step, loss_before, correct_before,
-                   world) if interval else None
+        if interval is None:  # auto: on a terminal, 20 updates per epoch (1-2 s apart for --preset fast); in a
+            interval = math.ceil(steps / 20) if live else 1  # log, the first step's end once LOG_SECONDS have passed
+        if not interval:
+            return None
+        progress = cls(interval, live, epoch, epochs, n, steps, group, first_step, loss_before, correct_before, world)
+        progress.seconds = LOG_SECONDS if log_interval is None and not live else None
+        return progress
 
     def after_step(self, step: int, loss_sum: torch.Tensor, correct: torch.Tensor) -> None:
         """`step`: optimizer steps done in this epoch; `loss_sum`, `correct`: this process's sums since the epoch
-        (or the resume) began, on the device. Shows the line every `interval` steps."""
-        if step % self.interval:
+        (or the resume) began, on the device. Shows the line every `interval` steps (with `seconds`: once that
+        long has passed since the last line)."""
+        if step % self.interval or self.seconds is not None and time.perf_counter() - self.shown < self.seconds:
             return
         # (under torchrun, rank 0's share stands for all: an estimate; .item() is the one sync, every N steps)
         loss_sum, correct = loss_sum.item() * self.world, correct.item() * self.world
@@ -94,6 +104,7 @@ class Progress:
             sys.stdout.flush()
         else:
             print(line, flush=True)
+        self.shown = time.perf_counter()
 
     def clear(self) -> None:
         if self.live:
@@ -178,7 +189,7 @@ def diverged(what: str, last: Path, lr: float) -> str:
     if not last.exists():
         return f"{what}; start again with a lower --lr (e.g. --lr {lr / 10:.2g}) or --grad-clip 1.0"
     return (f"{what}; {last} holds the weights before it: go on from there with a lower lr and clipping: "
-            f"python train.py --resume {last} --lr {lr / 10:.2g} --grad-clip 1.0")
+            f"{shlex.join([cli.python(), 'train.py', '--resume', str(last)])} --lr {lr / 10:.2g} --grad-clip 1.0")
 
 
 # ---------------------------------------------------------------------------------------------------------------

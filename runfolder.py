@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import cli
 from checkpoint import (METRICS, RUN_FILES, CheckpointError, checkpoint_bytes, is_int, load_checkpoint,
-                        save_checkpoint, validate_for_resume, write_atomically)
+                        for_inference, save_checkpoint, validate_for_resume, write_atomically)
 
 
 class RunFolderError(cli.UserError):
@@ -205,11 +205,14 @@ class RunFolder:
 
     def save(self, ckpt: dict, *names: str) -> None:
         """save_checkpoint into the folder, after checking it is still in place; the checkpoint records the folder
-        (`run_folder`: its path and identity), so that a copy of the folder knows it is one (original_of_copy)."""
+        (`run_folder`: its path and identity), so that a copy of the folder knows it is one (original_of_copy).
+        best.pth is for inference and --init-from: it is written without the optimizer's state (for_inference)."""
         self.check_place()
         device, inode = self.identity
         ckpt["run_folder"] = {"path": str(self.path.resolve()), "device": device, "inode": inode}
-        save_checkpoint(ckpt, *(self.path / name for name in names))
+        save_checkpoint(ckpt, *(self.path / name for name in names if name != "best.pth"))
+        if "best.pth" in names:
+            save_checkpoint(for_inference(ckpt), self.path / "best.pth")
 
     @staticmethod
     def original_of_copy(resumed: dict, source: tuple[int, int]) -> Path | None:
@@ -249,7 +252,7 @@ class RunFolder:
         write_atomically(self.path / "metrics.csv", text.getvalue().encode())
 
     def write_args(self, flags: dict) -> None:
-        """args.json: the run's resolved flags (config.run_flags), what `train.py --config` takes back."""
+        """args.json: the run's resolved flags (runargs.run_flags), what `train.py --config` takes back."""
         write_atomically(self.path / "args.json", (json.dumps(flags, indent=2) + "\n").encode())
 
     def write_results(self, text: str) -> None:

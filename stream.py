@@ -3,32 +3,37 @@ crop), whose random crops need each photo whole.
 
 DataLoader worker processes (--workers) open, decode and shape the files (folders.load_image: Pillow, JPEG draft
 mode, the run's Prep); the main process then augments and normalizes whole batches exactly as it does for the
-in-memory sets (data.to_input). Each image's random draws come from (seed, epoch, image) alone, and the order from
+in-memory sets (batches.to_input). Each image's random draws come from (seed, epoch, image) alone, and the order from
 data.epoch_plan, so the weights do not depend on the number of workers, and a resumed run reads the very batches
 it would have read. Memory does not grow with the set: the file list is one numpy array of paths (no Python
 object per file for the workers' copy-on-write pages to duplicate), and batches are read a few at a time.
 """
+import gc
 import hashlib
 import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 import cli
 import workers
-from folders import _LIBC, IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, load_image, require_each_class
+from augment import seeded
+from batches import to_input
+from folders import _LIBC, IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, load_image
 from formats import DataError, available_memory
 
 PREFETCH = 2  # batches each worker reads ahead (DataLoader's default: more only took memory, measured)
-# --workers is the user's choice: DataLoader's advice against more workers than cores is not printed to them
-warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+# --workers is the user's choice: DataLoader's advice against more workers than cores is not printed to them. Set
+# here, for every DataLoader of a script, and again before each of ours (read): whoever restores the warning filters
+# after this import (pytest does, after collection and after each test) would otherwise bring the advice back.
+WORKER_ADVICE = {"action": "ignore", "message": "This DataLoader will create", "category": UserWarning}
+warnings.filterwarnings(**WORKER_ADVICE)
 STATS_IMAGES = 2048  # training images a streamed set's normalization is computed from, at most...
 STATS_BYTES = 2**28  # ...and at most this many bytes of them
 
@@ -36,20 +41,6 @@ STATS_BYTES = 2**28  # ...and at most this many bytes of them
 def default_workers() -> int:
     """Worker processes when --workers is not given: one per core, at most 8 (more rarely pay on one GPU)."""
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-@contextmanager
-def seeded(seed: int, epoch: int, index: int) -> Iterator[None]:
-    """torch's global generator seeded from (seed, epoch, image index) for one image's random draws. In the main
-    process (--workers 0) its state is put back afterwards, so the run's own draws (dropout) do not move."""
-    state = torch.get_rng_state() if get_worker_info() is None else None
-    key = hashlib.blake2b(f"{seed},{epoch},{index}".encode(), digest_size=8).digest()
-    torch.default_generator.manual_seed(int.from_bytes(key, "little") >> 1)  # (the CPU's alone: CUDA's is the run's)
-    try:
-        yield
-    finally:
-        if state is not None:
-            torch.set_rng_state(state)
 
 
 class FolderFiles(Dataset):
@@ -157,6 +148,7 @@ class StreamSet:
         if self.workers:
             hand_back_freed_memory()
             workers.make_room_for_descriptors(self.workers, PREFETCH)
+        warnings.filterwarnings(**WORKER_ADVICE)  # (again: see there)
         loader = DataLoader(self.files, batch_sampler=Keys(batches, epoch), num_workers=self.workers,
                             collate_fn=self.files.collate,
                             pin_memory=self.device.type == "cuda", worker_init_fn=workers.init_worker,
@@ -165,7 +157,14 @@ class StreamSet:
                             generator=torch.Generator())  # (its own: the workers' base seed is not drawn from
         # torch's global generator, whose draws (init, dropout) must not depend on the data path)
         with cli.signals_held():  # (a Ctrl-C as the workers are forked stops the run, not a worker: see there)
-            reading = workers.Reading(loader)
+            # The workers' garbage collector would visit every object this process has made (writing to each),
+            # so each worker copied all their pages: +34% for the process tree from the second epoch on. Frozen,
+            # they are left out of collection in the workers (the main process unfreezes them at once).
+            gc.freeze()
+            try:
+                reading = workers.Reading(loader)
+            finally:
+                gc.unfreeze()
         finished = False
         try:
             while (batch := reading.next(training=epoch > 0)) is not None:
@@ -189,7 +188,6 @@ class StreamSet:
     def indexed_batches(self, idx: torch.Tensor,
                         batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """batches(), with the indices of the images each batch holds (the readable ones of its part of `idx`)."""
-        from data import to_input
         parts = idx.cpu().split(batch_size)
         for part, (x, keep) in zip(parts, self.read(parts, 0)):
             yield to_input(x, self.mean, self.std), self.labels[part[keep]].to(self.device), part[keep]
@@ -223,9 +221,8 @@ class StreamSet:
         """Training: the micro-batches (x, y) of each optimizer step; `parts`: each step's rows of the epoch plan
         (data.epoch_plan), one tensor per micro-batch. The crop recipe's random crop and flip were drawn in the
         worker; squash's pad-crop, flip and jitter are drawn from the plan rows, as for the in-memory sets.
-        partnered: each part's first row is the mixing partner of its second (train.micro_parts); where it cannot be
+        partnered: each part's first row is the mixing partner of its second (trainer.micro_parts); where it cannot be
         read, that image is its own partner (mixed with itself: left as it is), and it is not counted as skipped."""
-        from data import to_input
         rows = [part.cpu() for step in parts for part in step]
         batches = self.read([r[:, 0] for r in rows], epoch)
         crop_flip = augment and self.files.prep.mode == "squash"
@@ -252,7 +249,7 @@ class StreamSet:
 def stats_sample(n: int, size: int, seed: int) -> torch.Tensor:
     """Which of an image folder's `n` training images its normalization is computed from, in evaluation's shape:
     all of them up to STATS_IMAGES (and STATS_BYTES at `size`), else that many drawn from `seed`. Both paths take
-    these very images (data.prepare, prepare), so a folder normalizes alike streamed and in memory."""
+    these very images (data.prepare, data.prepare_streamed), so a folder normalizes alike streamed and in memory."""
     k = max(1, min(STATS_IMAGES, STATS_BYTES // (IMAGEFOLDER_CHANNELS * size * size)))
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k]
 
@@ -286,28 +283,3 @@ def streams(root: Path, size: int, prep: Prep, workers: int | None, files: int) 
           f"{available / 2**30:,.1f} GiB is available: streaming them from disk with {workers} worker processes "
           f"(--workers)", file=sys.stderr)
     return workers
-
-
-def prepare(root: Path, listing: dict[str, tuple[np.ndarray, torch.Tensor]], classes: list[str], val_split: float,
-            seed: int, device: torch.device, size: int, stats: tuple[list[float], list[float]] | None,
-            max_pixels: int, prep: Prep, workers: int) -> tuple[StreamSet, StreamSet | None, StreamSet, list[str]]:
-    """data.prepare for a streamed image folder, from its `listing` (split: folders.split_listing; its train entry
-    is replaced by the training part): (train, val or None, test, classes), validation held out the same way (the
-    same images as in memory), and normalization from stats_sample's training images (in evaluation's shape)
-    unless `stats` gives it."""
-    from data import channel_stats, split_indices, warn_small_split
-    for split, (_, labels) in listing.items():
-        require_each_class(labels, root / split, classes)
-    if "val" not in listing:  # (the user's own val/ beats a random split)
-        names, labels = listing.pop("train")  # (popped: the caller's listing holds no second copy of the names)
-        train, val = split_indices(labels, val_split, seed)
-        listing["train"], listing["val"] = (names[train.numpy()], labels[train]), (names[val.numpy()], labels[val])
-        del names, labels
-        warn_small_split(val_split, listing["val"][1], classes, "imagefolder")
-    sets = {split: stream_set(root, names, labels, size, max_pixels, prep, seed, device, workers) if len(labels)
-            else None for split, (names, labels) in listing.items()}
-    stats = stats or channel_stats(sets["train"].take(stats_sample(len(sets["train"]), size, seed)).cpu())
-    mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
-    for data in filter(None, sets.values()):
-        data.mean, data.std = mean, std
-    return sets["train"], sets["val"], sets["test"], classes

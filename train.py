@@ -13,141 +13,45 @@ Each epoch prints a line and adds it to <out-dir>/metrics.csv, writes last.pth, 
 loss improves; at the end best.pth is tested once (results.json, curves.png). Ctrl-C saves a last.pth that resumes
 mid-epoch and prints the command. The flags are in config.py (--help shows them in groups).
 """
-# Read on in order: the five steps (train_one_epoch), the epochs (validate, save, stop early), the run.
+# Read on in order: the epochs (validate, save, stop early), then the run. Each epoch's optimizer steps are
+# trainer.py's train_one_epoch (the five steps).
 import cli
 
 if __name__ == "__main__":
     cli.handle_signals()  # before torch loads (~1.5 s), so that an early Ctrl-C exits quietly too
 
 import argparse
-import copy
 import json
 import math
 import secrets
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 
 import config
+import find_lr
 import report
+import runargs
 import runtime
-from augment import Mix, MixedBatches, image_policy
+from augment import MixedBatches
 from checkpoint import (EpochTally, RunState, check_same_data, load_checkpoint, load_training_state, make_checkpoint,
                         model_from_checkpoint, resume_state, run_card, starting_weights)
-from data import ImageSet, Split, balanced_class_weights, epoch_plan, images_per_epoch, prepare
-from model import MEASURES, MODELS, AirNet, build_model, check_image_size, evaluate, freeze_backbone, model_from_start
-from optim import ema_decay, ema_update, lr_factor, make_optimizer
+from data import ImageSet, Split, epoch_plan, prepare
+from folders import Prep
+from model import MEASURES, evaluate
+from optim import ema_decay, ema_update, lr_factor
 from runfolder import RunFolder
-
-# ---------------------------------------------------------------------------------------------------------------
-# One epoch: the five steps. This function needs only torch, nn and F: copy it into another project as it is.
-
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, steps,
-                    scaler: torch.amp.GradScaler | None = None, autocast: torch.autocast | None = None,
-                    grad_clip: float = 0.0, label_smoothing: float = 0.0, after_step=None,
-                    class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step per item of `steps`, at the lr the optimizer holds: the loop never sets it (step any
-    torch lr scheduler between calls). A step: (its micro-batches [(x, y), ...], moved to the model's device if
-    elsewhere; the images in the whole step over all processes); y: class indices, or (N, classes) probabilities
-    (mixup, cutmix). From a DataLoader, one batch per step:
-
-        model.train()
-        loss_sum, correct = train_one_epoch(model, optimizer, (([(x, y)], len(x)) for x, y in loader))
-
-    Optional: `scaler`, a GradScaler for fp16; `autocast`, the forward pass's precision (e.g. torch.autocast("cpu",
-    torch.bfloat16)); clipping; label smoothing; `after_step(loss_sum, correct)`, run after each step;
-    `class_weights`, each class's weight in the loss. Returns this process's summed loss and count of correct
-    predictions (against y's likeliest class), as tensors on the device: reading them is the one GPU sync."""
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    device = next(model.parameters()).device
-    loss_sum, correct = torch.zeros((), device=device), torch.zeros((), device=device, dtype=torch.int64)
-    for micro_batches, step_images in steps:
-        optimizer.zero_grad(set_to_none=True)                                       # 1. zero the gradients
-        for i, (x, y) in enumerate(micro_batches):
-            x, y = x.to(device), y.to(device)  # (no copy when already there)
-            # DDP all-reduces the gradients in backward: only the step's last micro-batch needs that. (enable_grad:
-            # a context that changes nothing here, as a step runs with gradients on.)
-            with model.no_sync() if world > 1 and i < len(micro_batches) - 1 else torch.enable_grad():
-                with autocast or torch.enable_grad():  # (None: float32)
-                    logits = model(x)                                               # 2. forward
-                loss = F.cross_entropy(logits.float(), y, reduction="sum" if class_weights is None else "none",
-                                       label_smoothing=label_smoothing)             # 3. loss
-                if class_weights is not None:  # (not weight=, which would weigh the label smoothing's shares too)
-                    loss = (loss * (class_weights[y] if y.dim() == 1 else y @ class_weights)).sum()
-                # Sum / the step's size: the summed gradient is the step's mean, so K micro-batches step like one
-                # batch (exactly, without BatchNorm; x world: DDP averages the processes' 1/world shares of the sum)
-                loss_mean = loss * (world / step_images)
-                (loss_mean if scaler is None else scaler.scale(loss_mean)).backward()  # 4. backward
-            loss_sum += loss.detach()
-            correct += (logits.argmax(1) == (y if y.dim() == 1 else y.argmax(1))).sum()
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # (fp16) clip the true gradient, not the scaled one
-        if grad_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is None:
-            optimizer.step()                                                        # 5. step
-        else:
-            scaler.step(optimizer)  # (fp16: skipped when the gradient overflowed)
-            scaler.update()
-        if after_step is not None:
-            after_step(loss_sum, correct)
-    return loss_sum, correct
-
+from trainer import TrainError, Trainer, build_trainer, micro_parts, scale_lr, set_policy, train_one_epoch
 
 # ---------------------------------------------------------------------------------------------------------------
 # The epochs: plan the steps, train, validate, save, stop early
 
-class TrainError(cli.UserError):
-    """A run that cannot start or go on: a mismatched resume, a model that cannot take the data, a diverged loss."""
-
-
 class Diverged(Exception):
     """A loss that is not finite, or far above chance level: fit() says what to do next."""
-
-
-@dataclass
-class Trainer:
-    """What an optimizer step needs, built once by build_trainer()."""
-    model: nn.Module              # the plain model: checkpoints, EMA and evaluation use it
-    step_model: nn.Module         # what a step calls: the model, or it wrapped by DDP and/or torch.compile
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler  # loss scaling for fp16; disabled (a pass-through) otherwise
-    autocast: ContextManager      # the forward pass's precision (--amp)
-    ema: nn.Module | None         # the moving average of the weights (--ema)
-    stop: runtime.StopSignal      # Ctrl-C / SIGTERM, noted; acted on between optimizer steps
-    steps_per_epoch: int
-    images_per_epoch: int         # all of them, but for a last micro-batch of 1 image with BatchNorm (data.py)
-    frozen: list[nn.Module] = field(default_factory=list)  # --freeze-backbone: modules kept in eval mode
-    class_weights: torch.Tensor | None = None  # --class-weights balanced: each class's weight in the loss
-    mix: Mix | None = None        # --mixup-alpha, --cutmix-alpha
-    skips_noted: bool = False     # whether the run said that it skips unreadable training images
-
-
-def scale_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
-    """The project's own schedule, set before each step: each param group's lr is its "initial_lr" (set from its lr
-    when missing, as torch's lr schedulers do) x `factor`."""
-    for group in optimizer.param_groups:
-        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-
-
-def micro_parts(group: torch.Tensor, rank: int, world: int, batch_size: int, mix: bool) -> list[torch.Tensor]:
-    """This process's micro-batches of one step's plan rows `group`. With mixup or cutmix each also holds, first, the
-    row before its own first in the whole step (the step's last, for its first): the mixing partner of its first
-    image (augment.MixedBatches), so the pairs are the step's, whatever the processes and micro-batches."""
-    parts = group.tensor_split(world)[rank].tensor_split(math.ceil(len(group) / batch_size))  # (views)
-    if not mix:
-        return list(parts)
-    positions = torch.arange(len(group)).tensor_split(world)[rank].tensor_split(len(parts))
-    return [group[torch.cat([(p[:1] - 1) % len(group), p]).to(group.device)] if len(p) else part
-            for p, part in zip(positions, parts)]
 
 
 def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, first_step: int,
@@ -230,7 +134,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
                     folder.save(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, tally),
                                 "last.pth")
                     print(f"stopped at step {tally.step} of epoch {epoch}; saved {folder.path / 'last.pth'}. Resume "
-                          f"with:\n  {config.resume_command(card['argv'], folder.path / 'last.pth')}", file=sys.stderr)
+                          f"with:\n  {runargs.resume_command(card['argv'], folder.path / 'last.pth')}", file=sys.stderr)
                 runtime.on_rank0(save_stopped)  # (all wait for it: torchrun stops every process once one leaves)
                 raise SystemExit(128 + t.stop.signum)
             try:
@@ -243,7 +147,7 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
                 folder.save(make_checkpoint(card, t.model, t.ema, t.optimizer, t.scaler, state, None),
                             "last.pth", *(["best.pth"] if improved else []))
                 folder.write_metrics(state.history, card["changes"])
-                folder.write_args(config.run_flags(args, card["changes"]))
+                folder.write_args(runargs.run_flags(args, card["changes"]))
                 print(report.format_epoch(row, args.epochs), flush=True)
                 report.log_epoch(trackers, row)
             runtime.on_rank0(save)
@@ -313,14 +217,14 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str], start: 
         # Numbers below 1e-38 as 0: CPUs compute with such denormals 10-100x slower, and Adam's squared gradients
         # of a barely-trained layer land there (bench.py --loop-cost: its step took 5x as long)
         torch.set_flush_denormal(True)
-    folder = RunFolder(config.out_dir_for(args), resumed["run_id"] if resumed else secrets.token_hex(8))
+    folder = RunFolder(runargs.out_dir_for(args), resumed["run_id"] if resumed else secrets.token_hex(8))
     try:
         # first: a second run into the same folder is refused before any work
         runtime.on_rank0(lambda: folder.claim(resumed, Path(args.resume) if resumed else None))
         return train_and_test(args, resumed, argv, device, folder, start)
     except RuntimeError as e:  # under torchrun: another process gone or stopped is one line, not gloo's
         last = folder.path / "last.pth"
-        runtime.lost_peer(e, config.resume_command(argv, last) if last.is_file() else None)
+        runtime.lost_peer(e, runargs.resume_command(argv, last) if last.is_file() else None)
         raise
     finally:
         folder.release()
@@ -328,21 +232,12 @@ def run(args: argparse.Namespace, resumed: dict | None, argv: list[str], start: 
 
 def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[str], device: torch.device,
                    folder: RunFolder, start: dict | None) -> dict:
+    """The run in its claimed `folder`: its data, its trainer (resumed or new), epoch after epoch (fit), then the
+    final test; curves.png and the trackers' end however it ends. Returns results.json's content."""
     rank = runtime.rank_world()[0]
     torch.manual_seed(args.seed)
-    # Loaded weights were trained on inputs normalized their way: keep it (a resumed run: the run's own)
-    stats = ((start["mean"], start["std"]) if start else (resumed["mean"], resumed["std"])
-             if resumed and (args.pretrained or args.init_from) else None)
     prep = config.image_prep(args)
-    train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
-                                        image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
-                                        prep=prep, workers=args.workers)
-    args.workers = getattr(train, "workers", args.workers)  # resolved: None only when held in memory (--resume)
-    set_policy(train, args)
-    # Only now: the loader's temporary copies have gone back to the OS. Not when streaming: there a step's time is
-    # the model's and the workers', and the kept heap raised the process tree's peak above torchvision's pipeline
-    if device.type == "cpu" and isinstance(train, ImageSet):
-        runtime.keep_freed_memory()
+    train, val, test, classes = load_data(args, prep, device, resumed, start)
     if args.patience and val is None:
         raise TrainError("--patience needs a validation set: --val-split above 0, or a val/ folder")
     t = build_trainer(args, train, len(classes), device, resumed, start)
@@ -379,19 +274,32 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
             report.end(trackers, ended, [folder.path / name for name in files if in_place], results)
 
 
-def set_policy(train: Split, args: argparse.Namespace) -> None:
-    """--auto-augment and --random-erase: the training images' per-image policy (augment.image_policy)."""
-    train.set_policy(image_policy(args.auto_augment, args.auto_augment_magnitude, args.random_erase,
-                                  train.mean.tolist()), args.seed)
+def load_data(args: argparse.Namespace, prep: Prep, device: torch.device, resumed: dict | None,
+              start: dict | None) -> tuple[Split, Split | None, Split, list[str]]:
+    """The run's training, validation (or None) and test sets and its classes (data.prepare), the training set's
+    per-image policy set."""
+    # Loaded weights were trained on inputs normalized their way: keep it (a resumed run: the run's own)
+    stats = ((start["mean"], start["std"]) if start else (resumed["mean"], resumed["std"])
+             if resumed and (args.pretrained or args.init_from) else None)
+    train, val, test, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
+                                        image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
+                                        prep=prep, workers=args.workers)
+    args.workers = getattr(train, "workers", args.workers)  # resolved: None only when held in memory (--resume)
+    set_policy(train, args)
+    # Only now: the loader's temporary copies have gone back to the OS. Not when streaming: there a step's time is
+    # the model's and the workers', and the kept heap raised the process tree's peak above torchvision's pipeline
+    if device.type == "cpu" and isinstance(train, ImageSet):
+        runtime.keep_freed_memory()
+    return train, val, test, classes
 
 
 def resume(t: Trainer, args: argparse.Namespace, resumed: dict, card: dict) -> tuple[RunState, EpochTally]:
     """Load the resumed checkpoint's training state into `t`, after checking it is this run's data; a flag that
-    takes effect on resume (config.TAKE_EFFECT_ON_RESUME) and differs is recorded in card["changes"]."""
+    takes effect on resume (runargs.TAKE_EFFECT_ON_RESUME) and differs is recorded in card["changes"]."""
     check_same_data(resumed, card)
     state, tally = resume_state(resumed, Path(args.resume), t.steps_per_epoch, args.epochs)
     load_training_state(resumed, t.model, t.ema, t.optimizer, t.scaler)
-    changed = config.changes_on_resume(args, resumed)
+    changed = runargs.changes_on_resume(args, resumed)
     if changed:
         card["changes"].append({"epoch": state.epoch + 1, "step": tally.step, "flags": changed})
     return state, tally
@@ -413,7 +321,7 @@ def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[
             result = evaluate(best, test, len(classes), eval_batch(args), tta=args.tta)
     except cli.Interrupted:
         runtime.print0(f"training finished ({state.epoch} epochs, best.pth from epoch {state.best_epoch}); the final "
-                       f"test was interrupted. Run it with:\n  python evaluate.py --checkpoint "
+                       f"test was interrupted. Run it with:\n  {cli.python()} evaluate.py --checkpoint "
                        f"{folder.path / 'best.pth'}", file=sys.stderr)
         raise
     results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
@@ -434,54 +342,13 @@ def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[
     return results
 
 
-def build_trainer(args: argparse.Namespace, train: Split, num_classes: int, device: torch.device,
-                  resumed: dict | None, start: dict | None = None) -> Trainer:
-    in_channels, image_size = train.channels, train.image_size
-    source = "--pretrained" if args.pretrained else f"--init-from {args.init_from}"
-    if start is not None and args.init_from and start["in_channels"] != in_channels:
-        raise TrainError(f"{source} was trained on {start['in_channels']}-channel images; {args.dataset} has "
-                         f"{in_channels}-channel images")
-    try:
-        model = build_model(args.model, num_classes, in_channels, image_size, args.widths) if start is None else \
-            model_from_start(args.model, args.widths, start, source, num_classes, in_channels, image_size)
-        frozen = freeze_backbone(model, num_classes) if args.freeze_backbone else []
-        model = model.to(device)
-        if args.model not in MODELS:
-            check_image_size(model, args.model, next(train.batches(torch.arange(1), 1))[0])
-    except ValueError as e:  # a model that cannot take this image size, weights that do not fit
-        raise TrainError(str(e)) from None
-    if isinstance(model, AirNet) and resumed is None and start is None:  # (else its whitening comes with the weights)
-        model.init_whitening(next(train.batches(torch.arange(min(len(train), 5000)), 5000))[0])
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step_model = model
-    if dist.is_initialized():
-        step_model = nn.parallel.DistributedDataParallel(model,
-                                                         device_ids=[device.index] if device.type == "cuda" else None)
-    step_images = args.batch_size * args.accum_steps
-    images = len(train)
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        images = images_per_epoch(images, step_images, args.batch_size, runtime.rank_world()[1])
-    return Trainer(model=model, step_model=torch.compile(step_model) if args.compile else step_model,
-                   optimizer=make_optimizer(model, args, device, num_classes),
-                   scaler=torch.amp.GradScaler("cuda", enabled=args.amp == "fp16"),
-                   autocast=runtime.autocast(args.amp, device), ema=copy.deepcopy(model) if args.ema else None,
-                   stop=runtime.StopSignal(),
-                   steps_per_epoch=math.ceil(images / step_images), images_per_epoch=images, frozen=frozen,
-                   class_weights=balanced_class_weights(train.labels, num_classes).to(device)
-                   if args.class_weights == "balanced" else None,
-                   mix=Mix(args.mixup_alpha, args.cutmix_alpha, num_classes, args.seed)
-                   if args.mixup_alpha or args.cutmix_alpha else None)
-
-
 def main(argv: list[str] | None = None) -> dict | float:
     argv = sys.argv[1:] if argv is None else argv
     try:
         with cli.one_line_errors("train.py", "lower --batch-size (--accum-steps keeps the update the same)"):
-            args, resumed, run_argv = config.parse_run_args(argv, "train.py", __doc__)
+            args, resumed, run_argv = runargs.parse_run_args(argv, "train.py", __doc__)
             report.require(args)  # a missing package: one line, before any work
             if args.find_lr:
-                import find_lr  # (it imports this module)
                 return find_lr.find_lr(args)
             start = None if resumed else starting_weights(args)  # (a resumed run has its weights)
             return run(args, resumed, run_argv, start)

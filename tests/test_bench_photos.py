@@ -2,9 +2,11 @@
 most --photos-limit training images (said in its output), and quiet on Ctrl-C (one line, status 130) wherever it
 is, train.py's run or torchvision's DataLoader workers. Real processes and signals."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import bench
+import bench_photos
 from conftest import ROOT, as_from_a_terminal
 
 TINY = ["--model", "simplecnn", "--image-size", "32", "--batch-size", "2", "--workers", "1"]
@@ -41,7 +43,7 @@ def test_photo_links_cap_the_training_images_taking_the_classes_in_turn(tmp_path
 
     def linked(limit: int) -> dict[str, list[str]]:
         dest = tmp_path / f"links-{limit}"
-        used, total = bench.photo_links(root, dest, limit)
+        used, total = bench_photos.photo_links(root, dest, limit)
         found = {split: sorted(str(p.relative_to(dest / split)) for p in (dest / split).rglob("*.jpg"))
                  for split in ("train", "test")}
         assert total == 11 and used == len(found["train"])
@@ -59,8 +61,9 @@ def test_photo_links_cap_the_training_images_taking_the_classes_in_turn(tmp_path
 def test_the_photo_benchmark_runs_from_the_users_folder_writes_nothing_there_and_states_its_cap(tmp_path):
     user = tmp_path / "home"
     photo_folder(user / "photos", {"cats": 8, "dogs": 8})
-    before, scratch = snapshot(user), tmp_path / "tmp"
-    scratch.mkdir()
+    # (a short TMPDIR: multiprocessing's sockets live there, and a Unix socket's path is at most 107 bytes, which
+    # pytest-xdist's tmp_path under /tmp/pytest-of-root/pytest-N/popen-gwK/ leaves no room for)
+    before, scratch = snapshot(user), Path(tempfile.mkdtemp(prefix="bp-", dir="/tmp"))
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--photos", "photos", *TINY, "--photos-limit",
                              "6"], cwd=user, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)})
@@ -75,7 +78,9 @@ def test_the_photo_benchmark_runs_from_the_users_folder_writes_nothing_there_and
     assert snapshot(user) == before  # no cache, no run folder, nothing: the folder as it was
     # and the links, runs and cache it made elsewhere are gone (multiprocessing's own pymp-* folders, which forked
     # DataLoader workers leave as they end without Python's exit handlers, are not bench.py's)
-    assert [p.name for p in scratch.iterdir() if not p.name.startswith("pymp-")] == []
+    left = [p.name for p in scratch.iterdir() if not p.name.startswith("pymp-")]
+    shutil.rmtree(scratch)
+    assert left == []
 
 
 def children(pid: int) -> list[tuple[int, bytes]]:

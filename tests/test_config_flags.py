@@ -4,6 +4,7 @@ makes the run that was trained (or says why it cannot)."""
 import argparse
 import json
 import os
+import sys
 import threading
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 import cli
 import config
+import runargs
 import train
 from checkpoint import CheckpointError, load_checkpoint
 from conftest import fails_with
@@ -23,7 +25,7 @@ CPU = ["--device", "cpu"]
 def refusal(argv: list[str]) -> str:
     """The one-line refusal of train.py's flags `argv`, checked before any work."""
     with pytest.raises(cli.UserError) as e:
-        config.parse_run_args(argv)
+        runargs.parse_run_args(argv)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -40,13 +42,13 @@ def test_an_abbreviated_config_is_applied_and_a_second_one_refused_never_dropped
     """argparse takes --conf and --confi=F for --config (allow_abbrev): the file's flags apply; a second --config,
     however spelled, is refused rather than silently ignored."""
     a, b = write(tmp_path / "a.json", '{"lr": 0.5}'), write(tmp_path / "b.json", '{"lr": 0.25}')
-    assert config.parse_run_args(["--conf", a])[0].lr == 0.5
-    assert config.parse_run_args([f"--confi={a}", "--lr", "0.1"])[0].lr == 0.1  # a flag given still wins
+    assert runargs.parse_run_args(["--conf", a])[0].lr == 0.5
+    assert runargs.parse_run_args([f"--confi={a}", "--lr", "0.1"])[0].lr == 0.1  # a flag given still wins
     for second in (["--config", b], ["--conf", b], [f"--con={b}"]):
         assert refusal(["--config", a, *second]) == (
             f"--config is given 2 times ({a}, {b}): give one file, and the flags that should differ from it on the "
             f"command line (they win over it)")
-    run_argv = config.parse_run_args(["--conf", a, "--out-d", str(tmp_path / "x")])[2]
+    run_argv = runargs.parse_run_args(["--conf", a, "--out-d", str(tmp_path / "x")])[2]
     assert run_argv == ["--lr=0.5", "--out-dir", str(tmp_path / "x")]  # spelled out: no --config, no abbreviation
 
 
@@ -60,7 +62,7 @@ def test_a_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path, kind):
 
     def parse():
         try:
-            config.parse_run_args(["--config", str(path)])
+            runargs.parse_run_args(["--config", str(path)])
         except cli.UserError as e:
             result["error"] = str(e)
     thread = threading.Thread(target=parse, daemon=True)
@@ -95,9 +97,9 @@ def test_a_config_file_that_cannot_be_taken_says_why_in_one_line(tmp_path, conte
 def test_a_configs_false_turns_off_a_switch_its_preset_turns_on(tmp_path):
     """{"preset": "fast", "augment": false} is --preset fast --no-augment, not fast's --augment."""
     path = write(tmp_path / "f.json", '{"preset": "fast", "augment": false, "alt_flip": false, "nesterov": false}')
-    args = config.parse_run_args(["--config", path])[0]
+    args = runargs.parse_run_args(["--config", path])[0]
     assert (args.augment, args.alt_flip, args.nesterov, args.crop_pad) == (False, False, False, 2)
-    assert config.parse_run_args(["--preset", "fast", "--no-augment"])[0].augment is False
+    assert runargs.parse_run_args(["--preset", "fast", "--no-augment"])[0].augment is False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def test_a_flag_given_that_would_have_no_effect_is_refused(flags, message):
     ["--dataset", "imagefolder", "--image-size", "64", "--crop-scale", "0.3", "1", "--interpolation", "bicubic"],
 ])
 def test_flags_that_act_and_a_presets_own_values_are_taken(flags):
-    config.parse_run_args(flags)
+    runargs.parse_run_args(flags)
 
 
 FLOATS = sorted(a.option_strings[0] for a in config.build_parser()._actions if a.type is float)
@@ -219,7 +221,7 @@ def test_a_resumed_runs_args_json_that_changed_the_lr_is_refused_for_a_new_run_w
                f"first part with the earlier values and then --resume it with the later ones (docs/runs.md); to train "
                f"with these flags from the start, delete \"changed_on_resume\" from a copy of the file")
     assert not (tmp_path / "b").exists()
-    args, _, run_argv = config.parse_run_args(["--resu", str(out / "last.pth"), "--config", str(out / "args.json"),
+    args, _, run_argv = runargs.parse_run_args(["--resu", str(out / "last.pth"), "--config", str(out / "args.json"),
                                                "--epochs", "3"])
     assert (args.lr, args.epochs) == (0.01, 3) and not any(a.startswith("--resu") for a in run_argv)
     first = {k: v for k, v in saved.items() if k != "changed_on_resume"} | {"lr": 0.05, "epochs": 1}
@@ -234,11 +236,11 @@ def test_a_resume_records_an_epochs_change_that_reshapes_the_schedule():
     without a schedule it changes nothing that was trained."""
     before = {"args": vars(config.parse_args(["--scheduler", "cosine", "--epochs", "2", "--patience", "3"]))}
     now = config.parse_args(["--scheduler", "cosine", "--epochs", "4", "--patience", "0"])
-    assert config.changes_on_resume(now, before) == "--epochs 2 -> 4"
+    assert runargs.changes_on_resume(now, before) == "--epochs 2 -> 4"
     now.patience = 1  # could stop the run sooner than it was stopped
-    assert config.changes_on_resume(now, before) == "--epochs 2 -> 4; --patience 3 -> 1"
+    assert runargs.changes_on_resume(now, before) == "--epochs 2 -> 4; --patience 3 -> 1"
     plain = {"args": vars(config.parse_args(["--epochs", "2"]))}
-    assert config.changes_on_resume(config.parse_args(["--epochs", "4"]), plain) == ""
+    assert runargs.changes_on_resume(config.parse_args(["--epochs", "4"]), plain) == ""
 
 
 def test_a_resume_given_the_runs_own_values_or_args_json_is_taken_and_workers_are_refused_for_their_cause(
@@ -256,8 +258,8 @@ def test_a_resume_given_the_runs_own_values_or_args_json_is_taken_and_workers_ar
            crop: ["--resize-mode", "crop", "--image-size", "40", "--crop-fraction", "0.875", "--interpolation",
                   "bilinear", "--workers", "0"]}
     for last, flags in own.items():
-        config.parse_run_args(["--resume", last, "--epochs", "2", *flags])
-        config.parse_run_args(["--resume", last, "--epochs", "2", "--config", str(tmp_path / last.split("/")[-2] /
+        runargs.parse_run_args(["--resume", last, "--epochs", "2", *flags])
+        runargs.parse_run_args(["--resume", last, "--epochs", "2", "--config", str(tmp_path / last.split("/")[-2] /
                                                                                    "args.json")])
     assert refusal(["--resume", crop, "--epochs", "2", "--crop-fraction", "0.5"]).startswith(
         "--resume: the run was trained with --crop-fraction 0.875, not 0.5; that would be another run")
@@ -267,4 +269,22 @@ def test_a_resume_given_the_runs_own_values_or_args_json_is_taken_and_workers_ar
                "--resume: the run held its images in memory, and --workers would stream them from disk, where the "
                "check that they are the run's own images (a fingerprint of their pixels) cannot be made: resume "
                "without --workers (streamed or not, the weights are the same)")
-    assert config.parse_run_args(["--resume", crop, "--epochs", "2"])[0].workers == 0  # streamed: it stays so
+    assert runargs.parse_run_args(["--resume", crop, "--epochs", "2"])[0].workers == 0  # streamed: it stays so
+
+
+def test_the_resume_command_names_the_interpreter_the_run_was_started_with(tmp_path, monkeypatch):
+    """By its name where that name on PATH finds this very interpreter (an active virtual environment), else by its
+    full path (quoted where it must be): the printed command then runs with the run's own packages."""
+    venv, other = tmp_path / "my env" / "bin", tmp_path / "other"
+    for folder in (venv, other):
+        folder.mkdir(parents=True)
+        (folder / "python3.12").write_text("#!/bin/sh\n")
+        (folder / "python3.12").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv / "python3.12"))
+    last = tmp_path / "run" / "last.pth"
+    monkeypatch.setenv("PATH", f"{venv}{os.pathsep}{other}")
+    assert runargs.resume_command(["--epochs", "3"], last) == f"python3.12 train.py --epochs 3 --resume {last}"
+    for path in (f"{other}{os.pathsep}{venv}", str(tmp_path)):  # another python3.12 first on PATH, or none at all
+        monkeypatch.setenv("PATH", path)
+        assert runargs.resume_command(["--epochs", "3"], last) == \
+            f"'{venv / 'python3.12'}' train.py --epochs 3 --resume {last}"

@@ -17,6 +17,7 @@ import torch
 
 import cli
 import config
+import runargs
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
@@ -92,10 +93,28 @@ def test_resume_into_a_new_folder_copies_the_history_and_leaves_the_old_one(two_
 
 def test_resuming_an_older_checkpoint_would_rewind_the_run_and_is_refused(tmp_path, cifar_dir):
     out = tmp_path / "run"
-    base = ["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--patience", "1", "--min-delta", "1000"]
-    train.main([*base, "--epochs", "3"])  # best.pth is epoch 1, last.pth epoch 2 (early stop)
+    base = ["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out)]
+    train.main([*base, "--epochs", "1"])
+    (out / "epoch1.pth").write_bytes((out / "last.pth").read_bytes())  # kept while the run goes on to epoch 2
+    train.main([*base, "--epochs", "2", "--resume", str(out / "last.pth")])
     before = snapshot(out)
-    fails_with([*base, "--epochs", "3", "--resume", str(out / "best.pth")], "would rewind the run")
+    fails_with([*base, "--epochs", "3", "--resume", str(out / "epoch1.pth")], "would rewind the run")
+    assert snapshot(out) == before
+
+
+def test_best_pth_holds_no_optimizer_state_and_resuming_it_points_to_last_pth(tmp_path, cifar_dir):
+    out = tmp_path / "run"
+    base = ["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--optimizer", "adam", "--val-split", "0"]
+    train.main([*base, "--epochs", "1"])
+    best, last = load_checkpoint(out / "best.pth"), load_checkpoint(out / "last.pth")
+    assert set(last) - set(best) == {"optimizer", "scaler", "rng"} and set(best) < set(last)
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    assert (out / "best.pth").stat().st_size < (out / "last.pth").stat().st_size / 2  # (Adam: two moments a weight)
+    before = snapshot(out)
+    fails_with([*base, "--epochs", "2", "--resume", str(out / "best.pth")],
+               f"{out / 'best.pth'} cannot be resumed: it holds the best weights, for evaluate.py, predict.py, "
+               f"export.py and --init-from, without the optimizer's state; resume from the run's last.pth "
+               f"({out / 'last.pth'})")
     assert snapshot(out) == before
 
 
@@ -119,7 +138,7 @@ def test_a_run_started_with_sigint_ignored_stops_cleanly_on_sigterm(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
-    assert "Resume with:\n  python train.py " in err and not (out / ".lock").exists()
+    assert f"Resume with:\n  {cli.python()} train.py " in err and not (out / ".lock").exists()
     assert load_checkpoint(out / "last.pth")["state"]["epoch"] >= 1
 
 
@@ -155,13 +174,13 @@ def test_two_runs_into_one_folder_at_once_one_refuses_at_once(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--optimizer", "adam"], "trained with --optimizer sgd, not adam; that would be another run: start a new run "
-                              "from its weights: python train.py --epochs 2 --lr 0.05 --data-dir {data} --device cpu "
+                              "from its weights: {python} train.py --epochs 2 --lr 0.05 --data-dir {data} --device cpu "
                               "--optimizer adam --init-from {out}/last.pth"),
     (["--batch-size", "16"], "trained with --batch-size 32, not 16; that would be another run"),
     (["--augment"], "trained with --no-augment, not --augment; that would be another run"),
     (["--scheduler", "cosine"], "trained with --scheduler none, not cosine"),
     (["--model", "resnet9"], "trained with --model simplecnn, not resnet9; that would be another run: start a new "
-                             "run without --resume: python train.py"),
+                             "run without --resume: {python} train.py"),
     (["--epochs", "1"], "has already done 2 epochs; --epochs 1 is fewer"),
 ])
 def test_resume_refuses_a_flag_that_must_not_change_naming_both_values(tmp_path, cifar_dir, flags, message):
@@ -169,7 +188,8 @@ def test_resume_refuses_a_flag_that_must_not_change_naming_both_values(tmp_path,
     base = ["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out)]
     train.main([*base, "--epochs", "2", "--optimizer", "sgd", "--lr", "0.05"])
     before = snapshot(out)
-    fails_with([*base, "--resume", str(out / "last.pth"), *flags], message.format(data=cifar_dir, out=out))
+    fails_with([*base, "--resume", str(out / "last.pth"), *flags],
+               message.format(data=cifar_dir, out=out, python=cli.python()))
     assert snapshot(out) == before
 
 
@@ -193,7 +213,7 @@ def test_the_run_folders_args_json_makes_the_same_run_again_with_config(tmp_path
              "--augment", "--no-channels-last", "--widths", "8,8,8", "--model", "airnet", "--val-split", "0"]
     train.main([*flags, "--out-dir", str(tmp_path / "a")])
     saved = json.loads((tmp_path / "a" / "args.json").read_text())
-    assert saved == json.loads(json.dumps(config.run_flags(config.parse_args(flags)))) and saved["widths"] == [8, 8, 8]
+    assert saved == json.loads(json.dumps(runargs.run_flags(config.parse_args(flags)))) and saved["widths"] == [8, 8, 8]
     assert "out_dir" not in saved and saved["data_dir"] == str(cifar_dir.resolve())
     train.main(["--config", str(tmp_path / "a" / "args.json"), "--out-dir", str(tmp_path / "b")])
     a, b = load_checkpoint(tmp_path / "a" / "last.pth"), load_checkpoint(tmp_path / "b" / "last.pth")
@@ -201,7 +221,7 @@ def test_the_run_folders_args_json_makes_the_same_run_again_with_config(tmp_path
     assert {**a["args"], "out_dir": None} == {**b["args"], "out_dir": None}
     assert b["argv"][-2:] == ["--out-dir", str(tmp_path / "b")] and "--config" not in b["argv"]  # resumable as is
     # a flag given wins over the file's
-    assert config.parse_run_args(["--config", str(tmp_path / "a" / "args.json"), "--lr", "0.1"])[0].lr == 0.1
+    assert runargs.parse_run_args(["--config", str(tmp_path / "a" / "args.json"), "--lr", "0.1"])[0].lr == 0.1
 
 
 @pytest.mark.parametrize("content, message", [
@@ -239,8 +259,8 @@ def test_resumes_from_another_folder_find_the_data_and_do_not_pile_up_flags(tmp_
     assert argv == ["--data-dir", "cifar", "--device", "cpu", "--out-dir", "run", "--epochs", "3", "--lr", "0.003",
                     "--channels-last"], argv
     error = fails_with(["--resume", last, "--batch-size", "16"], "that would be another run")
-    assert error.endswith(f"python train.py --data-dir cifar --device cpu --epochs 3 --lr 0.003 --channels-last "
-                          f"--batch-size 16 --init-from {last}"), error
+    assert error.endswith(f"{cli.python()} train.py --data-dir cifar --device cpu --epochs 3 --lr 0.003 "
+                          f"--channels-last --batch-size 16 --init-from {last}"), error
     assert sorted(p.name for p in elsewhere.iterdir()) == []
 
 
@@ -252,9 +272,9 @@ def test_resuming_a_finished_run_trains_nothing_says_why_and_how_to_train_on(tmp
     before, last = snapshot(out), str(out / "last.pth")
     capsys.readouterr()
     fails_with(["--resume", last, "--lr", "1e-4", "--grad-clip", "1.0"],
-               f"--resume: the run has done all its 1 epochs, so nothing is left to train (its test: python "
-               f"evaluate.py --checkpoint {out / 'best.pth'}); to train on, give a larger --epochs: python train.py "
-               f"--resume {last} --lr 1e-4 --grad-clip 1.0 --epochs 2")
+               f"--resume: the run has done all its 1 epochs, so nothing is left to train (its test: {cli.python()} "
+               f"evaluate.py --checkpoint {out / 'best.pth'}); to train on, give a larger --epochs: {cli.python()} "
+               f"train.py --resume {last} --lr 1e-4 --grad-clip 1.0 --epochs 2")
     assert capsys.readouterr().out == "" and snapshot(out) == before
 
     stopped = tmp_path / "stopped"
@@ -264,7 +284,7 @@ def test_resuming_a_finished_run_trains_nothing_says_why_and_how_to_train_on(tmp
     before, last = snapshot(stopped), str(stopped / "last.pth")
     fails_with(["--resume", last, "--epochs", "4"],
                f"--resume: early stopping ended the run after epoch 2 (1 epochs without improvement, --patience 1), "
-               f"so nothing is left to train; to train on, give a larger --patience (0 = off): python train.py "
+               f"so nothing is left to train; to train on, give a larger --patience (0 = off): {cli.python()} train.py "
                f"--resume {last} --epochs 4 --patience 0")
     assert snapshot(stopped) == before
     results = train.main(["--resume", last, "--epochs", "3", "--patience", "0"])  # the way forward works
@@ -282,8 +302,8 @@ def test_the_faqs_way_out_of_a_diverged_run_works_and_is_recorded(tmp_path, cifa
     # the same run, on with a far too large lr (now allowed on resume): it diverges in epoch 2
     error = fails_with(["--resume", str(out / "last.pth"), "--epochs", "3", "--lr", "1e12"], " in epoch 2; ")
     assert re.fullmatch(r"train.py: error: the training loss became \S+ in epoch 2; \S+last.pth holds the weights "
-                        r"before it: go on from there with a lower lr and clipping: python train.py --resume "
-                        r"\S+last.pth --lr 1e\+11 --grad-clip 1.0", error), error
+                        r"before it: go on from there with a lower lr and clipping: " + re.escape(cli.python()) +
+                        r" train.py --resume \S+last.pth --lr 1e\+11 --grad-clip 1.0", error), error
     assert "Traceback" not in error and snapshot(out) == before  # nothing saved from the diverged epoch
     capsys.readouterr()
     results = train.main(["--resume", str(out / "last.pth"), "--epochs", "3", "--lr", "0.01", "--grad-clip", "1.0"])
@@ -344,7 +364,7 @@ def test_ctrl_c_during_the_final_test_stops_at_once_and_says_how_to_rerun_it(tmp
     started = time.time()
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and time.time() - started < 10, err
-    assert "training finished (1 epochs" in err and f"python evaluate.py --checkpoint {out / 'best.pth'}" in err
+    assert "training finished (1 epochs" in err and f"{cli.python()} evaluate.py --checkpoint {out / 'best.pth'}" in err
     assert not (out / "results.json").exists() and load_checkpoint(out / "best.pth")["state"]["epoch"] == 1
 
 
@@ -434,7 +454,7 @@ def readers() -> list[str]:
 def test_checkpoints_holding_nonsense_are_refused_in_one_line(tmp_path, cifar_dir, damage, message):
     out = tmp_path / "run"
     train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])
-    ckpt = torch.load(out / "best.pth", weights_only=True)
+    ckpt = torch.load(out / "last.pth", weights_only=True)  # (every reader's, and --resume's: best.pth does not resume)
     damage(ckpt)
     torch.save(ckpt, tmp_path / "bad.pth")
     for script in readers():

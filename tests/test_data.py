@@ -11,8 +11,8 @@ import torch.nn.functional as F
 import data
 import train
 from conftest import write_idx, write_mnist
-from data import (PAD, DataError, ImageSet, channel_stats, epoch_plan, load_raw, prepare, random_crop_flip,
-                  split_train_val)
+from batches import PAD, channel_stats, random_crop_flip
+from data import DataError, ImageSet, epoch_plan, load_raw, prepare, split_train_val
 
 
 def test_cifar10_loads_from_the_standard_layout(cifar_dir):
@@ -108,6 +108,47 @@ def test_a_corrupt_or_lying_gzipped_idx_file_is_one_clear_error(tmp_path):
     path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 1000, 28, 28) + bytes(100)))
     with pytest.raises(DataError, match="truncated or too long"):
         load_raw("mnist", tmp_path)
+
+
+@pytest.fixture
+def corrupt_mirror():
+    """A local server that answers every request with bytes that are not the file asked for."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Garbage(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "12")
+            self.end_headers()
+            self.wfile.write(b"not the file")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("mirror", ["offline", "corrupt"])
+def test_a_failed_fashion_mnist_download_leaves_nothing_it_created(tmp_path, monkeypatch, corrupt_mirror, mirror):
+    """Offline (the discard port: nothing answers), torchvision leaves an empty FashionMNIST/raw/; from a mirror
+    that serves a corrupt file, that file too. Both are removed; what was there before stays."""
+    import torchvision
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors",
+                        ["http://127.0.0.1:9/" if mirror == "offline" else corrupt_mirror])
+    root = tmp_path / "data"
+    if mirror == "corrupt":  # a folder of the user's, where the download goes
+        (root / "FashionMNIST" / "raw").mkdir(parents=True)
+        (root / "FashionMNIST" / "raw" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"^fashion-mnist not found in .* and the download failed \(RuntimeError\); "
+                                        r"put the IDX files in .*FashionMNIST/raw or apt-get install"):
+        load_raw("fashion-mnist", root)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ([] if mirror == "offline" else ["data", "data/FashionMNIST", "data/FashionMNIST/raw",
+                                                    "data/FashionMNIST/raw/notes.txt"])
 
 
 def test_unknown_dataset():
@@ -231,7 +272,7 @@ def test_a_batchnorm_model_trains_on_a_last_batch_of_one_image(tmp_path, cifar_d
 
 
 def test_color_jitter_is_planned_per_image_and_epoch_and_leaves_the_rest_of_the_plan_alone():
-    from data import JITTER_UNIT, color_jitter
+    from batches import JITTER_UNIT, color_jitter
     plain, jittered = epoch_plan(500, seed=1, epoch=2), epoch_plan(500, seed=1, epoch=2, jitter=0.2)
     assert jittered.shape == (500, 6) and torch.equal(jittered[:, :4], plain)  # order, crops and flips unchanged
     assert torch.equal(jittered, epoch_plan(500, seed=1, epoch=2, jitter=0.2))  # from (seed, epoch) alone: resumable

@@ -496,3 +496,16 @@ def test_validation_test_evaluate_and_predict_run_no_larger_batches_than_trainin
         assert [n for _, n in seen] == [8, 3]
     finally:
         handle.remove()
+
+
+def test_a_tiny_png_of_an_elongated_shape_is_refused_before_evaluation_resizes_it(tmp_path):
+    """A 143-byte PNG of 20000x1 pixels passes the pixel limit, but evaluation's shape (the shorter side resized to
+    256) would make it 5 gigapixels: refused as unreadable, before any of it is made; squashing it is harmless."""
+    path = tmp_path / "long.png"
+    Image.new("RGB", (20000, 1), "red").save(path)
+    assert path.stat().st_size < 200
+    with pytest.raises(folders.UnreadableImage) as e:
+        folders.load_image(path, 3, 224, prep=folders.Prep("crop", 256))
+    assert str(e.value) == (f"cannot read image {path}: 20000x1 pixels resize to 1,310,720,000 (its shorter side to "
+                            f"256), over the limit of 50,000,000 per image; crop it to a less elongated shape")
+    assert folders.load_image(path, 3, 224).shape == (3, 224, 224)

@@ -12,6 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cli
 import evaluate
 import train
 from conftest import ROOT, as_from_a_terminal, write_cifar10
@@ -47,7 +48,7 @@ def test_ctrl_c_saves_a_mid_epoch_checkpoint_that_resumes_exactly(tmp_path):
     ckpt = load_checkpoint(out / "last.pth")
     assert ckpt["state"]["epoch"] == 1 and 0 < ckpt["partial_epoch"]["step"] < 250
     command = err.strip().splitlines()[-1].strip()
-    assert command.startswith("python train.py ") and command.endswith(f"--resume {out / 'last.pth'}")
+    assert command.startswith(f"{cli.python()} train.py ") and command.endswith(f"--resume {out / 'last.pth'}")
 
     resumed = train.main(shlex.split(command)[2:])  # the printed command, run as given
     a = torch.load(tmp_path / "straight" / "last.pth", weights_only=True)["model"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import batches
 import data
 import folders
 import train
@@ -150,7 +151,7 @@ def test_prepare_takes_the_val_folder_and_train_statistics(image_folder):
     train, val, test, classes = data.prepare("imagefolder", image_folder, 0.5, 0, "cpu", image_size=16)
     assert (len(train), len(val), len(test)) == (12, 11, 12)  # all of train/, no random split
     assert val.labels.tolist() == [0] * 6 + [1] * 5
-    mean, std = data.channel_stats(train.images)
+    mean, std = batches.channel_stats(train.images)
     assert train.mean.tolist() == torch.tensor(mean, dtype=torch.float32).tolist() == val.mean.tolist()
     assert train.std.tolist() == torch.tensor(std, dtype=torch.float32).tolist()
 

@@ -109,6 +109,18 @@ def test_predict_file_errors(image_folder, checkpoint, tmp_path, capsys):
         predict.main(["--checkpoint", str(tmp_path / "none.pth"), image_paths(image_folder)[0]])
 
 
+def test_predict_takes_a_run_folder_as_evaluate_does_its_best_pth(image_folder, checkpoint, tmp_path, capsys):
+    paths = image_paths(image_folder)[:2]
+    from_file = predict.main(["--checkpoint", str(checkpoint), "--json", *paths])
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(checkpoint.parent), "--json", *paths]) == from_file
+    assert capsys.readouterr().err == f"{checkpoint.parent} is a folder: labelling with its best.pth\n"
+    with pytest.raises(SystemExit) as exc:
+        predict.main(["--checkpoint", str(image_folder), *paths])
+    assert exc.value.code == (f"predict.py: error: {image_folder} is a folder without a best.pth; give --checkpoint "
+                              f"a .pth file (a run folder holds best.pth once its first epoch has ended)")
+
+
 def test_export_round_trip(checkpoint, tmp_path, capsys):
     pytest.importorskip("onnx", reason="export.py needs the optional package onnx")
     ort = pytest.importorskip("onnxruntime", reason="export.py checks the export with the optional onnxruntime")

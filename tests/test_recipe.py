@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import evaluate
 import config
 import optim
+import runargs
 import train
 from conftest import ROOT, fails_with
 from data import ImageSet, prepare
@@ -38,11 +39,11 @@ def test_a_presets_values_follow_the_flags_given_and_refusals_name_the_preset(tm
     assert short.warmup_epochs == 2 * 2 / 11 and config.check_args(short) is None  # its share of the run, kept
     assert config.parse_args(["--preset", "fast", "--epochs", "4", "--warmup-epochs", "1"]).warmup_epochs == 1
     assert config.parse_args(["--preset", "fast", "--optimizer", "adam"]).nesterov is False
-    with pytest.raises(config.ConfigError, match=r"^--nesterov needs sgd or muon, and --momentum above 0 \(--momentum "
+    with pytest.raises(runargs.ConfigError, match=r"^--nesterov needs sgd or muon, and --momentum above 0 \(--momentum "
                                                  r"0.85 comes from --preset fast; give --momentum to change it\)$"):
-        config.parse_run_args(["--preset", "fast", "--nesterov", "--optimizer", "adam"])
-    with pytest.raises(config.ConfigError, match=r"^--warmup-epochs must be >= 0 and below --epochs$"):
-        config.parse_run_args(["--preset", "fast", "--epochs", "2", "--warmup-epochs", "2"])  # given: no preset note
+        runargs.parse_run_args(["--preset", "fast", "--nesterov", "--optimizer", "adam"])
+    with pytest.raises(runargs.ConfigError, match=r"^--warmup-epochs must be >= 0 and below --epochs$"):
+        runargs.parse_run_args(["--preset", "fast", "--epochs", "2", "--warmup-epochs", "2"])  # given: no preset note
 
 
 def test_a_preset_sets_defaults_and_explicit_flags_win():

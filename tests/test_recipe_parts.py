@@ -18,14 +18,14 @@ import bench
 import config
 import evaluate as evaluate_py
 import optim
-import stream
 import train
-from augment import Mix, apply_policy, image_policy
+from augment import Mix, apply_policy, image_policy, seeded
 from checkpoint import RunState, load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
 from data import ImageSet, balanced_class_weights, epoch_plan, prepare
 from formats import load_cifar10
 from model import MEASURES, build_model, evaluate
+from trainer import train_one_epoch
 from test_stream import same_weights, write_photos
 
 
@@ -93,6 +93,28 @@ def test_top5_and_the_class_balanced_measures_equal_an_independent_computation()
     assert result["macro_f1"] != pytest.approx(result["accuracy"])  # (the two measures differ on this data)
     five = ImageSet(images, labels % 5, data.mean, data.std)
     assert math.isnan(evaluate(nn.Sequential(nn.Flatten(), nn.Linear(192, 5)), five, 5)["top5"])  # 5 classes: none
+
+
+class PredictsItsFirstPixel(nn.Module):
+    """Predicts for each image the class its first pixel's value names (images normalized with mean 0, std 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot((x[:, 0, 0, 0] * 255).round().long(), 3).float()
+
+
+def test_evaluate_json_prints_the_measures_as_the_decimals_they_are():
+    confusion = [[363, 137, 0], [10, 490, 0], [1, 2, 7]]  # rows: true class; columns: predicted
+    labels = torch.tensor([t for t, row in enumerate(confusion) for p, n in enumerate(row) for _ in range(n)])
+    predicted = torch.tensor([p for row in confusion for p, n in enumerate(row) for _ in range(n)], dtype=torch.uint8)
+    images = torch.zeros(len(labels), 3, 8, 8, dtype=torch.uint8)
+    images[:, 0, 0, 0] = predicted
+    result = evaluate(PredictsItsFirstPixel(), ImageSet(images, labels, torch.zeros(3), torch.ones(3)), 3)
+    assert result["confusion"].tolist() == confusion
+    printed = evaluate_py.json_report(result, ["cat", "dog", "fox"], "none", "off")
+    # 363/500 in float32 would print 72.5999984741211; the mean of the recalls in float64 80.19999999999999
+    assert '"per_class_accuracy": {"cat": 72.6, "dog": 98.0, "fox": 70.0}' in printed
+    assert '"balanced_accuracy": 80.2, ' in printed and '"macro_recall": 80.2, ' in printed
+    assert json.loads(printed)["images"] == 1010
 
 
 def test_best_by_val_acc_keeps_the_most_accurate_epoch_and_stops_by_it():
@@ -198,7 +220,7 @@ def test_the_class_weighted_loss_is_each_images_loss_times_its_class_weight(smoo
         target = 0.7 * nn.functional.one_hot(y, 4) + 0.3 * nn.functional.one_hot(y.roll(1), 4)
         weight = 0.7 * weights[y] + 0.3 * weights[y.roll(1)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss, _ = train.train_one_epoch(model, optimizer, [([(x, target)], 10)], class_weights=weights,
+    loss, _ = train_one_epoch(model, optimizer, [([(x, target)], 10)], class_weights=weights,
                                     label_smoothing=smoothing)
     smoothed = (target if mixed else nn.functional.one_hot(y, 4)) * (1 - smoothing) + smoothing / 4
     each = -(smoothed * model(x).log_softmax(1)).sum(1)
@@ -224,7 +246,7 @@ def test_a_policy_is_torchvisions_own_transform_with_each_images_own_draw(name, 
     ours = apply_policy(images, indices, 3, 2, policy)
     assert torch.equal(torch.get_rng_state(), state)  # the run's own generator is left where it was
     for image, i, got in zip(images, indices.tolist(), ours):
-        with stream.seeded(3, 2, i):  # (seed, epoch, image): torchvision's draws, then its erasing's
+        with seeded(3, 2, i):  # (seed, epoch, image): torchvision's draws, then its erasing's
             assert torch.equal(got, erase(theirs(image)))
     assert not torch.equal(ours, apply_policy(images, indices, 3, 3, policy))  # another epoch, other draws
     assert image_policy(None, None, 0.0, [0.5]) is None
@@ -279,7 +301,7 @@ def test_the_training_accuracy_under_mixed_targets_counts_the_dominant_label():
     x = torch.eye(4)[:3]  # image k: class k's logit highest
     targets = torch.tensor([[0.6, 0.4, 0.0], [0.3, 0.0, 0.7], [0.0, 0.45, 0.55]])  # dominant: 0, 2, 2
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    loss, correct = train.train_one_epoch(model, optimizer, [([(x, targets)], 3)],
+    loss, correct = train_one_epoch(model, optimizer, [([(x, targets)], 3)],
                                           torch.amp.GradScaler("cuda", enabled=False), label_smoothing=0.1)
     assert correct.item() == 2  # images 0 and 2
     smoothed = targets * 0.9 + 0.1 / 3

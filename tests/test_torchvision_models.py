@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.models import get_model, get_model_weights
 
+import batches
 import data
 import formats
 import evaluate
@@ -250,7 +251,7 @@ def test_image_size_resizes_cifar_once_and_evaluate_does_the_same(cifar, tmp_pat
     train_set, val, test, _ = data.prepare("cifar10", cifar, 0.0, 0, "cpu", image_size=20)
     expected = F.interpolate(native[2].float(), size=(20, 20), mode="bilinear", antialias=True).round().clamp(0, 255)
     assert test.images.dtype == torch.uint8 and torch.equal(test.images, expected.to(torch.uint8))
-    assert train_set.mean.tolist() == pytest.approx(data.channel_stats(native[0])[0])  # from the images as they come
+    assert train_set.mean.tolist() == pytest.approx(batches.channel_stats(native[0])[0])  # from the images as they come
     assert ("cifar10 train: resizing 80 images to 20x20 (0.1 MiB in memory, plus up to 2.2 MiB while filling it)"
             in capsys.readouterr().err)
     default = data.prepare("cifar10", cifar, 0.0, 0, "cpu")[2]

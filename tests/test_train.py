@@ -19,6 +19,7 @@ import runtime
 import config
 import optim
 import train
+import trainer
 from augment import Mix
 from checkpoint import METRICS, EpochTally
 from conftest import ROOT, fails_with, write_cifar10
@@ -39,13 +40,13 @@ def one_epoch(data, *argv: str, model_seed: int = 0) -> torch.nn.Module:
     model = build_model("simplecnn", 10, 3, 32)
     steps = math.ceil(len(data) / (args.batch_size * args.accum_steps))
     optimizer = optim.make_optimizer(model, args, torch.device("cpu"), 10)
-    trainer = train.Trainer(model=model, step_model=model, optimizer=optimizer,
-                            scaler=torch.amp.GradScaler("cuda", enabled=False), autocast=nullcontext(), ema=None,
-                            stop=runtime.StopSignal(), steps_per_epoch=steps, images_per_epoch=len(data),
-                            mix=Mix(args.mixup_alpha, args.cutmix_alpha, 10, args.seed)
-                            if args.mixup_alpha or args.cutmix_alpha else None)
+    t = trainer.Trainer(model=model, step_model=model, optimizer=optimizer,
+                        scaler=torch.amp.GradScaler("cuda", enabled=False), autocast=nullcontext(), ema=None,
+                        stop=runtime.StopSignal(), steps_per_epoch=steps, images_per_epoch=len(data),
+                        mix=Mix(args.mixup_alpha, args.cutmix_alpha, 10, args.seed)
+                        if args.mixup_alpha or args.cutmix_alpha else None)
     tally = EpochTally()
-    assert train.train_epoch(trainer, data, args, 1, tally)
+    assert train.train_epoch(t, data, args, 1, tally)
     assert tally.step == steps
     return model
 
@@ -278,7 +279,7 @@ def pasted_loop(tmp_path: Path):
     import runpy
     import textwrap
     import typing
-    source = inspect.getsource(train.train_one_epoch)
+    source = inspect.getsource(trainer.train_one_epoch)
     assert source.startswith("def train_one_epoch(") and len(source.splitlines()) <= 50  # the function alone
     path = tmp_path / "pasted.py"
     path.write_text(PASTE_HEADER + source)
@@ -286,9 +287,9 @@ def pasted_loop(tmp_path: Path):
     assert set(namespace) - {name for name in namespace if name.startswith("__")} == {"torch", "nn", "F",
                                                                                        "train_one_epoch"}
     copied = namespace["train_one_epoch"]
-    assert copied is not train.train_one_epoch and copied.__code__.co_filename == str(path)
+    assert copied is not trainer.train_one_epoch and copied.__code__.co_filename == str(path)
     typing.get_type_hints(copied)  # the annotations name nothing the paste lacks
-    example = textwrap.dedent("\n".join(line for line in train.train_one_epoch.__doc__.splitlines()
+    example = textwrap.dedent("\n".join(line for line in trainer.train_one_epoch.__doc__.splitlines()
                                         if line.startswith(" " * 8)))  # the docstring's indented code
     assert "train_one_epoch(model, optimizer," in example and "loader" in example
     return copied, example

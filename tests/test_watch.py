@@ -18,6 +18,7 @@ from PIL import Image
 
 import evaluate
 import config
+import report
 import train
 from checkpoint import METRICS, RUN_FILES, load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
@@ -47,7 +48,7 @@ def test_log_interval_prints_running_numbers_and_changes_no_weight(tmp_path, cif
     base = ["--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--augment"]
     train.main([*base, "--out-dir", str(tmp_path / "quiet"), "--log-interval", "0"])
     assert " step " not in capsys.readouterr().out
-    train.main([*base, "--out-dir", str(tmp_path / "default")])  # stdout is not a terminal here: no live line
+    train.main([*base, "--out-dir", str(tmp_path / "default")])  # a log, an epoch shorter than a minute: no line
     assert " step " not in capsys.readouterr().out
     train.main([*base, "--out-dir", str(tmp_path / "logged"), "--log-interval", "2"])
     out = capsys.readouterr().out
@@ -62,6 +63,19 @@ def test_log_interval_prints_running_numbers_and_changes_no_weight(tmp_path, cif
     for run in ("default", "logged"):  # the printing changes no number of the training
         for name, tensor in weights(tmp_path / "quiet" / "last.pth").items():
             assert torch.equal(tensor, weights(tmp_path / run / "last.pth")[name]), name
+
+
+def test_in_a_log_by_default_a_line_comes_once_log_seconds_have_passed_since_the_last(tmp_path, cifar_dir, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setattr(report, "LOG_SECONDS", 0.0)  # (a minute: here every step's end is past it)
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--epochs", "2", "--out-dir", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "\r" not in out and "\x1b" not in out  # plain lines in a log
+    steps = [line.split("  ")[:2] for line in out.splitlines() if " step " in line]
+    assert steps == [[f"epoch {e}/2", f"step {s}/6"] for e in (1, 2) for s in range(1, 7)]
+    monkeypatch.setattr(report, "LOG_SECONDS", 3600.0)  # longer than the epoch: none
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--epochs", "1", "--out-dir", str(tmp_path / "quiet")])
+    assert " step " not in capsys.readouterr().out
 
 
 def test_on_a_terminal_the_progress_is_one_live_line_cleared_before_the_epoch_line(tmp_path, cifar_dir):
