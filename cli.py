@@ -492,3 +492,14 @@ def write_output(path: str | Path, data: bytes | memoryview) -> None:
         f.flush()
         os.fsync(f.fileno())
 
+
+def env_seconds(name: str, default: float, error: type[Exception]) -> float:
+    """The seconds the environment variable `name` gives (`default` when unset), from 1 to 1e6; else an `error`
+    saying what it must be."""
+    try:
+        seconds = float(os.environ.get(name, default))
+        if not 1 <= seconds < 1e6:
+            raise ValueError
+    except ValueError:
+        raise error(f"{name}={shorten(os.environ[name])} must be a number of seconds, at least 1") from None
+    return seconds

@@ -146,14 +146,7 @@ COLLECTIVE_TIMEOUT = "DIST_TIMEOUT"  # the environment variable: seconds a proce
 def collective_timeout() -> timedelta:
     """The seconds DIST_TIMEOUT gives (default 300): how long a process waits for the others at an all-reduce or
     broadcast before it gives them up (stopped, hung or gone). Longer than any one step, save or validation."""
-    try:
-        timeout = float(os.environ.get(COLLECTIVE_TIMEOUT, "300"))
-        if not 1 <= timeout < 1e6:
-            raise ValueError
-    except ValueError:
-        raise DeviceError(f"{COLLECTIVE_TIMEOUT}={os.environ[COLLECTIVE_TIMEOUT]} must be a number of seconds, at "
-                          f"least 1") from None
-    return timedelta(seconds=timeout)
+    return timedelta(seconds=cli.env_seconds(COLLECTIVE_TIMEOUT, 300, DeviceError))
 
 
 def lost_peer(e: RuntimeError, resume: str | None) -> None:

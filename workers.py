@@ -43,14 +43,7 @@ def timeout() -> float:
     """The seconds WORKER_TIMEOUT gives (default 300): how long the main process waits for a worker's next batch
     before it gives the worker up (stopped, or hung on a file system that does not answer). Far longer than any
     one batch takes: decoding a batch of the largest photos takes seconds."""
-    try:
-        seconds = float(os.environ.get(TIMEOUT, "300"))
-        if not 1 <= seconds < 1e6:
-            raise ValueError
-    except ValueError:
-        raise DataError(f"{TIMEOUT}={cli.shorten(os.environ[TIMEOUT])} must be a number of seconds, at least 1"
-                        ) from None
-    return seconds
+    return cli.env_seconds(TIMEOUT, 300, DataError)
 
 
 def make_room_for_descriptors(workers: int, prefetch: int) -> None:
