@@ -118,6 +118,9 @@ def init_worker(worker_id: int) -> None:
     instead of a traceback here and a batch the main process would wait for in vain (hand_over_failure)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Shared memory that fills as a batch is written kills the worker with SIGBUS (older torch: before any
+    # error can be raised); torch's handler would print its own lines: the main process says it (failure)
+    signal.signal(signal.SIGBUS, signal.SIG_DFL)
     end_with_parent()
     quiet_broken_handovers()
     multiprocessing.queues.Queue._on_queue_feeder_error = hand_over_failure  # (this process's copy of the class)
@@ -208,6 +211,8 @@ class Reading:
         if refusal:
             return refusal
         dead = ended(getattr(self.it, "_workers", []))
+        if "SIGBUS" in dead or "Bus error" in str(e):
+            return shared_memory_full()
         if dead or "DataLoader worker" in str(e):
             return (f"a worker process reading the images ended ({dead or cli.one_line(e)}); if the system ran out "
                     f"of memory, give fewer --workers")
@@ -312,14 +317,18 @@ def system_refusal(e: Exception, starting: bool = False) -> str | None:
         return (f"the worker processes ran out of file descriptors handing batches over; raise the limit (ulimit -n, "
                 f"{open_limit()} now), or give fewer --workers (--workers 0 reads the images in this process)")
     if code == errno.ENOSPC or "No space left on device" in text or "unable to allocate shared memory" in text:
-        return (f"the worker processes cannot hand batches over: shared memory ({shared_memory()}) is full; "
-                f"{IN_THIS_PROCESS}, or fewer --workers or a smaller --batch-size, or more shared memory (in a "
-                f"container: docker run --shm-size=1g)")
+        return shared_memory_full()
     if starting and code in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOSYS):
         return (f"the worker processes need shared memory ({SHM}), which this system does not give "
                 f"({cli.describe_os_error(e, filename=False)}); {IN_THIS_PROCESS}, or run where {SHM} can be "
                 f"written (in a container: docker run --shm-size=1g)")
     return None
+
+
+def shared_memory_full() -> str:
+    return (f"the worker processes cannot hand batches over: shared memory ({shared_memory()}) is full; "
+            f"{IN_THIS_PROCESS}, or fewer --workers or a smaller --batch-size, or more shared memory (in a "
+            f"container: docker run --shm-size=1g)")
 
 
 def open_limit() -> str:
