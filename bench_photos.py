@@ -34,6 +34,7 @@ import stream
 from augment import seeded
 from folders import Prep, image_files, imagefolder_classes, load_image
 from model import build_model
+from workers import init_worker
 
 PHOTOS_LIMIT = 256  # --photos' default: resnet18 trains ~9 images/s on 2 cores, so 3 epochs of 256 take ~90 s
 # train.py runs by its full path, in the user's folder: their relative paths hold
@@ -252,7 +253,7 @@ def torchvision_photos(folder: str, model_name: str, size: int, batch_size: int,
     dataset = ImageFolder(str(Path(folder) / "train"), transform=tf)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                         persistent_workers=False, drop_last=False,
-                        worker_init_fn=stream.ignore_signals)  # (Ctrl-C is the main process's to handle)
+                        worker_init_fn=init_worker)  # (Ctrl-C is the main process's to handle)
     torch.manual_seed(0)
     model = build_model(model_name, len(dataset.classes), 3, size).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -5,12 +5,10 @@
 load_image decodes one file (training, evaluation and prediction all go through it); load_imagefolder_split
 decodes a whole split once into one uint8 tensor, cached as DATA_DIR/.cache-<split>-<size>-<hash>.pt.
 """
-import ctypes
 import hashlib
 import io
 import json
 import os
-import platform
 import stat
 import sys
 import tempfile
@@ -28,6 +26,7 @@ import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 import cli
+import runtime
 from formats import DataError, allocate_images, available_memory
 from torchfiles import oversized_tensor
 
@@ -90,14 +89,12 @@ class _ByteBudget:
         try:
             yield
         finally:
-            if n >= 2**25 and _LIBC is not None:  # (smaller blocks are glibc's to keep: reused, not piled up)
-                _LIBC.malloc_trim(0)
+            if n >= 2**25:  # (smaller blocks are glibc's to keep: reused, not piled up)
+                runtime.hand_back_freed_memory()
             with self.lock:
                 self.used -= n
                 self.lock.notify_all()
 
-
-_LIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None  # for malloc_trim
 
 
 @dataclass(frozen=True)

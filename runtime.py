@@ -62,12 +62,22 @@ def keep_freed_memory() -> bool:
     """Make glibc keep freed memory for reuse instead of handing it back to the OS. By default every block over
     ~32 MB (a batch of activations) is a fresh mmap, returned to the OS when freed, so each training step on the
     CPU page-faults all of its activations in again (docs/performance.md: 14-19% of an AirNet step). True if applied."""
-    if platform.libc_ver()[0] != "glibc":
+    if GLIBC is None:
         return False
-    libc = ctypes.CDLL(None)  # the C library this process already runs on
     m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)        # serve large blocks from the heap too, never from fresh mmaps
-                and libc.mallopt(m_trim_threshold, 2**31 - 1))  # give the heap back only above 2 GiB unused
+    return bool(GLIBC.mallopt(m_mmap_max, 0)        # serve large blocks from the heap too, never from fresh mmaps
+                and GLIBC.mallopt(m_trim_threshold, 2**31 - 1))  # give the heap back only above 2 GiB unused
+
+
+def hand_back_freed_memory() -> None:
+    """Give the memory glibc keeps after it was freed back to the system, now: a large image's decoding frames in a
+    thread's own arena (folders), and the training process's heap before workers are forked from it (stream: kept,
+    its pages are shared with the new workers, and each worker that allocates into them copies them)."""
+    if GLIBC is not None:
+        GLIBC.malloc_trim(0)
+
+
+GLIBC = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None  # the C library this process runs on
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import cli
+import runtime
 import workers
 from augment import seeded
 from batches import to_input
-from folders import _LIBC, IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, load_image
+from folders import IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, load_image
 from formats import DataError, available_memory
 
 PREFETCH = 2  # batches each worker reads ahead (DataLoader's default: more only took memory, measured)
@@ -101,18 +102,6 @@ class Keys:
             yield [(self.epoch, i) for i in b.tolist()]
 
 
-def hand_back_freed_memory() -> None:
-    """Give the memory this process has freed but kept (glibc's heap; runtime.keep_freed_memory keeps it all) back
-    to the system before workers are forked from it. Kept, its pages are shared with the new workers, and each
-    worker that allocates into them gets its own copy: the process tree's memory grew by half from the second epoch
-    on, each epoch's workers forked from a heap grown in training and validation (docs/performance.md)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-ignore_signals = workers.init_worker  # what every worker starts with (bench.py's DataLoader too): workers.py
-
-
 @dataclass
 class StreamSet:
     """An image folder's split read from disk batch by batch: what train.py, find_lr.py and evaluate take in place
@@ -146,7 +135,7 @@ class StreamSet:
             import torchvision.transforms.v2.functional  # noqa: F401
         workers.quiet_broken_handovers()
         if self.workers:
-            hand_back_freed_memory()
+            runtime.hand_back_freed_memory()
             workers.make_room_for_descriptors(self.workers, PREFETCH)
         warnings.filterwarnings(**WORKER_ADVICE)  # (again: see there)
         loader = DataLoader(self.files, batch_sampler=Keys(batches, epoch), num_workers=self.workers,
