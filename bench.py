@@ -375,7 +375,9 @@ def parse_bench_args() -> argparse.Namespace:
                            (args.step_cost and any(len(w) != 3 for w in args.step_cost),
                             "--step-cost takes AirNet widths: three channel counts each, like 32,192,192"),
                            (not 1 <= args.imbalance <= 5000, "--imbalance must be in [1, 5000]"),
-                           (args.photos_limit < 0, "--photos-limit must be >= 0 (0: all the training images)")):
+                           (args.photos_limit < 0, "--photos-limit must be >= 0 (0: all the training images)"),
+                           (args.start_up and not all(2 <= n <= 10**8 for n in args.start_up),
+                            "--start-up takes numbers of files in [2, 100000000]: two classes need one each")):
         if wrong:
             p.error(message)
     return args
