@@ -133,5 +133,5 @@ def test_ctrl_c_in_the_photo_benchmark_is_one_line_and_status_130(tmp_path, phas
 def test_a_start_up_count_too_small_for_two_classes_is_one_line():
     result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--photos", "photos", "--start-up", "100", "1"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and result.stderr.splitlines()[-1] == (
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == (
         "bench.py: error: --start-up takes numbers of files in [2, 100000000]: two classes need one each")
