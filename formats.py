@@ -195,13 +195,16 @@ def _find_idx(dirs: list[Path], name: str) -> Path | None:
     return None
 
 
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # where Debian's dataset-fashion-mnist puts it
+
+
 def load_idx_dataset(name: str, data_dir: Path, splits: tuple[str, ...] = ("train", "test")):
     """MNIST or Fashion-MNIST from the four standard IDX files, wherever the usual layouts put them: (images,
     labels) of each of `splits`, then the class names."""
     tv_name = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[name]
     dirs = [data_dir / tv_name / "raw", data_dir / name, data_dir]
     if name == "fashion-mnist":
-        dirs.append(Path("/usr/share/datasets/fashion-mnist"))  # Debian's dataset-fashion-mnist
+        dirs.append(DEBIAN_FASHION_MNIST)
     if _find_idx(dirs, IDX_FILES[splits[0]][0]) is None:
         import torchvision  # its download verifies checksums and writes DATA_DIR/<MNIST|FashionMNIST>/raw
         dataset = getattr(torchvision.datasets, tv_name)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+import formats
 import train
 from conftest import write_idx, write_mnist
 from batches import PAD, channel_stats, random_crop_flip
@@ -139,6 +140,7 @@ def test_a_failed_fashion_mnist_download_leaves_nothing_it_created(tmp_path, mon
     import torchvision
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors",
                         ["http://127.0.0.1:9/" if mirror == "offline" else corrupt_mirror])
+    monkeypatch.setattr(formats, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")  # (else found there)
     root = tmp_path / "data"
     if mirror == "corrupt":  # a folder of the user's, where the download goes
         (root / "FashionMNIST" / "raw").mkdir(parents=True)
