@@ -32,7 +32,8 @@ from torchvision import transforms
 import cli
 import stream
 from augment import seeded
-from folders import Prep, image_files, imagefolder_classes, load_image
+from decode import Prep, load_image
+from folders import image_files, imagefolder_classes
 from model import build_model
 from workers import init_worker
 
@@ -146,7 +147,7 @@ def photo_links(root: Path, dest: Path, limit: int) -> tuple[int, int]:
 def decode_rates(folder: str, size: int, count: int = 24) -> dict[str, float]:
     """Images/s on one core turning JPEGs of the folder into evaluation's size x size centre crop (resize to
     size / 0.875 first): Pillow decoding the whole file (torchvision's ImageFolder), Pillow's draft mode
-    (folders.load_image, what train.py streams with), and torchvision.io.decode_jpeg."""
+    (decode.load_image, what train.py streams with), and torchvision.io.decode_jpeg."""
     import torchvision.io
     import torchvision.transforms.v2.functional as TF
     files = [p for p in image_files(Path(folder) / "train") if p.suffix.lower() in (".jpg", ".jpeg")][:count]
@@ -180,7 +181,7 @@ def sharpness(x: torch.Tensor) -> float:
 
 
 def crop_fidelity(folder: str, size: int, count: int = 8, draws: int = 4) -> dict:
-    """train.py's training crops (folders.load_image: the box drawn from the header, the JPEG decoded at the largest
+    """train.py's training crops (decode.load_image: the box drawn from the header, the JPEG decoded at the largest
     reduction that keeps the box >= 2 x size) against torchvision's (the whole file decoded, EXIF applied,
     RandomResizedCrop + RandomHorizontalFlip) with the same draws, on the folder's largest JPEGs, at crop areas
     0.08, 0.25 and 1.0: sharpness (sharpness()) ours / theirs and the mean |difference| in 1/255; then the time per

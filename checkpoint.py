@@ -8,7 +8,7 @@ A checkpoint is one dict, read with torch.load(path, weights_only=True) (tensors
                   evaluate.py, predict.py and export.py use when it is there
     model_name, widths, num_classes, in_channels, image_size
                   what model.build_model needs to rebuild the net (model_name: ours, or a torchvision name)
-    prep          how an image file becomes the model's input (folders.Prep.to_dict: squash, or the photo recipe's
+    prep          how an image file becomes the model's input (decode.Prep.to_dict: squash, or the photo recipe's
                   crop; optional: older checkpoints squash)
     classes       the class names, index = label;  mean, std: per-channel normalization, [0, 1] pixel units
     data_hash     a fingerprint of the training images and labels: --resume refuses other data, whatever the
@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 import cli
-from folders import Prep
+from decode import Prep
 from model import EVAL_BATCH, build_model, check_model_name, pretrained_start
 from torchfiles import oversized_tensor
 

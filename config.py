@@ -13,7 +13,7 @@ import textwrap
 import cli
 import runtime
 from augment import MAGNITUDES, POLICIES
-from folders import INTERPOLATIONS, MAX_IMAGE_PIXELS, PREP_MODES, SQUASH, Prep
+from decode import INTERPOLATIONS, MAX_IMAGE_PIXELS, PREP_MODES, SQUASH, Prep
 from formats import DATASETS
 from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, pretrained_weights, torchvision_models
 
@@ -115,7 +115,7 @@ def add_photo_flags(p: argparse.ArgumentParser) -> None:
 
 
 def image_prep(args: argparse.Namespace) -> Prep:
-    """How the run turns an image file into the model's input (folders.Prep), from the flags: crop for image folders
+    """How the run turns an image file into the model's input (decode.Prep), from the flags: crop for image folders
     above 32 px or with --pretrained, squash otherwise, unless --resize-mode says. With --pretrained, what the flags
     leave open comes from the weights' own preprocessing (weights.transforms()): the side, the crop fraction, the
     interpolation (the mean and std come with the weights already)."""
@@ -323,7 +323,7 @@ SMALLEST = {"lr": (1e-10, False), "muon_lr": (1e-10, False), "bias_lr_scale": (1
             "warmup_epochs": (1e-6, True), "find_lr_start": (1e-12, False), "find_lr_end": (1e-12, False),
             "norm_weight_decay": (1e-12, True), "bias_weight_decay": (1e-12, True), "random_erase": (1e-6, True),
             "mixup_alpha": (1e-3, True), "cutmix_alpha": (1e-3, True)}
-# (--crop-scale, --crop-ratio and --crop-fraction have bounds of their own, away from 0: folders.Prep.problem.)
+# (--crop-scale, --crop-ratio and --crop-fraction have bounds of their own, away from 0: decode.Prep.problem.)
 
 
 def too_small(args: argparse.Namespace) -> str | None:
@@ -452,7 +452,7 @@ def ineffective(args: argparse.Namespace, dests: set[str]) -> str | None:
 
 def recipe_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with the run's photo recipe (--resize-mode and its flags, as image_prep resolves them), by
-    the rule a checkpoint's recipe is checked by (folders.Prep.problem), or None."""
+    the rule a checkpoint's recipe is checked by (decode.Prep.problem), or None."""
     resolved = copy.copy(args)
     try:
         prep = image_prep(resolved)

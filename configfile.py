@@ -11,7 +11,7 @@ import difflib
 import json
 
 import cli
-from folders import open_regular
+from decode import open_regular
 from formats import DataError
 
 MAX_BYTES = 1_000_000

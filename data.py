@@ -26,8 +26,8 @@ import cli
 import stream
 from augment import apply_policy
 from batches import JITTER_UNIT, PAD, channel_stats, to_input
-from folders import (MAX_IMAGE_PIXELS, SQUASH, Prep, imagefolder_classes, load_imagefolder, load_imagefolder_split,
-                     require_each_class, split_listing)
+from decode import MAX_IMAGE_PIXELS, SQUASH, Prep
+from folders import imagefolder_classes, load_imagefolder, load_imagefolder_split, require_each_class, split_listing
 from formats import (DATASETS, MIN_IMAGES, DataError, allocate_images, check_memory, load_cifar10, load_cifar100,
                      load_idx_dataset)
 

@@ -27,7 +27,8 @@ import runtime
 import stream
 from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, run_batch_size
 from data import ImageSet, Split, load_test
-from folders import MAX_IMAGE_PIXELS, Prep, split_listing
+from decode import MAX_IMAGE_PIXELS, Prep
+from folders import split_listing
 from formats import DataError
 from model import EVAL_BATCH, MEASURES, TTA_MODES, as_decimal, confusion_metrics, evaluate, tta_logits
 from plot import check_output, plot_confusion, plot_predictions, require_matplotlib

@@ -1,6 +1,7 @@
 """Export a checkpoint to ONNX, and check the ONNX model against PyTorch before keeping it.
 
     python export.py --checkpoint runs/my-photos/best.pth --output model.onnx
+    python export.py --checkpoint runs/my-photos        # a run folder: its best.pth, to runs/my-photos/best.onnx
 
 The ONNX model takes what the PyTorch one takes: float32 images "images" (batch, C, H, W), any batch size,
 normalized as (pixel / 255 - mean) / std per channel; it returns "logits" (batch, classes). The file's metadata
@@ -28,8 +29,8 @@ from types import ModuleType
 import torch
 import torch.nn as nn
 
-from checkpoint import load_checkpoint, model_from_checkpoint
-from folders import Prep
+from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint
+from decode import Prep
 
 TOLERANCE = 1e-4  # float32 logits of the same graph differ by rounding only, far below this
 CHECK_BATCHES = (1, 5)  # two sizes, so a batch dimension that was frozen at export shows up
@@ -42,7 +43,7 @@ class ExportError(cli.UserError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser("export.py", __doc__)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag, help="a .pth written by train.py")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag, help="a .pth written by train.py, or a run folder (its best.pth)")
     p.add_argument("--output", metavar="PATH", type=cli.path_flag,
                    help="the .onnx file to write (default: the checkpoint's path with .onnx)")
     return p.parse_args(argv)
@@ -113,16 +114,17 @@ def max_difference(model: nn.Module, path: Path, in_channels: int, image_size: i
 def main(argv: list[str] | None = None) -> float:
     with cli.one_line_errors("export.py"):
         args = parse_args(argv)
-        output = Path(args.output) if args.output is not None else Path(args.checkpoint).with_suffix(".onnx")
-        cli.check_output(output, inputs=(args.checkpoint,), what="ONNX output", new_folder=True)
+        checkpoint = checkpoint_path(args.checkpoint, "exporting")  # (a run folder: its best.pth)
+        output = Path(args.output) if args.output is not None else checkpoint.with_suffix(".onnx")
+        cli.check_output(output, inputs=(checkpoint,), what="ONNX output", new_folder=True)
         for package in ("onnx", "onnxruntime"):  # before any work: a missing package is the one message
             require(package)
-        ckpt = load_checkpoint(args.checkpoint)
+        ckpt = load_checkpoint(checkpoint)
         model = model_from_checkpoint(ckpt)
         run_args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
         data_dir = run_args.get("data_dir") if isinstance(run_args.get("data_dir"), str) else None
         # the data the model was trained on is no input of this command, but no place for a model either
-        cli.check_output(output, inputs=(args.checkpoint, data_dir), what="ONNX output", new_folder=True)
+        cli.check_output(output, inputs=(checkpoint, data_dir), what="ONNX output", new_folder=True)
         output.parent.mkdir(parents=True, exist_ok=True)
         with cli.atomic_output(output) as tmp:  # becomes `output` only once the check has passed
             with cli.c_openable(tmp, os.O_RDWR) as name:  # (torch and onnxruntime take no name that is not UTF-8)

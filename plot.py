@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from folders import open_regular
+from decode import open_regular
 from model import confusion_metrics
 
 CURVES = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # the metrics.csv columns drawn

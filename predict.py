@@ -6,7 +6,7 @@
     python predict.py --checkpoint runs/photos photo.jpg         # a run folder: its best.pth
 
 Nothing but the checkpoint is needed: it holds the classes, the image size and the normalization. Each image is
-decoded exactly as training decoded it (folders.load_image: EXIF rotation, transparency on white, grayscale or RGB
+decoded exactly as training decoded it (decode.load_image: EXIF rotation, transparency on white, grayscale or RGB
 as the model takes, then shaped by the run's recipe: squashed to the checkpoint's image size, or, for a run with the
 photo recipe, the shorter side resized and the centre cropped), then normalized like a training batch.
 
@@ -31,7 +31,8 @@ import torch.nn as nn
 import runtime
 from batches import normalize
 from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, run_batch_size
-from folders import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, Prep, image_files, load_image
+from decode import MAX_IMAGE_PIXELS, Prep, load_image
+from folders import IMAGE_SUFFIXES, image_files
 from formats import DataError
 from model import EVAL_BATCH
 
@@ -79,7 +80,7 @@ UNREADABLE = 2  # the exit status when some files could not be read (the others 
 
 def decode(paths: list[str], ckpt: dict, max_pixels: int, prep: Prep) -> tuple[list[int], list[torch.Tensor]]:
     """The images of `paths` that can be read, decoded as training decoded them, and which of `paths` they are.
-    One that cannot (folders.load_image's DataError: not an image, corrupt, too many pixels, no permission,
+    One that cannot (decode.load_image's DataError: not an image, corrupt, too many pixels, no permission,
     missing) is named on stderr at once, one line, and left out."""
     kept, images = [], []
     for i, path in enumerate(paths):

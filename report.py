@@ -35,7 +35,7 @@ import plot
 import runtime
 from checkpoint import EpochTally, RunState
 from data import Split
-from folders import Prep
+from decode import Prep
 from stream import StreamSet
 
 

@@ -20,7 +20,7 @@ import cli
 from checkpoint import load_checkpoint, validate_for_resume
 from config import PRESETS, build_parser, check_args, given_flags, image_prep, ineffective, parse_args, shown_flag
 from configfile import CHANGES, ConfigError, expand_config, spelled_out
-from folders import Prep
+from decode import Prep
 
 # What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
 MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",

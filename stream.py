@@ -1,7 +1,7 @@
 """Image folders streamed from disk, for sets that do not fit in memory and for the photo recipe (--resize-mode
 crop), whose random crops need each photo whole.
 
-DataLoader worker processes (--workers) open, decode and shape the files (folders.load_image: Pillow, JPEG draft
+DataLoader worker processes (--workers) open, decode and shape the files (decode.load_image: Pillow, JPEG draft
 mode, the run's Prep); the main process then augments and normalizes whole batches exactly as it does for the
 in-memory sets (batches.to_input). Each image's random draws come from (seed, epoch, image) alone, and the order from
 data.epoch_plan, so the weights do not depend on the number of workers, and a resumed run reads the very batches
@@ -26,7 +26,8 @@ import runtime
 import workers
 from augment import seeded
 from batches import to_input
-from folders import IMAGEFOLDER_CHANNELS, Prep, UnreadableImage, load_image
+from decode import Prep, UnreadableImage, load_image
+from folders import IMAGEFOLDER_CHANNELS
 from formats import DataError, available_memory
 
 PREFETCH = 2  # batches each worker reads ahead (DataLoader's default: more only took memory, measured)

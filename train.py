@@ -41,7 +41,7 @@ from augment import MixedBatches
 from checkpoint import (EpochTally, RunState, check_same_data, load_checkpoint, load_training_state, make_checkpoint,
                         model_from_checkpoint, resume_state, run_card, starting_weights)
 from data import ImageSet, Split, epoch_plan, prepare
-from folders import Prep
+from decode import Prep
 from model import MEASURES, evaluate
 from optim import ema_decay, ema_update, lr_factor
 from runfolder import RunFolder

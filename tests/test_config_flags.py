@@ -16,7 +16,7 @@ import runargs
 import train
 from checkpoint import CheckpointError, load_checkpoint
 from conftest import fails_with
-from folders import Prep
+from decode import Prep
 from image_files import make_image_folder
 
 CPU = ["--device", "cpu"]

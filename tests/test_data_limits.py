@@ -15,6 +15,7 @@ from PIL import Image
 
 import cli
 import data
+import decode
 import folders
 import formats
 import evaluate
@@ -112,8 +113,8 @@ def test_an_image_that_fails_for_a_passing_reason_stops_the_run_and_is_never_cac
     # Too many open files: a real OS error, the system's and not the file's. The limit is set once Pillow's plugins
     # are imported (one decode first), so only the opening of the images fails.
     proc = run_python(f"""
-import resource, cli, folders
-folders.load_image({str(root / "test" / "red" / "d_opaque.png")!r}, 3, 8)
+import resource, cli, decode, folders
+decode.load_image({str(root / "test" / "red" / "d_opaque.png")!r}, 3, 8)
 with cli.one_line_errors("x"):
     import os
     fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
@@ -131,15 +132,15 @@ with cli.one_line_errors("x"):
 # ---------------------------------------------------------------------------------------------------------------
 # 4. An image may decode to so many pixels, no more
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # (pytest resets folders.py's filter)
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # (pytest resets decode.py's filter)
 def test_a_small_png_of_13000x13000_pixels_is_refused_before_it_is_decoded(tmp_path, capsys):
     root = make_image_folder(tmp_path / "images")
     bomb = root / "train" / "blue" / "bomb.png"
     Image.new("1", (13000, 13000)).save(bomb)  # 20 KB on disk, 169 megapixels: 0.5 GB as RGB
     assert bomb.stat().st_size < 100_000
-    with pytest.raises(folders.UnreadableImage, match=rf"^cannot read image {bomb}: 13000x13000 pixels is over the "
+    with pytest.raises(decode.UnreadableImage, match=rf"^cannot read image {bomb}: 13000x13000 pixels is over the "
                                                    rf"limit of 50,000,000 per image; downscale it$"):
-        folders.load_image(bomb, 3, 32)
+        decode.load_image(bomb, 3, 32)
     # The image folder skips it, with that line; decoding it (each of 8 threads at once) is what would cost memory
     proc = run_python(f"""
 import resource, folders
@@ -345,7 +346,7 @@ def test_a_failed_save_names_the_file_asked_for_not_its_temporary_file(tmp_path)
 def test_a_failed_cache_write_warns_without_the_temporary_name(tmp_path, capsys):
     root = make_image_folder(tmp_path / "images")
     files = [p for name in ("blue", "red") for p in folders.image_files(root / "train" / name)]
-    cache = folders._cache_path(root, "train", 16, files, folders.MAX_IMAGE_PIXELS)
+    cache = folders._cache_path(root, "train", 16, files, decode.MAX_IMAGE_PIXELS)
     cache.mkdir()  # the temporary file is written, but cannot be renamed over a folder
     folders.load_imagefolder_split(root, "train", ["blue", "red"], 16)
     [warning] = [line for line in capsys.readouterr().err.splitlines() if "cannot write the cache" in line]
@@ -504,8 +505,8 @@ def test_a_tiny_png_of_an_elongated_shape_is_refused_before_evaluation_resizes_i
     path = tmp_path / "long.png"
     Image.new("RGB", (20000, 1), "red").save(path)
     assert path.stat().st_size < 200
-    with pytest.raises(folders.UnreadableImage) as e:
-        folders.load_image(path, 3, 224, prep=folders.Prep("crop", 256))
+    with pytest.raises(decode.UnreadableImage) as e:
+        decode.load_image(path, 3, 224, prep=decode.Prep("crop", 256))
     assert str(e.value) == (f"cannot read image {path}: 20000x1 pixels resize to 1,310,720,000 (its shorter side to "
                             f"256), over the limit of 50,000,000 per image; crop it to a less elongated shape")
-    assert folders.load_image(path, 3, 224).shape == (3, 224, 224)
+    assert decode.load_image(path, 3, 224).shape == (3, 224, 224)

@@ -9,6 +9,7 @@ from PIL import Image
 
 import batches
 import data
+import decode
 import folders
 import train
 from image_files import COLORS, expected_pixels, make_image_folder, write_class_images
@@ -40,12 +41,12 @@ def test_load_raw_decodes_every_format_and_skips_the_corrupt_file(image_folder, 
 def test_load_image_grayscale_16_bit_and_exif_orientation(tmp_path):
     Image.new("RGB", (7, 9), (255, 0, 0)).save(tmp_path / "red.png")
     Image.new("RGB", (7, 9), (0, 0, 255)).save(tmp_path / "blue.png")
-    assert folders.load_image(tmp_path / "red.png", 1, 5).unique().tolist() == [76]  # ITU-R 601 luma, as PIL's "L"
-    assert folders.load_image(tmp_path / "blue.png", 1, 5).unique().tolist() == [29]
-    assert folders.load_image(tmp_path / "red.png", 1, 5).shape == (1, 5, 5)
+    assert decode.load_image(tmp_path / "red.png", 1, 5).unique().tolist() == [76]  # ITU-R 601 luma, as PIL's "L"
+    assert decode.load_image(tmp_path / "blue.png", 1, 5).unique().tolist() == [29]
+    assert decode.load_image(tmp_path / "red.png", 1, 5).shape == (1, 5, 5)
 
     Image.new("I;16", (6, 6), 40_000).save(tmp_path / "deep.png")  # 16-bit: keeps 40000 >> 8, not clipped to 255
-    assert folders.load_image(tmp_path / "deep.png", 3, 4).unique().tolist() == [156]
+    assert decode.load_image(tmp_path / "deep.png", 3, 4).unique().tolist() == [156]
 
     # left half black, right half white, stored upside down with EXIF orientation 3 (rotate 180 degrees)
     half = Image.new("L", (20, 10), 0)
@@ -53,19 +54,19 @@ def test_load_image_grayscale_16_bit_and_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 3
     half.save(tmp_path / "turned.png", exif=exif)
-    upright = folders.load_image(tmp_path / "turned.png", 1, 16)
+    upright = decode.load_image(tmp_path / "turned.png", 1, 16)
     assert upright[0, :, 0].unique().tolist() == [255] and upright[0, :, -1].unique().tolist() == [0]
 
 
 def test_load_image_errors(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(data.DataError, match=r"cannot read image .*bad\.png"):
-        folders.load_image(tmp_path / "bad.png", 3, 8)
+        decode.load_image(tmp_path / "bad.png", 3, 8)
     with pytest.raises(data.DataError, match=r"cannot read image .*missing\.jpg"):
-        folders.load_image(tmp_path / "missing.jpg", 3, 8)
+        decode.load_image(tmp_path / "missing.jpg", 3, 8)
     Image.new("RGB", (4, 4)).save(tmp_path / "ok.png")
     with pytest.raises(data.DataError, match="only 1 .grayscale. or 3 .RGB."):
-        folders.load_image(tmp_path / "ok.png", 4, 8)
+        decode.load_image(tmp_path / "ok.png", 4, 8)
 
 
 def caches(root: Path, split: str) -> list[Path]:
@@ -193,7 +194,7 @@ def test_the_memory_line_counts_what_decoding_these_images_can_take(image_folder
     Image.new("RGB", (1000, 800), (255, 0, 0)).save(big)
     data.load_raw("imagefolder", image_folder, image_size=16)
     sizes = sorted([40 * 17, 31 * 31, 13 * 50, 21 * 9, 33 * 20, 64 * 48] * 2 + [1000 * 800], reverse=True)
-    frames = sum(sizes[:folders.THREADS]) * folders.DECODE_COPIES  # (the corrupt file decodes to nothing)
+    frames = sum(sizes[:folders.THREADS]) * decode.DECODE_COPIES  # (the corrupt file decodes to nothing)
     lines = [line for line in capsys.readouterr().err.splitlines() if "train" in line and "MiB in memory" in line]
     assert len(lines) == 1 and lines[0].endswith(f"(0.0 MiB in memory, plus up to {frames / 2**20:,.1f} MiB while "
                                                  f"filling it)"), lines

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import checkpoint
+import decode
 import folders
 import runfolder
 from runfolder import RunFolder, RunFolderError
@@ -479,7 +480,7 @@ def test_pillows_warning_for_corrupt_exif_is_one_line_of_ours_naming_the_file(tm
     # (Pillow's own words differ between its versions: 12 says "Tag data larger than file. Skipping tag 270")
     assert len(warned) == 1 and warned[0].startswith(f"warning: {data / 'train' / 'red' / 'exif.jpg'}: ") and \
         warned[0].endswith(" (Pillow; the image is decoded all the same)"), warned
-    folders.load_image(data / "train" / "red" / "exif.jpg", 3, 16)  # (predict.py's way: in the main thread)
+    decode.load_image(data / "train" / "red" / "exif.jpg", 3, 16)  # (predict.py's way: in the main thread)
     assert capsys.readouterr().err.splitlines() == warned
 
 

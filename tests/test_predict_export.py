@@ -1,4 +1,4 @@
-"""predict.py on an image folder, the ONNX export round trip, and the README's onnxruntime example against
+"""predict.py on an image folder, the ONNX export round trip, and the onnxruntime example of docs/flags.md against
 predict.py on photos."""
 import json
 import re
@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import data
-import folders
+import decode
 import export
 import predict
 import train
@@ -54,8 +54,8 @@ def test_predict_json_is_the_model_on_training_style_batches(image_folder, check
     predict.main(["--checkpoint", str(checkpoint), "--top-k", "3", "--json", *paths])
     results = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in results] == paths
-    # the reference: the same files through folders.load_image and data.ImageSet.batch, as in training
-    images = torch.stack([folders.load_image(p, 3, 32) for p in paths])
+    # the reference: the same files through decode.load_image and data.ImageSet.batch, as in training
+    images = torch.stack([decode.load_image(p, 3, 32) for p in paths])
     batch = data.ImageSet(images, torch.zeros(len(paths), dtype=torch.int64), torch.tensor(MEAN), torch.tensor(STD))
     with torch.no_grad():
         model = model_from_checkpoint(torch.load(checkpoint, weights_only=True))
@@ -160,6 +160,18 @@ def test_export_defaults_to_the_checkpoint_path(checkpoint):
     assert checkpoint.with_suffix(".onnx").stat().st_size > 0
 
 
+def test_export_takes_a_run_folder_as_evaluate_and_predict_do(checkpoint, image_folder, capsys):
+    pytest.importorskip("onnx", reason="export.py needs the optional package onnx")
+    pytest.importorskip("onnxruntime", reason="export.py checks the export with the optional onnxruntime")
+    export.main(["--checkpoint", str(checkpoint.parent)])  # best.pth's folder: best.onnx beside it
+    assert capsys.readouterr().err == f"{checkpoint.parent} is a folder: exporting its best.pth\n"
+    assert checkpoint.with_suffix(".onnx").stat().st_size > 0
+    with pytest.raises(SystemExit) as exc:
+        export.main(["--checkpoint", str(image_folder)])
+    assert exc.value.code == (f"export.py: error: {image_folder} is a folder without a best.pth; give --checkpoint "
+                              f"a .pth file (a run folder holds best.pth once its first epoch has ended)")
+
+
 @pytest.mark.parametrize("missing", ["onnx", "onnxruntime"])
 def test_export_without_an_optional_package(checkpoint, tmp_path, monkeypatch, missing):
     monkeypatch.setitem(sys.modules, missing, None)  # what `import` sees when the package is not installed
@@ -181,7 +193,7 @@ def test_export_bad_checkpoint(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
-# The README's onnxruntime example (its export.py section), run as a user runs it, against predict.py on photos
+# The onnxruntime example of docs/flags.md (its export.py section), run as a user runs it, against predict.py on photos
 
 COLORS = {"blue": (40, 60, 200), "green": (40, 190, 60), "red": (210, 40, 40)}
 # EXIF orientation -> how a camera held that way stores the upright picture (exif_transpose undoes it)
@@ -189,8 +201,8 @@ STORED = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.
 
 
 def readme_onnx_example() -> str:
-    """The fenced python block of the README's export.py section: the code users copy is the code tested."""
-    section = (ROOT / "README.md").read_text().split("\n### export.py\n")[1].split("\n### ")[0]
+    """The fenced python block of docs/flags.md's export.py section: the code users copy is the code tested."""
+    section = (ROOT / "docs" / "flags.md").read_text().split("\n## export.py\n")[1].split("\n## ")[0]
     [code] = re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
     return code
 
@@ -199,7 +211,7 @@ def run_example(code: str, model: Path, paths: list[str], monkeypatch) -> np.nda
     """The example's probabilities (len(paths), classes), run as `python label.py MODEL IMAGE...`."""
     monkeypatch.setattr(sys, "argv", ["label.py", str(model), *paths])
     namespace = {"__name__": "__main__"}
-    exec(compile(code, "README.md (export.py's onnxruntime example)", "exec"), namespace)
+    exec(compile(code, "docs/flags.md (export.py's onnxruntime example)", "exec"), namespace)
     return namespace["probs"]
 
 
@@ -249,12 +261,12 @@ def write_photos_to_label(folder: Path, rng: np.random.Generator) -> tuple[list[
 @pytest.mark.parametrize("recipe", [pytest.param("crop", marks=pytest.mark.slow),
                                     pytest.param("squash", marks=pytest.mark.slow), "grayscale"])
 def test_the_readme_onnx_example_labels_photos_as_predict_does(tmp_path, monkeypatch, capsys, recipe):
-    """The README's example, run on the exported model, gives predict.py's probabilities within 1e-3 on every photo
+    """docs/flags.md's example, run on the exported model, gives predict.py's probabilities within 1e-3 on every photo
     (EXIF-rotated JPEGs, transparent PNGs, grayscale): for a model trained with the photo recipe (crop), one trained
     with squash, and a grayscale (1-channel, MNIST-like) one. Without its EXIF line it is off by far more on the
-    turned photos: the photos test what the README says."""
+    turned photos: the photos test what the example says."""
     pytest.importorskip("onnx", reason="export.py needs the optional package onnx")
-    pytest.importorskip("onnxruntime", reason="the README's example runs the model with the optional onnxruntime")
+    pytest.importorskip("onnxruntime", reason="the example runs the model with the optional onnxruntime")
     rng = np.random.default_rng(0)
     if recipe == "grayscale":
         checkpoint = write_checkpoint(tmp_path / "gray.pth", list(COLORS), in_channels=1, image_size=28)

@@ -24,6 +24,7 @@ import augment
 import cli
 import data
 import evaluate
+import decode
 import folders
 import predict
 import runtime
@@ -319,7 +320,7 @@ def test_streamed_numbers_count_the_images_read_and_agree_with_evaluate(tmp_path
     assert report["loss"] == result["test_loss"]
 
     test = evaluate.test_set(load_checkpoint(tmp_path / "run" / "best.pth"), "imagefolder", str(photos),
-                             folders.MAX_IMAGE_PIXELS, torch.device("cpu"))
+                             decode.MAX_IMAGE_PIXELS, torch.device("cpu"))
     index = torch.cat([i for _, y, i in test.indexed_batches(torch.arange(len(test)), 4)])
     assert index.tolist() == [0, 1, 2, 3, 4, 5]  # the red one (file 6) left out: --show captions the images read
     for p in (photos / "test").rglob("*.*"):
@@ -563,7 +564,7 @@ def test_dataloaders_advice_against_more_workers_than_cores_is_left_unsaid(tmp_p
     photos = write_photos(tmp_path / "photos", {"test": 2})
     names, labels = folders.split_listing(photos, "test", list(CLASSES))
     many = len(os.sched_getaffinity(0)) + 1
-    test = stream.stream_set(photos, names, labels, 16, folders.MAX_IMAGE_PIXELS, folders.SQUASH, 0,
+    test = stream.stream_set(photos, names, labels, 16, decode.MAX_IMAGE_PIXELS, decode.SQUASH, 0,
                              torch.device("cpu"), many)
     with warnings.catch_warnings(record=True) as raw:
         warnings.simplefilter("always")  # (before it: a filter set at import alone)
