@@ -14,7 +14,7 @@ import cli
 import runtime
 from augment import MAGNITUDES, POLICIES
 from decode import INTERPOLATIONS, MAX_IMAGE_PIXELS, PREP_MODES, SQUASH, Prep
-from formats import DATASETS
+from formats import DATASETS, FILE_SETS
 from model import MODELS, TTA_MODES, AirNet, ResNet9, check_model_name, pretrained_weights, torchvision_models
 
 
@@ -47,8 +47,9 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
 
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS,
-                   help="imagefolder: your own images, one folder per class under DIR/train and DIR/test "
-                        "(default: cifar10)")
+                   help="imagefolder: your own images, one folder per class under DIR/train and DIR/test; "
+                        "shards: tar shards in WebDataset's layout (shards.py writes them; DIR: their folder, a URL "
+                        "folder, a brace pattern or a list file) (default: cifar10)")
     g.add_argument("--data-dir", default="./data", metavar="DIR",
                    help="where datasets are found or downloaded (default: ./data)")
     g.add_argument("--image-size", type=int, metavar="PX",
@@ -119,7 +120,7 @@ def image_prep(args: argparse.Namespace) -> Prep:
     above 32 px or with --pretrained, squash otherwise, unless --resize-mode says. With --pretrained, what the flags
     leave open comes from the weights' own preprocessing (weights.transforms()): the side, the crop fraction, the
     interpolation (the mean and std come with the weights already)."""
-    mode = args.resize_mode or ("crop" if args.dataset == "imagefolder" and (args.pretrained or (
+    mode = args.resize_mode or ("crop" if args.dataset in FILE_SETS and (args.pretrained or (
         args.image_size or 32) > 32) else "squash")
     if mode == "squash":
         return SQUASH
@@ -401,9 +402,12 @@ def range_rules(args: argparse.Namespace) -> list[tuple[bool, str]]:
 def combination_rules(args: argparse.Namespace) -> list[tuple[bool, str]]:
     """(whether the flags go together, the message when not), for the flags that need or exclude others."""
     return [
-        (args.dataset == "imagefolder" or args.resize_mode != "crop" and args.workers is None,
-         f"--resize-mode crop and --workers are for image folders (--dataset imagefolder); {args.dataset} is held "
-         f"in memory and squashed: leave them out"),
+        (args.dataset in FILE_SETS or args.resize_mode != "crop" and args.workers is None,
+         f"--resize-mode crop and --workers are for image files (--dataset imagefolder or shards); {args.dataset} "
+         f"is held in memory and squashed: leave them out"),
+        (args.dataset != "shards" or not args.balanced_sampler,
+         "--balanced-sampler draws images in any order, and shards are read front to back: give --class-weights "
+         "balanced (with --class-weights-from-epoch) instead"),
         (args.class_weights == "balanced" or args.class_weights_from_epoch == 1,
          "--class-weights-from-epoch needs --class-weights balanced"),
         (args.auto_augment_magnitude is None or args.auto_augment in MAGNITUDES,
@@ -424,10 +428,10 @@ def ineffective(args: argparse.Namespace, dests: set[str]) -> str | None:
     """The first of the flags `dests` (given, with a value other than the run would have without them) that would
     do nothing in this run, as a message naming the way forward, or None. A preset's own values are not given."""
     mode = image_prep(copy.copy(args)).mode  # (check_args has refused a recipe image_prep cannot resolve)
-    held = f"; {args.dataset} is held in memory and squashed" if args.dataset != "imagefolder" else \
+    held = f"; {args.dataset} is held in memory and squashed" if args.dataset not in FILE_SETS else \
         "; this run squashes its images (--resize-mode squash, or an image folder of at most 32 px)"
     photo = (mode == "crop", f"is for the photo recipe (--resize-mode crop){held}: leave it out"
-             + ("" if args.dataset != "imagefolder" else ", or give --resize-mode crop"))
+             + ("" if args.dataset not in FILE_SETS else ", or give --resize-mode crop"))
     shapes = "shapes --augment's crops of squashed images"
     acts = {
         "crop_scale": photo, "crop_ratio": photo, "crop_fraction": photo, "interpolation": photo,
@@ -440,7 +444,7 @@ def ineffective(args: argparse.Namespace, dests: set[str]) -> str | None:
                                                         f"betas are fixed): leave it out, or give --optimizer sgd"),
         "muon_lr": (args.optimizer == "muon", "is for --optimizer muon: leave it out, or give --optimizer muon"),
         "find_lr_start": (args.find_lr, "is for the lr range test (find_lr.py, or --find-lr): leave it out"),
-        "max_image_pixels": (args.dataset == "imagefolder", f"limits the image files of an image folder, and "
+        "max_image_pixels": (args.dataset in FILE_SETS, f"limits image files (an image folder's, shards'), and "
                                                             f"{args.dataset} has none: leave it out"),
     }
     acts |= {"alt_flip": (acts["crop_pad"][0] or not args.alt_flip, acts["crop_pad"][1]),

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import shards
 import stream
 from augment import apply_policy
 from batches import JITTER_UNIT, PAD, channel_stats, to_input
@@ -32,6 +33,7 @@ from formats import (DATASETS, MIN_IMAGES, DataError, allocate_images, check_mem
                      load_idx_dataset)
 
 RESIZE_BUFFER = 64 * 2**20  # bytes of float copies --image-size's resizing may hold beyond its result (>= 1 image)
+OPEN_SHARDS = 8  # tar shards read at once in an epoch (mixed_order): more mixes more, each an open file or request
 
 
 def load_raw(name: str, data_dir: str | Path, image_size: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -118,6 +120,8 @@ class ImageSet:
     def image_size(self) -> int:
         return self.images.shape[2]
 
+    shard_counts = None  # (in memory: no shards to read in order; see stream.StreamSet.shard_counts)
+
     def batch(self, idx: torch.Tensor, crop_flip: torch.Tensor | None = None, pad: int = PAD,
               jitter: torch.Tensor | None = None, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalized float images and labels for the samples `idx`: through the policy first in training (epoch >=
@@ -202,16 +206,18 @@ def split_train_val(images, labels, val_split: float, seed: int):
 
 def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu", pad: int = PAD,
                alternate_flips: bool = False, jitter: float = 0.0,
-               balance: torch.Tensor | None = None) -> torch.Tensor:
+               balance: torch.Tensor | None = None, shards: torch.Tensor | None = None) -> torch.Tensor:
     """Every random choice of one epoch, from (seed, epoch) alone: an (n, 4) int64 tensor whose rows are
     (sample index, crop offset y, crop offset x, flip 0/1), in the order the samples are visited; offsets are
     in [0, 2 * pad]. alternate_flips: each image is flipped in every other epoch (a random half in epoch 1, the
     other half in epoch 2, ...), so consecutive epochs always show both sides of it; short runs gain from that.
     jitter > 0 adds two columns: each image's brightness and contrast factors, drawn in [1 - jitter, 1 + jitter],
     in units of 1/JITTER_UNIT (drawn last, so that the other columns are those of a plan without jitter).
-    balance: the n images' labels, for an epoch drawn class-balanced (balanced_order) instead of each image once."""
+    balance: the n images' labels, for an epoch drawn class-balanced (balanced_order) instead of each image once.
+    shards: the images' shards' sizes (tar shards, read front to back): the order is mixed_order's."""
     g = torch.Generator().manual_seed(seed * 10_000 + epoch)  # distinct per epoch for runs under 10,000 epochs
-    order = torch.randperm(n, generator=g) if balance is None else balanced_order(balance.cpu(), g)
+    order = (torch.randperm(n, generator=g) if balance is None and shards is None else
+             mixed_order(shards, g) if balance is None else balanced_order(balance.cpu(), g))
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
     if alternate_flips:
         first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed))  # epoch 1's, per image
@@ -223,6 +229,24 @@ def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu"
         columns.append(((1 + jitter * (2 * torch.rand(n, 2, generator=g, dtype=torch.float64) - 1)) * JITTER_UNIT)
                        .round().long())
     return torch.cat(columns, 1).to(device)
+
+
+def mixed_order(counts: torch.Tensor, g: torch.Generator, open_shards: int = OPEN_SHARDS) -> torch.Tensor:
+    """An epoch's order of the images of tar shards that hold `counts` images each (shard after shard), each shard
+    read front to back once: the shards in a random order, dealt in turn to `open_shards` streams, and the streams'
+    images interleaved at random (each stream's place drawn uniformly among the epoch's positions), so that about
+    `open_shards` shards are being read at any time and each batch mixes their images. From `g` alone: the same
+    order for any number of workers or processes."""
+    starts = torch.cumsum(counts, 0) - counts
+    order = torch.randperm(len(counts), generator=g)
+    dealt = [order[k::open_shards] for k in range(min(open_shards, len(counts)))]
+    within = [torch.cat([torch.arange(starts[s], starts[s] + counts[s]) for s in group.tolist()])
+              for group in dealt]
+    turn = torch.repeat_interleave(torch.arange(len(within)), torch.tensor([len(w) for w in within]))
+    turn = turn[torch.randperm(len(turn), generator=g)]  # whose image each position of the epoch is
+    mixed = torch.empty(len(turn), dtype=torch.int64)
+    mixed[torch.argsort(turn, stable=True)] = torch.cat(within)  # each stream's images in its own order
+    return mixed
 
 
 def balanced_order(labels: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -292,6 +316,9 @@ def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device
     or, for an image folder streamed from disk (stream.streams: the photo recipe, --workers, or too large to hold),
     as stream.StreamSets."""
     device = torch.device(device)
+    if name == "shards":  # always streamed: read front to back, never whole
+        return prepare_shards(str(data_dir), val_split, seed, device, image_size or 32, stats, max_pixels, prep,
+                              stream.default_workers() if workers is None else workers)
     if name == "imagefolder":  # listed once, then streamed or decoded into memory
         root, size = Path(data_dir), image_size or 32
         classes = imagefolder_classes(root)
@@ -344,6 +371,29 @@ def prepare_streamed(root: Path, listing: dict[str, tuple[np.ndarray, torch.Tens
     sets = {split: stream.stream_set(root, names, labels, size, max_pixels, prep, seed, device, workers) if len(labels)
             else None for split, (names, labels) in listing.items()}
     stats = stats or channel_stats(sets["train"].take(stream.stats_sample(len(sets["train"]), size, seed)).cpu())
+    mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
+    for data in filter(None, sets.values()):
+        data.mean, data.std = mean, std
+    return sets["train"], sets["val"], sets["test"], classes
+
+
+def prepare_shards(spec: str, val_split: float, seed: int, device: torch.device, size: int,
+                   stats: tuple[list[float], list[float]] | None, max_pixels: int, prep: Prep,
+                   workers: int) -> tuple[stream.StreamSet, stream.StreamSet | None, stream.StreamSet, list[str]]:
+    """prepare for tar shards (--dataset shards, shards.py): (train, val or None, test, classes) as StreamSets read
+    by `workers` processes, validation from the val shards or held out of the training shards (the same stratified
+    split as a folder's), normalization as an image folder's."""
+    tables, classes = shards.load(spec)
+    if "val" not in tables:
+        train, val = split_indices(torch.from_numpy(tables["train"].labels), val_split, seed)
+        tables["train"], tables["val"] = tables["train"].subset(train.numpy()), tables["train"].subset(val.numpy())
+        warn_small_split(val_split, torch.from_numpy(tables["val"].labels), classes, "shards")
+    sets = {split: stream.shard_set(t, size, max_pixels, prep, seed, device, workers) if len(t) else None
+            for split, t in tables.items()}
+    if sets["train"] is None or sets["test"] is None:
+        raise DataError(f"shards: {spec} has no {'training' if sets['train'] is None else 'test'} images")
+    sample = stream.stats_sample(len(sets["train"]), size, seed).sort().values  # (sorted: each shard read forward)
+    stats = stats or channel_stats(sets["train"].take(sample).cpu())
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
     for data in filter(None, sets.values()):
         data.mean, data.std = mean, std

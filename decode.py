@@ -243,17 +243,19 @@ def random_resized_crop(im: Image.Image, mode: str, size: int, prep: Prep, max_p
 
 
 def load_image(path: str | Path, channels: int, image_size: int, max_pixels: int = MAX_IMAGE_PIXELS,
-               budget: ByteBudget | None = None, prep: Prep = SQUASH, train: bool = False) -> torch.Tensor:
+               budget: ByteBudget | None = None, prep: Prep = SQUASH, train: bool = False,
+               data: bytes | None = None) -> torch.Tensor:
     """Decode an image file to uint8 (channels, image_size, image_size), channels 1 = grayscale or 3 = RGB.
     Training and prediction both decode through here, so a predicted image is seen exactly as a training one:
     EXIF orientation applied, transparency flattened onto white, then shaped by `prep` (shape_image; `train`: its
     random training shape). The header's size is checked against max_pixels before anything is decoded (an
-    UnreadableImage if over); the decoding reserves its bytes from `budget` (the image folder's threads share one)."""
+    UnreadableImage if over); the decoding reserves its bytes from `budget` (the image folder's threads share one).
+    data: the file's bytes, already read (a tar shard's member); `path` then only names it in messages."""
     mode = {1: "L", 3: "RGB"}.get(channels)
     if mode is None:
         raise DataError(f"cannot decode images to {channels} channels: only 1 (grayscale) or 3 (RGB)")
     draft = image_size if prep.mode == "squash" else max(image_size, prep.resize_size)
-    with open_regular(path, "image") as f, _decoding_file(path):
+    with open_regular(path, "image") if data is None else io.BytesIO(data) as f, _decoding_file(path):
         try:
             with Image.open(f) as im:
                 scale = jpeg_scale(im, draft)  # JPEG: decoded at 1/2..1/8 scale where that still covers `draft`

@@ -43,7 +43,8 @@ class ExportError(cli.UserError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.parser("export.py", __doc__)
-    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag, help="a .pth written by train.py, or a run folder (its best.pth)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", type=cli.path_flag,
+                   help="a .pth written by train.py, or a run folder (its best.pth)")
     p.add_argument("--output", metavar="PATH", type=cli.path_flag,
                    help="the .onnx file to write (default: the checkpoint's path with .onnx)")
     return p.parse_args(argv)

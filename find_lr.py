@@ -96,7 +96,7 @@ def lr_range_test(t: trainer.Trainer, data: Split,
 
     def epoch(n: int) -> Iterator[tuple[torch.Tensor, Sequence[tuple[torch.Tensor, torch.Tensor]]]]:
         groups = epoch_plan(len(data), args.seed, n, data.labels.device, args.crop_pad, args.alt_flip,
-                            args.color_jitter, data.labels if args.balanced_sampler else None
+                            args.color_jitter, data.labels if args.balanced_sampler else None, data.shard_counts
                             )[:t.images_per_epoch].split(args.batch_size * args.accum_steps)
         parts = [trainer.micro_parts(group, 0, 1, args.batch_size, t.mix is not None) for group in groups]
         steps = data.steps(parts, n, args.augment, args.crop_pad, args.channels_last, partnered=t.mix is not None)

@@ -23,7 +23,8 @@ import torch
 
 import cli
 
-DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder")
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "shards")
+FILE_SETS = ("imagefolder", "shards")  # datasets of image files (decode.load_image), where the photo recipe applies
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]

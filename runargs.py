@@ -70,7 +70,7 @@ def from_preset(problem: str, args: argparse.Namespace, argv: list[str]) -> str:
 def check_out_dir_outside_data(args: argparse.Namespace) -> None:
     """Refuse an --out-dir inside the images the run reads (an image folder's train/, val/ or test/): its
     curves.png would be read as an image by the next run, its folder as a class."""
-    if args.dataset != "imagefolder":  # (the packed sets are files of fixed names: nothing else in them is read)
+    if args.dataset != "imagefolder":  # (packed sets and shards: files of known names, nothing else in them is read)
         return
     out = Path(args.out_dir or (Path(args.resume).parent if args.resume else "runs")).resolve()
     for split in ("train", "val", "test"):

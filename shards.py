@@ -89,22 +89,30 @@ def is_url(location: str) -> bool:
 # Where the shards are: a folder, a URL folder, a brace pattern, a list file
 
 def expand_braces(pattern: str) -> list[str]:
-    """A brace pattern's names, as webdataset and the shell expand them: {000000..000127} (zero-padded ranges) and
-    {a,b}, left to right."""
-    m = re.search(r"\{([^{}]*)\}", pattern)
-    if m is None:
+    """A brace pattern's names, as the shell and webdataset expand them, left to right: {000000..000127} (a range,
+    zero-padded as written) and {a,b} (alternatives, which may hold braces of their own)."""
+    start = pattern.find("{")
+    if start < 0:
         return [pattern]
-    inner = m.group(1)
+    depth, cuts = 0, [start]
+    for end in range(start, len(pattern)):
+        depth += {"{": 1, "}": -1}.get(pattern[end], 0)
+        if depth == 1 and pattern[end] == ",":
+            cuts.append(end)
+        if depth == 0:
+            break
+    else:
+        raise DataError(f"shards: {pattern} opens a brace it does not close")
+    inner, rest = pattern[start + 1:end], pattern[end + 1:]
     r = re.fullmatch(r"(\d+)\.\.(\d+)", inner)
     if r:
         low, high = int(r.group(1)), int(r.group(2))
         if high < low or high - low >= 10**6:
             raise DataError(f"shards: cannot expand {{{inner}}} in {pattern}: give {{LOW..HIGH}} with LOW <= HIGH")
-        width = len(r.group(1))
-        choices = [f"{v:0{width}d}" for v in range(low, high + 1)]
+        choices = [f"{v:0{len(r.group(1))}d}" for v in range(low, high + 1)]
     else:
-        choices = inner.split(",")
-    return [name for c in choices for name in expand_braces(pattern[:m.start()] + c + pattern[m.end():])]
+        choices = [pattern[i + 1:j] for i, j in zip(cuts, cuts[1:] + [end])]
+    return [pattern[:start] + name for c in choices for name in expand_braces(c + rest)]
 
 
 def locate(spec: str) -> tuple[str, dict[str, list[str]]]:

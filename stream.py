@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import cli
 import runtime
+import shards
 import workers
 from augment import seeded
 from batches import to_input
@@ -61,18 +62,52 @@ class FolderFiles(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor | None, str | None, bool]:
         epoch, i = key
-        # (os.fsdecode: a name that is not UTF-8, Latin-1 bytes, comes back as the very name the system gave)
-        path = self.root / os.fsdecode(self.files[i % len(self.files)])  # (i >= n: a repeat, data.balanced_order)
+        path = "?"
         try:
+            path, data = self.locate(i % len(self))  # (i >= n: a repeat, data.balanced_order)
             if epoch == 0:
-                return load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep), None, False
+                return load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep,
+                                  data=data), None, False
             with seeded(self.seed, epoch, i):
-                x = load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep, train=True)
+                x = load_image(path, IMAGEFOLDER_CHANNELS, self.size, self.max_pixels, prep=self.prep, train=True,
+                               data=data)
                 return (x if self.policy is None else self.policy(x)), None, False
         except UnreadableImage as e:
             return None, str(e), False
         except Exception as e:  # DataError (the system's), MemoryError, anything: one line in the main process
             return None, str(e) if isinstance(e, DataError) else f"cannot read image {path}: {cli.one_line(e)}", True
+
+    def locate(self, i: int) -> tuple[str | Path, bytes | None]:
+        """Image i's file, and its bytes where they are read here (None: load_image opens the file)."""
+        # (os.fsdecode: a name that is not UTF-8, Latin-1 bytes, comes back as the very name the system gave)
+        return self.root / os.fsdecode(self.files[i]), None
+
+    def identify(self, h: "hashlib._Hash") -> None:
+        """Feed the files' names to the set's fingerprint (b"\0".join of all names, a slice at a time: no object
+        per file)."""
+        for start in range(0, len(self.files), 2**16):
+            h.update((b"\0" if start else b"") + b"\0".join(self.files[start:start + 2**16].tolist()))
+
+
+class ShardFiles(FolderFiles):
+    """FolderFiles for tar shards (shards.py): image i's bytes are read from its shard by this process's
+    shards.Reader, which goes through each shard front to back as the epoch's order does (data.mixed_order)."""
+
+    def __init__(self, table: shards.Table, size: int, max_pixels: int, prep: Prep, seed: int):
+        super().__init__(Path(), table.labels, size, max_pixels, prep, seed)
+        self.table, self.reader = table, None  # (the reader: opened in the process that reads, never pickled)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "reader": None}
+
+    def locate(self, i: int) -> tuple[str, bytes]:
+        self.reader = self.reader or shards.Reader(self.table)
+        return self.table.describe(i), self.reader.read(i)
+
+    def identify(self, h: "hashlib._Hash") -> None:
+        h.update("\0".join(s.rsplit("/", 1)[-1] for s in self.table.shards).encode(errors="surrogateescape"))
+        for a in (self.table.shard, self.table.offset, self.table.size):
+            h.update(a.tobytes())
 
     def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, bool]]]:
         """A micro-batch: the readable images stacked (uint8), which of the asked-for ones they are, the problems."""
@@ -192,10 +227,13 @@ class StreamSet:
         h = hashlib.blake2b(digest_size=16)
         h.update(f"{len(self)},{self.image_size}".encode())
         h.update(self.labels.numpy().tobytes())
-        names = self.files.files
-        for start in range(0, len(names), 2**16):  # (b"\0".join of all names, a slice at a time: no object per file)
-            h.update((b"\0" if start else b"") + b"\0".join(names[start:start + 2**16].tolist()))
+        self.files.identify(h)
         return h.hexdigest()
+
+    @property
+    def shard_counts(self) -> torch.Tensor | None:
+        """Tar shards: each shard's number of images, in order (what data.mixed_order mixes); None for a folder."""
+        return self.files.table.counts() if isinstance(self.files, ShardFiles) else None
 
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """The readable ones of the images `idx`, uint8, in evaluation's shape."""
@@ -249,6 +287,14 @@ def stream_set(root: Path, names: np.ndarray, labels: torch.Tensor, size: int, m
     """An image folder's files (folders.split_listing: paths relative to `root` as bytes, and labels) as a
     StreamSet, normalized with a mean of 0 and a std of 1 until they are set."""
     return StreamSet(FolderFiles(root, names, size, max_pixels, prep, seed), labels,
+                     torch.zeros(IMAGEFOLDER_CHANNELS, device=device), torch.ones(IMAGEFOLDER_CHANNELS, device=device),
+                     device, workers)
+
+
+def shard_set(table: shards.Table, size: int, max_pixels: int, prep: Prep, seed: int, device: torch.device,
+              workers: int) -> StreamSet:
+    """A split of tar shards (shards.load) as a StreamSet, normalized with a mean of 0 and a std of 1 until set."""
+    return StreamSet(ShardFiles(table, size, max_pixels, prep, seed), torch.from_numpy(table.labels),
                      torch.zeros(IMAGEFOLDER_CHANNELS, device=device), torch.ones(IMAGEFOLDER_CHANNELS, device=device),
                      device, workers)
 

@@ -61,7 +61,7 @@ def epoch_steps(t: Trainer, data: Split, args: argparse.Namespace, epoch: int, f
     in every process). Adds to `skipped` the streamed files of the steps that could not be read (warned each)."""
     rank, world = runtime.rank_world()
     plan = epoch_plan(len(data), args.seed, epoch, data.labels.device, args.crop_pad, args.alt_flip,
-                      args.color_jitter, data.labels if args.balanced_sampler else None
+                      args.color_jitter, data.labels if args.balanced_sampler else None, data.shard_counts
                       )[:t.images_per_epoch]  # (images_per_epoch: see data.py)
     total, warmup = args.epochs * t.steps_per_epoch, round(args.warmup_epochs * t.steps_per_epoch)
     groups = plan.split(args.batch_size * args.accum_steps)[first_step:]
