@@ -154,7 +154,8 @@ def announce(args: argparse.Namespace, model: nn.Module, train: Split, val: Spli
                 if start["num_classes"] != card["num_classes"] else "")
         print(f"starting from {start['source']}{head}")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad) if args.freeze_backbone else None
-    streamed = f" (streamed from disk by {train.workers} workers)" if isinstance(train, StreamSet) else ""
+    streamed = (f" (streamed by {train.workers} worker{'s' * (train.workers != 1)})" if train.workers else
+                " (streamed by the training process)") if isinstance(train, StreamSet) else ""
     print(f"{args.dataset}: {len(train)} train, {len(val) if val else 0} val, {len(test)} test images{streamed} on "
           f"{device} x {runtime.rank_world()[1]}; {args.model} with {sum(p.numel() for p in model.parameters()):,} "
           f"parameters{f' ({trained:,} trained)' if trained else ''}; writing to {folder}", flush=True)

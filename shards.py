@@ -49,6 +49,8 @@ MAX_CLS_BYTES = 20        # a .cls member: a decimal class index
 OPEN_SHARDS = 16          # shards a reading process keeps open (the epoch mixes data.OPEN_SHARDS at a time)
 SKIP_BYTES = 2**20        # over HTTP, a gap up to this is read through; a larger one starts a new request there
 HTTP_TIMEOUT = 60         # seconds a request may wait for the server
+SOURCES = (f"give --data-dir a folder of train-*.tar and test-*.tar (python shards.py FOLDER DEST writes one), a URL "
+           f"folder with {INDEX}, a brace pattern or a list file of shards")
 
 
 @dataclass
@@ -125,12 +127,16 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]]]:
                             f"({spec}train-{{000000..000009}}.tar) or a list file, or write one (python shards.py "
                             f"--index)")
         found = [spec + name for name in index]
-    elif not is_url(spec) and Path(spec).is_dir():
-        found = sorted(str(p) for split in SPLITS for p in Path(spec).glob(f"{split}-*.tar"))
+    elif not is_url(spec) and Path(spec).is_dir():  # (index.json's shards, where it has one: a missing one is said)
+        index = read_index(spec)
+        found = ([os.path.join(spec, name) for name in index] if index is not None else
+                 sorted(str(p) for split in SPLITS for p in Path(spec).glob(f"{split}-*.tar")))
     elif not is_url(spec) and Path(spec).suffix == ".txt":
         with open_regular(spec, "shard list") as f:
             found = [line.strip() for line in f.read(2**24).decode(errors="replace").splitlines()
                      if line.strip() and not line.startswith("#")]
+    elif not is_url(spec) and "{" not in spec and not os.path.exists(spec):
+        raise DataError(f"shards: {spec} not found; {SOURCES}")
     else:
         found = expand_braces(spec)
     splits = {}
@@ -142,8 +148,7 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]]]:
         splits.setdefault(m.group(1), []).append(location)
     if "train" not in splits or "test" not in splits:
         raise DataError(f"shards: {spec} has no {' or '.join(s for s in ('train', 'test') if s not in splits)} "
-                        f"shards; give a folder of train-*.tar and test-*.tar (python shards.py FOLDER DEST writes "
-                        f"one), a URL folder with {INDEX}, a brace pattern or a list file")
+                        f"shards; {SOURCES}")
     first = splits["train"][0]
     return (first.rsplit("/", 1)[0] + "/" if is_url(first) else str(Path(first).parent)), splits
 
@@ -352,7 +357,7 @@ class Reader:
         state[1] = offset + len(data)
         if len(data) < size:
             raise UnreadableImage(f"cannot read {self.table.describe(i)}: the shard ends {size - len(data):,} bytes "
-                                  f"into its image (a truncated shard)")
+                                  f"before its image does (a truncated shard)")
         return data
 
     def close(self) -> None:
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"wrote {folder / INDEX}: {write_index(folder, found):,} samples in {len(found):,} shards")
             return
         written = write_shards(Path(args.folder), Path(args.dest), args.shard_size, args.seed)
-        print(f"wrote {args.dest}: " + ", ".join(f"{split} {n:,} shards ({images:,} images)"
+        print(f"wrote {args.dest}: " + ", ".join(f"{split} {n:,} shard{'s' * (n != 1)} ({images:,} images)"
                                                 for split, (n, images) in written.items()) + f"; {CLASSES}, {INDEX}")
 
 

@@ -79,7 +79,7 @@ def test_the_weights_do_not_depend_on_the_workers_and_squash_streams_as_it_train
     for workers in ("0", "1", "3"):
         quiet_main([*crop, "--workers", workers, "--out-dir", str(tmp_path / f"crop{workers}")])
     out = capsys.readouterr().out
-    assert "(streamed from disk by 3 workers)" in out
+    assert "(streamed by 3 workers)" in out
     assert "photo recipe: training: random resized crop to 40 (scale 0.08-1, ratio 0.75-1.33) and flip; " \
            "evaluation: resize 46, centre crop 40; bilinear" in out
     assert same_weights(tmp_path / "crop0" / "last.pth", tmp_path / "crop1" / "last.pth")

@@ -1,0 +1,321 @@
+"""Tar shards in WebDataset's layout (shards.py, --dataset shards): written from a real image folder, read by
+webdataset itself and read from webdataset's own writer, served by a real HTTP server on 127.0.0.1, trained on by
+real worker processes, interrupted by a real Ctrl-C, and by two torchrun processes."""
+import base64
+import http.server
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import evaluate
+import shards
+import train
+from checkpoint import load_checkpoint
+from conftest import ROOT
+from test_stream import CLASSES, children, same_weights, start, write_photos
+
+
+def write_shards(tmp_path: Path, per_class: dict[str, int], shard_size: int = 8, **photos) -> tuple[Path, Path]:
+    folder = write_photos(tmp_path / "photos", per_class, **photos)
+    dest = tmp_path / "shards"
+    shards.main([str(folder), str(dest), "--shard-size", str(shard_size)])
+    return folder, dest
+
+
+def run(argv: list[str]) -> dict:
+    return train.main([*argv, "--device", "cpu", "--log-interval", "0"])
+
+
+def flags(source: str | Path, *more: str) -> list[str]:
+    return ["--dataset", "shards", "--data-dir", str(source), "--image-size", "32", "--epochs", "2",
+            "--batch-size", "4", "--val-split", "0.2", "--workers", "1", *more]
+
+
+def members(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar]
+
+
+def test_shards_py_writes_each_files_bytes_and_class_in_webdatasets_layout(tmp_path, capsys):
+    folder, dest = write_shards(tmp_path, {"train": 6, "val": 2, "test": 3}, shard_size=5)
+    assert capsys.readouterr().out == (f"wrote {dest}: train 4 shards (18 images), val 2 shards (6 images), test 2 "
+                                       f"shards (9 images); classes.txt, index.json\n")
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "classes.txt", "index.json", "test-000000.tar", "test-000001.tar", "train-000000.tar", "train-000001.tar",
+        "train-000002.tar", "train-000003.tar", "val-000000.tar", "val-000001.tar"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial folder left
+    assert (dest / "classes.txt").read_text() == "blue\ngreen\nred\n"
+    originals = {p.read_bytes(): sorted(CLASSES).index(p.parent.name) for p in (folder / "train").rglob("*.*")}
+    seen, labels = [], []
+    for shard in sorted(dest.glob("train-*.tar")):
+        found = members(shard)
+        assert all(re.fullmatch(r"train-\d{9}\.(png|jpg|cls)", name) for name, _ in found)
+        for (image, payload), (cls, text) in zip(found[::2], found[1::2]):
+            assert image.rsplit(".", 1)[0] == cls.rsplit(".", 1)[0] and cls.endswith(".cls")
+            assert originals[payload] == int(text.decode())  # the file's own bytes, its class as decimal text
+            seen.append(payload)
+            labels.append(int(text))
+    assert sorted(seen) == sorted(originals)  # every training image once
+    assert labels[:6] != sorted(labels[:6])  # mixed: a folder lists class by class, the shards do not
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 32 KiB tmpfs mounted for the test (needs root and a kernel that lets it mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_shards_py_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, tiny_disk, capsys):
+    folder, dest = write_shards(tmp_path, {"train": 2, "test": 1})
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    with pytest.raises(SystemExit) as exc:
+        shards.main([str(folder), str(dest)])
+    assert exc.value.code == (f"shards.py: error: shards: {dest} exists and is not an empty folder: give a new one "
+                              f"(nothing is overwritten)")
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    with pytest.raises(SystemExit) as exc:
+        shards.main([str(folder), str(tiny_disk / "new")])  # a real full disk, half-way through
+    assert exc.value.code.startswith("shards.py: error: ") and "No space left on device" in exc.value.code
+    assert list(tiny_disk.iterdir()) == []  # no new folder, no partial one
+
+
+def test_mixed_order_reads_each_shard_front_to_back_and_mixes_the_open_ones():
+    counts = torch.tensor([5, 7, 3, 9, 4, 6])
+    g = torch.Generator().manual_seed(0)
+    order = data.mixed_order(counts, g, open_shards=3)
+    assert sorted(order.tolist()) == list(range(int(counts.sum())))
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    shard_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    for s, first in enumerate(starts):
+        mine = order[shard_of[order] == s].tolist()
+        assert mine == list(range(first, first + int(counts[s])))  # front to back
+    assert len(set(shard_of[order[:6]].tolist())) > 1  # the first images already come from several shards
+    again = data.mixed_order(counts, torch.Generator().manual_seed(0), open_shards=3)
+    assert torch.equal(order, again)
+
+
+def test_webdataset_reads_our_shards_and_we_read_webdatasets(tmp_path):
+    wds = pytest.importorskip("webdataset", reason="webdataset is the reference reader and writer of shards")
+    folder, dest = write_shards(tmp_path, {"train": 4, "test": 2}, shard_size=5)
+    originals = {p.read_bytes(): sorted(CLASSES).index(p.parent.name) for p in (folder / "train").rglob("*.*")}
+    urls = [str(p) for p in sorted(dest.glob("train-*.tar"))]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert len(samples) == 12
+    for s in samples:
+        image = s.get("png", s.get("jpg"))
+        assert originals[image] == int(s["cls"])
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    expected = {}
+    for split in ("train", "test"):
+        with wds.ShardWriter(str(theirs / f"{split}-%06d.tar"), maxcount=7, verbose=0) as sink:
+            for i, path in enumerate(sorted((folder / split).rglob("*.*"))):
+                label = sorted(CLASSES).index(path.parent.name)
+                sink.write({"__key__": f"sample{i:05d}", path.suffix[1:]: path.read_bytes(), "cls": label})
+                expected.setdefault(split, []).append((path.read_bytes(), label))
+    tables, classes = shards.load(str(theirs))  # no index.json: read from the shards' own headers
+    assert classes == ["0", "1", "2"]  # no classes.txt: the indices
+    for split, table in tables.items():
+        reader = shards.Reader(table)
+        assert [(reader.read(i), int(table.labels[i])) for i in range(len(table))] == expected[split]
+    result = run(flags(theirs, "--epochs", "1", "--out-dir", str(tmp_path / "run")))
+    assert result["test_images"] == 6
+
+
+@pytest.mark.slow
+def test_the_weights_do_not_depend_on_the_workers_and_resume_exactly_after_ctrl_c(tmp_path):
+    _, dest = write_shards(tmp_path, {"train": 14, "test": 2}, shard_size=6)
+    base = flags(dest, "--val-split", "0", "--color-jitter", "0.2")  # 42 images: 11 steps an epoch
+    straight = run([*base, "--workers", "0", "--out-dir", str(tmp_path / "w0")])
+    run([*base, "--workers", "2", "--out-dir", str(tmp_path / "w2")])
+    assert same_weights(tmp_path / "w0" / "last.pth", tmp_path / "w2" / "last.pth")
+
+    out = tmp_path / "stopped"
+    proc = start([*base, "--workers", "2", "--device", "cpu", "--log-interval", "1", "--out-dir", str(out)])
+    for line in proc.stdout:
+        if line.split()[:4] == ["epoch", "2/2", "step", "3/11"]:
+            break
+    assert len(children(proc.pid)) == 2
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    ckpt = load_checkpoint(out / "last.pth")
+    assert ckpt["state"]["epoch"] == 1 and 3 <= ckpt["partial_epoch"]["step"] < 11
+    resumed = run(shlex.split(err.strip().splitlines()[-1])[2:])
+    assert same_weights(tmp_path / "w0" / "last.pth", out / "last.pth")
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """A real HTTP server on 127.0.0.1 for `root`, answering Range requests (206) or, ranges=False, ignoring them
+    (200, the whole file, as a plain static server does); `requests` records (path, Range header)."""
+
+    def __init__(self, root: Path, ranges: bool = True):
+        self.requests, self.ranges = [], ranges
+        server = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, directory=str(root), **kwargs)
+
+            def send_head(self):
+                server.requests.append((self.path, self.headers.get("Range")))
+                m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                path = Path(self.translate_path(self.path))
+                if not (server.ranges and m and path.is_file()):
+                    return super().send_head()
+                f = path.open("rb")
+                size, start = path.stat().st_size, int(m.group(1))
+                f.seek(start)
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+                self.send_header("Content-Length", str(size - start))
+                self.end_headers()
+                return f
+
+            def log_message(self, *args):
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def handle_error(self, request, client_address):
+        pass  # (a reader that closes a shard it has read enough of: not an error)
+
+
+@pytest.mark.parametrize("ranges", [True, False])
+def test_shards_over_http_train_as_from_disk_and_stream_each_shard(tmp_path, ranges):
+    _, dest = write_shards(tmp_path, {"train": 8, "test": 2}, shard_size=5)
+    local = run(flags(dest, "--workers", "2", "--out-dir", str(tmp_path / "local")))
+    server = Server(tmp_path, ranges)
+    try:
+        over_http = run(flags(server.url + "shards/", "--workers", "2", "--out-dir", str(tmp_path / "http")))
+        pattern = server.url + "shards/{train-{000000..000004},test-000000,test-000001}.tar"
+        listed = tmp_path / "shards.txt"
+        listed.write_text("".join(f"{u}\n" for u in shards.expand_braces(pattern)))
+        from_list = run(flags(listed, "--workers", "0", "--out-dir", str(tmp_path / "list")))
+    finally:
+        server.shutdown()
+    for other in ("http", "list"):
+        assert same_weights(tmp_path / "local" / "last.pth", tmp_path / other / "last.pth")
+    assert local["test_accuracy"] == over_http["test_accuracy"] == from_list["test_accuracy"]
+    shard_requests = [r for r in server.requests if r[0].endswith(".tar")]
+    assert shard_requests and all(r[1] is None or re.fullmatch(r"bytes=\d+-", r[1]) for r in shard_requests)
+    # each shard streamed, not fetched per image: a few requests for each shard an epoch reads
+    assert len(shard_requests) < 3 * 2 * 7 * 4, len(shard_requests)
+
+
+def test_a_truncated_or_corrupt_member_is_skipped_with_one_warning_and_a_missing_shard_is_one_line(tmp_path, capsys):
+    _, dest = write_shards(tmp_path, {"train": 6, "test": 2}, shard_size=6)
+    shard = dest / "train-000002.tar"
+    index = json.loads((dest / "index.json").read_text())["shards"]["train-000002.tar"]
+    offsets = np.frombuffer(base64.b64decode(index["offsets"]), "<i8")
+    with open(shard, "r+b") as f:
+        f.seek(int(offsets[1]))
+        f.write(b"\xff" * 64)  # the second image's first bytes: not an image any more
+        f.truncate(int(offsets[5]) + 10)  # the last image cut short
+    result = run(flags(dest, "--val-split", "0", "--out-dir", str(tmp_path / "run")))
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: cannot read image {shard} sample 1: cannot identify image file '{shard} sample 1'; skipped",
+        f"warning: cannot read {shard} sample 5: the shard ends {index_size(index, 5) - 10:,} bytes before its image "
+        f"does (a truncated shard); skipped"], err
+    assert "note: 2 of epoch 1's 18 training images could not be read" in err
+    assert result["test_images"] == 6
+
+    os.remove(dest / "train-000001.tar")
+    with pytest.raises(SystemExit) as exc:
+        run(flags(dest, "--out-dir", str(tmp_path / "run2")))
+    assert exc.value.code == f"train.py: error: shards: shard not found: {dest / 'train-000001.tar'} (listed in " \
+                             f"index.json)"
+
+
+def index_size(entry: dict, i: int) -> int:
+    return int(np.frombuffer(base64.b64decode(entry["sizes"]), "<i8")[i])
+
+
+def test_evaluate_reads_the_test_shards_as_the_run_did(tmp_path, capsys):
+    _, dest = write_shards(tmp_path, {"train": 4, "test": 2})
+    result = run(flags(dest, "--epochs", "1", "--out-dir", str(tmp_path / "run")))
+    report = evaluate.main(["--checkpoint", str(tmp_path / "run"), "--device", "cpu", "--json"])
+    assert report["accuracy"] == result["test_accuracy"] and report["confusion"].sum() == 6
+
+
+@pytest.mark.parametrize("given, problem", [
+    ("nowhere", "nowhere not found; give --data-dir a folder of train-*.tar and test-*.tar (python shards.py "
+                "FOLDER DEST writes one)"),
+    ("{dest}/../photos", "photos has no train or test shards"),
+    ("{url}", "no index.json at {url}: a URL folder cannot be listed"),
+    ("{dest}/train-{{000000..000001}}.tar", "has no test shards"),
+])
+def test_shard_sources_that_cannot_be_read_are_one_line(tmp_path, given, problem):
+    _, dest = write_shards(tmp_path, {"train": 2, "test": 1}, shard_size=4)
+    server = Server(tmp_path / "photos")
+    try:
+        spec = given.format(url=server.url, dest=dest)
+        with pytest.raises(SystemExit) as exc:
+            run(flags(spec, "--out-dir", str(tmp_path / "run")))
+    finally:
+        server.shutdown()
+    assert exc.value.code.startswith("train.py: error: shards: ") and problem.format(url=server.url) in \
+        exc.value.code, exc.value.code
+
+
+def test_balanced_sampler_is_refused_for_shards_with_the_way_forward(tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        run(flags(tmp_path, "--balanced-sampler"))
+    assert "--balanced-sampler draws images in any order, and shards are read front to back: give --class-weights " \
+           "balanced" in str(exc.value.code)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_reading_shards_over_http_step_as_one_process(tmp_path):
+    _, dest = write_shards(tmp_path, {"train": 8, "test": 2}, shard_size=5)
+    server = Server(tmp_path)
+    try:
+        # 24 images, one optimizer step of all 24: two nodes of 12 each step as one process does
+        common = ["--dataset", "shards", "--data-dir", server.url + "shards/", "--image-size", "32", "--epochs", "1",
+                  "--batch-size", "24", "--val-split", "0", "--optimizer", "sgd", "--lr", "0.1", "--workers", "1",
+                  "--no-channels-last", "--device", "cpu", "--log-interval", "0"]
+        train.main([*common, "--out-dir", str(tmp_path / "one")])
+        port = free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={rank}", "--nproc_per_node=1",
+             "--master_addr=127.0.0.1", f"--master_port={port}", "train.py", *common, "--out-dir",
+             str(tmp_path / "two")], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}) for rank in (0, 1)]
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        server.shutdown()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-3000:] + outputs[1][1][-3000:]
+    one, two = (torch.load(tmp_path / d / "last.pth", weights_only=True)["model"] for d in ("one", "two"))
+    for k in one:
+        assert torch.allclose(one[k], two[k], atol=1e-6), k
