@@ -13,6 +13,8 @@
     python bench.py --loop-cost 32 --log-interval 1    # the same, also with a progress line after every step
     python bench.py --photos ./photos                  # photos: streamed vs torchvision's ImageFolder + DataLoader
     python bench.py --photos ./photos --stream-memory 4000 40000   # peak memory of a streamed epoch vs set size
+    python bench.py --shards ./photos --image-size 32  # an epoch read from a folder vs from its tar shards
+    python bench.py --shards --start-up 128000 1281167 # first step and memory vs images in shards
     python bench.py --data-dir ./data --long-tailed ./data-lt   # long-tailed CIFAR-10 (imbalance 100) to train on
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and
@@ -47,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 import bench_photos
+import bench_shards
 import config
 import optim
 import runtime
@@ -363,6 +366,10 @@ def parse_bench_args() -> argparse.Namespace:
     p.add_argument("--log-interval", type=int, default=0, metavar="N",
                    help="with --loop-cost: also time the loop with train.py's --log-interval N (default: 0, off)")
     bench_photos.add_photo_flags(p)
+    p.add_argument("--shards", nargs="?", const="", metavar="FOLDER",
+                   help="an epoch read from an image folder against its tar shards (shards.py), the data path alone "
+                        "(give --image-size too); with --start-up N ..., no folder: the first step from N images "
+                        "in 1,000-image shards instead")
     p.add_argument("--long-tailed", metavar="DIR", help="write a long-tailed copy of --data-dir's CIFAR-10 to DIR "
                    "instead (class i keeps 5000 x imbalance^(-i/9) training images; the test set as it is)")
     p.add_argument("--imbalance", type=float, default=100.0, metavar="R",
@@ -376,6 +383,10 @@ def parse_bench_args() -> argparse.Namespace:
                             "--step-cost takes AirNet widths: three channel counts each, like 32,192,192"),
                            (not 1 <= args.imbalance <= 5000, "--imbalance must be in [1, 5000]"),
                            (args.photos_limit < 0, "--photos-limit must be >= 0 (0: all the training images)"),
+                           (args.shards == "" and not args.start_up, "--shards takes an image folder, or "
+                                                                     "--start-up N ... for shards of tiny images"),
+                           (args.start_up and not (args.photos or args.shards is not None),
+                            "--start-up is for --photos FOLDER or --shards"),
                            (args.start_up and not all(2 <= n <= 10**8 for n in args.start_up),
                             "--start-up takes numbers of files in [2, 100000000]: two classes need one each")):
         if wrong:
@@ -397,6 +408,8 @@ def run_benchmark() -> None:
                              (args.loop_cost, lambda: loop_cost(args.loop_cost, log_interval=args.log_interval)),
                              (args.memory, lambda: memory(args.data_dir, args.train_args)),
                              (args.photos, lambda: bench_photos.run_photos(args)),
+                             (args.shards is not None, lambda: bench_shards.run_shards(args.shards, args.start_up,
+                                                                                       args.workers, args.image_size)),
                              (args.preset, lambda: time_to_accuracy(args.data_dir, args.preset, args.train_args))):
         if asked:
             return benchmark()

@@ -342,6 +342,24 @@ def simulated_folder(sources: list[Path], root: Path, files: int, classes: int) 
                 os.symlink(source, folder / f"{i:07d}{source.suffix}")
 
 
+def first_step(cmd: list[str]) -> tuple[float, int]:
+    """Seconds from launching the train.py command `cmd` to its first optimizer step's line (--log-interval 1), and
+    its main process's peak resident memory then (VmHWM, bytes); the run is ended there."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.split()[2:3] == ["step"]:
+                seconds = time.perf_counter() - start
+                status = Path(f"/proc/{proc.pid}/status").read_text()
+                return seconds, int(next(v for k, v in (x.split(":") for x in status.splitlines())
+                                         if k == "VmHWM").split()[0]) * 1024
+        raise cli.UserError("train.py ended before its first step")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def start_up(folder: str, counts: list[int], workers: int, classes: int = 1000) -> None:
     """Seconds from launch to train.py's first optimizer step, and the main process's peak resident memory then
     (VmHWM), streaming a simulated folder of N links to the folder's photos for each N: what listing a large folder
@@ -354,25 +372,10 @@ def start_up(folder: str, counts: list[int], workers: int, classes: int = 1000) 
     for count in counts:
         with tempfile.TemporaryDirectory() as tmp:
             simulated_folder(sources, Path(tmp) / "photos", count, min(classes, count))
-            cmd = [sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", str(Path(tmp) / "photos"),
-                   "--image-size", "64", "--resize-mode", "crop", "--workers", str(workers), "--epochs", "1",
-                   "--batch-size", "64", "--val-split", "0", "--log-interval", "1", "--out-dir", str(Path(tmp) / "run")]
-            start = time.perf_counter()
-            proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True,
-                                    start_new_session=True)
-            try:
-                for line in proc.stdout:
-                    if line.split()[2:3] == ["step"]:
-                        seconds = time.perf_counter() - start
-                        status = Path(f"/proc/{proc.pid}/status").read_text()
-                        peaks[count] = int(next(v for k, v in (x.split(":") for x in status.splitlines())
-                                                if k == "VmHWM").split()[0]) * 1024
-                        break
-                else:
-                    raise cli.UserError("train.py ended before its first step")
-            finally:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            seconds, peaks[count] = first_step([
+                sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", str(Path(tmp) / "photos"),
+                "--image-size", "64", "--resize-mode", "crop", "--workers", str(workers), "--epochs", "1",
+                "--batch-size", "64", "--val-split", "0", "--log-interval", "1", "--out-dir", str(Path(tmp) / "run")])
         print(f"{count:>10,}{seconds:>11.1f}s{peaks[count] / 2**20:>11,.0f} MiB", flush=True)
     if len(counts) > 1:
         low, high = min(counts), max(counts)

@@ -87,6 +87,13 @@ class FolderFiles(Dataset):
         per file)."""
         for start in range(0, len(self.files), 2**16):
             h.update((b"\0" if start else b"") + b"\0".join(self.files[start:start + 2**16].tolist()))
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, bool]]]:
+        """A micro-batch: the readable images stacked (uint8), which of the asked-for ones they are, the problems."""
+        keep = torch.tensor([x is not None for x, _, _ in items], dtype=torch.bool)
+        images = [x for x, _, _ in items if x is not None]
+        x = torch.stack(images) if images else torch.empty(0, IMAGEFOLDER_CHANNELS, self.size, self.size,
+                                                            dtype=torch.uint8)
+        return x, keep, [(message, fatal) for _, message, fatal in items if message]
 
 
 class ShardFiles(FolderFiles):
@@ -108,14 +115,6 @@ class ShardFiles(FolderFiles):
         h.update("\0".join(s.rsplit("/", 1)[-1] for s in self.table.shards).encode(errors="surrogateescape"))
         for a in (self.table.shard, self.table.offset, self.table.size):
             h.update(a.tobytes())
-
-    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, bool]]]:
-        """A micro-batch: the readable images stacked (uint8), which of the asked-for ones they are, the problems."""
-        keep = torch.tensor([x is not None for x, _, _ in items], dtype=torch.bool)
-        images = [x for x, _, _ in items if x is not None]
-        x = torch.stack(images) if images else torch.empty(0, IMAGEFOLDER_CHANNELS, self.size, self.size,
-                                                            dtype=torch.uint8)
-        return x, keep, [(message, fatal) for _, message, fatal in items if message]
 
 
 class Step(list):

@@ -116,7 +116,7 @@ def test_a_folder_larger_than_the_normalization_sample_trains_alike_streamed_and
 
 def test_the_photo_recipe_is_torchvisions_own_transform_with_the_same_draws(tmp_path):
     import torchvision.transforms.v2 as T
-    from folders import Prep, load_image
+    from decode import Prep, load_image
     photo = write_photos(tmp_path / "photos", {"train": 1}, sizes=(120, 200)) / "train" / "red" / "000.png"
     prep = Prep("crop", 73, "bicubic", (0.3, 0.9), (0.5, 2.0))
     pil = Image.open(photo).convert("RGB")
@@ -171,7 +171,7 @@ def test_training_crops_are_torchvisions_on_every_exif_orientation_and_sharp_fro
     torchvision's crop of the upright photo at full scale (a PNG); a large JPEG is decoded at a reduction that
     keeps the box >= twice the output's side, as sharp as torchvision's crop of the whole decode and close to it."""
     import torchvision.transforms.v2 as T
-    from folders import Prep, load_image
+    from decode import Prep, load_image
     rng = np.random.default_rng(0)
     stored = Image.fromarray(rng.integers(0, 256, (150, 230, 3), dtype=np.uint8))
     prep = Prep("crop", 73, "bilinear", (0.08, 1.0))
