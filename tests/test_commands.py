@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+import shards
 from conftest import ROOT, write_cifar10, write_mnist
 from image_files import make_image_folder
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = ("train.py", "find_lr.py", "evaluate.py", "predict.py", "export.py", "plot.py", "bench.py")
+SCRIPTS = ("train.py", "find_lr.py", "evaluate.py", "predict.py", "export.py", "plot.py", "bench.py", "shards.py")
 # The non-zero exits the pages promise: a range test whose loss has no valley (docs/flags.md), and a loss that
 # diverges (README: train.py), which a recipe for 250 photos may do in a few steps on a dozen tiny images
 PROMISED = {"find_lr.py": ("find_lr.py: error: no suggestion: ",),
@@ -141,6 +142,8 @@ def rewrite(argv: list[str], data: dict[str, Path], n: int) -> list[str]:
         elif "--memory" not in ours:
             ours = [*without(ours, "--epochs"), "--epochs", "1"]
         return [script, *ours, *(extra if len(extra) > 1 else [])]
+    if script == "shards.py" and "--index" not in args:  # (FOLDER: the tiny image folder; DEST: new, here)
+        return [script, str(data["imagefolder"]), *args[1:]]
     return [script, *[p for word in args for p in (sorted(map(str, Path().glob(word))) if "*" in word else [word])]]
 
 
@@ -160,11 +163,13 @@ def run(argv: list[str], monkeypatch) -> str | int | None:
 def tiny_data(tmp_path: Path) -> dict[str, Path]:
     data = tmp_path / "tiny"
     photos = make_image_folder(data / "photos")
+    shards.write_shards(photos, data / "shards", 4)
     new = tmp_path / "work" / "new"
     new.mkdir(parents=True)
     for i, color in enumerate(((200, 10, 10), (10, 10, 200))):
         Image.new("RGB", (50, 40), color).save(new / f"IMG_{i}.jpg")
     return {"cifar10": write_cifar10(data / "cifar10", n_per_batch=10, n_test=20), "imagefolder": photos,
+            "shards": data / "shards",
             "fashion-mnist": write_mnist(data / "fashion-mnist", compress=True),
             "mnist": write_mnist(data / "mnist", compress=False)}
 

@@ -319,3 +319,33 @@ def test_two_torchrun_nodes_reading_shards_over_http_step_as_one_process(tmp_pat
     one, two = (torch.load(tmp_path / d / "last.pth", weights_only=True)["model"] for d in ("one", "two"))
     for k in one:
         assert torch.allclose(one[k], two[k], atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_the_shards_benchmark_reads_a_folder_and_its_shards_and_starts_from_tiny_shards(tmp_path):
+    write_photos(tmp_path / "home" / "photos", {"train": 10, "test": 2})
+    before = sorted((tmp_path / "home").rglob("*"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--shards", "photos", "--image-size", "32",
+                             "--workers", "1"], cwd=tmp_path / "home", capture_output=True, text=True, timeout=600,
+                            env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    table = [r for r in rows if r[:1] in (["folder"], ["shards"]) and r[1:2] != ["/"]]
+    assert [r[:2] for r in table] == [["folder", "cold"], ["shards", "cold"], ["folder", "warm"], ["shards", "warm"]]
+    assert all(r[-1].replace(",", "").isdigit() for r in table)
+    assert [r[:4] for r in rows if r[:2] == ["shards", "/"]] == [["shards", "/", "folder,", "cold:"],
+                                                               ["shards", "/", "folder,", "warm:"]]
+    assert sorted((tmp_path / "home").rglob("*")) == before  # the shards went to a temporary folder
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--shards", "--start-up", "2000", "3000",
+                             "--workers", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[:2] for line in lines[-3:-1]] == [["2,000", "2"], ["3,000", "3"]]
+    assert re.fullmatch(r"main process: -?\d+ bytes per image", lines[-1])
+
+    result = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--shards"], cwd=tmp_path, capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 1 and result.stderr.splitlines()[-1] == (
+        "bench.py: error: --shards takes an image folder, or --start-up N ... for shards of tiny images")
