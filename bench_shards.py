@@ -60,8 +60,8 @@ def shards_against_folder(folder: str, workers: int, size: int) -> None:
         dest = Path(tmp) / "shards"
         shards.write_shards(Path(folder), dest, shards.SHARD_SIZE)
         cold = drop_caches()
-        print(f"{'pipeline':<8}{'cache':>6}{'prepare':>10}{'epoch':>9}{'images/s':>10}  ({workers} workers, {size} px, "
-              f"batches of {BATCH}; page cache {'dropped' if cold else 'NOT dropped (not root): both warm'})")
+        print(f"{'pipeline':<8}{'cache':>6}{'prepare':>10}{'epoch':>9}{'images/s':>10}  (workers: {workers}, {size} "
+              f"px, batches of {BATCH}; page cache {'dropped' if cold else 'NOT dropped (not root): both warm'})")
         rates = {}
         for cache in ("cold", "warm"):
             for name, source in (("folder", folder), ("shards", str(dest))):
@@ -105,7 +105,7 @@ def start_up(counts: list[int], workers: int) -> None:
     """Seconds from launch to train.py's first step, and the main process's peak memory then, training on `counts`
     images of tiny_shards; per image: the peak's growth from the smallest count to the largest, over the images."""
     print(f"{'images':>10}{'shards':>8}{'first step':>12}{'main process':>14}  (simplecnn, 64 px, photo recipe, "
-          f"{workers} workers)")
+          f"workers: {workers})")
     peaks = {}
     for count in counts:
         with tempfile.TemporaryDirectory() as tmp:
