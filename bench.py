@@ -13,8 +13,8 @@
     python bench.py --loop-cost 32 --log-interval 1    # the same, also with a progress line after every step
     python bench.py --photos ./photos                  # photos: streamed vs torchvision's ImageFolder + DataLoader
     python bench.py --photos ./photos --stream-memory 4000 40000   # peak memory of a streamed epoch vs set size
-    python bench.py --shards ./photos --image-size 32  # an epoch read from a folder vs from its tar shards
-    python bench.py --shards --start-up 128000 1281167 # first step and memory vs images in shards
+    python bench.py --shards ./photos --image-size 32  # a folder vs its shards
+    python bench.py --shards --start-up 128000 1281167  # start-up, memory
     python bench.py --data-dir ./data --long-tailed ./data-lt   # long-tailed CIFAR-10 (imbalance 100) to train on
 
 The baseline is the seed guide's recipe as written there: a Dataset that turns each image into a PIL image and

@@ -46,10 +46,10 @@ def build_parser(prog: str = "train.py", doc: str | None = None) -> argparse.Arg
                         "given override it (default: seed)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=DATASETS,
-                   help="imagefolder: your own images, one folder per class under DIR/train and DIR/test; "
-                        "shards: tar shards in WebDataset's layout (shards.py writes them; DIR: their folder, a URL "
-                        "folder, a brace pattern or a list file) (default: cifar10)")
+    g.add_argument("--dataset", default="cifar10", choices=DATASETS, metavar="NAME",
+                   help=f"{', '.join(DATASETS)}. imagefolder: your own images, one folder per class under "
+                        f"DIR/train and DIR/test; shards: tar shards in WebDataset's layout (shards.py writes them; "
+                        f"DIR: their folder, a URL folder, a brace pattern or a list file) (default: cifar10)")
     g.add_argument("--data-dir", default="./data", metavar="DIR",
                    help="where datasets are found or downloaded (default: ./data)")
     g.add_argument("--image-size", type=int, metavar="PX",

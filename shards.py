@@ -46,6 +46,7 @@ INDEX_FORMAT = "image-shards-index 1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp")  # the member that is a sample's image (webdataset's names)
 MAX_INDEX_BYTES = 2**31   # index.json: 24 bytes a sample as base64, so 60 million samples
 MAX_CLS_BYTES = 20        # a .cls member: a decimal class index
+MAX_IMAGE_BYTES = 2**31   # an image member this large is none (decode.MAX_IMAGE_PIXELS would refuse it anyway)
 OPEN_SHARDS = 16          # shards a reading process keeps open (the epoch mixes data.OPEN_SHARDS at a time)
 SKIP_BYTES = 2**20        # over HTTP, a gap up to this is read through; a larger one starts a new request there
 HTTP_TIMEOUT = 60         # seconds a request may wait for the server
@@ -59,10 +60,11 @@ class Table:
     `shards`: paths or URLs), where its image's bytes lie in that shard, and its class. Numpy arrays: a few bytes
     a sample, no Python object each (the DataLoader workers' copy-on-write pages stay shared)."""
     shards: list[str]
-    shard: np.ndarray   # int32
-    offset: np.ndarray  # int64
-    size: np.ndarray    # int64
-    labels: np.ndarray  # int64
+    shard: np.ndarray     # int32
+    position: np.ndarray  # int32: the sample's number in its shard (what messages name)
+    offset: np.ndarray    # int64
+    size: np.ndarray      # int32 (an image of 2 GiB or more is no sample: MAX_IMAGE_BYTES)
+    labels: np.ndarray    # int64
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -70,7 +72,7 @@ class Table:
     def subset(self, idx: np.ndarray) -> "Table":
         """The samples `idx`, kept in shard order (sorted) so that each shard is still read front to back."""
         idx = np.sort(idx)
-        return Table(self.shards, self.shard[idx], self.offset[idx], self.size[idx], self.labels[idx])
+        return Table(self.shards, *(a[idx] for a in (self.shard, self.position, self.offset, self.size, self.labels)))
 
     def counts(self) -> torch.Tensor:
         """The number of samples of each run of one shard, in order: what data.mixed_order mixes."""
@@ -78,9 +80,8 @@ class Table:
         return torch.from_numpy(np.diff(np.r_[starts, len(self)]).astype(np.int64))
 
     def describe(self, i: int) -> str:
-        """Sample i, as messages name it: its shard and its position in that shard."""
-        shard = int(self.shard[i])
-        return f"{self.shards[shard]} sample {i - int(np.searchsorted(self.shard, shard))}"
+        """Sample i, as messages name it: its shard and its number in that shard."""
+        return f"{self.shards[int(self.shard[i])]} sample {int(self.position[i])}"
 
 
 def is_url(location: str) -> bool:
@@ -117,18 +118,19 @@ def expand_braces(pattern: str) -> list[str]:
     return [pattern[:start] + name for c in choices for name in expand_braces(c + rest)]
 
 
-def locate(spec: str) -> tuple[str, dict[str, list[str]]]:
-    """The shards of --data-dir `spec`, split by their names (train-, val-, test-), and the folder or URL folder
-    beside them (index.json and classes.txt are looked for there)."""
+def locate(spec: str) -> tuple[str, dict[str, list[str]], dict | None]:
+    """The shards of --data-dir `spec`, split by their names (train-, val-, test-), the folder or URL folder beside
+    them (where classes.txt is looked for), and its index.json (read_index), if it has one."""
+    index, listed = None, False  # (listed: the folder's index.json was read to list the shards)
     if is_url(spec) and spec.endswith("/"):
-        index = read_index(spec)
+        index, listed = read_index(spec), True
         if index is None:
             raise DataError(f"shards: no {INDEX} at {spec}: a URL folder cannot be listed; give a brace pattern "
                             f"({spec}train-{{000000..000009}}.tar) or a list file, or write one (python shards.py "
                             f"--index)")
         found = [spec + name for name in index]
     elif not is_url(spec) and Path(spec).is_dir():  # (index.json's shards, where it has one: a missing one is said)
-        index = read_index(spec)
+        index, listed = read_index(spec), True
         found = ([os.path.join(spec, name) for name in index] if index is not None else
                  sorted(str(p) for split in SPLITS for p in Path(spec).glob(f"{split}-*.tar")))
     elif not is_url(spec) and Path(spec).suffix == ".txt":
@@ -150,7 +152,8 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]]]:
         raise DataError(f"shards: {spec} has no {' or '.join(s for s in ('train', 'test') if s not in splits)} "
                         f"shards; {SOURCES}")
     first = splits["train"][0]
-    return (first.rsplit("/", 1)[0] + "/" if is_url(first) else str(Path(first).parent)), splits
+    folder = first.rsplit("/", 1)[0] + "/" if is_url(first) else str(Path(first).parent)
+    return folder, splits, index if listed else read_index(folder)
 
 
 def open_location(location: str, what: str, offset: int = 0) -> BinaryIO:
@@ -213,7 +216,7 @@ def scan(f: BinaryIO, name: str, seekable: bool) -> tuple[np.ndarray, np.ndarray
                 folder, _, base = member.name.rpartition("/")
                 key, _, extension = base.partition(".")
                 sample = samples.setdefault(f"{folder}/{key}", [-1, 0, -1])
-                if extension.lower() in IMAGE_EXTENSIONS:
+                if extension.lower() in IMAGE_EXTENSIONS and member.size < MAX_IMAGE_BYTES:
                     sample[:2] = member.offset_data, member.size
                 elif extension == "cls":
                     text = tar.extractfile(member).read(MAX_CLS_BYTES + 1).strip()
@@ -266,7 +269,8 @@ def read_index(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarra
     for name, entry in index["shards"].items():
         arrays = tuple(decode_array(entry.get(k) if isinstance(entry, dict) else None, f"{name}'s {k}")
                        for k in ("offsets", "sizes", "labels"))
-        if len({len(a) for a in arrays}) != 1 or any((a < 0).any() for a in arrays):
+        if len({len(a) for a in arrays}) != 1 or any((a < 0).any() for a in arrays) or \
+                (arrays[1] >= MAX_IMAGE_BYTES).any():
             raise DataError(f"shards: {name}'s entry in {INDEX} is inconsistent; write it again: python shards.py "
                             f"--index")
         entries[name] = arrays
@@ -305,16 +309,16 @@ def table(folder: str, locations: list[str], index: dict | None, warned: set) ->
         elif not is_url(location) and not os.path.isfile(location):
             raise DataError(f"shards: shard not found: {location} (listed in {INDEX})")
         offsets, sizes, labels = entry
-        parts.append((np.full(len(labels), i, dtype=np.int32), offsets, sizes, labels))
-    shard, offset, size, labels = (np.concatenate([p[k] for p in parts]) for k in range(4))
-    return Table(locations, shard, offset, size, labels)
+        parts.append((np.full(len(labels), i, dtype=np.int32), np.arange(len(labels), dtype=np.int32), offsets,
+                      sizes.astype(np.int32), labels))
+    return Table(locations, *(np.concatenate([p[k] for p in parts]) for k in range(5)))
 
 
 def load(spec: str) -> tuple[dict[str, Table], list[str]]:
     """The shards of --data-dir `spec`: a Table per split found (train and test, val if any) and the class names
     (classes.txt; without one, the indices "0", "1", ...)."""
-    folder, splits = locate(spec)
-    index, warned = read_index(folder), set()
+    folder, splits, index = locate(spec)
+    warned = set()
     tables = {split: table(folder, splits[split], index, warned) for split in SPLITS if split in splits}
     top = max(int(t.labels.max()) + 1 if len(t) else 0 for t in tables.values())
     text = read_side_file(folder, CLASSES, 2**24)
@@ -345,7 +349,13 @@ class Reader:
             state[0].close()
             state = None
         if state is None:
-            state = [open_location(location, "shard", offset), offset]
+            try:
+                state = [open_location(location, "shard", offset), offset]
+            except DataError as e:
+                if "HTTP 416" not in str(e):  # (416: Range Not Satisfiable, the shard ends before the image)
+                    raise
+                raise UnreadableImage(f"cannot read {self.table.describe(i)}: the shard ends before its image "
+                                      f"begins (a truncated shard)") from None
         elif is_url(location):
             skip(state[0], offset - state[1])
         else:
@@ -354,6 +364,13 @@ class Reader:
         while len(self.open) > OPEN_SHARDS:
             self.open.popitem(last=False)[1][0].close()
         data = state[0].read(size)
+        if len(data) < size and is_url(location):  # (a connection the server ended: once more, from there)
+            state[0].close()
+            try:
+                state[0] = open_location(location, "shard", offset + len(data))
+                data += state[0].read(size - len(data))
+            except DataError:  # (416: the shard does end there)
+                del self.open[shard]
         state[1] = offset + len(data)
         if len(data) < size:
             raise UnreadableImage(f"cannot read {self.table.describe(i)}: the shard ends {size - len(data):,} bytes "

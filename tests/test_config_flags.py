@@ -128,8 +128,8 @@ def test_a_configs_false_turns_off_a_switch_its_preset_turns_on(tmp_path):
     (["--optimizer", "sgd", "--muon-momentum", "0.9"], "--muon-momentum 0.9 has no effect here: it is for "
                                                        "--optimizer muon"),
     (["--find-lr-end", "1"], "--find-lr-end 1.0 has no effect here: it is for the lr range test"),
-    (["--max-image-pixels", "1000"], "--max-image-pixels 1000 has no effect here: it limits the image files of an "
-                                     "image folder, and cifar10 has none: leave it out"),
+    (["--max-image-pixels", "1000"], "--max-image-pixels 1000 has no effect here: it limits image files (an image "
+                                     "folder's, shards'), and cifar10 has none: leave it out"),
 ])
 def test_a_flag_given_that_would_have_no_effect_is_refused(flags, message):
     assert refusal(flags).startswith(message)

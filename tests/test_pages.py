@@ -28,7 +28,7 @@ def test_train_help_fits_80_columns_describes_every_flag_and_shows_what_a_preset
         "preset": "seed", "warmup_epochs": 2.0}  # the flags shown make the preset's recipe
 
 
-@pytest.mark.parametrize("script", ["evaluate", "predict", "export", "plot", "bench", "find_lr"])
+@pytest.mark.parametrize("script", ["evaluate", "predict", "export", "plot", "bench", "find_lr", "shards"])
 def test_every_scripts_help_text_fits_80_columns(script):
     module = __import__(script)
     assert max(map(len, cli.fit_text(module.__doc__).splitlines())) <= 79

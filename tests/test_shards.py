@@ -184,8 +184,11 @@ class Server(http.server.ThreadingHTTPServer):
                 path = Path(self.translate_path(self.path))
                 if not (server.ranges and m and path.is_file()):
                     return super().send_head()
-                f = path.open("rb")
                 size, start = path.stat().st_size, int(m.group(1))
+                if start >= size:
+                    self.send_error(416)
+                    return None
+                f = path.open("rb")
                 f.seek(start)
                 self.send_response(206)
                 self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
@@ -235,15 +238,21 @@ def test_a_truncated_or_corrupt_member_is_skipped_with_one_warning_and_a_missing
         f.seek(int(offsets[1]))
         f.write(b"\xff" * 64)  # the second image's first bytes: not an image any more
         f.truncate(int(offsets[5]) + 10)  # the last image cut short
-    result = run(flags(dest, "--val-split", "0", "--out-dir", str(tmp_path / "run")))
-    err = capsys.readouterr().err
-    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-    assert warnings == [
-        f"warning: cannot read image {shard} sample 1: cannot identify image file '{shard} sample 1'; skipped",
-        f"warning: cannot read {shard} sample 5: the shard ends {index_size(index, 5) - 10:,} bytes before its image "
-        f"does (a truncated shard); skipped"], err
-    assert "note: 2 of epoch 1's 18 training images could not be read" in err
-    assert result["test_images"] == 6
+    server = Server(tmp_path)
+    try:
+        for n, source in enumerate((str(dest), server.url + "shards/")):  # from disk, then over HTTP
+            shard = f"{source}/train-000002.tar".replace("//train", "/train")
+            result = run(flags(source, "--val-split", "0", "--out-dir", str(tmp_path / f"run{n}")))
+            err = capsys.readouterr().err
+            warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+            assert warnings == [
+                f"warning: cannot read image {shard} sample 1: cannot identify image file '{shard} sample 1'; skipped",
+                f"warning: cannot read {shard} sample 5: the shard ends {index_size(index, 5) - 10:,} bytes before "
+                f"its image does (a truncated shard); skipped"], err
+            assert "note: 2 of epoch 1's 18 training images could not be read" in err
+            assert result["test_images"] == 6
+    finally:
+        server.shutdown()
 
     os.remove(dest / "train-000001.tar")
     with pytest.raises(SystemExit) as exc:
