@@ -190,8 +190,15 @@ def join_process_group(backend: str, cuda_device: int | None) -> None:
         try:
             if cuda_device is not None:
                 torch.cuda.set_device(cuda_device)  # (the current device is the thread's own)
+            # Where torchrun's agent serves the store itself (TORCHELASTIC_USE_AGENT_STORE: its static rendezvous,
+            # --master_addr/--master_port, in some torch versions), every process is its client, under a prefix of
+            # its own, as torch's env:// rendezvous does; else rank 0 serves it.
+            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                  is_master=rank == 0, timeout=timedelta(seconds=timeout), wait_for_workers=True)
+                                  is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout),
+                                  wait_for_workers=not agent)
+            if agent:
+                store = dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout_collective)
             store.set_timeout(timedelta(minutes=30))  # torch's default from here on (setting up process groups)
             outcome.append(None)
