@@ -176,6 +176,20 @@ def lost_peer(e: RuntimeError, resume: str | None) -> None:
                       f"{then}") from None
 
 
+def process_store(world: int, rank: int, timeout: float) -> dist.Store:
+    """The store the processes meet at, MASTER_ADDR:MASTER_PORT: served by rank 0, or, where torchrun's agent serves
+    it itself (TORCHELASTIC_USE_AGENT_STORE: its static rendezvous, --master_addr/--master_port, in some torch
+    versions), by the agent, every process its client under a prefix of its own, as torch's env:// rendezvous
+    does."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout),
+                          wait_for_workers=not agent)
+    if agent:
+        return dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return store
+
+
 def join_process_group(backend: str, cuda_device: int | None) -> None:
     """dist.init_process_group, waiting at most DIST_JOIN_TIMEOUT seconds (default 60) for every process of
     WORLD_SIZE to arrive (torch's own wait: 30 minutes, deaf to Ctrl-C). The wait runs in a thread, so that the main
@@ -190,15 +204,7 @@ def join_process_group(backend: str, cuda_device: int | None) -> None:
         try:
             if cuda_device is not None:
                 torch.cuda.set_device(cuda_device)  # (the current device is the thread's own)
-            # Where torchrun's agent serves the store itself (TORCHELASTIC_USE_AGENT_STORE: its static rendezvous,
-            # --master_addr/--master_port, in some torch versions), every process is its client, under a prefix of
-            # its own, as torch's env:// rendezvous does; else rank 0 serves it.
-            agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                                  is_master=rank == 0 and not agent, timeout=timedelta(seconds=timeout),
-                                  wait_for_workers=not agent)
-            if agent:
-                store = dist.PrefixStore(f"/worker/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            store = process_store(world, rank, timeout)
             dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout_collective)
             store.set_timeout(timedelta(minutes=30))  # torch's default from here on (setting up process groups)
             outcome.append(None)
