@@ -11,6 +11,7 @@ import math
 import os
 import re
 import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from checkpoint import load_checkpoint, validate_for_resume
 from config import PRESETS, build_parser, check_args, given_flags, image_prep, ineffective, parse_args, shown_flag
 from configfile import CHANGES, ConfigError, expand_config, spelled_out
 from decode import Prep
+from runtime import print0
+from shards import is_shard_folder
 
 # What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
 MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",
@@ -51,6 +54,10 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     else:
         defaults = vars(parse_args(["--preset", args.preset]))  # (what the run has without them)
         changed = {d for d in given_flags(argv) if getattr(args, d) != defaults[d]}
+    if (args.dataset == "imagefolder" or "dataset" not in given_flags(argv)) and is_shard_folder(args.data_dir):
+        print0(f"{args.data_dir} holds tar shards (train-*.tar), not {args.dataset}'s files: reading them as "
+               f"--dataset shards", file=sys.stderr)
+        args.dataset = "shards"
     problem = check_args(args) or ineffective(args, changed)
     if problem:
         raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))

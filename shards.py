@@ -88,6 +88,14 @@ def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
 
 
+def is_shard_folder(path: str) -> bool:
+    """Whether `path` is a folder of shards (train-*.tar) and not an image folder (train/): what --dataset shards
+    reads, given or not."""
+    folder = Path(path)
+    return not is_url(path) and folder.is_dir() and not (folder / "train").is_dir() and \
+        any(folder.glob("train-*.tar"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Where the shards are: a folder, a URL folder, a brace pattern, a list file
 

@@ -358,3 +358,15 @@ def test_the_shards_benchmark_reads_a_folder_and_its_shards_and_starts_from_tiny
                             text=True, env=env)
     assert result.returncode == 1 and result.stderr.splitlines()[-1] == (
         "bench.py: error: --shards takes an image folder, or --start-up N ... for shards of tiny images")
+
+
+def test_a_folder_of_shards_is_read_as_shards_without_dataset_shards(tmp_path, capsys):
+    _, dest = write_shards(tmp_path, {"train": 3, "test": 1})
+    for given in (["--dataset", "imagefolder"], []):
+        result = run([*given, "--data-dir", str(dest), "--image-size", "32", "--epochs", "1", "--val-split", "0",
+                      "--workers", "0", "--out-dir", str(tmp_path / f"run{len(given)}")])
+        err = capsys.readouterr().err
+        assert f"{dest} holds tar shards (train-*.tar), not {given[1] if given else 'cifar10'}'s files: reading " \
+               f"them as --dataset shards" in err
+        assert result["test_images"] == 3
+        assert load_checkpoint(tmp_path / f"run{len(given)}" / "best.pth")["args"]["dataset"] == "shards"
