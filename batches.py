@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+MIN_STD = 1 / 255  # one pixel level: the smallest std a channel is normalized by
 JITTER_UNIT = 2**16  # epoch_plan's jitter factors are integers in units of 1/65536
 PAD = 4  # random-crop padding, pixels (default)
 
@@ -53,9 +54,10 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 
 
 def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std (n - 1) of uint8 images, in [0, 1] units. Counted from a histogram of the 256
-    pixel values per channel, a few thousand images at a time: the sums are exact integers, and no float copy of
-    the set is made (CIFAR-10's would be 1.2 GB in float64)."""
+    """Per-channel mean and std (n - 1) of uint8 images, in [0, 1] units, the std at least MIN_STD (a channel
+    that is the same in every image, such as green in a set of red and blue ones, normalizes to 0, not 0 / 0).
+    Counted from a histogram of the 256 pixel values per channel, a few thousand images at a time: the sums are
+    exact integers, and no float copy of the set is made (CIFAR-10's would be 1.2 GB in float64)."""
     counts = torch.zeros(images.shape[1], 256, dtype=torch.int64)
     for chunk in images.split(4096):
         for c in range(images.shape[1]):
@@ -66,5 +68,6 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
         s1 = sum(v * k for v, k in enumerate(hist))
         s2 = sum(v * v * k for v, k in enumerate(hist))
         means.append(s1 / (255 * n))
-        stds.append(math.sqrt((n * s2 - s1 * s1) / (n * (n - 1) * 255 * 255)) if n > 1 else math.nan)
+        std = math.sqrt((n * s2 - s1 * s1) / (n * (n - 1) * 255 * 255)) if n > 1 else math.nan
+        stds.append(max(std, MIN_STD) if n > 1 else std)
     return means, stds

@@ -142,7 +142,7 @@ def run_card(args: argparse.Namespace, argv: list[str], model: nn.Module, train,
             "num_classes": len(classes), "in_channels": train.channels, "image_size": train.image_size,
             "prep": prep.to_dict(), "classes": classes, "mean": train.mean.tolist(), "std": train.std.tolist(),
             "data_hash": train.fingerprint(),
-            "args": {**vars(args), "data_dir": str(Path(args.data_dir).resolve())}, "argv": argv, "run_id": run_id,
+            "args": {**vars(args), "data_dir": cli.resolved(args.data_dir)}, "argv": argv, "run_id": run_id,
             "mlflow_run_id": mlflow_run_id, "changes": changes}
 
 

@@ -76,6 +76,12 @@ def signals_held() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+def resolved(location: str) -> str:
+    """A path made absolute, as a run records its --data-dir (a resume or evaluate.py from any folder finds it); a
+    URL as it is (Path would make http://host of it http:/host)."""
+    return location if location.startswith(("http://", "https://")) else str(Path(location).resolve())
+
+
 def path_flag(text: str) -> str:
     """argparse type of a path: an empty one (--output '') is refused like any invalid path, never taken for a flag
     not given, nor for the current folder."""

@@ -54,7 +54,8 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     else:
         defaults = vars(parse_args(["--preset", args.preset]))  # (what the run has without them)
         changed = {d for d in given_flags(argv) if getattr(args, d) != defaults[d]}
-    if (args.dataset == "imagefolder" or "dataset" not in given_flags(argv)) and is_shard_folder(args.data_dir):
+    if args.dataset != "shards" and (args.dataset == "imagefolder" or "dataset" not in given_flags(argv)) \
+            and is_shard_folder(args.data_dir):
         print0(f"{args.data_dir} holds tar shards (train-*.tar), not {args.dataset}'s files: reading them as "
                f"--dataset shards", file=sys.stderr)
         args.dataset = "shards"
@@ -258,4 +259,4 @@ def run_flags(args: argparse.Namespace, changes: list[dict] = ()) -> dict:
     changed from a step on (changes_on_resume), when there are any: --config refuses such a file for a new run,
     which would train the last values from the start (configfile.changed_run)."""
     flags = {dest: value for dest, value in vars(args).items() if dest not in NOT_IN_CONFIG}
-    return {**flags, "data_dir": str(Path(args.data_dir).resolve()), **({CHANGES: list(changes)} if changes else {})}
+    return {**flags, "data_dir": cli.resolved(args.data_dir), **({CHANGES: list(changes)} if changes else {})}

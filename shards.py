@@ -14,6 +14,11 @@ Runs read shards with --dataset shards --data-dir DEST (data.prepare_shards, str
 URL folder holding index.json, a brace pattern (https://host/d/train-{000000..000127}.tar) or a text file listing
 shard paths or URLs; each split is told by the shard's name (train-, val-, test-).
 """
+import cli
+
+if __name__ == "__main__":
+    cli.handle_signals()  # before torch loads: an early Ctrl-C exits quietly, as in the other scripts
+
 import argparse
 import base64
 import io
@@ -21,12 +26,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -34,7 +40,6 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-import cli
 from decode import UnreadableImage, open_regular
 from folders import imagefolder_classes, split_listing
 from formats import DataError
@@ -44,7 +49,8 @@ SPLITS = ("train", "val", "test")
 INDEX, CLASSES = "index.json", "classes.txt"
 INDEX_FORMAT = "image-shards-index 1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "webp")  # the member that is a sample's image (webdataset's names)
-MAX_INDEX_BYTES = 2**31   # index.json: 24 bytes a sample as base64, so 60 million samples
+MAX_INDEX_BYTES = 2**31   # index.json: 32 bytes a sample as base64, so 60 million samples
+MAX_SHARDS = 10**6        # in a brace range
 MAX_CLS_BYTES = 20        # a .cls member: a decimal class index
 MAX_IMAGE_BYTES = 2**31   # an image member this large is none (decode.MAX_IMAGE_PIXELS would refuse it anyway)
 OPEN_SHARDS = 16          # shards a reading process keeps open (the epoch mixes data.OPEN_SHARDS at a time)
@@ -101,7 +107,14 @@ def is_shard_folder(path: str) -> bool:
 
 def expand_braces(pattern: str) -> list[str]:
     """A brace pattern's names, as the shell and webdataset expand them, left to right: {000000..000127} (a range,
-    zero-padded as written) and {a,b} (alternatives, which may hold braces of their own)."""
+    zero-padded as written, up or down) and {a,b} (alternatives, which may hold braces of their own)."""
+    names = _expand(pattern, pattern)
+    if any("}" in name for name in names):
+        raise DataError(f"shards: {pattern} closes a brace it did not open")
+    return names
+
+
+def _expand(pattern: str, whole: str) -> list[str]:
     start = pattern.find("{")
     if start < 0:
         return [pattern]
@@ -113,42 +126,53 @@ def expand_braces(pattern: str) -> list[str]:
         if depth == 0:
             break
     else:
-        raise DataError(f"shards: {pattern} opens a brace it does not close")
+        raise DataError(f"shards: {whole} opens a brace it does not close")
     inner, rest = pattern[start + 1:end], pattern[end + 1:]
     r = re.fullmatch(r"(\d+)\.\.(\d+)", inner)
     if r:
         low, high = int(r.group(1)), int(r.group(2))
-        if high < low or high - low >= 10**6:
-            raise DataError(f"shards: cannot expand {{{inner}}} in {pattern}: give {{LOW..HIGH}} with LOW <= HIGH")
-        choices = [f"{v:0{len(r.group(1))}d}" for v in range(low, high + 1)]
-    else:
+        if abs(high - low) >= MAX_SHARDS:
+            raise DataError(f"shards: {{{inner}}} in {whole} names over {MAX_SHARDS:,} shards")
+        step = 1 if high >= low else -1
+        choices = [f"{v:0{len(r.group(1))}d}" for v in range(low, high + step, step)]
+    elif len(cuts) > 1:
         choices = [pattern[i + 1:j] for i, j in zip(cuts, cuts[1:] + [end])]
-    return [pattern[:start] + name for c in choices for name in expand_braces(c + rest)]
+    else:
+        raise DataError(f"shards: cannot expand {{{inner}}} in {whole}: give a range {{000000..000127}} or "
+                        f"alternatives {{a,b}}")
+    return [pattern[:start] + name for c in choices for name in _expand(c + rest, whole)]
 
 
 def locate(spec: str) -> tuple[str, dict[str, list[str]], dict | None]:
-    """The shards of --data-dir `spec`, split by their names (train-, val-, test-), the folder or URL folder beside
-    them (where classes.txt is looked for), and its index.json (read_index), if it has one."""
+    """The shards of --data-dir `spec`, split by their names (train-, val-, test-), the folder or URL folder of the
+    first training shard (where index.json and classes.txt are looked for), and its index.json (read_index), if it
+    has one."""
     index, listed = None, False  # (listed: the folder's index.json was read to list the shards)
     if is_url(spec) and spec.endswith("/"):
         index, listed = read_index(spec), True
         if index is None:
             raise DataError(f"shards: no {INDEX} at {spec}: a URL folder cannot be listed; give a brace pattern "
-                            f"({spec}train-{{000000..000009}}.tar) or a list file, or write one (python shards.py "
-                            f"--index)")
+                            f"({spec}train-{{000000..000009}}.tar) or a list file, or put an {INDEX} there "
+                            f"(python shards.py --index on the folder the shards came from)")
         found = [spec + name for name in index]
-    elif not is_url(spec) and Path(spec).is_dir():  # (index.json's shards, where it has one: a missing one is said)
+    elif is_url(spec):
+        found = expand_braces(spec)
+        if "{" not in spec and not spec.endswith(".tar"):
+            raise DataError(f"shards: {spec} is no shard: give a URL folder with a trailing / ({spec}/), a brace "
+                            f"pattern or a list file")
+    elif Path(spec).is_dir():  # (index.json's shards, where it has one: a missing one is said)
         index, listed = read_index(spec), True
         found = ([os.path.join(spec, name) for name in index] if index is not None else
                  sorted(str(p) for split in SPLITS for p in Path(spec).glob(f"{split}-*.tar")))
-    elif not is_url(spec) and Path(spec).suffix == ".txt":
-        with open_regular(spec, "shard list") as f:
-            found = [line.strip() for line in f.read(2**24).decode(errors="replace").splitlines()
-                     if line.strip() and not line.startswith("#")]
-    elif not is_url(spec) and "{" not in spec and not os.path.exists(spec):
-        raise DataError(f"shards: {spec} not found; {SOURCES}")
-    else:
+    elif Path(spec).suffix == ".txt":
+        found = listed_shards(spec)
+    elif "{" in spec or spec.endswith(".tar") and os.path.exists(spec):
         found = expand_braces(spec)
+    elif os.path.exists(spec):
+        raise DataError(f"shards: {spec} is neither a folder, a .tar, a brace pattern nor a .txt list of shards; "
+                        f"{SOURCES}")
+    else:
+        raise DataError(f"shards: {spec} not found; {SOURCES}")
     splits = {}
     for location in found:
         m = re.match(r"(train|val|test)[-_.]", location.rsplit("/", 1)[-1])
@@ -160,8 +184,21 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]], dict | None]:
         raise DataError(f"shards: {spec} has no {' or '.join(s for s in ('train', 'test') if s not in splits)} "
                         f"shards; {SOURCES}")
     first = splits["train"][0]
-    folder = first.rsplit("/", 1)[0] + "/" if is_url(first) else str(Path(first).parent)
+    folder = first.rsplit("/", 1)[0] + "/" if is_url(first) else os.path.dirname(first) or "."
     return folder, splits, index if listed else read_index(folder)
+
+
+def listed_shards(path: str) -> list[str]:
+    """The shards a list file names, one a line (blank lines and # comments left out), a relative path taken from
+    the list file's folder; a shard named twice is refused (its images would count twice an epoch)."""
+    with open_regular(path, "shard list") as f:
+        lines = [line.strip() for line in f.read(2**24).decode(errors="replace").splitlines()]
+    found = [line if is_url(line) else os.path.join(os.path.dirname(path), line)
+             for line in lines if line and not line.startswith("#")]
+    twice = next((s for s, n in Counter(found).items() if n > 1), None)
+    if twice is not None:
+        raise DataError(f"shards: {path} lists {twice} twice: each shard once (its images would count twice)")
+    return found
 
 
 def open_location(location: str, what: str, offset: int = 0) -> BinaryIO:
@@ -214,8 +251,9 @@ def read_side_file(folder: str, name: str, limit: int) -> bytes | None:
 def scan(f: BinaryIO, name: str, seekable: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """Read a shard's headers (its images' bytes are skipped: sought past, or read through from a stream):
     each sample's image offset and size and its class, and what was wrong (a sample without an image or a .cls is
-    left out). Members named as webdataset names them: KEY.ext, KEY up to the first dot of the file name."""
-    samples, problems = {}, []
+    left out). As webdataset reads them: a sample is the consecutive members of one key, KEY.ext, KEY up to the
+    first dot of the file name."""
+    samples, problems, end = [], [], 0  # [key, offset, size, label, extensions]; end: of the last member's data
     try:
         with tarfile.open(fileobj=f, mode="r:" if seekable else "r|") as tar:
             for member in tar:
@@ -223,21 +261,38 @@ def scan(f: BinaryIO, name: str, seekable: bool) -> tuple[np.ndarray, np.ndarray
                     continue
                 folder, _, base = member.name.rpartition("/")
                 key, _, extension = base.partition(".")
-                sample = samples.setdefault(f"{folder}/{key}", [-1, 0, -1])
+                if not samples or samples[-1][0] != f"{folder}/{key}":
+                    samples.append([f"{folder}/{key}", -1, 0, -1, set()])
+                sample, end = samples[-1], member.offset_data + member.size
+                if extension in sample[4] or "." in extension and \
+                        extension.rsplit(".", 1)[1].lower() in (*IMAGE_EXTENSIONS, "cls"):
+                    sample[3] = -3  # (KEY.x.jpg, or two members KEY.jpg: a key with a dot, as webdataset reads it)
+                sample[4].add(extension)
                 if extension.lower() in IMAGE_EXTENSIONS and member.size < MAX_IMAGE_BYTES:
-                    sample[:2] = member.offset_data, member.size
-                elif extension == "cls":
+                    sample[1:3] = member.offset_data, member.size
+                elif extension == "cls" and sample[3] != -3:
                     text = tar.extractfile(member).read(MAX_CLS_BYTES + 1).strip()
-                    sample[2] = int(text) if text.isdigit() and len(text) <= MAX_CLS_BYTES - 2 else -2
+                    sample[3] = int(text) if text.isdigit() and len(text) <= MAX_CLS_BYTES - 2 else -2
                 if not seekable:
                     tar.members.clear()  # (a stream keeps nothing to go back to)
     except (tarfile.TarError, EOFError, OSError) as e:
-        problems.append(f"{name} cannot be read past {len(samples)} samples ({cli.one_line(e)}); the rest is skipped")
+        problems.append(f"{name} cannot be read past {plural(len(samples), 'sample')} ({cli.one_line(e)}); the rest "
+                        f"is skipped")
+    if seekable and samples:
+        size = f.seek(0, os.SEEK_END)
+        if size < end:
+            problems.append(f"{name} is cut short inside its last member (a truncated shard): its last sample is "
+                            f"left out")
+            samples.pop()
+        elif size < end + 1024:  # (tar ends with two zero blocks: without them, cut between members)
+            problems.append(f"{name} ends without tar's end-of-archive blocks: it may be cut short (a truncated "
+                            f"shard); its {plural(len(samples), 'sample')} up to there are read")
     kept = []
-    for key, (offset, size, label) in samples.items():
+    for key, offset, size, label, _ in samples:
         if offset < 0 or label < 0:
-            what = ("no image (.jpg, .png, ...)" if offset < 0 else "no .cls" if label == -1 else
-                    "a .cls that is no class index")
+            what = ("two members of one kind (a key with a dot in it? webdataset's keys end at the first dot of the "
+                    "file name)" if label == -3 else "no image (.jpg, .png, ...)" if offset < 0 else
+                    "no .cls" if label == -1 else "a .cls that is no class index")
             problems.append(f"{name}: sample {key.lstrip('/')} has {what}; skipped")
         else:
             kept.append((offset, size, label))
@@ -245,43 +300,57 @@ def scan(f: BinaryIO, name: str, seekable: bool) -> tuple[np.ndarray, np.ndarray
     return a[:, 0].copy(), a[:, 1].copy(), a[:, 2].copy(), problems
 
 
+def plural(n: int, thing: str) -> str:
+    return f"{n:,} {thing}{'s' * (n != 1)}"
+
+
 def encode(a: np.ndarray) -> str:
     return base64.b64encode(a.astype("<i8").tobytes()).decode()
 
 
-def decode_array(text: object, what: str) -> np.ndarray:
+def decode_array(text: object, what: str, redo: str) -> np.ndarray:
     if not isinstance(text, str):
-        raise DataError(f"shards: {what} in {INDEX} is not an array these scripts wrote")
+        raise DataError(f"shards: {what} in {INDEX} is not an array these scripts wrote; {redo}")
     try:
         data = base64.b64decode(text, validate=True)
     except ValueError:
-        raise DataError(f"shards: {what} in {INDEX} is not base64") from None
+        raise DataError(f"shards: {what} in {INDEX} is not base64; {redo}") from None
     if len(data) % 8:
-        raise DataError(f"shards: {what} in {INDEX} is not an array of 8-byte integers")
+        raise DataError(f"shards: {what} in {INDEX} is not an array of 8-byte integers; {redo}")
     return np.frombuffer(data, dtype="<i8").astype(np.int64)
 
 
-def read_index(folder: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
-    """index.json beside the shards: shard name -> (offsets, sizes, labels), or None when there is none."""
+def redo_index(folder: str) -> str:
+    """The way forward from an index.json that cannot be used."""
+    if is_url(folder):
+        return (f"write it again (python shards.py --index on the folder the shards came from) and put it at "
+                f"{folder}{INDEX}")
+    return f"remove {os.path.join(folder, INDEX)} and write it again: python shards.py --index {folder}"
+
+
+def read_index(folder: str) -> dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] | None:
+    """index.json beside the shards: shard name -> (its size in bytes, offsets, sizes, labels), or None when there
+    is none."""
     data = read_side_file(folder, INDEX, MAX_INDEX_BYTES)
     if data is None:
         return None
+    redo = redo_index(folder)
     try:
         index = json.loads(data)
     except ValueError as e:
-        raise DataError(f"shards: {INDEX} in {folder} is not JSON ({cli.one_line(e)}); write it again: python "
-                        f"shards.py --index") from None
+        raise DataError(f"shards: {INDEX} in {folder} is not JSON ({cli.one_line(e)}); {redo}") from None
     if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT or not isinstance(index.get("shards"), dict):
-        raise DataError(f"shards: {INDEX} in {folder} is not an index these scripts wrote ({INDEX_FORMAT})")
+        raise DataError(f"shards: {INDEX} in {folder} is not an index these scripts wrote ({INDEX_FORMAT}); {redo}")
     entries = {}
     for name, entry in index["shards"].items():
-        arrays = tuple(decode_array(entry.get(k) if isinstance(entry, dict) else None, f"{name}'s {k}")
-                       for k in ("offsets", "sizes", "labels"))
+        entry = entry if isinstance(entry, dict) else {}
+        arrays = tuple(decode_array(entry.get(k), f"{name}'s {k}", redo) for k in ("offsets", "sizes", "labels"))
+        size = entry.get("bytes")
         if len({len(a) for a in arrays}) != 1 or any((a < 0).any() for a in arrays) or \
-                (arrays[1] >= MAX_IMAGE_BYTES).any():
-            raise DataError(f"shards: {name}'s entry in {INDEX} is inconsistent; write it again: python shards.py "
-                            f"--index")
-        entries[name] = arrays
+                (arrays[1] >= MAX_IMAGE_BYTES).any() or type(size) is not int or "/" in name or \
+                len(arrays[0]) and size < int((arrays[0] + arrays[1]).max()):
+            raise DataError(f"shards: {name}'s entry in {INDEX} is inconsistent; {redo}")
+        entries[name] = (size, *arrays)
     return entries
 
 
@@ -291,32 +360,57 @@ def write_index(folder: Path, shards: list[Path]) -> int:
     for path in shards:
         with open_regular(path, "shard") as f:
             offsets, sizes, labels, problems = scan(f, str(path), seekable=True)
+            size = f.seek(0, os.SEEK_END)
         for problem in problems:
             print(f"warning: {cli.printable(problem)}", file=sys.stderr)
-        entries[path.name] = {"offsets": encode(offsets), "sizes": encode(sizes), "labels": encode(labels)}
+        entries[path.name] = {"bytes": size, "offsets": encode(offsets), "sizes": encode(sizes),
+                              "labels": encode(labels)}
         total += len(labels)
-    with cli.atomic_output(folder / INDEX) as tmp:
-        tmp.write_text(json.dumps({"format": INDEX_FORMAT, "shards": entries}))
+    if total == 0:
+        raise DataError(f"shards: no samples in the {plural(len(shards), 'shard')} of {folder}: a sample is an image "
+                        f"KEY.jpg (.png, ...) beside its class KEY.cls, KEY up to the first dot of the file name")
+    try:
+        with cli.atomic_output(folder / INDEX) as tmp:
+            tmp.write_text(json.dumps({"format": INDEX_FORMAT, "shards": entries}))
+    except OSError as e:
+        raise DataError(f"cannot write {folder / INDEX}: {cli.describe_os_error(e, filename=False)}") from None
     return total
 
 
+def indexed(location: str, folder: str) -> bool:
+    """Whether `location` lies in `folder`, where the index.json read is: only its own shards are looked up in it
+    (a list file may name shards of several folders, of the same names)."""
+    here = location.rsplit("/", 1)[0] + "/" if is_url(location) else os.path.abspath(os.path.dirname(location))
+    return here == (folder if is_url(folder) else os.path.abspath(folder))
+
+
 def table(folder: str, locations: list[str], index: dict | None, warned: set) -> Table:
-    """A split's Table: from index.json where it holds the shard, else from the shard's own headers (read now)."""
+    """A split's Table: from index.json where it holds the shard, else from the shard's own headers (read now).
+    A local shard that is missing, or larger than index.json says (written again since), is one line."""
     parts = []
     for i, location in enumerate(locations):
-        entry = index.get(location.rsplit("/", 1)[-1]) if index is not None else None
+        entry = index.get(location.rsplit("/", 1)[-1]) if index is not None and indexed(location, folder) else None
+        if not is_url(location) and not os.path.isfile(location):
+            raise DataError(f"shards: shard not found: {location}" + (f" (listed in {INDEX})" if entry else ""))
         if entry is None:
-            if not warned:
-                warned.add(True)
-                print(f"shards: no {INDEX} entry for {location}: reading the shards' headers to index them (python "
-                      f"shards.py --index {folder} writes the index once)", file=sys.stderr)
             with open_location(location, "shard") as f:
-                *entry, problems = scan(f, location, seekable=not is_url(location))
+                if not warned:
+                    warned.add(True)
+                    print(f"shards: {location} is not in an {INDEX} beside it: reading the shards' headers to index "
+                          f"them (an {INDEX} saves this: python shards.py --index FOLDER)", file=sys.stderr)
+                *arrays, problems = scan(f, location, seekable=not is_url(location))
             for problem in problems:
                 print(f"warning: {cli.printable(problem)}", file=sys.stderr)
-        elif not is_url(location) and not os.path.isfile(location):
-            raise DataError(f"shards: shard not found: {location} (listed in {INDEX})")
-        offsets, sizes, labels = entry
+        else:
+            size, *arrays = entry
+            if not is_url(location) and os.path.getsize(location) != size:
+                actual = os.path.getsize(location)
+                if actual > size:
+                    raise DataError(f"shards: {location} is {actual:,} bytes, and {INDEX} says {size:,}: it was "
+                                    f"written again since it was indexed; {redo_index(folder)}")
+                print(f"warning: {location} is {actual:,} bytes, and {INDEX} says {size:,}: a truncated shard; the "
+                      f"images past its end are skipped", file=sys.stderr)
+        offsets, sizes, labels = arrays
         parts.append((np.full(len(labels), i, dtype=np.int32), np.arange(len(labels), dtype=np.int32), offsets,
                       sizes.astype(np.int32), labels))
     return Table(locations, *(np.concatenate([p[k] for p in parts]) for k in range(5)))
@@ -330,11 +424,22 @@ def load(spec: str) -> tuple[dict[str, Table], list[str]]:
     tables = {split: table(folder, splits[split], index, warned) for split in SPLITS if split in splits}
     top = max(int(t.labels.max()) + 1 if len(t) else 0 for t in tables.values())
     text = read_side_file(folder, CLASSES, 2**24)
-    classes = text.decode(errors="replace").splitlines() if text is not None else [str(c) for c in range(top)]
+    if text is None:
+        classes = [str(c) for c in range(top)]
+        seen = len(np.unique(np.concatenate([t.labels for t in tables.values()])))
+        if seen < top:
+            print(f"warning: no {CLASSES} beside the shards, and their .cls go up to {top - 1} with {seen} of those "
+                  f"classes present: the model gets {top} outputs; a {CLASSES} (one name a line) names them",
+                  file=sys.stderr)
+    else:
+        classes = text.decode(errors="replace").splitlines()
+        bad = next((i for i, c in enumerate(classes) if not c.strip() or c in classes[:i]), None)
+        if bad is not None:
+            raise DataError(f"shards: line {bad + 1} of {CLASSES} in {folder} "
+                            f"{'is empty' if not classes[bad].strip() else 'names a class again'}: one class a "
+                            f"line, each once, in the order of the .cls indices")
     if top > len(classes):
         raise DataError(f"shards: a .cls of {spec} is {top - 1}, but {CLASSES} names {len(classes)} classes")
-    if len(classes) < 2:
-        raise DataError(f"shards: {spec} needs at least two classes, found {len(classes)}")
     return tables, classes
 
 
@@ -362,8 +467,7 @@ class Reader:
             except DataError as e:
                 if "HTTP 416" not in str(e):  # (416: Range Not Satisfiable, the shard ends before the image)
                     raise
-                raise UnreadableImage(f"cannot read {self.table.describe(i)}: the shard ends before its image "
-                                      f"begins (a truncated shard)") from None
+                raise UnreadableImage(self.cut_short(location)) from None
         elif is_url(location):
             skip(state[0], offset - state[1])
         else:
@@ -381,9 +485,13 @@ class Reader:
                 del self.open[shard]
         state[1] = offset + len(data)
         if len(data) < size:
-            raise UnreadableImage(f"cannot read {self.table.describe(i)}: the shard ends {size - len(data):,} bytes "
-                                  f"before its image does (a truncated shard)")
+            raise UnreadableImage(self.cut_short(location))
         return data
+
+    @staticmethod
+    def cut_short(location: str) -> str:
+        """What an image past a shard's end is: one message for all of them (one warning a shard, each counted)."""
+        return f"cannot read the images past the end of {location} (a truncated shard)"
 
     def close(self) -> None:
         while self.open:
@@ -397,13 +505,23 @@ def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> di
     """Write the image folder's splits as shards into `dest` (new, or an empty folder), with classes.txt and
     index.json; all or nothing: the shards are written into a hidden folder beside it, renamed to `dest` at the
     end. Returns each split's (shards, images)."""
+    if not (folder / "train").is_dir() or not (folder / "test").is_dir():
+        raise DataError(f"shards: {folder} is no image folder: it needs train/ and test/ (and optionally val/), each "
+                        f"with one sub-folder of images per class")
+    inside = next((s for s in SPLITS if dest.resolve().is_relative_to((folder / s).resolve())), None)
+    if inside:
+        raise DataError(f"shards: {dest} is inside {folder / inside}, whose folders are read as classes: give a "
+                        f"folder outside {folder}'s train/, val/ and test/")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise DataError(f"shards: {dest} exists and is not an empty folder: give a new one (nothing is overwritten)")
     classes = imagefolder_classes(folder)
     listing = {split: split_listing(folder, split, classes) for split in SPLITS
                if split != "val" or (folder / "val").is_dir()}
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise DataError(f"shards: {dest} exists and is not an empty folder: give a new one (nothing is overwritten)")
     partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-    partial.mkdir(parents=True)
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise DataError(f"cannot create {dest}: {cli.describe_os_error(e, filename=False)}") from None
     try:
         written, done, total, last = {}, 0, sum(len(labels) for _, labels in listing.values()), time.monotonic()
         for split, (names, labels) in listing.items():
@@ -443,8 +561,7 @@ def add_sample(tar: tarfile.TarFile, path: Path, key: str, label: int) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Write an image folder as tar shards in WebDataset's layout, or index "
-                                            "shards written elsewhere.")
+    p = cli.parser("shards.py", __doc__)
     p.add_argument("folder", nargs="?", type=cli.path_flag, help="an image folder: train/, test/ (and val/), one "
                                                                  "sub-folder of images per class")
     p.add_argument("dest", nargs="?", type=cli.path_flag, help="the new folder of shards")
@@ -464,17 +581,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     with cli.one_line_errors("shards.py"):
         args = parse_args(argv)
+        signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))  # (a closed terminal: cleaned up as Ctrl-C)
         if args.index is not None:
+            if is_url(args.index):
+                raise DataError(f"shards: --index writes index.json into a folder of shards on this machine, not "
+                                f"{args.index}: index the folder they came from, and put its {INDEX} beside them")
             folder = Path(args.index)
             found = sorted(p for split in SPLITS for p in folder.glob(f"{split}-*.tar")) if folder.is_dir() else []
             if not found:
                 raise DataError(f"shards: no train-*.tar, val-*.tar or test-*.tar in {folder}")
             if (folder / INDEX).exists():
                 raise DataError(f"shards: {folder / INDEX} exists; remove it to index the shards again")
-            print(f"wrote {folder / INDEX}: {write_index(folder, found):,} samples in {len(found):,} shards")
+            print(f"wrote {folder / INDEX}: {plural(write_index(folder, found), 'sample')} in "
+                  f"{plural(len(found), 'shard')}")
             return
         written = write_shards(Path(args.folder), Path(args.dest), args.shard_size, args.seed)
-        print(f"wrote {args.dest}: " + ", ".join(f"{split} {n:,} shard{'s' * (n != 1)} ({images:,} images)"
+        print(f"wrote {args.dest}: " + ", ".join(f"{split} {plural(n, 'shard')} ({plural(images, 'image')})"
                                                 for split, (n, images) in written.items()) + f"; {CLASSES}, {INDEX}")
 
 

@@ -182,6 +182,17 @@ def test_channel_stats_are_exact_across_chunks():
     assert std[0] == pytest.approx(float(exact_var) ** 0.5, rel=1e-15)
 
 
+def test_a_channel_the_same_in_every_image_normalizes_to_zero_not_nan():
+    """Red and blue images only: green is 0 everywhere, its std 0; it is normalized by one pixel level instead, so
+    that training starts from finite inputs (0 / 0 made every loss NaN)."""
+    images = torch.zeros(6, 3, 4, 4, dtype=torch.uint8)
+    images[:3, 0], images[3:, 2] = 200, 180
+    mean, std = channel_stats(images)
+    assert mean[1] == 0.0 and std[1] == 1 / 255 and std[0] > 0.3
+    x = (images.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.isfinite(x).all() and (x[:, 1] == 0).all()
+
+
 def test_validation_split_is_seeded_and_disjoint():
     images = torch.arange(100, dtype=torch.uint8).view(100, 1, 1, 1)
     labels = torch.arange(100) % 5

@@ -3,6 +3,7 @@ webdataset itself and read from webdataset's own writer, served by a real HTTP s
 real worker processes, interrupted by a real Ctrl-C, and by two torchrun processes."""
 import base64
 import http.server
+import io
 import json
 import os
 import re
@@ -143,7 +144,7 @@ def test_webdataset_reads_our_shards_and_we_read_webdatasets(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_weights_do_not_depend_on_the_workers_and_resume_exactly_after_ctrl_c(tmp_path):
+def test_the_weights_do_not_depend_on_the_workers_and_resume_exactly_after_ctrl_c(tmp_path, capsys):
     _, dest = write_shards(tmp_path, {"train": 14, "test": 2}, shard_size=6)
     base = flags(dest, "--val-split", "0", "--color-jitter", "0.2")  # 42 images: 11 steps an epoch
     straight = run([*base, "--workers", "0", "--out-dir", str(tmp_path / "w0")])
@@ -161,7 +162,9 @@ def test_the_weights_do_not_depend_on_the_workers_and_resume_exactly_after_ctrl_
     assert proc.returncode == 130 and "Traceback" not in err, err
     ckpt = load_checkpoint(out / "last.pth")
     assert ckpt["state"]["epoch"] == 1 and 3 <= ckpt["partial_epoch"]["step"] < 11
+    capsys.readouterr()
     resumed = run(shlex.split(err.strip().splitlines()[-1])[2:])
+    assert "holds tar shards" not in capsys.readouterr().err  # (a shards run's --resume: no note)
     assert same_weights(tmp_path / "w0" / "last.pth", out / "last.pth")
     assert resumed["test_accuracy"] == straight["test_accuracy"]
 
@@ -214,6 +217,10 @@ def test_shards_over_http_train_as_from_disk_and_stream_each_shard(tmp_path, ran
     server = Server(tmp_path, ranges)
     try:
         over_http = run(flags(server.url + "shards/", "--workers", "2", "--out-dir", str(tmp_path / "http")))
+        # the run records the URL as given (a path would be made of it): evaluate.py and --resume find the shards
+        assert load_checkpoint(tmp_path / "http" / "best.pth")["args"]["data_dir"] == server.url + "shards/"
+        report = evaluate.main(["--checkpoint", str(tmp_path / "http"), "--device", "cpu", "--json"])
+        assert report["accuracy"] == over_http["test_accuracy"]
         pattern = server.url + "shards/{train-{000000..000004},test-000000,test-000001}.tar"
         listed = tmp_path / "shards.txt"
         listed.write_text("".join(f"{u}\n" for u in shards.expand_braces(pattern)))
@@ -232,12 +239,13 @@ def test_shards_over_http_train_as_from_disk_and_stream_each_shard(tmp_path, ran
 def test_a_truncated_or_corrupt_member_is_skipped_with_one_warning_and_a_missing_shard_is_one_line(tmp_path, capsys):
     _, dest = write_shards(tmp_path, {"train": 6, "test": 2}, shard_size=6)
     shard = dest / "train-000002.tar"
-    index = json.loads((dest / "index.json").read_text())["shards"]["train-000002.tar"]
-    offsets = np.frombuffer(base64.b64decode(index["offsets"]), "<i8")
+    size = shard.stat().st_size
+    offsets = np.frombuffer(base64.b64decode(json.loads((dest / "index.json").read_text())["shards"][
+        "train-000002.tar"]["offsets"]), "<i8")
     with open(shard, "r+b") as f:
         f.seek(int(offsets[1]))
         f.write(b"\xff" * 64)  # the second image's first bytes: not an image any more
-        f.truncate(int(offsets[5]) + 10)  # the last image cut short
+        f.truncate(int(offsets[4]) + 10)  # the last two images cut off: one warning for both, each counted
     server = Server(tmp_path)
     try:
         for n, source in enumerate((str(dest), server.url + "shards/")):  # from disk, then over HTTP
@@ -245,11 +253,11 @@ def test_a_truncated_or_corrupt_member_is_skipped_with_one_warning_and_a_missing
             result = run(flags(source, "--val-split", "0", "--out-dir", str(tmp_path / f"run{n}")))
             err = capsys.readouterr().err
             warnings = [line for line in err.splitlines() if line.startswith("warning:")]
-            assert warnings == [
+            assert warnings == [f"warning: {shard} is {int(offsets[4]) + 10:,} bytes, and index.json says {size:,}: "
+                                f"a truncated shard; the images past its end are skipped"] * (n == 0) + [
                 f"warning: cannot read image {shard} sample 1: cannot identify image file '{shard} sample 1'; skipped",
-                f"warning: cannot read {shard} sample 5: the shard ends {index_size(index, 5) - 10:,} bytes before "
-                f"its image does (a truncated shard); skipped"], err
-            assert "note: 2 of epoch 1's 18 training images could not be read" in err
+                f"warning: cannot read the images past the end of {shard} (a truncated shard); skipped"], err
+            assert "note: 3 of epoch 1's 18 training images could not be read" in err
             assert result["test_images"] == 6
     finally:
         server.shutdown()
@@ -259,10 +267,6 @@ def test_a_truncated_or_corrupt_member_is_skipped_with_one_warning_and_a_missing
         run(flags(dest, "--out-dir", str(tmp_path / "run2")))
     assert exc.value.code == f"train.py: error: shards: shard not found: {dest / 'train-000001.tar'} (listed in " \
                              f"index.json)"
-
-
-def index_size(entry: dict, i: int) -> int:
-    return int(np.frombuffer(base64.b64decode(entry["sizes"]), "<i8")[i])
 
 
 def test_evaluate_reads_the_test_shards_as_the_run_did(tmp_path, capsys):
@@ -370,3 +374,104 @@ def test_a_folder_of_shards_is_read_as_shards_without_dataset_shards(tmp_path, c
                f"them as --dataset shards" in err
         assert result["test_images"] == 3
         assert load_checkpoint(tmp_path / f"run{len(given)}" / "best.pth")["args"]["dataset"] == "shards"
+
+
+def shard_bytes(members: list[tuple[str, bytes]], end: bool = True) -> bytes:
+    """A tar of `members` (name, bytes) as tarfile writes it; end=False: cut just before its end-of-archive blocks."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        last = tar.offset
+    return buffer.getvalue() if end else buffer.getvalue()[:last]
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda d, url: f"{url}shards", "{url}shards is no shard: give a URL folder with a trailing / ({url}shards/)"),
+    (lambda d, url: f"{d}/train-{{0..}}.tar", "cannot expand {{0..}} in"),
+    (lambda d, url: f"{d}/{{train-000000,test-000000}}}}.tar", "closes a brace it did not open"),
+    (lambda d, url: f"{d}/train-{{0..9999999}}.tar", "names over 1,000,000 shards"),
+    (lambda d, url: listed(d, ["train-000000.tar", "test-000000.tar", "train-000000.tar"]),
+     "lists {d}/train-000000.tar twice: each shard once"),
+    (lambda d, url: replaced(d, "train-000000.tar", (d / "train-000000.tar").read_bytes() + b"\0" * 10240),
+     ": it was written again since it was indexed; remove {d}/index.json and write it again: python shards.py "
+     "--index {d}"),
+    (lambda d, url: replaced(d, "index.json", b"{nonsense"), "index.json in {d} is not JSON ("),
+    (lambda d, url: replaced(d, "classes.txt", b"blue\n\nred\n"),
+     "line 2 of classes.txt in {d} is empty: one class a line, each once"),
+])
+def test_shard_problems_found_at_the_start_are_one_line_with_the_way_forward(tmp_path, make, problem):
+    _, dest = write_shards(tmp_path, {"train": 1, "test": 1}, shard_size=100, sizes=(8, 12))
+    server = Server(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            run(flags(make(dest, server.url), "--out-dir", str(tmp_path / "run")))
+    finally:
+        server.shutdown()
+    assert exc.value.code.startswith("train.py: error: shards: ") and \
+        problem.format(d=dest, url=server.url) in exc.value.code, exc.value.code
+
+
+def listed(folder: Path, names: list[str]) -> Path:
+    path = folder / "list.txt"
+    path.write_text("".join(f"{n}\n" for n in names))
+    return path
+
+
+def replaced(folder: Path, name: str, data: bytes) -> Path:
+    (folder / name).write_bytes(data)
+    return folder
+
+
+def test_a_list_file_names_shards_relative_to_itself_and_each_folders_index_is_its_own(tmp_path, monkeypatch, capsys):
+    _, first = write_shards(tmp_path / "a", {"train": 2, "test": 1})
+    _, second = write_shards(tmp_path / "b", {"train": 3, "test": 1}, seed=1)
+    (first / "more").mkdir()
+    os.link(second / "train-000000.tar", first / "more" / "train-000000.tar")  # the same name, another folder
+    (first / "list.txt").write_text("# the shards\n\n  train-000000.tar\nmore/train-000000.tar\n  # test\n"
+                                    "test-000000.tar\n")
+    monkeypatch.chdir(tmp_path)  # (another folder than the list's)
+    tables, _ = shards.load(str(first / "list.txt"))
+    train = tables["train"]
+    assert len(train) == 6 + 8  # the second shard read from its own headers, not from the first folder's index
+    reader = shards.Reader(train)
+    assert [int(train.labels[i]) for i in range(len(train))] == [
+        int(text) for shard in (first / "train-000000.tar", second / "train-000000.tar")
+        for name, text in members(shard) if name.endswith(".cls")]
+    assert all(reader.read(i)[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0") for i in range(len(train)))
+    assert "is not in an index.json beside it: reading the shards' headers" in capsys.readouterr().err
+
+
+def test_shards_py_refuses_a_dest_inside_the_folder_a_url_to_index_and_an_index_of_no_samples(tmp_path, capsys):
+    folder = write_photos(tmp_path / "photos", {"train": 1, "test": 1}, sizes=(8, 12))
+    for argv, message in (
+            ([str(folder), str(folder / "train" / "shards")],
+             f"{folder / 'train' / 'shards'} is inside {folder / 'train'}, whose folders are read as classes"),
+            (["--index", "http://127.0.0.1:1/shards/"], "--index writes index.json into a folder of shards on this "
+                                                       "machine, not http://127.0.0.1:1/shards/"),
+            ([str(tmp_path / "nowhere"), str(tmp_path / "out")], f"{tmp_path / 'nowhere'} is no image folder: it needs "
+                                                                 f"train/ and test/")):
+        with pytest.raises(SystemExit) as exc:
+            shards.main(argv)
+        assert exc.value.code == f"shards.py: error: shards: {message}" or message in exc.value.code, exc.value.code
+    assert sorted(p.name for p in (folder / "train").iterdir()) == sorted(CLASSES)
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "train-000000.tar").write_bytes(shard_bytes([("d/s.000000.jpg", b"x"), ("d/s.000000.cls", b"0"),
+                                                           ("d/s.000001.jpg", b"y"), ("d/s.000001.cls", b"1")]))
+    with pytest.raises(SystemExit) as exc:
+        shards.main(["--index", str(theirs)])
+    assert exc.value.code.startswith(f"shards.py: error: shards: no samples in the 1 shard of {theirs}: ")
+    assert "sample d/s has two members of one kind (a key with a dot in it?" in capsys.readouterr().err
+    assert not (theirs / "index.json").exists()
+
+    (theirs / "train-000000.tar").write_bytes(shard_bytes([("a.jpg", b"x"), ("a.cls", b"0"), ("b.jpg", b"y"),
+                                                           ("b.cls", b"1")], end=False))  # cut between members
+    shards.main(["--index", str(theirs)])
+    out = capsys.readouterr()
+    assert f"{theirs / 'train-000000.tar'} ends without tar's end-of-archive blocks: it may be cut short (a " \
+           f"truncated shard); its 2 samples up to there are read" in out.err
+    assert out.out == f"wrote {theirs / 'index.json'}: 2 samples in 1 shard\n"
