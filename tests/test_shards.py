@@ -475,3 +475,23 @@ def test_shards_py_refuses_a_dest_inside_the_folder_a_url_to_index_and_an_index_
     assert f"{theirs / 'train-000000.tar'} ends without tar's end-of-archive blocks: it may be cut short (a " \
            f"truncated shard); its 2 samples up to there are read" in out.err
     assert out.out == f"wrote {theirs / 'index.json'}: 2 samples in 1 shard\n"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_shards_py_stopped_midway_leaves_nothing(tmp_path, signum):
+    folder = tmp_path / "photos"
+    for split, n in (("train", 1500), ("test", 2)):
+        for c in ("a", "b"):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(n):
+                (folder / split / c / f"{i}.jpg").write_bytes(b"\xff\xd8" + os.urandom(2000))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "shards.py", str(folder), str(out), "--shard-size", "10"], cwd=ROOT,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not any(p.name.startswith(".out.partial-") and any(p.iterdir()) for p in tmp_path.iterdir()):
+        assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum and err == f"shards.py: stopped by {signal.Signals(signum).name}\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]  # no partial folder, no out/
