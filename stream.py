@@ -172,6 +172,7 @@ class StreamSet:
         if self.workers:
             runtime.hand_back_freed_memory()
             workers.make_room_for_descriptors(self.workers, PREFETCH)
+            workers.check_socket_folder()
         warnings.filterwarnings(**WORKER_ADVICE)  # (again: see there)
         loader = DataLoader(self.files, batch_sampler=Keys(batches, epoch), num_workers=self.workers,
                             collate_fn=self.files.collate,

@@ -7,7 +7,8 @@ they start and end, and the one line a run ends with when they cannot go on.
 - Each batch in flight is handed over in shared memory (/dev/shm on Linux), through a file descriptor. Too low a
   limit of descriptors (ulimit -n) is raised up to the hard limit before the workers start, and refused in one
   line beyond it; shared memory that is full, read-only or missing is one line naming the way forward (--workers
-  0 reads the images in the main process; a container's /dev/shm is set with docker run --shm-size).
+  0 reads the images in the main process; a container's /dev/shm is set with docker run --shm-size), and so is a
+  TMPDIR too long for the socket the descriptors pass through.
 - Workers end with the main process, however it ends (PR_SET_PDEATHSIG), and say nothing then; they never hold
   the run folder's lock (runfolder.forget_locks).
 """
@@ -36,6 +37,7 @@ TIMEOUT = "WORKER_TIMEOUT"  # the environment variable: seconds the main process
 SHM = "/dev/shm"  # where Linux keeps the shared memory batches are handed over in
 IN_THIS_PROCESS = "give --workers 0 to read the images in this process"
 PR_SET_PDEATHSIG = 1  # prctl(2)
+SOCKET_PATH = 103 if sys.platform == "darwin" else 107  # bytes in an AF_UNIX socket's path (sun_path, less its NUL)
 POLL = 1.0  # seconds: how often the main process, waiting for a batch, looks whether its worker was given up
 
 
@@ -69,6 +71,19 @@ def make_room_for_descriptors(workers: int, prefetch: int) -> None:
                         f"open only {hard if capped else soft} (ulimit -{'H' if capped else ''}n); raise the limit "
                         f"(as root: ulimit -n {room}; in a container: docker run --ulimit nofile={room}), or give "
                         f"fewer --workers (--workers 0 reads the images in this process)") from None
+
+
+def check_socket_folder() -> None:
+    """Each batch's descriptors are handed over through a Unix socket that multiprocessing makes in its temporary
+    folder (TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX), and a socket's path has at most SOCKET_PATH bytes: under a
+    longer TMPDIR every handover fails, and the run would end naming a dead worker. One line instead, before the
+    workers start."""
+    import multiprocessing.util
+    folder = multiprocessing.util.get_temp_dir()
+    if len(os.fsencode(folder)) + len("/listener-XXXXXXXX") > SOCKET_PATH:
+        raise DataError(f"the worker processes hand batches over through sockets in {folder}, and that path is too "
+                        f"long for a socket's ({SOCKET_PATH} bytes at most); set a shorter TMPDIR (such as "
+                        f"TMPDIR=/tmp), or {IN_THIS_PROCESS}")
 
 
 def open_descriptors() -> int:

@@ -570,3 +570,24 @@ def test_dataloaders_advice_against_more_workers_than_cores_is_left_unsaid(tmp_p
         warnings.simplefilter("always")  # (before it: a filter set at import alone)
         read = list(test.read([torch.arange(len(test))], 0))
     assert len(read) == 1 and len(read[0][1]) == 6 and [str(w.message) for w in raw] == []
+
+
+def test_a_tmpdir_too_long_for_the_workers_sockets_is_one_line_with_the_way_out(tmp_path):
+    photos = write_photos(tmp_path / "photos", {"train": 2, "test": 1})
+    long = Path("/tmp") / ("t" * 100)
+    long.mkdir(exist_ok=True)
+    try:
+        proc = subprocess.run([sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", str(photos),
+                               "--image-size", "40", "--epochs", "1", "--val-split", "0", "--workers", "1",
+                               "--device", "cpu", "--out-dir", str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(long)})
+    finally:
+        for p in long.iterdir():
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        long.rmdir()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith(f"train.py: error: the worker processes hand batches over through sockets in {long}/pymp-")
+    assert last.endswith("that path is too long for a socket's (107 bytes at most); set a shorter TMPDIR (such as "
+                         "TMPDIR=/tmp), or give --workers 0 to read the images in this process")
