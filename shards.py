@@ -66,6 +66,7 @@ class Table:
     `shards`: paths or URLs), where its image's bytes lie in that shard, and its class. Numpy arrays: a few bytes
     a sample, no Python object each (the DataLoader workers' copy-on-write pages stay shared)."""
     shards: list[str]
+    lengths: list[int | None]  # each shard's size in bytes, as index.json has it (None: read from its headers)
     shard: np.ndarray     # int32
     position: np.ndarray  # int32: the sample's number in its shard (what messages name)
     offset: np.ndarray    # int64
@@ -78,7 +79,8 @@ class Table:
     def subset(self, idx: np.ndarray) -> "Table":
         """The samples `idx`, kept in shard order (sorted) so that each shard is still read front to back."""
         idx = np.sort(idx)
-        return Table(self.shards, *(a[idx] for a in (self.shard, self.position, self.offset, self.size, self.labels)))
+        return Table(self.shards, self.lengths,
+                     *(a[idx] for a in (self.shard, self.position, self.offset, self.size, self.labels)))
 
     def counts(self) -> torch.Tensor:
         """The number of samples of each run of one shard, in order: what data.mixed_order mixes."""
@@ -173,6 +175,9 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]], dict | None]:
                         f"{SOURCES}")
     else:
         raise DataError(f"shards: {spec} not found; {SOURCES}")
+    twice = next((s for s, n in Counter(map(same_shard, found)).items() if n > 1), None)
+    if twice is not None:
+        raise DataError(f"shards: {spec} names {twice} twice: each shard once (its images would count twice)")
     splits = {}
     for location in found:
         m = re.match(r"(train|val|test)[-_.]", location.rsplit("/", 1)[-1])
@@ -183,9 +188,8 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]], dict | None]:
     if "train" not in splits or "test" not in splits:
         raise DataError(f"shards: {spec} has no {' or '.join(s for s in ('train', 'test') if s not in splits)} "
                         f"shards; {SOURCES}")
-    first = splits["train"][0]
-    folder = first.rsplit("/", 1)[0] + "/" if is_url(first) else os.path.dirname(first) or "."
-    return folder, splits, index if listed else read_index(folder)
+    folder = folder_of(splits["train"][0])
+    return folder, splits, {folder_of(found[0]): index} if listed else {}
 
 
 def listed_shards(path: str) -> list[str]:
@@ -193,12 +197,22 @@ def listed_shards(path: str) -> list[str]:
     the list file's folder; a shard named twice is refused (its images would count twice an epoch)."""
     with open_regular(path, "shard list") as f:
         lines = [line.strip() for line in f.read(2**24).decode(errors="replace").splitlines()]
-    found = [line if is_url(line) else os.path.join(os.path.dirname(path), line)
-             for line in lines if line and not line.startswith("#")]
-    twice = next((s for s, n in Counter(found).items() if n > 1), None)
-    if twice is not None:
-        raise DataError(f"shards: {path} lists {twice} twice: each shard once (its images would count twice)")
-    return found
+    return [line if is_url(line) else os.path.join(os.path.dirname(path), line)
+            for line in lines if line and not line.startswith("#")]
+
+
+def folder_of(location: str) -> str:
+    """The folder or URL folder (with its /) a shard lies in: where its index.json is looked for."""
+    return location.rsplit("/", 1)[0] + "/" if is_url(location) else os.path.dirname(location) or "."
+
+
+def same_shard(location: str) -> str:
+    """`location` as one spelling of its shard: a local path resolved (./a, a, a symlinked folder), a URL with its
+    path's repeated slashes as one."""
+    if not is_url(location):
+        return os.path.realpath(location)
+    scheme, _, rest = location.partition("://")
+    return f"{scheme}://{re.sub('/+', '/', rest)}"
 
 
 def open_location(location: str, what: str, offset: int = 0) -> BinaryIO:
@@ -301,7 +315,7 @@ def scan(f: BinaryIO, name: str, seekable: bool) -> tuple[np.ndarray, np.ndarray
 
 
 def plural(n: int, thing: str) -> str:
-    return f"{n:,} {thing}{'s' * (n != 1)}"
+    return f"{n:,} {thing}{('es' if thing.endswith('s') else 's') * (n != 1)}"
 
 
 def encode(a: np.ndarray) -> str:
@@ -377,19 +391,16 @@ def write_index(folder: Path, shards: list[Path]) -> int:
     return total
 
 
-def indexed(location: str, folder: str) -> bool:
-    """Whether `location` lies in `folder`, where the index.json read is: only its own shards are looked up in it
-    (a list file may name shards of several folders, of the same names)."""
-    here = location.rsplit("/", 1)[0] + "/" if is_url(location) else os.path.abspath(os.path.dirname(location))
-    return here == (folder if is_url(folder) else os.path.abspath(folder))
-
-
-def table(folder: str, locations: list[str], index: dict | None, warned: set) -> Table:
-    """A split's Table: from index.json where it holds the shard, else from the shard's own headers (read now).
-    A local shard that is missing, or larger than index.json says (written again since), is one line."""
-    parts = []
+def table(locations: list[str], indexes: dict[str, dict | None], warned: set) -> Table:
+    """A split's Table: each shard from the index.json of its own folder where that holds it (read once a folder,
+    kept in `indexes`), else from the shard's own headers (read now). A local shard that is missing, or larger than
+    its index.json says (written again since), is one line."""
+    parts, lengths = [], []
     for i, location in enumerate(locations):
-        entry = index.get(location.rsplit("/", 1)[-1]) if index is not None and indexed(location, folder) else None
+        folder = folder_of(location)
+        if folder not in indexes:
+            indexes[folder] = read_index(folder)
+        entry = (indexes[folder] or {}).get(location.rsplit("/", 1)[-1])
         if not is_url(location) and not os.path.isfile(location):
             raise DataError(f"shards: shard not found: {location}" + (f" (listed in {INDEX})" if entry else ""))
         if entry is None:
@@ -401,45 +412,52 @@ def table(folder: str, locations: list[str], index: dict | None, warned: set) ->
                 *arrays, problems = scan(f, location, seekable=not is_url(location))
             for problem in problems:
                 print(f"warning: {cli.printable(problem)}", file=sys.stderr)
+            lengths.append(None)
         else:
             size, *arrays = entry
-            if not is_url(location) and os.path.getsize(location) != size:
-                actual = os.path.getsize(location)
-                if actual > size:
-                    raise DataError(f"shards: {location} is {actual:,} bytes, and {INDEX} says {size:,}: it was "
-                                    f"written again since it was indexed; {redo_index(folder)}")
-                print(f"warning: {location} is {actual:,} bytes, and {INDEX} says {size:,}: a truncated shard; the "
-                      f"images past its end are skipped", file=sys.stderr)
+            lengths.append(size)
+            if not is_url(location) and os.path.getsize(location) > size:
+                raise DataError(changed(location, os.path.getsize(location), size))
         offsets, sizes, labels = arrays
         parts.append((np.full(len(labels), i, dtype=np.int32), np.arange(len(labels), dtype=np.int32), offsets,
                       sizes.astype(np.int32), labels))
-    return Table(locations, *(np.concatenate([p[k] for p in parts]) for k in range(5)))
+    return Table(locations, lengths, *(np.concatenate([p[k] for p in parts]) for k in range(5)))
+
+
+def changed(location: str, actual: int, indexed: int) -> str:
+    """A shard larger than its index.json says: written again since it was indexed (a smaller one was cut short:
+    its images past the end are skipped as they are read)."""
+    return (f"shards: {location} is {actual:,} bytes, and {INDEX} says {indexed:,}: it was written again since it was "
+            f"indexed; {redo_index(folder_of(location))}")
 
 
 def load(spec: str) -> tuple[dict[str, Table], list[str]]:
     """The shards of --data-dir `spec`: a Table per split found (train and test, val if any) and the class names
-    (classes.txt; without one, the indices "0", "1", ...)."""
-    folder, splits, index = locate(spec)
+    (classes.txt beside the first training shard; without one, the indices "0", "1", ...)."""
+    folder, splits, indexes = locate(spec)
     warned = set()
-    tables = {split: table(folder, splits[split], index, warned) for split in SPLITS if split in splits}
+    tables = {split: table(splits[split], indexes, warned) for split in SPLITS if split in splits}
+    if not len(tables["train"]):
+        raise DataError(f"shards: the training shards of {spec} hold no images; write them again (python shards.py "
+                        f"FOLDER DEST), or give the shards that hold them")
     top = max(int(t.labels.max()) + 1 if len(t) else 0 for t in tables.values())
     text = read_side_file(folder, CLASSES, 2**24)
-    if text is None:
-        classes = [str(c) for c in range(top)]
-        seen = len(np.unique(np.concatenate([t.labels for t in tables.values()])))
-        if seen < top:
-            print(f"warning: no {CLASSES} beside the shards, and their .cls go up to {top - 1} with {seen} of those "
-                  f"classes present: the model gets {top} outputs; a {CLASSES} (one name a line) names them",
-                  file=sys.stderr)
-    else:
-        classes = text.decode(errors="replace").splitlines()
-        bad = next((i for i, c in enumerate(classes) if not c.strip() or c in classes[:i]), None)
-        if bad is not None:
-            raise DataError(f"shards: line {bad + 1} of {CLASSES} in {folder} "
-                            f"{'is empty' if not classes[bad].strip() else 'names a class again'}: one class a "
-                            f"line, each once, in the order of the .cls indices")
+    classes = [str(c) for c in range(top)] if text is None else text.decode(errors="replace").splitlines()
+    bad = next((i for i, c in enumerate(classes) if not c.strip() or c in classes[:i]), None)
+    if bad is not None:
+        raise DataError(f"shards: line {bad + 1} of {CLASSES} in {folder} "
+                        f"{'is empty' if not classes[bad].strip() else 'names a class again'}: one class a line, "
+                        f"each once, in the order of the .cls indices")
     if top > len(classes):
-        raise DataError(f"shards: a .cls of {spec} is {top - 1}, but {CLASSES} names {len(classes)} classes")
+        raise DataError(f"shards: a .cls of {spec} is {top - 1}, but {CLASSES} names {plural(len(classes), 'class')}")
+    if len(classes) < 2:
+        raise DataError(f"shards: {spec} needs at least two classes, found {len(classes)}")
+    absent = [c for c, n in zip(classes, np.bincount(tables["train"].labels, minlength=len(classes))) if n == 0]
+    if absent:
+        print(f"warning: {plural(len(absent), 'class')} of the {len(classes)} "
+              f"{'named in ' + CLASSES if text is not None else 'the .cls numbers go up to'} "
+              f"{'have' if len(absent) > 1 else 'has'} no training images ({cli.shorten(', '.join(absent), 80)}): the "
+              f"model gets outputs it never learns", file=sys.stderr)
     return tables, classes
 
 
@@ -463,7 +481,7 @@ class Reader:
             state = None
         if state is None:
             try:
-                state = [open_location(location, "shard", offset), offset]
+                state = [self.open_shard(shard, offset), offset]
             except DataError as e:
                 if "HTTP 416" not in str(e):  # (416: Range Not Satisfiable, the shard ends before the image)
                     raise
@@ -487,6 +505,19 @@ class Reader:
         if len(data) < size:
             raise UnreadableImage(self.cut_short(location))
         return data
+
+    def open_shard(self, shard: int, offset: int) -> BinaryIO:
+        """Shard `shard` opened at `offset`; over HTTP, a shard larger than its index.json says (the server's
+        Content-Range or Content-Length) stops the run in one line, as a local one does at the start."""
+        location, indexed = self.table.shards[shard], self.table.lengths[shard]
+        f = open_location(location, "shard", offset)
+        if is_url(location) and indexed is not None:
+            total = f.headers.get("Content-Range", "").rpartition("/")[2] if f.status == 206 else \
+                f.headers.get("Content-Length", "")
+            if total.isdigit() and int(total) > indexed:
+                f.close()
+                raise DataError(changed(location, int(total), indexed))
+        return f
 
     @staticmethod
     def cut_short(location: str) -> str:
