@@ -23,6 +23,7 @@ from PIL import Image
 
 import data
 import shards
+import tarshards
 from bench_photos import first_step
 from decode import SQUASH
 
@@ -89,17 +90,17 @@ def tiny_shards(dest: Path, images: int, per_shard: int = shards.SHARD_SIZE, cla
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
     with open(one, "rb") as f:
-        arrays = dict(zip(("offsets", "sizes", "labels"), shards.scan(f, str(one), True)[:3]))
-    entry = {"bytes": one.stat().st_size, **{k: shards.encode(a) for k, a in arrays.items()}}
+        arrays = dict(zip(("offsets", "sizes", "labels"), tarshards.scan(f, str(one), True)[:3]))
+    entry = {"bytes": one.stat().st_size, **{k: tarshards.encode(a) for k, a in arrays.items()}}
     names = [f"train-{s:06d}.tar" for s in range(-(-images // per_shard))] + ["test-000000.tar", "test-000001.tar"]
     for name in names[1:]:
         os.link(one, dest / name)  # (the same bytes: a hard link)
     index = {name: entry for name in names}
     last = names[-3]
     rest = images - per_shard * (len(names) - 3)  # the last training shard's images: its index entry's first ones
-    index[last] = {**entry, **{k: shards.encode(a[:rest]) for k, a in arrays.items()}}
-    (dest / shards.INDEX).write_text(json.dumps({"format": shards.INDEX_FORMAT, "shards": index}))
-    (dest / shards.CLASSES).write_text("".join(f"c{c:04d}\n" for c in range(classes)))
+    index[last] = {**entry, **{k: tarshards.encode(a[:rest]) for k, a in arrays.items()}}
+    (dest / tarshards.INDEX).write_text(json.dumps({"format": tarshards.INDEX_FORMAT, "shards": index}))
+    (dest / tarshards.CLASSES).write_text("".join(f"c{c:04d}\n" for c in range(classes)))
 
 
 def start_up(counts: list[int], workers: int) -> None:

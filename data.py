@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
-import shards
+import tarshards
 import stream
 from augment import apply_policy
 from batches import JITTER_UNIT, PAD, channel_stats, to_input
@@ -383,7 +383,7 @@ def prepare_shards(spec: str, val_split: float, seed: int, device: torch.device,
     """prepare for tar shards (--dataset shards, shards.py): (train, val or None, test, classes) as StreamSets read
     by `workers` processes, validation from the val shards or held out of the training shards (the same stratified
     split as a folder's), normalization as an image folder's."""
-    tables, classes = shards.load(spec)
+    tables, classes = tarshards.load(spec)
     if "val" not in tables:
         train, val = split_indices(torch.from_numpy(tables["train"].labels), val_split, seed)
         tables["train"], tables["val"] = tables["train"].subset(train.numpy()), tables["train"].subset(val.numpy())

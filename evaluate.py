@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import runtime
-import shards
+import tarshards
 import stream
 from checkpoint import checkpoint_path, load_checkpoint, model_from_checkpoint, run_batch_size
 from data import ImageSet, Split, load_test
@@ -168,7 +168,7 @@ def test_set(ckpt: dict, dataset: str, data_dir: str, max_pixels: int, device: t
     mean, std = (torch.tensor(ckpt[k], device=device) for k in ("mean", "std"))
     prep = Prep.from_dict(ckpt.get("prep"))
     if dataset == "shards":  # (streamed, whatever the recipe)
-        test = stream.shard_set(shards.load(data_dir)[0]["test"], ckpt["image_size"], max_pixels, prep, 0, device,
+        test = stream.shard_set(tarshards.load(data_dir)[0]["test"], ckpt["image_size"], max_pixels, prep, 0, device,
                                 stream.default_workers())
         test.mean, test.std = mean, std
         return test

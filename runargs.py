@@ -23,7 +23,7 @@ from config import PRESETS, build_parser, check_args, given_flags, image_prep, i
 from configfile import CHANGES, ConfigError, expand_config, spelled_out
 from decode import Prep
 from runtime import print0
-from shards import is_shard_folder
+from tarshards import is_shard_folder
 
 # What --resume lets change (docs/runs.md: what may change on resume); every other flag given must equal the run's.
 MAY_CHANGE_ON_RESUME = {"epochs", "patience", "min_delta", "device", "channels_last", "compile", "tta", "data_dir",

@@ -13,9 +13,11 @@ import hashlib
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import cli
 import runtime
-import shards
+import tarshards
 import workers
 from augment import seeded
 from batches import to_input
@@ -31,6 +33,8 @@ from decode import Prep, UnreadableImage, load_image
 from folders import IMAGEFOLDER_CHANNELS
 from formats import DataError, available_memory
 
+OPEN_SHARDS = 16  # shards a reading process keeps open (an epoch mixes data.OPEN_SHARDS at a time)
+SKIP_BYTES = 2**20  # over HTTP, a gap up to this is read through; a larger one starts a new request there
 PREFETCH = 2  # batches each worker reads ahead (DataLoader's default: more only took memory, measured)
 # --workers is the user's choice: DataLoader's advice against more workers than cores is not printed to them. Set
 # here, for every DataLoader of a script, and again before each of ours (read): whoever restores the warning filters
@@ -98,9 +102,9 @@ class FolderFiles(Dataset):
 
 class ShardFiles(FolderFiles):
     """FolderFiles for tar shards (shards.py): image i's bytes are read from its shard by this process's
-    shards.Reader, which goes through each shard front to back as the epoch's order does (data.mixed_order)."""
+    ShardReader, which goes through each shard front to back as the epoch's order does (data.mixed_order)."""
 
-    def __init__(self, table: shards.Table, size: int, max_pixels: int, prep: Prep, seed: int):
+    def __init__(self, table: tarshards.Table, size: int, max_pixels: int, prep: Prep, seed: int):
         super().__init__(Path(), table.labels, size, max_pixels, prep, seed)
         self.table, self.reader = table, None  # (the reader: opened in the process that reads, never pickled)
 
@@ -108,13 +112,79 @@ class ShardFiles(FolderFiles):
         return {**self.__dict__, "reader": None}
 
     def locate(self, i: int) -> tuple[str, bytes]:
-        self.reader = self.reader or shards.Reader(self.table)
+        self.reader = self.reader or ShardReader(self.table)
         return self.table.describe(i), self.reader.read(i)
 
     def identify(self, h: "hashlib._Hash") -> None:
         h.update("\0".join(s.rsplit("/", 1)[-1] for s in self.table.shards).encode(errors="surrogateescape"))
         for a in (self.table.shard, self.table.offset, self.table.size):
             h.update(a.tobytes())
+
+
+
+class ShardReader:
+    """A process's open shards: read(i) is sample i's image bytes. A shard stays open while the epoch goes on
+    reading it (up to OPEN_SHARDS at once, the least recent closed first); a read further on in it reads on (over
+    HTTP, a gap over SKIP_BYTES starts a new request there instead), one further back opens it again there."""
+
+    def __init__(self, shards: tarshards.Table):
+        self.table, self.open = shards, OrderedDict()  # shard -> [file or response, position]
+
+    def read(self, i: int) -> bytes:
+        shard, offset, size = int(self.table.shard[i]), int(self.table.offset[i]), int(self.table.size[i])
+        location = self.table.shards[shard]
+        state = self.open.pop(shard, None)
+        if state is not None and tarshards.is_url(location) and not state[1] <= offset <= state[1] + SKIP_BYTES:
+            state[0].close()
+            state = None
+        if state is None:
+            try:
+                state = [self.open_shard(shard, offset), offset]
+            except DataError as e:
+                if "HTTP 416" not in str(e):  # (416: Range Not Satisfiable, the shard ends before the image)
+                    raise
+                raise UnreadableImage(self.cut_short(location)) from None
+        elif tarshards.is_url(location):
+            tarshards.skip(state[0], offset - state[1])
+        else:
+            state[0].seek(offset)
+        self.open[shard] = state
+        while len(self.open) > OPEN_SHARDS:
+            self.open.popitem(last=False)[1][0].close()
+        data = state[0].read(size)
+        if len(data) < size and tarshards.is_url(location):  # (a connection the server ended: once more, from there)
+            state[0].close()
+            try:
+                state[0] = tarshards.open_location(location, "shard", offset + len(data))
+                data += state[0].read(size - len(data))
+            except DataError:  # (416: the shard does end there)
+                del self.open[shard]
+        state[1] = offset + len(data)
+        if len(data) < size:
+            raise UnreadableImage(self.cut_short(location))
+        return data
+
+    def open_shard(self, shard: int, offset: int) -> BinaryIO:
+        """Shard `shard` opened at `offset`; over HTTP, a shard larger than its index.json says (the server's
+        Content-Range or Content-Length) stops the run in one line, as a local one does at the start."""
+        location, indexed = self.table.shards[shard], self.table.lengths[shard]
+        f = tarshards.open_location(location, "shard", offset)
+        if tarshards.is_url(location) and indexed is not None:
+            total = f.headers.get("Content-Range", "").rpartition("/")[2] if f.status == 206 else \
+                f.headers.get("Content-Length", "")
+            if total.isdigit() and int(total) > indexed:
+                f.close()
+                raise DataError(tarshards.changed(location, int(total), indexed))
+        return f
+
+    @staticmethod
+    def cut_short(location: str) -> str:
+        """What an image past a shard's end is: one message for all of them (one warning a shard, each counted)."""
+        return f"cannot read the images past the end of {location} (a truncated shard)"
+
+    def close(self) -> None:
+        while self.open:
+            self.open.popitem()[1][0].close()
 
 
 class Step(list):
@@ -291,9 +361,9 @@ def stream_set(root: Path, names: np.ndarray, labels: torch.Tensor, size: int, m
                      device, workers)
 
 
-def shard_set(table: shards.Table, size: int, max_pixels: int, prep: Prep, seed: int, device: torch.device,
+def shard_set(table: tarshards.Table, size: int, max_pixels: int, prep: Prep, seed: int, device: torch.device,
               workers: int) -> StreamSet:
-    """A split of tar shards (shards.load) as a StreamSet, normalized with a mean of 0 and a std of 1 until set."""
+    """A split of tar shards (tarshards.load) as a StreamSet, normalized with a mean of 0 and a std of 1 until set."""
     return StreamSet(ShardFiles(table, size, max_pixels, prep, seed), torch.from_numpy(table.labels),
                      torch.zeros(IMAGEFOLDER_CHANNELS, device=device), torch.ones(IMAGEFOLDER_CHANNELS, device=device),
                      device, workers)

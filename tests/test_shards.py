@@ -23,6 +23,8 @@ import torch
 import data
 import evaluate
 import shards
+import stream
+import tarshards
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT
@@ -134,10 +136,10 @@ def test_webdataset_reads_our_shards_and_we_read_webdatasets(tmp_path):
                 label = sorted(CLASSES).index(path.parent.name)
                 sink.write({"__key__": f"sample{i:05d}", path.suffix[1:]: path.read_bytes(), "cls": label})
                 expected.setdefault(split, []).append((path.read_bytes(), label))
-    tables, classes = shards.load(str(theirs))  # no index.json: read from the shards' own headers
+    tables, classes = tarshards.load(str(theirs))  # no index.json: read from the shards' own headers
     assert classes == ["0", "1", "2"]  # no classes.txt: the indices
     for split, table in tables.items():
-        reader = shards.Reader(table)
+        reader = stream.ShardReader(table)
         assert [(reader.read(i), int(table.labels[i])) for i in range(len(table))] == expected[split]
     result = run(flags(theirs, "--epochs", "1", "--out-dir", str(tmp_path / "run")))
     assert result["test_images"] == 6
@@ -223,7 +225,7 @@ def test_shards_over_http_train_as_from_disk_and_stream_each_shard(tmp_path, ran
         assert report["accuracy"] == over_http["test_accuracy"]
         pattern = server.url + "shards/{train-{000000..000004},test-000000,test-000001}.tar"
         listed = tmp_path / "shards.txt"
-        listed.write_text("".join(f"{u}\n" for u in shards.expand_braces(pattern)))
+        listed.write_text("".join(f"{u}\n" for u in tarshards.expand_braces(pattern)))
         from_list = run(flags(listed, "--workers", "0", "--out-dir", str(tmp_path / "list")))
     finally:
         server.shutdown()
@@ -442,10 +444,10 @@ def test_a_list_file_names_shards_relative_to_itself_and_each_folders_index_is_i
     (first / "list.txt").write_text("# the shards\n\n  train-000000.tar\nmore/train-000000.tar\n  # test\n"
                                     "test-000000.tar\n")
     monkeypatch.chdir(tmp_path)  # (another folder than the list's)
-    tables, _ = shards.load(str(first / "list.txt"))
+    tables, _ = tarshards.load(str(first / "list.txt"))
     train = tables["train"]
     assert len(train) == 6 + 8  # the second shard read from its own headers, not from the first folder's index
-    reader = shards.Reader(train)
+    reader = stream.ShardReader(train)
     assert [int(train.labels[i]) for i in range(len(train))] == [
         int(text) for shard in (first / "train-000000.tar", second / "train-000000.tar")
         for name, text in members(shard) if name.endswith(".cls")]
@@ -509,7 +511,7 @@ def test_shards_py_stopped_midway_leaves_nothing(tmp_path, signum):
 def test_a_class_without_training_images_is_one_warning(tmp_path, capsys):
     _, dest = write_shards(tmp_path, {"train": 1, "test": 1}, sizes=(8, 12))
     (dest / "classes.txt").write_text("blue\ngreen\nred\nyak\n")
-    tables, classes = shards.load(str(dest))
+    tables, classes = tarshards.load(str(dest))
     assert classes == ["blue", "green", "red", "yak"]
     assert capsys.readouterr().err == ("warning: 1 class of the 4 named in classes.txt has no training images (yak): "
                                        "the model gets outputs it never learns\n")
