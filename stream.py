@@ -33,7 +33,7 @@ from decode import Prep, UnreadableImage, load_image
 from folders import IMAGEFOLDER_CHANNELS
 from formats import DataError, available_memory
 
-OPEN_SHARDS = 16  # shards a reading process keeps open (an epoch mixes data.OPEN_SHARDS at a time)
+KEPT_OPEN = 16  # shards a reading process keeps open (an epoch reads data.OPEN_SHARDS at a time)
 SKIP_BYTES = 2**20  # over HTTP, a gap up to this is read through; a larger one starts a new request there
 PREFETCH = 2  # batches each worker reads ahead (DataLoader's default: more only took memory, measured)
 # --workers is the user's choice: DataLoader's advice against more workers than cores is not printed to them. Set
@@ -124,7 +124,7 @@ class ShardFiles(FolderFiles):
 
 class ShardReader:
     """A process's open shards: read(i) is sample i's image bytes. A shard stays open while the epoch goes on
-    reading it (up to OPEN_SHARDS at once, the least recent closed first); a read further on in it reads on (over
+    reading it (up to KEPT_OPEN at once, the least recent closed first); a read further on in it reads on (over
     HTTP, a gap over SKIP_BYTES starts a new request there instead), one further back opens it again there."""
 
     def __init__(self, shards: tarshards.Table):
@@ -149,7 +149,7 @@ class ShardReader:
         else:
             state[0].seek(offset)
         self.open[shard] = state
-        while len(self.open) > OPEN_SHARDS:
+        while len(self.open) > KEPT_OPEN:
             self.open.popitem(last=False)[1][0].close()
         data = state[0].read(size)
         if len(data) < size and tarshards.is_url(location):  # (a connection the server ended: once more, from there)
