@@ -229,12 +229,14 @@ def train_py_photos(folder: str, extra: list[str]) -> dict:
         peak = [0]
         # In a session of its own: Ctrl-C reaches bench.py alone, which ends the run and its workers without a word
         # (its folders are temporary); run in the user's folder by its full path, so their relative paths hold.
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+        proc = None
         try:
+            with cli.signals_held():  # (a Ctrl-C within Popen would leave the run going, unseen by the finally)
+                proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
             with peak_tree_memory(proc.pid, peak):
                 proc.wait()
         finally:
-            if proc.returncode is None:  # (stopped: Ctrl-C, SIGTERM, an error of ours)
+            if proc is not None and proc.returncode is None:  # (stopped: Ctrl-C, SIGTERM, an error of ours)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if proc.returncode != 0:
@@ -345,9 +347,11 @@ def simulated_folder(sources: list[Path], root: Path, files: int, classes: int) 
 def first_step(cmd: list[str]) -> tuple[float, int]:
     """Seconds from launching the train.py command `cmd` to its first optimizer step's line (--log-interval 1), and
     its main process's peak resident memory then (VmHWM, bytes); the run is ended there."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    start, proc = time.perf_counter(), None
     try:
+        with cli.signals_held():  # (a Ctrl-C within Popen would leave the run going, unseen by the finally)
+            proc = subprocess.Popen(cmd, cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True,
+                                    start_new_session=True)
         for line in proc.stdout:
             if line.split()[2:3] == ["step"]:
                 seconds = time.perf_counter() - start
@@ -356,8 +360,9 @@ def first_step(cmd: list[str]) -> tuple[float, int]:
                                          if k == "VmHWM").split()[0]) * 1024
         raise cli.UserError("train.py ended before its first step")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def start_up(folder: str, counts: list[int], workers: int, classes: int = 1000) -> None:
