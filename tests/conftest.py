@@ -9,6 +9,7 @@ if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n 2`: one thread per worker,
 import pickle
 import signal
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,3 +78,24 @@ def write_mnist(folder: Path, compress: bool) -> Path:
         write_idx(folder / f"{split}-images-idx3-ubyte", images, compress)
         write_idx(folder / f"{split}-labels-idx1-ubyte", labels, compress)
     return folder
+
+
+def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> None:
+    """A small tmpfs at path (needs root and a kernel that lets it mount): a disk that really fills up, or a
+    read-only one."""
+    path.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          check=False)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
+    if read_only:
+        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+
+
+@pytest.fixture
+def mounts():
+    """mounts(path, size, read_only=False): a tmpfs mounted at path (mount_tmpfs), unmounted after the test."""
+    made = []
+    yield lambda path, size, read_only=False: (mount_tmpfs(path, size, read_only), made.append(path))
+    for path in reversed(made):
+        subprocess.run(["umount", "-l", str(path)], check=True)

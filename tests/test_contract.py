@@ -372,15 +372,10 @@ def test_ctrl_c_during_the_final_test_stops_at_once_and_says_how_to_rerun_it(tmp
 # A real full disk
 
 @pytest.fixture
-def small_disk(tmp_path):
+def small_disk(tmp_path, mounts):
     """A 12 MiB tmpfs mounted for the test (needs root and a kernel that lets it mount)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    mounts(tmp_path / "disk", "12m")
+    return tmp_path / "disk"
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(small_disk, cifar_dir):

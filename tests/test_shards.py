@@ -76,15 +76,10 @@ def test_shards_py_writes_each_files_bytes_and_class_in_webdatasets_layout(tmp_p
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
+def tiny_disk(tmp_path, mounts):
     """A 32 KiB tmpfs mounted for the test (needs root and a kernel that lets it mount)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mount)], capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    mounts(tmp_path / "disk", "32k")
+    return tmp_path / "disk"
 
 
 def test_shards_py_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, tiny_disk, capsys):

@@ -21,26 +21,6 @@ CPU_NO_VAL = [*CPU, "--val-split", "0"]  # (tiny data: no warning of a small val
 mlflow = pytest.importorskip("mlflow", reason="--mlflow needs the optional mlflow")
 
 
-def mount_tmpfs(path: Path, size: str, read_only: bool = False) -> None:
-    """A small tmpfs at path (needs root and a kernel that lets it mount): a disk that really fills up, or a
-    read-only one."""
-    path.mkdir(parents=True, exist_ok=True)
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                          check=False)
-    if made.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.decode().strip()}")
-    if read_only:
-        subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
-
-
-@pytest.fixture
-def mounts():
-    made = []
-    yield lambda path, size, read_only=False: (mount_tmpfs(path, size, read_only), made.append(path))
-    for path in reversed(made):
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def fill(folder: Path) -> None:
     """Write to folder until its disk is full."""
     with open(folder / "filler", "wb", buffering=0) as f:
