@@ -121,7 +121,6 @@ class ShardFiles(FolderFiles):
             h.update(a.tobytes())
 
 
-
 class ShardReader:
     """A process's open shards: read(i) is sample i's image bytes. A shard stays open while the epoch goes on
     reading it (up to KEPT_OPEN at once, the least recent closed first); a read further on in it reads on (over
@@ -140,8 +139,8 @@ class ShardReader:
         if state is None:
             try:
                 state = [self.open_shard(shard, offset), offset]
-            except DataError as e:
-                if "HTTP 416" not in str(e):  # (416: Range Not Satisfiable, the shard ends before the image)
+            except tarshards.HTTPRefusal as e:
+                if e.status != 416:  # (416: Range Not Satisfiable, the shard ends before the image)
                     raise
                 raise UnreadableImage(self.cut_short(location)) from None
         elif tarshards.is_url(location):
@@ -157,7 +156,9 @@ class ShardReader:
             try:
                 state[0] = tarshards.open_location(location, "shard", offset + len(data))
                 data += state[0].read(size - len(data))
-            except DataError:  # (416: the shard does end there)
+            except tarshards.HTTPRefusal as e:
+                if e.status != 416:  # (416: the shard does end there)
+                    raise
                 del self.open[shard]
         state[1] = offset + len(data)
         if len(data) < size:
@@ -181,10 +182,6 @@ class ShardReader:
     def cut_short(location: str) -> str:
         """What an image past a shard's end is: one message for all of them (one warning a shard, each counted)."""
         return f"cannot read the images past the end of {location} (a truncated shard)"
-
-    def close(self) -> None:
-        while self.open:
-            self.open.popitem()[1][0].close()
 
 
 class Step(list):

@@ -40,6 +40,15 @@ SOURCES = (f"give --data-dir a folder of train-*.tar and test-*.tar (python shar
            f"folder with {INDEX}, a brace pattern or a list file of shards")
 
 
+class HTTPRefusal(DataError):
+    """A shard or side file the server answered with an error status (`status`: 404 not found, 416 a Range past
+    the end, ...)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 @dataclass
 class Table:
     """A split's samples, shard after shard in the order of `shards`: each sample's shard (an index into
@@ -125,10 +134,10 @@ def _expand(pattern: str, whole: str) -> list[str]:
     return [pattern[:start] + name for c in choices for name in _expand(c + rest, whole)]
 
 
-def locate(spec: str) -> tuple[str, dict[str, list[str]], dict | None]:
-    """The shards of --data-dir `spec`, split by their names (train-, val-, test-), the folder or URL folder of the
-    first training shard (where index.json and classes.txt are looked for), and its index.json (read_index), if it
-    has one."""
+def locate(spec: str) -> tuple[str, dict[str, list[str]], dict[str, dict | None]]:
+    """The shards of --data-dir `spec`, split by their names (train-, val-, test-); the folder or URL folder of the
+    first training shard (where classes.txt is looked for); and the index.json read to list them, if one was
+    (read_index, None where there is none), by its folder: what table() would read again."""
     index, listed = None, False  # (listed: the folder's index.json was read to list the shards)
     if is_url(spec) and spec.endswith("/"):
         index, listed = read_index(spec), True
@@ -174,7 +183,7 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]], dict | None]:
 
 def listed_shards(path: str) -> list[str]:
     """The shards a list file names, one a line (blank lines and # comments left out), a relative path taken from
-    the list file's folder; a shard named twice is refused (its images would count twice an epoch)."""
+    the list file's folder."""
     with open_regular(path, "shard list") as f:
         lines = [line.strip() for line in f.read(2**24).decode(errors="replace").splitlines()]
     return [line if is_url(line) else os.path.join(os.path.dirname(path), line)
@@ -206,7 +215,7 @@ def open_location(location: str, what: str, offset: int = 0) -> BinaryIO:
     try:
         response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)
     except urllib.error.HTTPError as e:
-        raise DataError(f"cannot read {what} {location}: HTTP {e.code} {e.reason}") from None
+        raise HTTPRefusal(f"cannot read {what} {location}: HTTP {e.code} {e.reason}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
         raise DataError(f"cannot read {what} {location}: {cli.one_line(getattr(e, 'reason', e))}") from None
     if offset and response.status != 206:  # (a server that ignores Range sends it all: read up to the offset)
@@ -230,8 +239,8 @@ def read_side_file(folder: str, name: str, limit: int) -> bytes | None:
     try:
         with open_location(location, name) as f:
             data = f.read(limit + 1)
-    except DataError as e:
-        if "HTTP 404" in str(e):
+    except HTTPRefusal as e:
+        if e.status == 404:
             return None
         raise
     if len(data) > limit:
@@ -396,8 +405,9 @@ def table(locations: list[str], indexes: dict[str, dict | None], warned: set) ->
         else:
             size, *arrays = entry
             lengths.append(size)
-            if not is_url(location) and os.path.getsize(location) > size:
-                raise DataError(changed(location, os.path.getsize(location), size))
+            actual = os.path.getsize(location) if not is_url(location) else size
+            if actual > size:
+                raise DataError(changed(location, actual, size))
         offsets, sizes, labels = arrays
         parts.append((np.full(len(labels), i, dtype=np.int32), np.arange(len(labels), dtype=np.int32), offsets,
                       sizes.astype(np.int32), labels))
@@ -423,7 +433,8 @@ def load(spec: str) -> tuple[dict[str, Table], list[str]]:
     top = max(int(t.labels.max()) + 1 if len(t) else 0 for t in tables.values())
     text = read_side_file(folder, CLASSES, 2**24)
     classes = [str(c) for c in range(top)] if text is None else text.decode(errors="replace").splitlines()
-    bad = next((i for i, c in enumerate(classes) if not c.strip() or c in classes[:i]), None)
+    first = {}  # (each name's first line: a name seen again is a repeat)
+    bad = next((i for i, c in enumerate(classes) if not c.strip() or first.setdefault(c, i) != i), None)
     if bad is not None:
         raise DataError(f"shards: line {bad + 1} of {CLASSES} in {folder} "
                         f"{'is empty' if not classes[bad].strip() else 'names a class again'}: one class a line, "
