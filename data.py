@@ -216,8 +216,12 @@ def epoch_plan(n: int, seed: int, epoch: int, device: torch.device | str = "cpu"
     balance: the n images' labels, for an epoch drawn class-balanced (balanced_order) instead of each image once.
     shards: the images' shards' sizes (tar shards, read front to back): the order is mixed_order's."""
     g = torch.Generator().manual_seed(seed * 10_000 + epoch)  # distinct per epoch for runs under 10,000 epochs
-    order = (torch.randperm(n, generator=g) if balance is None and shards is None else
-             mixed_order(shards, g) if balance is None else balanced_order(balance.cpu(), g))
+    if balance is not None:
+        order = balanced_order(balance.cpu(), g)
+    elif shards is not None:
+        order = mixed_order(shards, g)
+    else:
+        order = torch.randperm(n, generator=g)
     offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=g)
     if alternate_flips:
         first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed))  # epoch 1's, per image
@@ -370,11 +374,7 @@ def prepare_streamed(root: Path, listing: dict[str, tuple[np.ndarray, torch.Tens
         warn_small_split(val_split, listing["val"][1], classes, "imagefolder")
     sets = {split: stream.stream_set(root, names, labels, size, max_pixels, prep, seed, device, workers) if len(labels)
             else None for split, (names, labels) in listing.items()}
-    stats = stats or channel_stats(sets["train"].take(stream.stats_sample(len(sets["train"]), size, seed)).cpu())
-    mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
-    for data in filter(None, sets.values()):
-        data.mean, data.std = mean, std
-    return sets["train"], sets["val"], sets["test"], classes
+    return normalized(sets, classes, stats, size, seed, device)
 
 
 def prepare_shards(spec: str, val_split: float, seed: int, device: torch.device, size: int,
@@ -392,8 +392,18 @@ def prepare_shards(spec: str, val_split: float, seed: int, device: torch.device,
             for split, t in tables.items()}
     if sets["train"] is None or sets["test"] is None:
         raise DataError(f"shards: {spec} has no {'training' if sets['train'] is None else 'test'} images")
-    sample = stream.stats_sample(len(sets["train"]), size, seed).sort().values  # (sorted: each shard read forward)
-    stats = stats or channel_stats(sets["train"].take(sample).cpu())
+    return normalized(sets, classes, stats, size, seed, device)
+
+
+def normalized(sets: dict[str, stream.StreamSet | None], classes: list[str],
+               stats: tuple[list[float], list[float]] | None, size: int, seed: int,
+               device: torch.device) -> tuple[stream.StreamSet, stream.StreamSet | None, stream.StreamSet, list[str]]:
+    """The streamed splits as prepare returns them, each normalized with `stats`, or without it with the training
+    images stream.stats_sample picks, in evaluation's shape. They are read in index order (each shard front to
+    back; channel_stats's sums are exact, so the order does not change them)."""
+    if stats is None:
+        sample = stream.stats_sample(len(sets["train"]), size, seed).sort().values
+        stats = channel_stats(sets["train"].take(sample).cpu())
     mean, std = (torch.tensor(s, dtype=torch.float32, device=device) for s in stats)
     for data in filter(None, sets.values()):
         data.mean, data.std = mean, std
