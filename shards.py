@@ -35,7 +35,7 @@ import torch
 from decode import open_regular
 from folders import imagefolder_classes, split_listing
 from formats import DataError
-from tarshards import CLASSES, INDEX, SPLITS, is_url, plural, write_index
+from tarshards import CLASSES, INDEX, SPLITS, is_url, plural, shard_files, write_index
 
 SHARD_SIZE = 1000  # images per shard: 1,282 shards for ImageNet, each ~110 MB
 
@@ -123,13 +123,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     with cli.one_line_errors("shards.py"):
         args = parse_args(argv)
-        signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))  # (a closed terminal: cleaned up as Ctrl-C)
+        if hasattr(signal, "SIGHUP"):  # (a closed terminal: cleaned up as Ctrl-C; Windows has none)
+            signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
         if args.index is not None:
             if is_url(args.index):
                 raise DataError(f"shards: --index writes index.json into a folder of shards on this machine, not "
                                 f"{args.index}: index the folder they came from, and put its {INDEX} beside them")
             folder = Path(args.index)
-            found = sorted(p for split in SPLITS for p in folder.glob(f"{split}-*.tar")) if folder.is_dir() else []
+            found = shard_files(folder) if folder.is_dir() else []
             if not found:
                 raise DataError(f"shards: no train-*.tar, val-*.tar or test-*.tar in {folder}")
             if (folder / INDEX).exists():

@@ -96,6 +96,11 @@ def is_shard_folder(path: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # Where the shards are: a folder, a URL folder, a brace pattern, a list file
 
+def shard_files(folder: Path) -> list[Path]:
+    """The shards in `folder`, by their names: train-*.tar, val-*.tar, test-*.tar, sorted."""
+    return sorted(p for split in SPLITS for p in folder.glob(f"{split}-*.tar"))
+
+
 def expand_braces(pattern: str) -> list[str]:
     """A brace pattern's names, as the shell and webdataset expand them, left to right: {000000..000127} (a range,
     zero-padded as written, up or down) and {a,b} (alternatives, which may hold braces of their own)."""
@@ -154,7 +159,7 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]], dict[str, dict | None]
     elif Path(spec).is_dir():  # (index.json's shards, where it has one: a missing one is said)
         index, listed = read_index(spec), True
         found = ([os.path.join(spec, name) for name in index] if index is not None else
-                 sorted(str(p) for split in SPLITS for p in Path(spec).glob(f"{split}-*.tar")))
+                 [str(p) for p in shard_files(Path(spec))])
     elif Path(spec).suffix == ".txt":
         found = listed_shards(spec)
     elif "{" in spec or spec.endswith(".tar") and os.path.exists(spec):
