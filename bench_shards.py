@@ -10,7 +10,6 @@ cache (dropped first, where the system lets this process: as root), where per-fi
 warm. What was measured, and on what: docs/performance.md.
 """
 import io
-import json
 import os
 import sys
 import tarfile
@@ -89,17 +88,16 @@ def tiny_shards(dest: Path, images: int, per_shard: int = shards.SHARD_SIZE, cla
                 info = tarfile.TarInfo(f"{i:09d}.{extension}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    with open(one, "rb") as f:
-        arrays = dict(zip(("offsets", "sizes", "labels"), tarshards.scan(f, str(one), True)[:3]))
-    entry = {"bytes": one.stat().st_size, **{k: tarshards.encode(a) for k, a in arrays.items()}}
+    entry, _ = tarshards.index_entry(one)
     names = [f"train-{s:06d}.tar" for s in range(-(-images // per_shard))] + ["test-000000.tar", "test-000001.tar"]
     for name in names[1:]:
         os.link(one, dest / name)  # (the same bytes: a hard link)
     index = {name: entry for name in names}
     last = names[-3]
     rest = images - per_shard * (len(names) - 3)  # the last training shard's images: its index entry's first ones
-    index[last] = {**entry, **{k: tarshards.encode(a[:rest]) for k, a in arrays.items()}}
-    (dest / tarshards.INDEX).write_text(json.dumps({"format": tarshards.INDEX_FORMAT, "shards": index}))
+    index[last] = {**entry, **{k: tarshards.encode(tarshards.decode_array(entry[k], k, "")[:rest])
+                               for k in ("offsets", "sizes", "labels")}}
+    tarshards.save_index(dest, index)
     (dest / tarshards.CLASSES).write_text("".join(f"c{c:04d}\n" for c in range(classes)))
 
 

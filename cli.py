@@ -76,10 +76,15 @@ def signals_held() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+def is_url(location: str) -> bool:
+    """Whether --data-dir (or a shard) names a place on a web server, not a path."""
+    return location.startswith(("http://", "https://"))
+
+
 def resolved(location: str) -> str:
     """A path made absolute, as a run records its --data-dir (a resume or evaluate.py from any folder finds it); a
     URL as it is (Path would make http://host of it http:/host)."""
-    return location if location.startswith(("http://", "https://")) else str(Path(location).resolve())
+    return location if is_url(location) else str(Path(location).resolve())
 
 
 def path_flag(text: str) -> str:

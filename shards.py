@@ -35,7 +35,7 @@ import torch
 from decode import open_regular
 from folders import imagefolder_classes, split_listing
 from formats import DataError
-from tarshards import CLASSES, INDEX, SPLITS, is_url, plural, shard_files, write_index
+from tarshards import CLASSES, INDEX, SPLITS, plural, shard_files, write_index
 
 SHARD_SIZE = 1000  # images per shard: 1,282 shards for ImageNet, each ~110 MB
 
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(signal, "SIGHUP"):  # (a closed terminal: cleaned up as Ctrl-C; Windows has none)
             signal.signal(signal.SIGHUP, signal.getsignal(signal.SIGTERM))
         if args.index is not None:
-            if is_url(args.index):
+            if cli.is_url(args.index):
                 raise DataError(f"shards: --index writes index.json into a folder of shards on this machine, not "
                                 f"{args.index}: index the folder they came from, and put its {INDEX} beside them")
             folder = Path(args.index)

@@ -133,7 +133,7 @@ class ShardReader:
         shard, offset, size = int(self.table.shard[i]), int(self.table.offset[i]), int(self.table.size[i])
         location = self.table.shards[shard]
         state = self.open.pop(shard, None)
-        if state is not None and tarshards.is_url(location) and not state[1] <= offset <= state[1] + SKIP_BYTES:
+        if state is not None and cli.is_url(location) and not state[1] <= offset <= state[1] + SKIP_BYTES:
             state[0].close()
             state = None
         if state is None:
@@ -143,7 +143,7 @@ class ShardReader:
                 if e.status != 416:  # (416: Range Not Satisfiable, the shard ends before the image)
                     raise
                 raise UnreadableImage(self.cut_short(location)) from None
-        elif tarshards.is_url(location):
+        elif cli.is_url(location):
             tarshards.skip(state[0], offset - state[1])
         else:
             state[0].seek(offset)
@@ -151,7 +151,7 @@ class ShardReader:
         while len(self.open) > KEPT_OPEN:
             self.open.popitem(last=False)[1][0].close()
         data = state[0].read(size)
-        if len(data) < size and tarshards.is_url(location):  # (a connection the server ended: once more, from there)
+        if len(data) < size and cli.is_url(location):  # (a connection the server ended: once more, from there)
             state[0].close()
             try:
                 state[0] = tarshards.open_location(location, "shard", offset + len(data))
@@ -170,7 +170,7 @@ class ShardReader:
         Content-Range or Content-Length) stops the run in one line, as a local one does at the start."""
         location, indexed = self.table.shards[shard], self.table.lengths[shard]
         f = tarshards.open_location(location, "shard", offset)
-        if tarshards.is_url(location) and indexed is not None:
+        if cli.is_url(location) and indexed is not None:
             total = f.headers.get("Content-Range", "").rpartition("/")[2] if f.status == 206 else \
                 f.headers.get("Content-Length", "")
             if total.isdigit() and int(total) > indexed:

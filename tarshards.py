@@ -81,15 +81,11 @@ class Table:
         return f"{self.shards[int(self.shard[i])]} sample {int(self.position[i])}"
 
 
-def is_url(location: str) -> bool:
-    return location.startswith(("http://", "https://"))
-
-
 def is_shard_folder(path: str) -> bool:
     """Whether `path` is a folder of shards (train-*.tar) and not an image folder (train/): what --dataset shards
     reads, given or not."""
     folder = Path(path)
-    return not is_url(path) and folder.is_dir() and not (folder / "train").is_dir() and \
+    return not cli.is_url(path) and folder.is_dir() and not (folder / "train").is_dir() and \
         any(folder.glob("train-*.tar"))
 
 
@@ -144,14 +140,14 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]], dict[str, dict | None]
     first training shard (where classes.txt is looked for); and the index.json read to list them, if one was
     (read_index, None where there is none), by its folder: what table() would read again."""
     index, listed = None, False  # (listed: the folder's index.json was read to list the shards)
-    if is_url(spec) and spec.endswith("/"):
+    if cli.is_url(spec) and spec.endswith("/"):
         index, listed = read_index(spec), True
         if index is None:
             raise DataError(f"shards: no {INDEX} at {spec}: a URL folder cannot be listed; give a brace pattern "
                             f"({spec}train-{{000000..000009}}.tar) or a list file, or put an {INDEX} there "
                             f"(python shards.py --index on the folder the shards came from)")
         found = [spec + name for name in index]
-    elif is_url(spec):
+    elif cli.is_url(spec):
         found = expand_braces(spec)
         if "{" not in spec and not spec.endswith(".tar"):
             raise DataError(f"shards: {spec} is no shard: give a URL folder with a trailing / ({spec}/), a brace "
@@ -191,19 +187,19 @@ def listed_shards(path: str) -> list[str]:
     the list file's folder."""
     with open_regular(path, "shard list") as f:
         lines = [line.strip() for line in f.read(2**24).decode(errors="replace").splitlines()]
-    return [line if is_url(line) else os.path.join(os.path.dirname(path), line)
+    return [line if cli.is_url(line) else os.path.join(os.path.dirname(path), line)
             for line in lines if line and not line.startswith("#")]
 
 
 def folder_of(location: str) -> str:
     """The folder or URL folder (with its /) a shard lies in: where its index.json is looked for."""
-    return location.rsplit("/", 1)[0] + "/" if is_url(location) else os.path.dirname(location) or "."
+    return location.rsplit("/", 1)[0] + "/" if cli.is_url(location) else os.path.dirname(location) or "."
 
 
 def same_shard(location: str) -> str:
     """`location` as one spelling of its shard: a local path resolved (./a, a, a symlinked folder), a URL with its
     path's repeated slashes as one."""
-    if not is_url(location):
+    if not cli.is_url(location):
         return os.path.realpath(location)
     scheme, _, rest = location.partition("://")
     return f"{scheme}://{re.sub('/+', '/', rest)}"
@@ -212,7 +208,7 @@ def same_shard(location: str) -> str:
 def open_location(location: str, what: str, offset: int = 0) -> BinaryIO:
     """A shard or one of its side files, opened for reading from `offset` (over HTTP: one streaming request,
     a Range request past 0). A missing one is a DataError saying so."""
-    if not is_url(location):
+    if not cli.is_url(location):
         f = open_regular(location, what)
         f.seek(offset)
         return f
@@ -238,8 +234,8 @@ def skip(f: BinaryIO, n: int) -> None:
 
 def read_side_file(folder: str, name: str, limit: int) -> bytes | None:
     """index.json or classes.txt beside the shards, or None when there is none; at most `limit` bytes."""
-    location = folder + name if is_url(folder) else os.path.join(folder, name)
-    if not is_url(folder) and not os.path.exists(location):
+    location = folder + name if cli.is_url(folder) else os.path.join(folder, name)
+    if not cli.is_url(folder) and not os.path.exists(location):
         return None
     try:
         with open_location(location, name) as f:
@@ -330,7 +326,7 @@ def decode_array(text: object, what: str, redo: str) -> np.ndarray:
 
 def redo_index(folder: str) -> str:
     """The way forward from an index.json that cannot be used."""
-    if is_url(folder):
+    if cli.is_url(folder):
         return (f"write it again (python shards.py --index on the folder the shards came from) and put it at "
                 f"{folder}{INDEX}")
     return f"remove {os.path.join(folder, INDEX)} and write it again: python shards.py --index {folder}"
@@ -362,27 +358,36 @@ def read_index(folder: str) -> dict[str, tuple[int, np.ndarray, np.ndarray, np.n
     return entries
 
 
+def index_entry(path: Path) -> tuple[dict, int]:
+    """A shard's entry of index.json, from its headers (what was wrong, warned), and its number of samples."""
+    with open_regular(path, "shard") as f:
+        offsets, sizes, labels, problems = scan(f, str(path), seekable=True)
+        size = f.seek(0, os.SEEK_END)
+    for problem in problems:
+        print(f"warning: {cli.printable(problem)}", file=sys.stderr)
+    return {"bytes": size, "offsets": encode(offsets), "sizes": encode(sizes), "labels": encode(labels)}, len(labels)
+
+
 def write_index(folder: Path, shards: list[Path]) -> int:
-    """Index the shards (scan each) into folder/index.json, atomically; returns the number of samples."""
+    """Index the shards (index_entry each) into folder/index.json, atomically; returns the number of samples."""
     entries, total = {}, 0
     for path in shards:
-        with open_regular(path, "shard") as f:
-            offsets, sizes, labels, problems = scan(f, str(path), seekable=True)
-            size = f.seek(0, os.SEEK_END)
-        for problem in problems:
-            print(f"warning: {cli.printable(problem)}", file=sys.stderr)
-        entries[path.name] = {"bytes": size, "offsets": encode(offsets), "sizes": encode(sizes),
-                              "labels": encode(labels)}
-        total += len(labels)
+        entries[path.name], count = index_entry(path)
+        total += count
     if total == 0:
         raise DataError(f"shards: no samples in the {plural(len(shards), 'shard')} of {folder}: a sample is an image "
                         f"KEY.jpg (.png, ...) beside its class KEY.cls, KEY up to the first dot of the file name")
+    save_index(folder, entries)
+    return total
+
+
+def save_index(folder: Path, entries: dict[str, dict]) -> None:
+    """folder/index.json of the shards' `entries` (name: index_entry), written atomically."""
     try:
         with cli.atomic_output(folder / INDEX) as tmp:
             tmp.write_text(json.dumps({"format": INDEX_FORMAT, "shards": entries}))
     except OSError as e:
         raise DataError(f"cannot write {folder / INDEX}: {cli.describe_os_error(e, filename=False)}") from None
-    return total
 
 
 def table(locations: list[str], indexes: dict[str, dict | None], warned: set) -> Table:
@@ -395,7 +400,7 @@ def table(locations: list[str], indexes: dict[str, dict | None], warned: set) ->
         if folder not in indexes:
             indexes[folder] = read_index(folder)
         entry = (indexes[folder] or {}).get(location.rsplit("/", 1)[-1])
-        if not is_url(location) and not os.path.isfile(location):
+        if not cli.is_url(location) and not os.path.isfile(location):
             raise DataError(f"shards: shard not found: {location}" + (f" (listed in {INDEX})" if entry else ""))
         if entry is None:
             with open_location(location, "shard") as f:
@@ -403,14 +408,14 @@ def table(locations: list[str], indexes: dict[str, dict | None], warned: set) ->
                     warned.add(True)
                     print(f"shards: {location} is not in an {INDEX} beside it: reading the shards' headers to index "
                           f"them (an {INDEX} saves this: python shards.py --index FOLDER)", file=sys.stderr)
-                *arrays, problems = scan(f, location, seekable=not is_url(location))
+                *arrays, problems = scan(f, location, seekable=not cli.is_url(location))
             for problem in problems:
                 print(f"warning: {cli.printable(problem)}", file=sys.stderr)
             lengths.append(None)
         else:
             size, *arrays = entry
             lengths.append(size)
-            actual = os.path.getsize(location) if not is_url(location) else size
+            actual = os.path.getsize(location) if not cli.is_url(location) else size
             if actual > size:
                 raise DataError(changed(location, actual, size))
         offsets, sizes, labels = arrays
