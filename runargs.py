@@ -43,7 +43,7 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     they may change. `prog`, `doc`: the script's name and --help text."""
     argv = expand_config(argv, build_parser(prog, doc))
     args = parse_args(argv, prog, doc)
-    resumed, run_argv = None, without_resume(argv)
+    resumed, run_argv, given = None, without_resume(argv), given_flags(argv)
     if args.find_lr and args.resume:
         raise ConfigError("the lr range test cannot --resume a run: give --init-from the checkpoint to start from "
                           "its weights")
@@ -53,8 +53,8 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
         args, run_argv, changed = resume_args(argv, args, resumed)
     else:
         defaults = vars(parse_args(["--preset", args.preset]))  # (what the run has without them)
-        changed = {d for d in given_flags(argv) if getattr(args, d) != defaults[d]}
-    if args.dataset != "shards" and (args.dataset == "imagefolder" or "dataset" not in given_flags(argv)) \
+        changed = {d for d in given if getattr(args, d) != defaults[d]}
+    if args.dataset != "shards" and (args.dataset == "imagefolder" or "dataset" not in given) \
             and is_shard_folder(args.data_dir):
         print0(f"{args.data_dir} holds tar shards (train-*.tar), not {args.dataset}'s files: reading them as "
                f"--dataset shards", file=sys.stderr)
