@@ -17,6 +17,7 @@ import ctypes
 import errno
 import multiprocessing
 import multiprocessing.queues
+import multiprocessing.util
 import os
 import shutil
 import signal
@@ -78,7 +79,6 @@ def check_socket_folder() -> None:
     folder (TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX), and a socket's path has at most SOCKET_PATH bytes: under a
     longer TMPDIR every handover fails, and the run would end naming a dead worker. One line instead, before the
     workers start."""
-    import multiprocessing.util
     folder = multiprocessing.util.get_temp_dir()
     if len(os.fsencode(folder)) + len("/listener-XXXXXXXX") > SOCKET_PATH:
         raise DataError(f"the worker processes hand batches over through sockets in {folder}, and that path is too "
