@@ -5,6 +5,7 @@ import codecs
 import importlib
 import errno
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -103,6 +104,21 @@ def python() -> str:
         return "python"
     name, found = os.path.basename(sys.executable), shutil.which(os.path.basename(sys.executable))
     return name if found and os.path.abspath(found) == os.path.abspath(sys.executable) else sys.executable
+
+
+def script(name: str) -> str:
+    """One of this project's scripts, as a printed command names it: by the path that finds it from the current
+    folder (`train.py` in the project's folder, `proj/train.py` above it), else by its full path."""
+    path = Path(__file__).resolve().with_name(name)
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):  # (outside the current folder, or the current folder is gone)
+        return str(path)
+
+
+def command(name: str, *args: str) -> str:
+    """The shell command that runs this project's script `name` with `args`, as a way forward prints it."""
+    return shlex.join([python(), script(name), *args])
 
 
 def parser(prog: str, doc: str | None, epilog: str | None = None) -> argparse.ArgumentParser:

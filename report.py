@@ -190,7 +190,7 @@ def diverged(what: str, last: Path, lr: float) -> str:
     if not last.exists():
         return f"{what}; start again with a lower --lr (e.g. --lr {lr / 10:.2g}) or --grad-clip 1.0"
     return (f"{what}; {last} holds the weights before it: go on from there with a lower lr and clipping: "
-            f"{shlex.join([cli.python(), 'train.py', '--resume', str(last)])} --lr {lr / 10:.2g} --grad-clip 1.0")
+            f"{cli.command('train.py', '--resume', str(last))} --lr {lr / 10:.2g} --grad-clip 1.0")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -203,11 +203,11 @@ def nothing_left(args: argparse.Namespace, state: dict, argv: list[str]) -> str 
     """Why a resumed run would have nothing left to train (all its --epochs done, or early stopping ended it), and
     the command that trains on; None when it has steps left."""
     def again(flag: str) -> str:
-        return shlex.join([cli.python(), "train.py", "--resume", args.resume, *without(argv, "--resume", flag), flag])
+        return cli.command("train.py", "--resume", args.resume, *without(argv, "--resume", flag), flag)
     if state["epoch"] >= args.epochs:
+        test = cli.command("evaluate.py", "--checkpoint", str(Path(args.resume).parent / "best.pth"))
         return (f"--resume: the run has done all its {args.epochs} epochs, so nothing is left to train (its test: "
-                f"{cli.python()} evaluate.py --checkpoint {Path(args.resume).parent / 'best.pth'}); to train on, give "
-                f"a larger --epochs: {again('--epochs')} {2 * args.epochs}")
+                f"{test}); to train on, give a larger --epochs: {again('--epochs')} {2 * args.epochs}")
     if args.patience and state["bad_epochs"] >= args.patience:
         return (f"--resume: early stopping ended the run after epoch {state['epoch']} ({state['bad_epochs']} epochs "
                 f"without improvement, --patience {args.patience}), so nothing is left to train; to train on, give a "
@@ -221,8 +221,8 @@ def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str) -
     flags = without(replace_flags(saved_argv, argv), "--resume", "--out-dir", "--init-from",
                     switches=("--pretrained",))
     if dest in NEW_RUN_ONLY:
-        return f"start a new run without --resume: {shlex.join([cli.python(), 'train.py', *flags])}"
-    return f"start a new run from its weights: {shlex.join([cli.python(), 'train.py', *flags, '--init-from', path])}"
+        return f"start a new run without --resume: {cli.command('train.py', *flags)}"
+    return f"start a new run from its weights: {cli.command('train.py', *flags, '--init-from', path)}"
 
 
 def changes_on_resume(args: argparse.Namespace, resumed: dict) -> str:
@@ -242,9 +242,10 @@ def changes_on_resume(args: argparse.Namespace, resumed: dict) -> str:
 def resume_command(argv: list[str], path: Path) -> str:
     """The command line that continues this run: its flags, with --resume pointing at `path`, run by the interpreter
     this run was started with (cli.python), or by torchrun."""
-    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"] if dist.is_initialized() \
-        else [cli.python()]
-    return shlex.join([*launcher, "train.py", *argv, "--resume", str(path)])
+    if not dist.is_initialized():
+        return cli.command("train.py", *argv, "--resume", str(path))
+    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+    return shlex.join([*launcher, cli.script("train.py"), *argv, "--resume", str(path)])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -321,8 +321,8 @@ def final_test(t: Trainer, args: argparse.Namespace, test: Split, classes: list[
             result = evaluate(best, test, len(classes), eval_batch(args), tta=args.tta)
     except cli.Interrupted:
         runtime.print0(f"training finished ({state.epoch} epochs, best.pth from epoch {state.best_epoch}); the final "
-                       f"test was interrupted. Run it with:\n  {cli.python()} evaluate.py --checkpoint "
-                       f"{folder.path / 'best.pth'}", file=sys.stderr)
+                       f"test was interrupted. Run it with:\n  "
+                       f"{cli.command('evaluate.py', '--checkpoint', str(folder.path / 'best.pth'))}", file=sys.stderr)
         raise
     results = {"test_accuracy": result["accuracy"], "test_loss": result["loss"],
                **({"test_top5": result["top5"]} if len(classes) > 5 else {}),

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -289,6 +290,23 @@ def test_resuming_a_finished_run_trains_nothing_says_why_and_how_to_train_on(tmp
     assert snapshot(stopped) == before
     results = train.main(["--resume", last, "--epochs", "3", "--patience", "0"])  # the way forward works
     assert results["epochs_completed"] == 3 and not results["stopped_early"]
+
+
+def test_the_way_forward_printed_from_another_folder_runs_there(tmp_path, cifar_dir):
+    """train.py run by its full path from another folder: the command its refusal prints names train.py (and
+    evaluate.py) by a path that works from that folder, and it runs there."""
+    def run(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *argv], cwd=tmp_path, capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run("--data-dir", str(cifar_dir), *CPU, "--out-dir", "run", "--epochs", "1").returncode == 0
+    refused = run("--resume", "run/last.pth")
+    test, command = re.fullmatch(r"train.py: error: .*\(its test: (.*)\); to train on, give a larger --epochs: (.*)\n",
+                                 refused.stderr).groups()
+    assert shlex.split(test)[1] == str(ROOT / "evaluate.py") and shlex.split(command)[1] == str(ROOT / "train.py")
+    again = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs_completed"] == 2
 
 
 def test_the_faqs_way_out_of_a_diverged_run_works_and_is_recorded(tmp_path, cifar_dir, capsys):
