@@ -260,7 +260,7 @@ def test_resumes_from_another_folder_find_the_data_and_do_not_pile_up_flags(tmp_
     assert argv == ["--data-dir", "cifar", "--device", "cpu", "--out-dir", "run", "--epochs", "3", "--lr", "0.003",
                     "--channels-last"], argv
     error = fails_with(["--resume", last, "--batch-size", "16"], "that would be another run")
-    assert error.endswith(f"{cli.python()} train.py --data-dir cifar --device cpu --epochs 3 --lr 0.003 "
+    assert error.endswith(f"{cli.python()} {ROOT / 'train.py'} --data-dir cifar --device cpu --epochs 3 --lr 0.003 "
                           f"--channels-last --batch-size 16 --init-from {last}"), error
     assert sorted(p.name for p in elsewhere.iterdir()) == []
 
