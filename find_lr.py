@@ -57,7 +57,8 @@ def find_lr(args: argparse.Namespace) -> float:
         plot.check_output(path, inputs=(args.data_dir,))  # (not onto, nor among, the data)
         torch.manual_seed(args.seed)
         stats = (start["mean"], start["std"]) if start else None
-        data, _, _, classes = prepare(args.dataset, args.data_dir, args.val_split, args.seed, device,
+        # (0: the range test picks no epoch, so it holds out no validation images and warns of no split's size)
+        data, _, _, classes = prepare(args.dataset, args.data_dir, 0, args.seed, device,
                                       image_size=args.image_size, stats=stats, max_pixels=args.max_image_pixels,
                                       prep=config.image_prep(args), workers=args.workers)
         trainer.set_policy(data, args)

@@ -523,19 +523,23 @@ def test_a_metrics_csv_saved_by_a_spreadsheet_is_read(finished, tmp_path):
 
 
 @pytest.mark.slow
-def test_find_lr_counts_the_images_it_uses(tmp_path, capsys):
+def test_find_lr_counts_the_images_it_uses_and_holds_none_out(tmp_path, capsys):
+    """The range test picks no epoch: it trains on every training image (no --val-split held out, so no warning
+    about the split's size) and counts them."""
     pytest.importorskip("matplotlib")
     import find_lr
     from conftest import write_mnist
     data = tmp_path / "data"
-    write_mnist(data / "mnist", compress=False)  # 120 learnable images: 108 to train, 12 to validate
+    write_mnist(data / "mnist", compress=False)  # 120 learnable images, 12 of which a run would hold out
     find_lr.main(["--dataset", "mnist", "--data-dir", str(data), *CPU, "--batch-size", "16", "--find-lr-steps", "20",
                   "--out-dir", str(tmp_path / "lr")])
-    line = capsys.readouterr().out.splitlines()[0]
+    out, err = capsys.readouterr()
+    line = out.splitlines()[0]
     steps = int(line.split(": ")[1].split(" steps")[0])
-    sizes = ([16] * 6 + [12]) * steps  # each pass over the 108 images: six steps of 16, one of 12
-    assert line.startswith(f"lr range test: {steps} steps ({sum(sizes[:steps])} images, of a training set of 108) "
+    sizes = ([16] * 7 + [8]) * steps  # each pass over the 120 images: seven steps of 16, one of 8
+    assert line.startswith(f"lr range test: {steps} steps ({sum(sizes[:steps])} images, of a training set of 120) "
                            f"from lr "), line
+    assert "warning" not in err, err
 
 
 @pytest.mark.slow
