@@ -13,6 +13,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -396,6 +397,26 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:  # lone surrogates that stand for no byte: escaped below
         pass
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def columns(text: str) -> int:
+    """The terminal columns `text` takes: two for a wide character (Chinese, Japanese, Korean), none for a
+    combining mark, one for any other."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+               for c in text)
+
+
+def fit(text: str, width: int, right: bool = False) -> str:
+    """`text` cut to at most `width` terminal columns, then padded with spaces to exactly `width` (on the left when
+    `right`): a column of names lines up whatever their script."""
+    used, end = 0, 0
+    for end, c in enumerate(text, 1):
+        if used + columns(c) > width:
+            end -= 1
+            break
+        used += columns(c)
+    pad = " " * (width - used)
+    return pad + text[:end] if right else text[:end] + pad
 
 
 # ---------------------------------------------------------------------------------------------------------------

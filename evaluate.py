@@ -54,19 +54,18 @@ def json_report(result: dict, classes: list[str], tta: str, amp: str) -> str:
 
 def format_report(result: dict, classes: list[str]) -> str:
     classes = [cli.printable(c) for c in classes]  # a class name cannot break a line or send the terminal escapes
-    width = max(len(c) for c in classes) + 2
+    width = max(cli.columns(c) for c in classes) + 2  # (a wide character, as in 猫, takes two columns)
     top5 = "" if math.isnan(result.get("top5", math.nan)) else f"   top-5 {result['top5']:.2f}%"
     m = confusion_metrics(result["confusion"])
     skipped = f" ({result['skipped']:,} unreadable images skipped)" if result.get("skipped") else ""
     lines = [f"test loss {result['loss']:.4f}   accuracy {result['accuracy']:.2f}%{top5}{skipped}",
              f"balanced accuracy {m['balanced_accuracy']:.2f}%   macro precision {m['macro_precision']:.2f}%   "
-             f"recall {m['macro_recall']:.2f}%   F1 {m['macro_f1']:.2f}%", "", f"{'class':<{width}}accuracy"]
-    lines += [f"{c:<{width}}{a:7.2f}%" for c, a in zip(classes, per_class_accuracy(result["confusion"]))]
+             f"recall {m['macro_recall']:.2f}%   F1 {m['macro_f1']:.2f}%", "", cli.fit("class", width) + "accuracy"]
+    lines += [f"{cli.fit(c, width)}{a:7.2f}%" for c, a in zip(classes, per_class_accuracy(result["confusion"]))]
     cell = max(5, len(str(result["confusion"].max().item())) + 1)
-    short = [c[:cell - 1] for c in classes]
     lines += ["", "confusion matrix (rows: true class, columns: predicted)",
-              " " * width + "".join(f"{s:>{cell}}" for s in short)]
-    lines += [f"{c:<{width}}" + "".join(f"{v:>{cell}}" for v in row)
+              " " * width + "".join(" " + cli.fit(c, cell - 1, right=True) for c in classes)]
+    lines += [cli.fit(c, width) + "".join(f"{v:>{cell}}" for v in row)
               for c, row in zip(classes, result["confusion"].tolist())]
     return "\n".join(lines)
 

@@ -395,6 +395,19 @@ def test_class_names_with_terminal_controls_are_printed_escaped(tmp_path, capsys
     assert "\x1b" not in result and len(result.splitlines()) == 13  # 3 classes: 6 lines each table
 
 
+
+def test_evaluates_tables_line_up_whatever_the_script_of_the_class_names():
+    """Class names in Japanese (two terminal columns a character), with a combining accent, or plain: every line
+    of each table takes the same columns, and the matrix's headers are cut to their cells."""
+    confusion = torch.tensor([[3, 1, 0], [0, 4, 0], [2, 0, 123]])
+    lines = evaluate.format_report({"loss": 0.0, "accuracy": 0.0, "confusion": confusion},
+                                   ["猫", "犬だよ", "cafe\u0301-noir"]).splitlines()
+    accuracy, matrix = lines[3:7], lines[9:13]
+    assert len({cli.columns(line) for line in accuracy}) == 1, accuracy
+    assert len({cli.columns(line) for line in matrix}) == 1, matrix
+    assert matrix[0].split() == ["猫", "犬だ", "cafe\u0301"] and matrix[2].startswith("犬だよ    ")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 9. evaluate.py reads the test split alone: the training images need not travel with the checkpoint
 
