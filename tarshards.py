@@ -14,6 +14,7 @@ import re
 import sys
 import tarfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass
@@ -205,6 +206,14 @@ def same_shard(location: str) -> str:
     return f"{scheme}://{re.sub('/+', '/', rest)}"
 
 
+def quoted(url: str) -> str:
+    """`url` as a request sends it: a space or a non-ASCII letter in its path or query percent-encoded (UTF-8),
+    what is already percent-encoded left as it is."""
+    parts = urllib.parse.urlsplit(url)
+    return parts._replace(path=urllib.parse.quote(parts.path, safe="/%:@!$&'()*+,;=~"),
+                          query=urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=~?")).geturl()
+
+
 def open_location(location: str, what: str, offset: int = 0) -> BinaryIO:
     """A shard or one of its side files, opened for reading from `offset` (over HTTP: one streaming request,
     a Range request past 0). A missing one is a DataError saying so."""
@@ -212,11 +221,13 @@ def open_location(location: str, what: str, offset: int = 0) -> BinaryIO:
         f = open_regular(location, what)
         f.seek(offset)
         return f
-    request = urllib.request.Request(location, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
+        request = urllib.request.Request(quoted(location), headers={"Range": f"bytes={offset}-"} if offset else {})
         response = urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)
     except urllib.error.HTTPError as e:
         raise HTTPRefusal(f"cannot read {what} {location}: HTTP {e.code} {e.reason}", e.code) from None
+    except ValueError as e:  # (http.client.InvalidURL, a host name IDNA cannot encode: what no request can send)
+        raise DataError(f"cannot read {what} {location}: not a URL a request can send ({cli.one_line(e)})") from None
     except (urllib.error.URLError, OSError) as e:
         raise DataError(f"cannot read {what} {location}: {cli.one_line(getattr(e, 'reason', e))}") from None
     if offset and response.status != 206:  # (a server that ignores Range sends it all: read up to the offset)

@@ -233,6 +233,25 @@ def test_shards_over_http_train_as_from_disk_and_stream_each_shard(tmp_path, ran
     assert len(shard_requests) < 3 * 2 * 7 * 4, len(shard_requests)
 
 
+def test_a_url_with_a_space_or_a_non_ascii_letter_reads_as_its_percent_encoded_spelling(tmp_path, capsys):
+    """A URL typed as the folder is named (`my shards/dönnées/`) is sent percent-encoded, as a browser would: it
+    trains as the encoded spelling does; what no request can carry is one line."""
+    _, dest = write_shards(tmp_path / "my shards" / "dönnées", {"train": 4, "test": 1})
+    server = Server(tmp_path)
+    try:
+        typed = run(flags(server.url + "my shards/dönnées/shards/", "--workers", "0", "--epochs", "1",
+                          "--out-dir", str(tmp_path / "typed")))
+        encoded = run(flags(server.url + "my%20shards/d%C3%B6nn%C3%A9es/shards/", "--workers", "0", "--epochs", "1",
+                            "--out-dir", str(tmp_path / "encoded")))
+        with pytest.raises(SystemExit, match=r"^train.py: error: .*cannot read index.json http://\[::1/x/index.json: "):
+            run(flags("http://[::1/x/", "--out-dir", str(tmp_path / "bad")))
+    finally:
+        server.shutdown()
+    assert typed["test_images"] == encoded["test_images"] == 3 and typed["test_accuracy"] == encoded["test_accuracy"]
+    assert same_weights(tmp_path / "typed" / "last.pth", tmp_path / "encoded" / "last.pth")
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_a_truncated_or_corrupt_member_is_skipped_with_one_warning_and_a_missing_shard_is_one_line(tmp_path, capsys):
     _, dest = write_shards(tmp_path, {"train": 6, "test": 2}, shard_size=6)
     shard = dest / "train-000002.tar"
