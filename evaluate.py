@@ -54,7 +54,7 @@ def json_report(result: dict, classes: list[str], tta: str, amp: str) -> str:
 
 def format_report(result: dict, classes: list[str]) -> str:
     classes = [cli.printable(c) for c in classes]  # a class name cannot break a line or send the terminal escapes
-    width = max(cli.columns(c) for c in classes) + 2  # (a wide character, as in 猫, takes two columns)
+    width = max(cli.columns(c) for c in [*classes, "class"]) + 2  # (a wide character, as 猫, takes two columns)
     top5 = "" if math.isnan(result.get("top5", math.nan)) else f"   top-5 {result['top5']:.2f}%"
     m = confusion_metrics(result["confusion"])
     skipped = f" ({result['skipped']:,} unreadable images skipped)" if result.get("skipped") else ""

@@ -57,6 +57,10 @@ def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> di
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise DataError(f"shards: {dest} exists and is not an empty folder: give a new one (nothing is overwritten)")
     classes = imagefolder_classes(folder)
+    broken = next((c for c in classes if c.splitlines() != [c]), None)
+    if broken is not None:
+        raise DataError(f"shards: the class folder {cli.printable(broken)} has a line break in its name, which "
+                        f"{CLASSES} (one name a line) cannot hold: rename it")
     listing = {split: split_listing(folder, split, classes) for split in SPLITS
                if split != "val" or (folder / "val").is_dir()}
     partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"
@@ -79,7 +83,8 @@ def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> di
                     last = time.monotonic()
                     print(f"shards: {done:,} of {total:,} images written", file=sys.stderr, flush=True)
             written[split] = (count, len(order))
-        (partial / CLASSES).write_text("".join(f"{c}\n" for c in classes))
+        # (UTF-8; a name that is not, a byte as the file system has it: read back as folders.py lists it)
+        (partial / CLASSES).write_bytes("".join(f"{c}\n" for c in classes).encode("utf-8", "surrogateescape"))
         write_index(partial, sorted(partial.glob("*.tar")))
         if dest.exists():
             dest.rmdir()

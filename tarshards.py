@@ -453,7 +453,7 @@ def load(spec: str) -> tuple[dict[str, Table], list[str]]:
                         f"FOLDER DEST), or give the shards that hold them")
     top = max(int(t.labels.max()) + 1 if len(t) else 0 for t in tables.values())
     text = read_side_file(folder, CLASSES, 2**24)
-    classes = [str(c) for c in range(top)] if text is None else text.decode(errors="replace").splitlines()
+    classes = [str(c) for c in range(top)] if text is None else text.decode(errors="surrogateescape").splitlines()
     first = {}  # (each name's first line: a name seen again is a repeat)
     bad = next((i for i, c in enumerate(classes) if not c.strip() or first.setdefault(c, i) != i), None)
     if bad is not None:

@@ -502,6 +502,24 @@ def test_shards_py_refuses_a_dest_inside_the_folder_a_url_to_index_and_an_index_
     assert out.out == f"wrote {theirs / 'index.json'}: 2 samples in 1 shard\n"
 
 
+def test_class_names_read_back_as_the_folders_are_named_and_a_line_break_is_refused(tmp_path):
+    """classes.txt holds a name a line: a class folder whose name is not UTF-8 reads back as folders.py lists it;
+    one with a line break in it (which would split into two classes, mislabelling every class after it) is one
+    line, and nothing is written."""
+    folder = write_photos(tmp_path / "photos", {"train": 1, "test": 1}, sizes=(8, 12))
+    for split in ("train", "test"):
+        (folder / split / "red").rename(folder / split / os.fsdecode(b"r\xe9d"))
+    shards.main([str(folder), str(tmp_path / "shards")])
+    _, classes = tarshards.load(str(tmp_path / "shards"))
+    assert classes == data.imagefolder_classes(folder) and os.fsdecode(b"r\xe9d") in classes
+    for split in ("train", "test"):
+        (folder / split / "blue").rename(folder / split / "bl\nue")
+    with pytest.raises(SystemExit, match=r"^shards.py: error: shards: the class folder bl\\nue has a line break in "
+                                         r"its name, which classes.txt \(one name a line\) cannot hold: rename it$"):
+        shards.main([str(folder), str(tmp_path / "more")])
+    assert not (tmp_path / "more").exists() and not list(tmp_path.glob(".more*"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
 def test_shards_py_stopped_midway_leaves_nothing(tmp_path, signum):
