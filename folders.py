@@ -73,6 +73,15 @@ def list_images(folder: Path | str) -> list[str]:
     return found
 
 
+def is_image_folder(path: str) -> bool:
+    """Whether `path` is laid out as --dataset imagefolder reads it: train/ with class sub-folders, and test/."""
+    root = Path(path)
+    try:
+        return not cli.is_url(path) and (root / "test").is_dir() and len(_subfolders(root / "train")) >= 2
+    except OSError:  # (no train/, or one that cannot be listed: not this, and said as what it is later)
+        return False
+
+
 def imagefolder_classes(root: Path) -> list[str]:
     """The class names: the sub-folders of DATA_DIR/train/, sorted."""
     classes = _subfolders(_split_dir(root, "train"))

@@ -29,6 +29,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"  # where DATA_DIR holds it, as the download extracts it
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
@@ -127,7 +128,7 @@ def _download_cifar(url: str, md5: str, folder: Path) -> None:
 
 def load_cifar10(data_dir: Path, splits: tuple[str, ...] = ("train", "test")):
     """(images, labels) of each of `splits`, then the class names."""
-    folder = data_dir / "cifar-10-batches-py"
+    folder = data_dir / CIFAR10_FOLDER
     if not folder.is_dir():
         _download_cifar(CIFAR10_URL, CIFAR10_MD5, folder)
     files = {"train": [folder / f"data_batch_{i}" for i in range(1, 6)], "test": [folder / "test_batch"]}

@@ -22,6 +22,8 @@ from checkpoint import load_checkpoint, validate_for_resume
 from config import PRESETS, build_parser, check_args, given_flags, image_prep, ineffective, parse_args, shown_flag
 from configfile import CHANGES, ConfigError, expand_config, spelled_out
 from decode import Prep
+from folders import is_image_folder
+from formats import CIFAR10_FOLDER, FILE_SETS
 from runtime import print0
 from tarshards import is_shard_folder
 
@@ -54,16 +56,31 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     else:
         defaults = vars(parse_args(["--preset", args.preset]))  # (what the run has without them)
         changed = {d for d in given if getattr(args, d) != defaults[d]}
-    if args.dataset != "shards" and (args.dataset == "imagefolder" or "dataset" not in given) \
-            and is_shard_folder(args.data_dir):
-        print0(f"{args.data_dir} holds tar shards (train-*.tar), not {args.dataset}'s files: reading them as "
-               f"--dataset shards", file=sys.stderr)
-        args.dataset = "shards"
+    if not resumed and ("dataset" not in given or args.dataset in FILE_SETS):  # (a resumed run's is its own)
+        read_as_found(args)
     problem = check_args(args) or ineffective(args, changed)
     if problem:
         raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
     check_out_dir_outside_data(args)
     return args, resumed, run_argv
+
+
+def read_as_found(args: argparse.Namespace) -> None:
+    """--dataset as --data-dir's files are, with a note when that is not the one given or defaulted to: a URL or
+    a folder of train-*.tar is shards, a folder of train/<class>/ and test/ an image folder (under the default
+    cifar10, a folder of photos was searched for CIFAR-10's files and the download offered into it)."""
+    where = args.data_dir
+    if args.dataset != "shards" and cli.is_url(where):
+        note, args.dataset = f"{where} is a URL, which only --dataset shards reads: reading it as tar shards", "shards"
+    elif args.dataset != "shards" and is_shard_folder(where):
+        note, args.dataset = (f"{where} holds tar shards (train-*.tar), not {args.dataset}'s files: reading them as "
+                              f"--dataset shards"), "shards"
+    elif args.dataset != "imagefolder" and is_image_folder(where) and not (Path(where) / CIFAR10_FOLDER).is_dir():
+        note, args.dataset = (f"{where} holds an image folder (train/<class>/, test/), not {args.dataset}'s files: "
+                              f"reading it as --dataset imagefolder"), "imagefolder"
+    else:
+        return
+    print0(note, file=sys.stderr)
 
 
 def from_preset(problem: str, args: argparse.Namespace, argv: list[str]) -> str:

@@ -27,7 +27,7 @@ import stream
 import tarshards
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT
+from conftest import ROOT, write_cifar10
 from test_stream import CLASSES, children, same_weights, start, write_photos
 
 
@@ -388,6 +388,25 @@ def test_a_folder_of_shards_is_read_as_shards_without_dataset_shards(tmp_path, c
                f"them as --dataset shards" in err
         assert result["test_images"] == 3
         assert load_checkpoint(tmp_path / f"run{len(given)}" / "best.pth")["args"]["dataset"] == "shards"
+
+
+def test_a_photo_folder_or_a_url_without_dataset_is_read_as_what_it_is(tmp_path, capsys):
+    """Under the default --dataset cifar10, a folder of photos (train/<class>/, test/) was searched for CIFAR-10's
+    files, with the download offered into it, and a URL was made a path (http:/...): each is now read as what it
+    is, with a note. A folder that holds CIFAR-10 too stays CIFAR-10."""
+    folder = write_photos(tmp_path / "photos", {"train": 3, "test": 1}, sizes=(8, 12))
+    result = run(["--data-dir", str(folder), "--image-size", "16", "--epochs", "1", "--val-split", "0",
+                  "--out-dir", str(tmp_path / "run")])
+    assert f"{folder} holds an image folder (train/<class>/, test/), not cifar10's files: reading it as --dataset " \
+           f"imagefolder" in capsys.readouterr().err
+    assert result["test_images"] == 3 and not (folder / "cifar-10-batches-py").exists()
+    with pytest.raises(SystemExit, match=r"^train.py: error: cannot read index.json http://127.0.0.1:1/s/index.json"):
+        run(["--data-dir", "http://127.0.0.1:1/s/", "--out-dir", str(tmp_path / "url")])
+    assert "http://127.0.0.1:1/s/ is a URL, which only --dataset shards reads: reading it as tar shards" in \
+        capsys.readouterr().err
+    write_cifar10(folder, n_per_batch=4, n_test=4)
+    result = run(["--data-dir", str(folder), "--epochs", "1", "--val-split", "0", "--out-dir", str(tmp_path / "c")])
+    assert result["test_images"] == 4 and "reading it as" not in capsys.readouterr().err
 
 
 def shard_bytes(members: list[tuple[str, bytes]], end: bool = True) -> bytes:
