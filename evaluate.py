@@ -167,7 +167,12 @@ def test_set(ckpt: dict, dataset: str, data_dir: str, max_pixels: int, device: t
     mean, std = (torch.tensor(ckpt[k], device=device) for k in ("mean", "std"))
     prep = Prep.from_dict(ckpt.get("prep"))
     if dataset == "shards":  # (streamed, whatever the recipe)
-        test = stream.shard_set(tarshards.load(data_dir)[0]["test"], ckpt["image_size"], max_pixels, prep, 0, device,
+        tables, classes = tarshards.load(data_dir, test_only=True)
+        numbered = classes == [str(c) for c in range(len(classes))]  # (no classes.txt: the .cls numbers)
+        if classes != ckpt["classes"] and not (numbered and len(classes) <= len(ckpt["classes"])):
+            raise DataError(f"the classes of the shards in {data_dir} are not the checkpoint's; give --data-dir the "
+                            f"data the model was trained on")
+        test = stream.shard_set(tables["test"], ckpt["image_size"], max_pixels, prep, 0, device,
                                 stream.default_workers())
         test.mean, test.std = mean, std
         return test

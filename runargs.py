@@ -57,7 +57,7 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
         defaults = vars(parse_args(["--preset", args.preset]))  # (what the run has without them)
         changed = {d for d in given if getattr(args, d) != defaults[d]}
     if not resumed and ("dataset" not in given or args.dataset in FILE_SETS):  # (a resumed run's is its own)
-        read_as_found(args)
+        read_as_found(args, "dataset" in given)
     problem = check_args(args) or ineffective(args, changed)
     if problem:
         raise ConfigError(problem + from_preset(problem, args, argv if not resumed else run_argv))
@@ -65,17 +65,18 @@ def parse_run_args(argv: list[str], prog: str = "train.py",
     return args, resumed, run_argv
 
 
-def read_as_found(args: argparse.Namespace) -> None:
-    """--dataset as --data-dir's files are, with a note when that is not the one given or defaulted to: a URL or
-    a folder of train-*.tar is shards, a folder of train/<class>/ and test/ an image folder (under the default
-    cifar10, a folder of photos was searched for CIFAR-10's files and the download offered into it)."""
+def read_as_found(args: argparse.Namespace, given: bool) -> None:
+    """--dataset as --data-dir's files are, with a note when that is not the one given (`given`: imagefolder or
+    shards) or defaulted to: a URL or a folder of train-*.tar is shards; without --dataset, a folder of
+    train/<class>/ and test/ an image folder (under the default cifar10, a folder of photos was searched for
+    CIFAR-10's files and the download offered into it)."""
     where = args.data_dir
     if args.dataset != "shards" and cli.is_url(where):
         note, args.dataset = f"{where} is a URL, which only --dataset shards reads: reading it as tar shards", "shards"
     elif args.dataset != "shards" and is_shard_folder(where):
         note, args.dataset = (f"{where} holds tar shards (train-*.tar), not {args.dataset}'s files: reading them as "
                               f"--dataset shards"), "shards"
-    elif args.dataset != "imagefolder" and is_image_folder(where) and not (Path(where) / CIFAR10_FOLDER).is_dir():
+    elif not given and is_image_folder(where) and not (Path(where) / CIFAR10_FOLDER).is_dir():
         note, args.dataset = (f"{where} holds an image folder (train/<class>/, test/), not {args.dataset}'s files: "
                               f"reading it as --dataset imagefolder"), "imagefolder"
     else:

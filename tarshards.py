@@ -136,10 +136,12 @@ def _expand(pattern: str, whole: str) -> list[str]:
     return [pattern[:start] + name for c in choices for name in _expand(c + rest, whole)]
 
 
-def locate(spec: str) -> tuple[str, dict[str, list[str]], dict[str, dict | None]]:
-    """The shards of --data-dir `spec`, split by their names (train-, val-, test-); the folder or URL folder of the
-    first training shard (where classes.txt is looked for); and the index.json read to list them, if one was
-    (read_index, None where there is none), by its folder: what table() would read again."""
+def locate(spec: str, needed: tuple[str, ...] = ("train", "test")) -> tuple[str, dict[str, list[str]],
+                                                                            dict[str, dict | None]]:
+    """The shards of --data-dir `spec`, split by their names (train-, val-, test-), the `needed` splits there; the
+    folder or URL folder of the first shard of the first needed split (where classes.txt is looked for); and the
+    index.json read to list them, if one was (read_index, None where there is none), by its folder: what table()
+    would read again."""
     index, listed = None, False  # (listed: the folder's index.json was read to list the shards)
     if cli.is_url(spec) and spec.endswith("/"):
         index, listed = read_index(spec), True
@@ -176,10 +178,10 @@ def locate(spec: str) -> tuple[str, dict[str, list[str]], dict[str, dict | None]
             raise DataError(f"shards: cannot tell the split of {location}: shard names start with train-, val- or "
                             f"test-")
         splits.setdefault(m.group(1), []).append(location)
-    if "train" not in splits or "test" not in splits:
-        raise DataError(f"shards: {spec} has no {' or '.join(s for s in ('train', 'test') if s not in splits)} "
-                        f"shards; {SOURCES}")
-    folder = folder_of(splits["train"][0])
+    if any(s not in splits for s in needed):
+        raise DataError(f"shards: {spec} has no {' or '.join(s for s in needed if s not in splits)} shards; "
+                        f"{SOURCES}")
+    folder = folder_of(splits[needed[0]][0])
     return folder, splits, {folder_of(found[0]): index} if listed else {}
 
 
@@ -442,13 +444,15 @@ def changed(location: str, actual: int, indexed: int) -> str:
             f"indexed; {redo_index(folder_of(location))}")
 
 
-def load(spec: str) -> tuple[dict[str, Table], list[str]]:
-    """The shards of --data-dir `spec`: a Table per split found (train and test, val if any) and the class names
-    (classes.txt beside the first training shard; without one, the indices "0", "1", ...)."""
-    folder, splits, indexes = locate(spec)
+def load(spec: str, test_only: bool = False) -> tuple[dict[str, Table], list[str]]:
+    """The shards of --data-dir `spec`: a Table per split found (train and test, val if any; `test_only`, as
+    evaluate.py reads: test alone, and the training shards need not be there) and the class names (classes.txt
+    beside the first training shard, or test shard; without one, the indices "0", "1", ...)."""
+    folder, splits, indexes = locate(spec, ("test",) if test_only else ("train", "test"))
     warned = set()
-    tables = {split: table(splits[split], indexes, warned) for split in SPLITS if split in splits}
-    if not len(tables["train"]):
+    tables = {split: table(splits[split], indexes, warned) for split in (("test",) if test_only else SPLITS)
+              if split in splits}
+    if "train" in tables and not len(tables["train"]):
         raise DataError(f"shards: the training shards of {spec} hold no images; write them again (python shards.py "
                         f"FOLDER DEST), or give the shards that hold them")
     top = max(int(t.labels.max()) + 1 if len(t) else 0 for t in tables.values())
@@ -464,7 +468,8 @@ def load(spec: str) -> tuple[dict[str, Table], list[str]]:
         raise DataError(f"shards: a .cls of {spec} is {top - 1}, but {CLASSES} names {plural(len(classes), 'class')}")
     if len(classes) < 2:
         raise DataError(f"shards: {spec} needs at least two classes, found {len(classes)}")
-    absent = [c for c, n in zip(classes, np.bincount(tables["train"].labels, minlength=len(classes))) if n == 0]
+    absent = [] if test_only else \
+        [c for c, n in zip(classes, np.bincount(tables["train"].labels, minlength=len(classes))) if n == 0]
     if absent:
         print(f"warning: {plural(len(absent), 'class')} of the {len(classes)} "
               f"{'named in ' + CLASSES if text is not None else 'the .cls numbers go up to'} "

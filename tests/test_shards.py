@@ -409,6 +409,25 @@ def test_a_photo_folder_or_a_url_without_dataset_is_read_as_what_it_is(tmp_path,
     assert result["test_images"] == 4 and "reading it as" not in capsys.readouterr().err
 
 
+def test_evaluate_reads_the_test_shards_alone_and_refuses_other_classes(tmp_path):
+    """The README's promise for evaluate.py, on shards: the test shards (with their index.json and classes.txt)
+    evaluate without the training shards, to the run's own test result; test shards of other classes are one line."""
+    _, dest = write_shards(tmp_path, {"train": 3, "test": 2}, shard_size=4)
+    result = run(flags(dest, "--epochs", "1", "--workers", "0", "--out-dir", str(tmp_path / "run")))
+    alone = tmp_path / "test-only"
+    alone.mkdir()
+    for path in [*dest.glob("test-*.tar"), dest / "index.json", dest / "classes.txt"]:
+        (alone / path.name).write_bytes(path.read_bytes())
+    report = evaluate.main(["--checkpoint", str(tmp_path / "run"), "--data-dir", str(alone), "--device", "cpu"])
+    assert report["accuracy"] == result["test_accuracy"]
+    assert int(report["confusion"].sum()) == result["test_images"] == 6
+    (alone / "classes.txt").write_text("".join(f"{c}\n" for c in reversed(sorted(CLASSES))))
+    with pytest.raises(SystemExit) as refused:
+        evaluate.main(["--checkpoint", str(tmp_path / "run"), "--data-dir", str(alone), "--device", "cpu"])
+    assert refused.value.code == (f"evaluate.py: error: the classes of the shards in {alone} are not the "
+                                  f"checkpoint's; give --data-dir the data the model was trained on")
+
+
 def shard_bytes(members: list[tuple[str, bytes]], end: bool = True) -> bytes:
     """A tar of `members` (name, bytes) as tarfile writes it; end=False: cut just before its end-of-archive blocks."""
     buffer = io.BytesIO()
