@@ -194,8 +194,9 @@ def load_training_state(ckpt: dict, model: nn.Module, ema: nn.Module | None, opt
 
 def starting_weights(args: argparse.Namespace) -> dict | None:
     """What --pretrained or --init-from start from, or None: {"model": state_dict, "num_classes", "in_channels",
-    "mean", "std", "source"}, the middle four those the weights were trained with, "source" what they are (for
-    the run's first lines). Read before the run folder is made: a missing, foreign or corrupt file writes nothing."""
+    "mean", "std", "source"}, the middle four those the weights were trained with (--init-from's: "image_size"
+    too), "source" what they are (for the run's first lines). Read before the run folder is made: a missing,
+    foreign or corrupt file writes nothing."""
     try:
         return pretrained_start(args.model) if args.pretrained else \
             init_weights(args.init_from, args.model) if args.init_from else None
@@ -211,9 +212,10 @@ def init_weights(path: str, model_name: str) -> dict:
         raise CheckpointError(f"--init-from {path} holds a {ckpt['model_name']}, not a {model_name}; give --model "
                               f"{ckpt['model_name']}")
     epoch = ckpt["state"]["epoch"] if isinstance(ckpt.get("state"), dict) else "?"
+    ema = ", its EMA weights" if "ema_model" in ckpt else ""
     return {"model": ckpt.get("ema_model", ckpt["model"]), "num_classes": ckpt["num_classes"],
             "in_channels": ckpt["in_channels"], "mean": ckpt["mean"], "std": ckpt["std"],
-            "source": f"{path} ({ckpt['model_name']} after epoch {epoch}{', its EMA weights' * ('ema_model' in ckpt)})"}
+            "image_size": ckpt["image_size"], "source": f"{path} ({ckpt['model_name']} after epoch {epoch}{ema})"}
 
 
 # ---------------------------------------------------------------------------------------------------------------

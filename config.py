@@ -494,6 +494,8 @@ def shown_flag(dest: str, value: object) -> str:
     """A flag with its value as the command line spells it (--crop-scale 0.08 1.0, --widths 8,8,8, --no-augment)."""
     action = next(a for a in build_parser()._actions if a.dest == dest)
     flag = action.option_strings[0]
+    if value is None:  # (the default of a flag that was not given: --widths as the model has them)
+        return f"no {flag}"
     if isinstance(value, bool):
         return flag if value else f"--no-{flag[2:]}" if isinstance(action, argparse.BooleanOptionalAction) else \
             f"no {flag}"

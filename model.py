@@ -226,6 +226,7 @@ def confusion_metrics(confusion: torch.Tensor) -> dict[str, float]:
 
 
 MODELS = {"simplecnn": SimpleCNN, "resnet9": ResNet9, "airnet": AirNet}
+SIZED_BY_IMAGE = ("simplecnn",)  # weights whose shapes follow --image-size (SimpleCNN's fc1): they fit no other
 
 
 def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
@@ -389,6 +390,10 @@ def model_from_start(name: str, widths: tuple[int, ...] | None, start: dict, sou
                      in_channels: int, image_size: int) -> nn.Module:
     """The model with the weights it starts from (`source`: the flag that chose them, for messages), then fitted
     to this data: pretrained RGB filters to its channels, a new classifier where the number of classes differs."""
+    trained_at = start.get("image_size")
+    if name in SIZED_BY_IMAGE and trained_at not in (None, image_size):
+        raise ValueError(f"{source}: {name}'s weights fit the --image-size they were trained at ({trained_at}) "
+                         f"alone, not {image_size}: give --image-size {trained_at}, or leave out {source.split()[0]}")
     model = build_model(name, start["num_classes"], start["in_channels"], image_size, widths)
     try:
         model.load_state_dict(start["model"])

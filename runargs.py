@@ -23,6 +23,7 @@ from config import PRESETS, build_parser, check_args, given_flags, image_prep, i
 from configfile import CHANGES, ConfigError, expand_config, spelled_out
 from decode import Prep
 from folders import is_image_folder
+from model import SIZED_BY_IMAGE
 from formats import CIFAR10_FOLDER, FILE_SETS
 from runtime import print0
 from tarshards import is_shard_folder
@@ -142,7 +143,7 @@ def resume_args(argv: list[str], args: argparse.Namespace,
             now, flag = shown_flag(dest, getattr(args, dest)), f"--{dest.replace('_', '-')} "
             raise ConfigError(f"--resume: the run was trained with {shown_flag(dest, getattr(own, dest))}, not "
                               f"{now.removeprefix(flag)}; that would be another run: "
-                              f"{new_run_hint(dest, saved_argv, argv, args.resume)}")
+                              f"{new_run_hint(dest, saved_argv, argv, args.resume, own.model)}")
     check_workers(args, given, saved, own.workers, ckpt)
     done = ckpt["state"]["epoch"]  # (validated by checkpoint.validate_for_resume)
     if isinstance(ckpt["args"].get("data_dir"), str):  # resolved when saved: a resume from any folder finds the data
@@ -233,12 +234,13 @@ def nothing_left(args: argparse.Namespace, state: dict, argv: list[str]) -> str 
     return None
 
 
-def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str) -> str:
+def new_run_hint(dest: str, saved_argv: list[str], argv: list[str], path: str, model: str) -> str:
     """The way forward when a flag that makes another run is given with --resume: a new run with the run's flags
-    and those given now, from the resumed checkpoint's weights (`path`) where they fit (--init-from)."""
+    and those given now, from the resumed checkpoint's weights (`path`) where they fit (--init-from: not another
+    model, nor another --image-size for a `model` whose weights follow it)."""
     flags = without(replace_flags(saved_argv, argv), "--resume", "--out-dir", "--init-from",
                     switches=("--pretrained",))
-    if dest in NEW_RUN_ONLY:
+    if dest in NEW_RUN_ONLY or dest == "image_size" and model in SIZED_BY_IMAGE:
         return f"start a new run without --resume: {cli.command('train.py', *flags)}"
     return f"start a new run from its weights: {cli.command('train.py', *flags, '--init-from', path)}"
 

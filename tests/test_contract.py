@@ -292,6 +292,24 @@ def test_resuming_a_finished_run_trains_nothing_says_why_and_how_to_train_on(tmp
     assert results["epochs_completed"] == 3 and not results["stopped_early"]
 
 
+def test_simplecnns_weights_are_offered_only_at_the_size_they_fit(tmp_path, cifar_dir):
+    """SimpleCNN's fc1 follows --image-size: a resume at another size is offered a new run without --init-from (with
+    it, the weights would not load), --init-from at another size is one line naming the size they fit, and a
+    flag the run did not give is shown as not given (not as None)."""
+    out = tmp_path / "run"
+    train.main(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out), "--epochs", "1"])
+    last = str(out / "last.pth")
+    error = fails_with(["--resume", last, "--image-size", "48"], "the run was trained with --image-size 32, not 48")
+    assert error.endswith(f"start a new run without --resume: {cli.python()} {cli.script('train.py')} --data-dir "
+                          f"{cifar_dir} --device cpu --epochs 1 --image-size 48"), error
+    fails_with(["--data-dir", str(cifar_dir), *CPU, "--image-size", "48", "--init-from", last, "--out-dir",
+                str(tmp_path / "other")],
+               f"--init-from {last}: simplecnn's weights fit the --image-size they were trained at (32) alone, not 48: "
+               f"give --image-size 32, or leave out --init-from")
+    assert not (tmp_path / "other").exists()
+    fails_with(["--resume", last, "--widths", "8,16"], "the run was trained with no --widths, not 8,16; ")
+
+
 def test_the_way_forward_printed_from_another_folder_runs_there(tmp_path, cifar_dir):
     """train.py run by its full path from another folder: the command its refusal prints names train.py (and
     evaluate.py) by a path that works from that folder, and it runs there."""
