@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import errno
 import os
 import re
 import secrets
@@ -109,6 +110,10 @@ class RunFolder:
             self.path.mkdir(parents=True, exist_ok=True)
             self.identity = folder_identity(self.path)
         except OSError as e:
+            file = next((p for p in (self.path, *self.path.parents) if p.exists() and not p.is_dir()), None)
+            if e.errno in (errno.EEXIST, errno.ENOTDIR) and file is not None:  # (where it, or a parent, would be)
+                raise RunFolderError(f"--out-dir {self.path}: {file} is a file, not a folder; give --out-dir a new "
+                                     f"folder") from None
             raise RunFolderError(f"cannot write to {self.path}: {cli.describe_os_error(e, filename=False)}") from None
         try:
             import fcntl  # POSIX only: imported here, so that the scripts run where it is missing (Windows)

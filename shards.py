@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
                 raise DataError(f"shards: --index writes index.json into a folder of shards on this machine, not "
                                 f"{args.index}: index the folder they came from, and put its {INDEX} beside them")
             folder = Path(args.index)
+            if not folder.is_dir():
+                raise DataError(f"shards: --index {folder}: {'not a folder' if folder.exists() else 'not found'}; "
+                                f"give the folder that holds the shards")
             found = shard_files(folder) if folder.is_dir() else []
             if not found:
                 raise DataError(f"shards: no train-*.tar, val-*.tar or test-*.tar in {folder}")

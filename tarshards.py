@@ -143,6 +143,8 @@ def locate(spec: str, needed: tuple[str, ...] = ("train", "test")) -> tuple[str,
     index.json read to list them, if one was (read_index, None where there is none), by its folder: what table()
     would read again."""
     index, listed = None, False  # (listed: the folder's index.json was read to list the shards)
+    if cli.is_url(spec) and not urllib.parse.urlsplit(spec).hostname:
+        raise DataError(f"shards: {spec} names no host: give a URL as http://host/folder/")
     if cli.is_url(spec) and spec.endswith("/"):
         index, listed = read_index(spec), True
         if index is None:
@@ -153,7 +155,8 @@ def locate(spec: str, needed: tuple[str, ...] = ("train", "test")) -> tuple[str,
     elif cli.is_url(spec):
         found = expand_braces(spec)
         if "{" not in spec and not spec.endswith(".tar"):
-            raise DataError(f"shards: {spec} is no shard: give a URL folder with a trailing / ({spec}/), a brace "
+            folder = folder_of(spec) if spec.endswith("/" + INDEX) else spec + "/"
+            raise DataError(f"shards: {spec} is no shard: give a URL folder with a trailing / ({folder}), a brace "
                             f"pattern or a list file")
     elif Path(spec).is_dir():  # (index.json's shards, where it has one: a missing one is said)
         index, listed = read_index(spec), True

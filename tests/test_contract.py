@@ -310,6 +310,14 @@ def test_simplecnns_weights_are_offered_only_at_the_size_they_fit(tmp_path, cifa
     fails_with(["--resume", last, "--widths", "8,16"], "the run was trained with no --widths, not 8,16; ")
 
 
+def test_an_out_dir_that_is_a_file_or_lies_under_one_is_one_line_naming_the_file(tmp_path, cifar_dir):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    for out in (tmp_path / "notes.txt", tmp_path / "notes.txt" / "run"):
+        fails_with(["--data-dir", str(cifar_dir), *CPU, "--out-dir", str(out)],
+                   f"--out-dir {out}: {tmp_path / 'notes.txt'} is a file, not a folder; give --out-dir a new folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
 def test_the_way_forward_printed_from_another_folder_runs_there(tmp_path, cifar_dir):
     """train.py run by its full path from another folder: the command its refusal prints names train.py (and
     evaluate.py) by a path that works from that folder, and it runs there."""

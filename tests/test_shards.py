@@ -296,6 +296,8 @@ def test_evaluate_reads_the_test_shards_as_the_run_did(tmp_path, capsys):
     ("{dest}/../photos", "photos has no train or test shards"),
     ("{url}", "no index.json at {url}: a URL folder cannot be listed"),
     ("{dest}/train-{{000000..000001}}.tar", "has no test shards"),
+    ("{url}index.json", "{url}index.json is no shard: give a URL folder with a trailing / ({url}), a brace pattern"),
+    ("http://", "http:// names no host: give a URL as http://host/folder/"),
 ])
 def test_shard_sources_that_cannot_be_read_are_one_line(tmp_path, given, problem):
     _, dest = write_shards(tmp_path, {"train": 2, "test": 1}, shard_size=4)
@@ -538,6 +540,9 @@ def test_shards_py_refuses_a_dest_inside_the_folder_a_url_to_index_and_an_index_
     assert f"{theirs / 'train-000000.tar'} ends without tar's end-of-archive blocks: it may be cut short (a " \
            f"truncated shard); its 2 samples up to there are read" in out.err
     assert out.out == f"wrote {theirs / 'index.json'}: 2 samples in 1 shard\n"
+    with pytest.raises(SystemExit, match=r"^shards.py: error: shards: --index .*nowhere: not found; give the folder "
+                                         r"that holds the shards$"):
+        shards.main(["--index", str(tmp_path / "nowhere")])
 
 
 def test_class_names_read_back_as_the_folders_are_named_and_a_line_break_is_refused(tmp_path):
