@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from decode import open_regular
 from folders import imagefolder_classes, split_listing
@@ -73,16 +74,21 @@ def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> di
         for split, (names, labels) in listing.items():
             order = (torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).numpy()
                      if split == "train" else np.arange(len(labels)))  # (mixed: see the docstring at the top)
-            count = 0
+            count, kept = 0, len(order)
             for count, start in enumerate(range(0, len(order), shard_size), 1):
                 with tarfile.open(partial / f"{split}-{count - 1:06d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
                     for i in order[start:start + shard_size]:
-                        add_sample(tar, folder / os.fsdecode(names[i]), f"{split}-{i:09d}", int(labels[i]))
+                        path = folder / os.fsdecode(names[i])
+                        problem = add_sample(tar, path, f"{split}-{i:09d}", int(labels[i]))
+                        if problem:  # (named now: in a shard, a run could name it by its shard and place alone)
+                            kept -= 1
+                            print(f"warning: {cli.printable(str(path))} is no image ({problem}): left out",
+                                  file=sys.stderr, flush=True)
                 done += len(order[start:start + shard_size])
                 if time.monotonic() - last > 5:
                     last = time.monotonic()
                     print(f"shards: {done:,} of {total:,} images written", file=sys.stderr, flush=True)
-            written[split] = (count, len(order))
+            written[split] = (count, kept)
         # (UTF-8; a name that is not, a byte as the file system has it: read back as folders.py lists it)
         (partial / CLASSES).write_bytes("".join(f"{c}\n" for c in classes).encode("utf-8", "surrogateescape"))
         write_index(partial, sorted(partial.glob("*.tar")))
@@ -95,16 +101,26 @@ def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> di
     return written
 
 
-def add_sample(tar: tarfile.TarFile, path: Path, key: str, label: int) -> None:
+def add_sample(tar: tarfile.TarFile, path: Path, key: str, label: int) -> str | None:
     """One sample: the image file's bytes as KEY.<its extension> and its class as KEY.cls (fixed times and owners:
-    the same folder writes the same shards)."""
+    the same folder writes the same shards). A file whose header Pillow does not know as an image is left out:
+    returns why (None when written). Only the header is read: a file cut short further on is a run's to skip."""
     with open_regular(path, "image") as f:
         data = f.read()
+    try:
+        Image.open(io.BytesIO(data)).close()
+    except Image.DecompressionBombError:
+        pass  # (an image, a large one: --max-image-pixels decides, in the run)
+    except Image.UnidentifiedImageError:
+        return "Pillow knows no image format in it"
+    except (OSError, ValueError, SyntaxError) as e:  # (a header Pillow knows, broken)
+        return cli.one_line(e, 100)
     extension = path.suffix.lower().lstrip(".")
     for name, payload in ((f"{key}.{extension}", data), (f"{key}.cls", str(label).encode())):
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(payload), 0o444, 0
         tar.addfile(info, io.BytesIO(payload))
+    return None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -138,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             if not folder.is_dir():
                 raise DataError(f"shards: --index {folder}: {'not a folder' if folder.exists() else 'not found'}; "
                                 f"give the folder that holds the shards")
-            found = shard_files(folder) if folder.is_dir() else []
+            found = shard_files(folder)
             if not found:
                 raise DataError(f"shards: no train-*.tar, val-*.tar or test-*.tar in {folder}")
             if (folder / INDEX).exists():

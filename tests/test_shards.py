@@ -545,6 +545,20 @@ def test_shards_py_refuses_a_dest_inside_the_folder_a_url_to_index_and_an_index_
         shards.main(["--index", str(tmp_path / "nowhere")])
 
 
+def test_a_file_that_is_no_image_is_left_out_of_the_shards_by_name(tmp_path, capsys):
+    """In a shard, a run can name a bad file only by its shard and place: shards.py names it, by its path, and
+    leaves it out (its header only is read: the bytes of every image are still copied as they are)."""
+    folder = write_photos(tmp_path / "photos", {"train": 2, "test": 1}, sizes=(8, 12))
+    (folder / "train" / "red" / "notes.jpg").write_text("not a photo\n")
+    shards.main([str(folder), str(tmp_path / "shards")])
+    out = capsys.readouterr()
+    assert out.err == f"warning: {folder / 'train' / 'red' / 'notes.jpg'} is no image (Pillow knows no image format " \
+                      f"in it): left out\n"
+    assert out.out.startswith(f"wrote {tmp_path / 'shards'}: train 1 shard ({2 * len(CLASSES)} images), ")
+    tables, _ = tarshards.load(str(tmp_path / "shards"))
+    assert len(tables["train"]) == 2 * len(CLASSES)
+
+
 def test_class_names_read_back_as_the_folders_are_named_and_a_line_break_is_refused(tmp_path):
     """classes.txt holds a name a line: a class folder whose name is not UTF-8 reads back as folders.py lists it;
     one with a line break in it (which would split into two classes, mislabelling every class after it) is one
