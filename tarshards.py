@@ -143,8 +143,13 @@ def locate(spec: str, needed: tuple[str, ...] = ("train", "test")) -> tuple[str,
     index.json read to list them, if one was (read_index, None where there is none), by its folder: what table()
     would read again."""
     index, listed = None, False  # (listed: the folder's index.json was read to list the shards)
-    if cli.is_url(spec) and not urllib.parse.urlsplit(spec).hostname:
-        raise DataError(f"shards: {spec} names no host: give a URL as http://host/folder/")
+    if cli.is_url(spec):
+        try:
+            host = urllib.parse.urlsplit(spec).hostname
+        except ValueError as e:  # (http://[::1/: an address left open)
+            raise DataError(f"shards: {spec} is not a URL a request can send ({cli.one_line(e)})") from None
+        if not host:
+            raise DataError(f"shards: {spec} names no host: give a URL as http://host/folder/")
     if cli.is_url(spec) and spec.endswith("/"):
         index, listed = read_index(spec), True
         if index is None:
