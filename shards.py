@@ -44,10 +44,9 @@ SHARD_SIZE = 1000  # images per shard: 1,282 shards for ImageNet, each ~110 MB
 # ---------------------------------------------------------------------------------------------------------------
 # Writing: an image folder as shards
 
-def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> dict[str, tuple[int, int]]:
-    """Write the image folder's splits as shards into `dest` (new, or an empty folder), with classes.txt and
-    index.json; all or nothing: the shards are written into a hidden folder beside it, renamed to `dest` at the
-    end. Returns each split's (shards, images)."""
+def checked_classes(folder: Path, dest: Path) -> list[str]:
+    """The classes of the image folder `folder`, once it is one and `dest` may take its shards (outside it, new or
+    empty), and each class name fits a line of classes.txt."""
     if not (folder / "train").is_dir() or not (folder / "test").is_dir():
         raise DataError(f"shards: {folder} is no image folder: it needs train/ and test/ (and optionally val/), each "
                         f"with one sub-folder of images per class")
@@ -62,6 +61,14 @@ def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> di
     if broken is not None:
         raise DataError(f"shards: the class folder {cli.printable(broken)} has a line break in its name, which "
                         f"{CLASSES} (one name a line) cannot hold: rename it")
+    return classes
+
+
+def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> dict[str, tuple[int, int]]:
+    """Write the image folder's splits as shards into `dest` (new, or an empty folder), with classes.txt and
+    index.json; all or nothing: the shards are written into a hidden folder beside it, renamed to `dest` at the
+    end. Returns each split's (shards, images)."""
+    classes = checked_classes(folder, dest)
     listing = {split: split_listing(folder, split, classes) for split in SPLITS
                if split != "val" or (folder / "val").is_dir()}
     partial = dest.parent / f".{dest.name}.partial-{os.getpid()}"

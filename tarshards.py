@@ -136,6 +136,16 @@ def _expand(pattern: str, whole: str) -> list[str]:
     return [pattern[:start] + name for c in choices for name in _expand(c + rest, whole)]
 
 
+def check_url(spec: str) -> None:
+    """A --data-dir URL no request can be made of (no host, an IPv6 address left open) is one line, at once."""
+    try:
+        host = urllib.parse.urlsplit(spec).hostname
+    except ValueError as e:  # (http://[::1/)
+        raise DataError(f"shards: {spec} is not a URL a request can send ({cli.one_line(e)})") from None
+    if not host:
+        raise DataError(f"shards: {spec} names no host: give a URL as http://host/folder/")
+
+
 def locate(spec: str, needed: tuple[str, ...] = ("train", "test")) -> tuple[str, dict[str, list[str]],
                                                                             dict[str, dict | None]]:
     """The shards of --data-dir `spec`, split by their names (train-, val-, test-), the `needed` splits there; the
@@ -144,12 +154,7 @@ def locate(spec: str, needed: tuple[str, ...] = ("train", "test")) -> tuple[str,
     would read again."""
     index, listed = None, False  # (listed: the folder's index.json was read to list the shards)
     if cli.is_url(spec):
-        try:
-            host = urllib.parse.urlsplit(spec).hostname
-        except ValueError as e:  # (http://[::1/: an address left open)
-            raise DataError(f"shards: {spec} is not a URL a request can send ({cli.one_line(e)})") from None
-        if not host:
-            raise DataError(f"shards: {spec} names no host: give a URL as http://host/folder/")
+        check_url(spec)
     if cli.is_url(spec) and spec.endswith("/"):
         index, listed = read_index(spec), True
         if index is None:

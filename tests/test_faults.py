@@ -128,7 +128,8 @@ def test_an_unwritable_output_dir_fails_before_training(tmp_path, cifar_dir):
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit) as exc:
         train.main(["--data-dir", str(cifar_dir), "--out-dir", str(blocker / "run"), "--device", "cpu"])
-    assert str(exc.value.code).startswith("train.py: error: cannot write to")
+    assert exc.value.code == (f"train.py: error: --out-dir {blocker / 'run'}: {blocker} is a file, not a folder; give "
+                              f"--out-dir a new folder")
     assert blocker.read_text() == "not a folder"
 
 
