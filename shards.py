@@ -95,6 +95,8 @@ def write_shards(folder: Path, dest: Path, shard_size: int, seed: int = 0) -> di
                 if time.monotonic() - last > 5:
                     last = time.monotonic()
                     print(f"shards: {done:,} of {total:,} images written", file=sys.stderr, flush=True)
+            if len(order) and not kept:  # (said now, of the folder: index.json would say it of the hidden one)
+                raise DataError(f"shards: no file of {folder / split} is an image: nothing to write")
             written[split] = (count, kept)
         # (UTF-8; a name that is not, a byte as the file system has it: read back as folders.py lists it)
         (partial / CLASSES).write_bytes("".join(f"{c}\n" for c in classes).encode("utf-8", "surrogateescape"))

@@ -558,6 +558,12 @@ def test_a_file_that_is_no_image_is_left_out_of_the_shards_by_name(tmp_path, cap
     assert out.out.startswith(f"wrote {tmp_path / 'shards'}: train 1 shard ({2 * len(CLASSES)} images), ")
     tables, _ = tarshards.load(str(tmp_path / "shards"))
     assert len(tables["train"]) == 2 * len(CLASSES)
+    for photo in (folder / "test").rglob("*.*"):
+        photo.write_text("not a photo either\n")
+    with pytest.raises(SystemExit, match=rf"^shards.py: error: shards: no file of {re.escape(str(folder / 'test'))} "
+                                         r"is an image: nothing to write$"):
+        shards.main([str(folder), str(tmp_path / "more")])
+    assert not (tmp_path / "more").exists() and not list(tmp_path.glob(".more*"))
 
 
 def test_class_names_read_back_as_the_folders_are_named_and_a_line_break_is_refused(tmp_path):
