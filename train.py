@@ -266,12 +266,18 @@ def train_and_test(args: argparse.Namespace, resumed: dict | None, argv: list[st
     finally:
         if rank == 0:  # also when stopped early or by Ctrl-C
             in_place = folder.in_place()  # (a folder moved away: its old path is not this run's to write or read)
-            if in_place:
-                report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED",
-                                   best=state.best_epoch if args.best_by != "val_loss" else None)
             files = ["results.json", "metrics.csv", "curves.png", *(["best.pth", "last.pth"]
                                                                      if args.mlflow_log_checkpoints else [])]
-            report.end(trackers, ended, [folder.path / name for name in files if in_place], results)
+            files = [folder.path / name for name in files if in_place]
+            try:
+                if in_place:
+                    report.draw_curves(state.history, folder.path / "curves.png", quiet=ended == "FAILED",
+                                       best=state.best_epoch if args.best_by != "val_loss" else None)
+            except cli.Interrupted:  # (Ctrl-C while drawing: the trackers still record the end, as KILLED)
+                ended, files = "KILLED", []
+                raise
+            finally:
+                report.end(trackers, ended, files, results)
 
 
 def load_data(args: argparse.Namespace, prep: Prep, device: torch.device, resumed: dict | None,

@@ -2,6 +2,7 @@
 fails mid-run (a full disk) is one warning line per failure, whatever the library logs or its threads print; a
 signal while the run's end is recorded still marks the MLflow run KILLED. Real stores, real full disks (tmpfs),
 real processes and signals."""
+import json
 import os
 import subprocess
 import sys
@@ -110,6 +111,37 @@ def test_ctrl_c_while_the_end_is_recorded_marks_the_run_killed(tmp_path, cifar_d
     assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "KILLED"
     assert f"--mlflow: MLflow run {run_id} recorded (KILLED) in {uri}; to see it: mlflow ui --backend-store-uri " \
            f"{uri}, then open http://127.0.0.1:5000/#/experiments/" in out
+
+
+def test_ctrl_c_while_the_curves_are_drawn_still_ends_the_mlflow_run_as_killed(tmp_path, cifar_dir):
+    """After the test line, curves.png is drawn before the trackers record the end: Ctrl-C then (a sitecustomize
+    makes the drawing take 30 s) left the MLflow run RUNNING for good. It ends KILLED, with the test's numbers."""
+    pytest.importorskip("matplotlib")
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import time\n"
+        "import matplotlib.figure as f\n"
+        "def savefig(self, *args, **kwargs):\n"
+        "    print('drawing', flush=True)\n"
+        "    time.sleep(30)\n"
+        "f.Figure.savefig = savefig\n")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(slow)}
+    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU_NO_VAL, "--epochs", "1",
+                             "--out-dir", str(tmp_path / "run"), "--mlflow"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_from_a_terminal)  # noqa: PLW1509
+    for line in proc.stdout:
+        if line == "drawing\n":
+            break
+    proc.send_signal(2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "train.py: stopped by SIGINT\n", err
+    run_id = load_checkpoint(tmp_path / "run" / "last.pth")["mlflow_run_id"]
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "KILLED" and "test_accuracy" in run.data.metrics
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs_completed"] == 1
 
 
 def test_the_run_says_where_it_is_recorded_and_epoch_is_the_step_only(tmp_path, cifar_dir, monkeypatch, capsys):
