@@ -107,6 +107,16 @@ def python() -> str:
     return name if found and os.path.abspath(found) == os.path.abspath(sys.executable) else sys.executable
 
 
+def torchrun() -> list[str]:
+    """torchrun as a printed command names it: `torchrun` where that name on PATH is this interpreter's own (beside
+    it, in its environment's bin/), else this interpreter running torch's module (`python -m torch.distributed.run`:
+    a virtual environment that is not active has no `torchrun` on PATH)."""
+    found = shutil.which("torchrun")
+    if found and sys.executable and os.path.dirname(os.path.abspath(found)) == os.path.dirname(sys.executable):
+        return ["torchrun"]
+    return [python(), "-m", "torch.distributed.run"]
+
+
 def script(name: str) -> str:
     """One of this project's scripts, as a printed command names it: by the path that finds it from the current
     folder (`train.py` in the project's folder, `proj/train.py` above it), else by its full path."""

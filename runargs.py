@@ -264,7 +264,7 @@ def resume_command(argv: list[str], path: Path) -> str:
     this run was started with (cli.python), or by torchrun."""
     if not dist.is_initialized():
         return cli.command("train.py", *argv, "--resume", str(path))
-    launcher = ["torchrun", f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
+    launcher = [*cli.torchrun(), f"--nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"]
     return shlex.join([*launcher, cli.script("train.py"), *argv, "--resume", str(path)])
 
 

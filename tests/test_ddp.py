@@ -20,6 +20,21 @@ from conftest import ROOT, as_from_a_terminal, write_cifar10
 pytestmark = pytest.mark.slow  # real processes, signals and runs: python -m pytest -m 'not slow' skips them
 
 
+# How the processes' printed commands name torchrun: with PATH=/usr/bin:/bin, as the tests start them, this
+# interpreter's `torchrun` is not on PATH, so they name this interpreter and torch's module
+LAUNCHER = f"{sys.executable} -m torch.distributed.run"
+
+
+def test_a_printed_torchrun_command_names_a_torchrun_that_is_this_interpreters(monkeypatch):
+    """`torchrun` where PATH finds this environment's own; else this interpreter with torch's module, which runs
+    from a shell where the environment is not active (a bare `torchrun` there: command not found)."""
+    import cli
+    monkeypatch.setenv("PATH", f"{os.path.dirname(sys.executable)}:/usr/bin:/bin")
+    assert cli.torchrun() == ["torchrun"]
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert cli.torchrun() == [cli.python(), "-m", "torch.distributed.run"] and cli.python() == sys.executable
+
+
 def torchrun(*argv: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
            "--device", "cpu", *argv]
@@ -96,9 +111,9 @@ def test_a_signal_to_one_process_stops_all_at_the_same_step_and_resumes_exactly(
     assert proc.returncode != 0 and "Traceback" not in err.split("stopping after this optimizer step")[0]
     ckpt = torch.load(out / "last.pth", weights_only=True)
     assert ckpt["state"]["epoch"] == 1 and ckpt["partial_epoch"]["step"] > 0
-    command = next(line for line in err.splitlines() if line.strip().startswith("torchrun "))
-    assert command.strip().startswith("torchrun --nproc_per_node=2 train.py ")
-    torchrun(*shlex.split(command)[3:])  # the printed command, minus the launcher and the --device we add
+    command = next(line for line in err.splitlines() if line.strip().startswith(f"{LAUNCHER} "))
+    assert command.strip().startswith(f"{LAUNCHER} --nproc_per_node=2 train.py ")
+    torchrun(*shlex.split(command)[5:])  # the printed command, minus the launcher and the --device we add
 
     a, b = weights(tmp_path / "straight" / "last.pth"), weights(out / "last.pth")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -224,7 +239,7 @@ def test_a_stopped_or_killed_peer_ends_the_group_with_one_line_from_each_survivo
                 os.kill(pid, signal.SIGKILL)
     _, err = launcher.communicate(timeout=60)
     ours = [line for line in err.splitlines() if line.startswith("train.py: ")]
-    resume = f"torchrun --nproc_per_node={nproc} train.py --device cpu --data-dir {data} --epochs 2000 --out-dir " \
+    resume = f"{LAUNCHER} --nproc_per_node={nproc} train.py --device cpu --data-dir {data} --epochs 2000 --out-dir " \
              f"{tmp_path / 'run'} --resume {tmp_path / 'run' / 'last.pth'}"
     lost = [f"train.py: error: rank {rank} of {nproc}: another process of the group {what}; this one stops too: "
             f"resume from the last completed epoch with: {resume}" for rank in range(nproc - 1)]
