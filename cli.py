@@ -173,6 +173,16 @@ def examples(lines: list[str], width: int) -> list[str]:
     return out
 
 
+def whole_lines_to_stderr() -> None:
+    """Each line printed to stderr written in one piece: Python writes a line and its newline apart, so the lines
+    of processes sharing one stderr (torchrun's, DataLoader workers) could run together (a pipe takes a write of
+    under 4 KiB whole)."""
+    try:
+        sys.stderr.reconfigure(line_buffering=True, write_through=False)
+    except (AttributeError, ValueError, OSError):  # (a stderr that is no text file, or closed: left as it is)
+        pass
+
+
 @contextmanager
 def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
     """Turn what a user can cause into `prog: error: <one line>` and a non-zero exit: a UserError, a file the
@@ -186,6 +196,7 @@ def one_line_errors(prog: str, oom_hint: str | None = None) -> Iterator[None]:
         return SystemExit(f"{prog}: error: {printable(message)}")
     hint = f"; {oom_hint}" if oom_hint else ""
     previous_handlers = handle_signals(raise_interrupted)
+    whole_lines_to_stderr()
     stdout = GuardedStdout.install()
     try:
         yield

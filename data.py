@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+from runtime import print0
 import tarshards
 import stream
 from augment import apply_policy
@@ -304,7 +305,7 @@ def warn_small_split(val_split: float, val_labels: torch.Tensor, classes: list[s
     fewest = int(counts.argmin())
     if len(val_labels) and counts[fewest] < MIN_VAL_PER_CLASS:
         folder = "a val/ folder next to train/, " if name == "imagefolder" else ""
-        print(f"warning: --val-split {val_split} holds out {len(val_labels)} images for {len(classes)} classes, "
+        print0(f"warning: --val-split {val_split} holds out {len(val_labels)} images for {len(classes)} classes, "
               f"{int(counts[fewest])} of class {cli.printable(classes[fewest])}: too few to pick the best epoch by; "
               f"give {folder}a larger --val-split, or --val-split 0 with a fixed --epochs", file=sys.stderr,
               flush=True)

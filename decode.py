@@ -21,6 +21,7 @@ import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 import cli
+from runtime import print0
 import runtime
 from formats import DataError
 
@@ -305,7 +306,7 @@ def image_warnings_named() -> Iterator[None]:
             return original(message, category, filename, lineno, file, line)
         if (str(path), str(message)) not in shown:
             shown.add((str(path), str(message)))
-            print(f"warning: {cli.printable(str(path))}: {cli.one_line(message)} (Pillow; the image is decoded all "
+            print0(f"warning: {cli.printable(str(path))}: {cli.one_line(message)} (Pillow; the image is decoded all "
                   f"the same)", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("always", module="PIL")  # each file's own: not once for all files

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 import cli
+from runtime import print0
 from decode import DECODE_COPIES, MAX_IMAGE_PIXELS, ByteBudget, UnreadableImage, image_warnings_named, load_image, \
     open_regular
 from formats import DataError, allocate_images, available_memory
@@ -130,7 +131,7 @@ def load_imagefolder_split(root: Path, split: str, classes: list[str], image_siz
                                                       f"{image_size}x{image_size}, cached for the next run")
         _write_cache(cache, data)
     for message in data["skipped"]:
-        print(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
+        print0(f"warning: {cli.printable(message)}; skipped", file=sys.stderr)
     require_each_class(data["labels"], folder, classes)
     return data["images"], data["labels"]
 
@@ -234,7 +235,7 @@ def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | N
         problem = f"unreadable ({type(e).__name__})"
     if problem is None:
         return data
-    print(f"warning: ignoring the image cache {path}: {cli.shorten(cli.printable(problem))}; decoding again",
+    print0(f"warning: ignoring the image cache {path}: {cli.shorten(cli.printable(problem))}; decoding again",
           file=sys.stderr)
     return None
 
@@ -272,7 +273,7 @@ def _write_cache(path: Path, data: dict) -> None:
         reason = (cli.describe_os_error(e, filename=False) if isinstance(e, OSError) else  # (never our .tmp's name)
                   cli.shorten(str(e).strip().splitlines()[0].replace(str(tmp), str(path))) if str(e).strip()
                   else type(e).__name__)
-        print(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)
+        print0(f"warning: cannot write the cache {path}: {reason}", file=sys.stderr)
     finally:  # a failed write, or Ctrl-C in the middle of one (after the rename there is nothing left to remove)
         with suppress(OSError):  # (a cleanup that fails must not hide why the write failed)
             if tmp is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import cli
+from runtime import print0
 
 DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagefolder", "shards")
 FILE_SETS = ("imagefolder", "shards")  # datasets of image files (decode.load_image), where the photo recipe applies
@@ -245,7 +246,7 @@ def allocate_images(n: int, channels: int, size: int, what: str, extra: int = 0)
     result = n * channels * size * size
     check_memory(result + extra, what)
     also = f", plus up to {extra / 2**20:,.1f} MiB while filling it" if extra else ""
-    print(f"{what} ({result / 2**20:,.1f} MiB in memory{also})", file=sys.stderr, flush=True)
+    print0(f"{what} ({result / 2**20:,.1f} MiB in memory{also})", file=sys.stderr, flush=True)
     return torch.empty(n, channels, size, size, dtype=torch.uint8)
 
 

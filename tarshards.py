@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 import cli
+from runtime import print0
 from decode import open_regular
 from formats import DataError
 
@@ -390,7 +391,7 @@ def index_entry(path: Path) -> tuple[dict, int]:
         offsets, sizes, labels, problems = scan(f, str(path), seekable=True)
         size = f.seek(0, os.SEEK_END)
     for problem in problems:
-        print(f"warning: {cli.printable(problem)}", file=sys.stderr)
+        print0(f"warning: {cli.printable(problem)}", file=sys.stderr)
     return {"bytes": size, "offsets": encode(offsets), "sizes": encode(sizes), "labels": encode(labels)}, len(labels)
 
 
@@ -432,11 +433,11 @@ def table(locations: list[str], indexes: dict[str, dict | None], warned: set) ->
             with open_location(location, "shard") as f:
                 if not warned:
                     warned.add(True)
-                    print(f"shards: {location} is not in an {INDEX} beside it: reading the shards' headers to index "
+                    print0(f"shards: {location} is not in an {INDEX} beside it: reading the shards' headers to index "
                           f"them (an {INDEX} saves this: python shards.py --index FOLDER)", file=sys.stderr)
                 *arrays, problems = scan(f, location, seekable=not cli.is_url(location))
             for problem in problems:
-                print(f"warning: {cli.printable(problem)}", file=sys.stderr)
+                print0(f"warning: {cli.printable(problem)}", file=sys.stderr)
             lengths.append(None)
         else:
             size, *arrays = entry
@@ -484,7 +485,7 @@ def load(spec: str, test_only: bool = False) -> tuple[dict[str, Table], list[str
     absent = [] if test_only else \
         [c for c, n in zip(classes, np.bincount(tables["train"].labels, minlength=len(classes))) if n == 0]
     if absent:
-        print(f"warning: {plural(len(absent), 'class')} of the {len(classes)} "
+        print0(f"warning: {plural(len(absent), 'class')} of the {len(classes)} "
               f"{'named in ' + CLASSES if text is not None else 'the .cls numbers go up to'} "
               f"{'have' if len(absent) > 1 else 'has'} no training images ({cli.shorten(', '.join(absent), 80)}): the "
               f"model gets outputs it never learns", file=sys.stderr)

@@ -74,6 +74,10 @@ def test_ddp_run_metrics_are_exact_and_files_are_written_once(tmp_path, capsys):
     proc = torchrun("--data-dir", str(data), "--epochs", "2", "--batch-size", "16", "--accum-steps", "2",
                     "--augment", "--val-split", "0.1", "--out-dir", str(out))
     assert proc.stdout.count("epoch 1/2") == 1 and "x 2;" in proc.stdout  # only rank 0 prints
+    # warnings too (each process holds the same split), each a whole line: 20 images held out for 10 classes
+    warned = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warned) == 1 and warned[0].count("warning") == 1 and \
+        warned[0].startswith("warning: --val-split 0.1 holds out 20 images for 10 classes, "), proc.stderr
     assert (out / "metrics.csv").read_text().count("\n") == 3
     results = json.loads((out / "results.json").read_text())
     ckpt = torch.load(out / "best.pth", weights_only=True)

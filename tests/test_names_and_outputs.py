@@ -4,6 +4,7 @@ the photo recipe, through evaluate.py, predict.py and export.py, printed to a st
 stdout closed (`>&-`) or full (/dev/full); predict.py on files of which some cannot be read. Real processes."""
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,22 @@ def test_predicts_help_states_its_exit_status(capsys):
     assert exc.value.code == 0
     assert "Exit status: 0 when every image was labelled; 2 when some could not be read (named on stderr, the rest " \
            "labelled on stdout); 1 for any other error (nothing labelled)" in help_text
+
+
+def test_lines_that_processes_print_to_one_stderr_never_run_together(tmp_path):
+    """torchrun's processes (and DataLoader workers) share one stderr: Python writes a printed line and its newline
+    apart, so two processes' lines ran together ("...--epochswarning: ..."). Inside cli.one_line_errors, as in every
+    script, each line is one write. Two processes, 3,000 lines each, one pipe: every line whole."""
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import cli\n"
+              "with cli.one_line_errors('x'):\n"
+              "    for i in range(3000):\n"
+              "        print(sys.argv[2] * 60, i, file=sys.stderr)\n")
+    read, write = os.pipe()
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(ROOT), letter], stderr=write) for letter in "ab"]
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        lines = pipe.read().decode().splitlines()
+    assert [p.wait() for p in procs] == [0, 0]
+    assert len(lines) == 6000 and all(re.fullmatch(r"(a{60}|b{60}) \d+", line) for line in lines), \
+        next(line for line in lines if not re.fullmatch(r"(a{60}|b{60}) \d+", line))
+
