@@ -69,6 +69,8 @@ def _check_name(name: str) -> None:
 
 
 def _load_packed(name: str, data_dir: Path, splits: tuple[str, ...]):
+    if data_dir.exists() and not data_dir.is_dir():  # (not looked through, nor replaced by a folder found elsewhere)
+        raise DataError(f"{name}: --data-dir {data_dir} is a file, not a folder; give the folder that holds {name}")
     if name == "cifar10":
         return load_cifar10(data_dir, splits)
     if name == "cifar100":

@@ -226,6 +226,8 @@ def load_idx_dataset(name: str, data_dir: Path, splits: tuple[str, ...] = ("trai
         if None in paths:
             raise DataError(f"{name}: {IDX_FILES[split][paths.index(None)]}[.gz] not found in {dirs[0]}; give "
                             f"--data-dir the folder that holds it")
+        if paths[0].parent == DEBIAN_FASHION_MNIST and split == splits[0] and DEBIAN_FASHION_MNIST not in dirs[:3]:
+            print0(f"{name}: not in {data_dir}: reading Debian's copy in {DEBIAN_FASHION_MNIST}", file=sys.stderr)
         images, labels = _read_idx(paths[0], 3), _read_idx(paths[1], 1)
         if len(images) != len(labels) or (len(labels) and labels.max() > 9):
             raise DataError(f"{name} {split}: {len(images)} images but {len(labels)} labels, or a label over 9")

@@ -233,12 +233,20 @@ def test_errors_from_the_command_line_have_no_traceback(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
-def test_fashion_mnist_real_data_reaches_a_real_accuracy(tmp_path):
+def test_fashion_mnist_real_data_reaches_a_real_accuracy(tmp_path, capsys):
+    """From Debian's copy, found where --data-dir has none, and said so; a --data-dir that is a file is refused
+    (it was passed over for Debian's copy, silently)."""
     if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
         pytest.skip("Debian's dataset-fashion-mnist is not installed (apt-get install dataset-fashion-mnist)")
     _, results = run_train(tmp_path, tmp_path / "empty", "--dataset", "fashion-mnist", "--epochs", "1",
                            "--batch-size", "64", "--lr", "2e-3")
     assert results["test_accuracy"] > 80.0
+    assert f"fashion-mnist: not in {tmp_path / 'empty'}: reading Debian's copy in /usr/share/datasets/fashion-mnist" \
+        in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("")
+    fails_with(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "notes.txt"), "--device", "cpu"],
+               f"fashion-mnist: --data-dir {tmp_path / 'notes.txt'} is a file, not a folder; give the folder that "
+               f"holds fashion-mnist")
 
 
 FAULTS_PER_ALLOCATION = """
