@@ -32,6 +32,7 @@ import torch.nn as nn
 
 import cli
 import plot
+import runargs
 import runtime
 from checkpoint import EpochTally, RunState
 from data import Split
@@ -321,7 +322,8 @@ class MlflowTracker:
                 run = self.client.get_run(run_id)
                 self.client.update_run(run_id, status="RUNNING")
                 logged, experiment = run.data.params, run.info.experiment_id
-            params = {k: str(v) for k, v in sorted(vars(args).items())}
+            # (what the run is, as args.json has it: not where it is, --out-dir, --resume; its data folder resolved)
+            params = {k: str(v) for k, v in sorted(runargs.run_flags(args).items())}
             self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items() if k not in logged])
             for k, v in params.items():
                 if k in logged and logged[k] != v:

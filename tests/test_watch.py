@@ -19,6 +19,7 @@ from PIL import Image
 import evaluate
 import config
 import report
+import runargs
 import train
 from checkpoint import METRICS, RUN_FILES, load_checkpoint
 from conftest import ROOT, as_from_a_terminal, fails_with, write_cifar10
@@ -146,7 +147,10 @@ def test_ctrl_c_and_resume_make_one_mlflow_run_and_one_tensorboard_history(tmp_p
     results = json.loads((out / "results.json").read_text())
     for name in ("test_accuracy", "test_loss"):  # results.json's numbers, at the last epoch
         assert [(m.step, m.value) for m in client.get_metric_history(run_id, name)] == [(3, results[name])]
-    assert run.data.params == {k: str(v) for k, v in vars(config.parse_args(flags)).items()}  # every flag
+    # every flag of what the run is, as args.json has them (not where it is: --out-dir, --resume); a plain resume
+    # changes none of them
+    assert run.data.params == {k: str(v) for k, v in runargs.run_flags(config.parse_args(flags)).items()}
+    assert not [tag for tag in run.data.tags if tag.startswith("changed_on_resume")], run.data.tags
     rows = metrics_rows(out / "metrics.csv")
     for column in METRICS[1:]:  # every metrics.csv column, per epoch (its step), once each
         history = client.get_metric_history(run_id, column)
