@@ -452,7 +452,10 @@ def check_output(path: str | Path, inputs: tuple = (), what: str = "output", new
     socket (or a symlink to one), one of the inputs (`inputs`: files, or folders whose every file is an input, such
     as the data being read), or a run file (a .pth, metrics.csv, results.json). A regular file that is none of
     those, or a path that does not exist (in a folder that does, unless new_folder: the caller creates it), is
-    fine. Raises UserError."""
+    fine. Raises UserError. A path given as typed (a str) that ends with a slash names a folder, which would
+    otherwise be written as a file of that name."""
+    if isinstance(path, str) and path.endswith(("/", os.sep)):
+        raise UserError(f"the {what} {path} ends with {path[-1]}, as a folder does; give the file's name")
     path = Path(path)
     try:
         status = path.stat()  # follows symlinks: what a write to `path` would reach

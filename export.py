@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> float:
         args = parse_args(argv)
         checkpoint = checkpoint_path(args.checkpoint, "exporting")  # (a run folder: its best.pth)
         output = Path(args.output) if args.output is not None else checkpoint.with_suffix(".onnx")
-        cli.check_output(output, inputs=(checkpoint,), what="ONNX output", new_folder=True)
+        cli.check_output(args.output or output, inputs=(checkpoint,), what="ONNX output", new_folder=True)
         for package in ("onnx", "onnxruntime"):  # before any work: a missing package is the one message
             require(package)
         ckpt = load_checkpoint(checkpoint)

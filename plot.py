@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> Path:
         args = p.parse_args(argv)
         output = Path(args.output) if args.output is not None else Path(args.metrics).with_name("curves.png")
         require_matplotlib()  # first, so that a missing package is the one message
-        check_output(output, inputs=(args.metrics,))
+        check_output(args.output or output, inputs=(args.metrics,))  # (as typed: a trailing / is refused)
         plot_curves(read_metrics(Path(args.metrics)), output)
         cli.say(f"wrote {output}")
     return output

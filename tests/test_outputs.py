@@ -94,6 +94,22 @@ def test_an_output_that_must_not_be_replaced_is_refused_in_one_line(run, tmp_pat
         assert capsys.readouterr().out == ""  # refused before any work: nothing evaluated, nothing drawn
 
 
+def test_an_output_typed_with_a_trailing_slash_is_refused_not_written_as_a_file(run, tmp_path, capsys):
+    """`--output newdir/` was written as a file named newdir: a path that ends with / names a folder."""
+    target = f"{tmp_path / 'newdir'}/"
+    if not commands(run, Path(target)):
+        pytest.skip("export.py needs onnx and onnxruntime, the pictures matplotlib: none is installed")
+    for main, argv in commands(run, Path(target)):
+        argv = [target if a == str(Path(target)) else a for a in argv]
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        what = "ONNX output" if main is export.main else "picture"
+        assert exc.value.code.endswith(f"error: the {what} {target} ends with /, as a folder does; give the file's "
+                                       f"name"), exc.value.code
+        assert not (tmp_path / "newdir").exists()
+    capsys.readouterr()
+
+
 def test_a_device_node_stays_a_device_node(run, tmp_path):
     null = hostile_targets(tmp_path / "hostile", run)["device"]
     result = subprocess.run([sys.executable, "export.py", "--checkpoint", str(run / "best.pth"), "--output",
