@@ -209,8 +209,8 @@ def init_weights(path: str, model_name: str) -> dict:
     trained with, as model.pretrained_start returns it."""
     ckpt = load_checkpoint(path)
     if ckpt["model_name"] != model_name:
-        raise CheckpointError(f"--init-from {path} holds a {ckpt['model_name']}, not a {model_name}; give --model "
-                              f"{ckpt['model_name']}")
+        raise CheckpointError(f"--init-from {path} holds {ckpt['model_name']} weights, not {model_name}'s; give "
+                              f"--model {ckpt['model_name']}")
     epoch = ckpt["state"]["epoch"] if isinstance(ckpt.get("state"), dict) else "?"
     ema = ", its EMA weights" if "ema_model" in ckpt else ""
     return {"model": ckpt.get("ema_model", ckpt["model"]), "num_classes": ckpt["num_classes"],

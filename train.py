@@ -152,7 +152,8 @@ def fit(t: Trainer, args: argparse.Namespace, train: Split, val: Split | None, f
                 report.log_epoch(trackers, row)
             runtime.on_rank0(save)
             if args.patience and state.bad_epochs >= args.patience:
-                runtime.print0(f"early stop: no validation improvement for {args.patience} epochs")
+                runtime.print0(f"early stop: no validation improvement for {args.patience} "
+                               f"epoch{'s' * (args.patience != 1)}")
                 return True
     return False
 

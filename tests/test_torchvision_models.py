@@ -222,7 +222,7 @@ def test_init_from_what_does_not_fit_is_one_line_and_writes_nothing(resnet18_run
     cifar_dir = str(cifar)
     for argv, message in [
         (["--model", "simplecnn", "--init-from", str(source / "best.pth")],
-         f"--init-from {source / 'best.pth'} holds a resnet18, not a simplecnn; give --model resnet18"),
+         f"--init-from {source / 'best.pth'} holds resnet18 weights, not simplecnn's; give --model resnet18"),
         (["--model", "resnet18", "--init-from", str(source / "best.pth"), "--dataset", "mnist", "--data-dir",
           str(tmp_path / "mnist")], "was trained on 3-channel images; mnist has 1-channel images"),
         (["--model", "resnet18", "--init-from", str(truncated)], "cannot read checkpoint"),
@@ -239,7 +239,8 @@ def test_init_from_what_does_not_fit_is_one_line_and_writes_nothing(resnet18_run
     proc = run_train("--data-dir", cifar_dir, *CPU, "--model", "vgg11", "--init-from", str(source / "best.pth"),
                      "--out-dir", str(out))
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
-        f"train.py: error: --init-from {source / 'best.pth'} holds a resnet18, not a vgg11; give --model resnet18"]
+        f"train.py: error: --init-from {source / 'best.pth'} holds resnet18 weights, not vgg11's; give --model "
+        f"resnet18"]
     assert not out.exists()
 
 
