@@ -241,23 +241,17 @@ def leave_processes() -> None:
     """End this torchrun process. NCCL: destroy the process group. gloo: do not; exit right away with the code of
     the exception in flight (0 if none): on torch 2.4 destroying a gloo group can deadlock against gloo's own
     threads (they free the last collective's tensors, which needs the GIL that the destroying thread holds).
-    A refusal's line is written in one write: Python writes a message and its newline apart, and the other
-    processes, refusing with the same line on the same stderr, could land theirs in between."""
-    error = sys.exc_info()[1]
-    code = error.code if isinstance(error, SystemExit) else 0 if error is None else 1
-    refused = isinstance(code, str)
-    if refused:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.write(2, f"{code}\n".encode(sys.stderr.encoding or "utf-8", "backslashreplace"))
-        code = 1
+    A refusal's line reaches stderr whole, beside the other processes' same line (cli.whole_lines_to_stderr)."""
     if dist.get_backend() != "gloo":
         dist.destroy_process_group()
-        if refused:
-            raise SystemExit(1) from None  # (its line is written)
         return
+    error = sys.exc_info()[1]
+    code = error.code if isinstance(error, SystemExit) else 0 if error is None else 1
     if error is not None and not isinstance(error, SystemExit):
         traceback.print_exception(error)
+    if isinstance(code, str):  # sys.exit("message"): print it, as Python would
+        print(code, file=sys.stderr)
+        code = 1
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
