@@ -84,17 +84,13 @@ def test_a_disk_that_fills_mid_run_is_one_warning_line_per_failure(tmp_path, mou
     assert (out / "results.json").is_file()
 
 
-def test_ctrl_c_while_the_end_is_recorded_marks_the_run_killed(tmp_path, cifar_dir):
-    """A store slow to take the run's files (a sitecustomize makes each upload take 30 s): Ctrl-C during it."""
+def ctrl_c_while_slow(tmp_path: Path, cifar_dir: Path, patch: str, said: str) -> tuple[str, str, str]:
+    """A one-epoch --mlflow run with a sitecustomize that makes one of its last steps take 30 s (`patch`, which
+    prints `said` as it starts), and Ctrl-C once it has: the stop is one line, status 130. Returns (stdout, the
+    store's URI, the MLflow run id)."""
     slow = tmp_path / "slow"
     slow.mkdir()
-    (slow / "sitecustomize.py").write_text(
-        "import sys, time\n"
-        "import mlflow.tracking.client as c\n"
-        "def log_artifact(self, *args, **kwargs):\n"
-        "    print('uploading', flush=True)\n"
-        "    time.sleep(30)\n"
-        "c.MlflowClient.log_artifact = log_artifact\n")
+    (slow / "sitecustomize.py").write_text(patch)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(slow)}
     proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU_NO_VAL, "--epochs", "1",
@@ -102,43 +98,39 @@ def test_ctrl_c_while_the_end_is_recorded_marks_the_run_killed(tmp_path, cifar_d
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=as_from_a_terminal)  # noqa: PLW1509
     for line in proc.stdout:
-        if line == "uploading\n":
+        if line == f"{said}\n":
             break
     proc.send_signal(2)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "train.py: stopped by SIGINT\n", err
-    run_id = load_checkpoint(tmp_path / "run" / "last.pth")["mlflow_run_id"]
+    return out, uri, load_checkpoint(tmp_path / "run" / "last.pth")["mlflow_run_id"]
+
+
+def test_ctrl_c_while_the_end_is_recorded_marks_the_run_killed(tmp_path, cifar_dir):
+    """A store slow to take the run's files (each upload takes 30 s): Ctrl-C during it."""
+    out, uri, run_id = ctrl_c_while_slow(tmp_path, cifar_dir, (
+        "import sys, time\n"
+        "import mlflow.tracking.client as c\n"
+        "def log_artifact(self, *args, **kwargs):\n"
+        "    print('uploading', flush=True)\n"
+        "    time.sleep(30)\n"
+        "c.MlflowClient.log_artifact = log_artifact\n"), "uploading")
     assert mlflow.MlflowClient(uri).get_run(run_id).info.status == "KILLED"
     assert f"--mlflow: MLflow run {run_id} recorded (KILLED) in {uri}; to see it: mlflow ui --backend-store-uri " \
            f"{uri}, then open http://127.0.0.1:5000/#/experiments/" in out
 
 
 def test_ctrl_c_while_the_curves_are_drawn_still_ends_the_mlflow_run_as_killed(tmp_path, cifar_dir):
-    """After the test line, curves.png is drawn before the trackers record the end: Ctrl-C then (a sitecustomize
-    makes the drawing take 30 s) left the MLflow run RUNNING for good. It ends KILLED, with the test's numbers."""
+    """After the test line, curves.png is drawn before the trackers record the end: Ctrl-C then (the drawing takes
+    30 s) left the MLflow run RUNNING for good. It ends KILLED, with the test's numbers."""
     pytest.importorskip("matplotlib")
-    slow = tmp_path / "slow"
-    slow.mkdir()
-    (slow / "sitecustomize.py").write_text(
+    _, uri, run_id = ctrl_c_while_slow(tmp_path, cifar_dir, (
         "import time\n"
         "import matplotlib.figure as f\n"
         "def savefig(self, *args, **kwargs):\n"
         "    print('drawing', flush=True)\n"
         "    time.sleep(30)\n"
-        "f.Figure.savefig = savefig\n")
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(slow)}
-    proc = subprocess.Popen([sys.executable, "train.py", "--data-dir", str(cifar_dir), *CPU_NO_VAL, "--epochs", "1",
-                             "--out-dir", str(tmp_path / "run"), "--mlflow"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=as_from_a_terminal)  # noqa: PLW1509
-    for line in proc.stdout:
-        if line == "drawing\n":
-            break
-    proc.send_signal(2)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and err == "train.py: stopped by SIGINT\n", err
-    run_id = load_checkpoint(tmp_path / "run" / "last.pth")["mlflow_run_id"]
+        "f.Figure.savefig = savefig\n"), "drawing")
     run = mlflow.MlflowClient(uri).get_run(run_id)
     assert run.info.status == "KILLED" and "test_accuracy" in run.data.metrics
     assert json.loads((tmp_path / "run" / "results.json").read_text())["epochs_completed"] == 1
