@@ -308,9 +308,9 @@ def warn_small_split(val_split: float, val_labels: torch.Tensor, classes: list[s
     if len(val_labels) and counts[fewest] < MIN_VAL_PER_CLASS:
         folder = "a val/ folder next to train/, " if name == "imagefolder" else ""
         print0(f"warning: --val-split {val_split} holds out {len(val_labels)} images for {len(classes)} classes, "
-              f"{int(counts[fewest])} of class {cli.printable(classes[fewest])}: too few to pick the best epoch by; "
-              f"give {folder}a larger --val-split, or --val-split 0 with a fixed --epochs", file=sys.stderr,
-              flush=True)
+               f"{int(counts[fewest])} of class {cli.printable(classes[fewest])}: too few to pick the best epoch by; "
+               f"give {folder}a larger --val-split, or --val-split 0 with a fixed --epochs", file=sys.stderr,
+               flush=True)
 
 
 def prepare(name: str, data_dir: str | Path, val_split: float, seed: int, device: torch.device | str,

@@ -21,7 +21,6 @@ import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 import cli
-from runtime import print0
 import runtime
 from formats import DataError
 
@@ -306,8 +305,8 @@ def image_warnings_named() -> Iterator[None]:
             return original(message, category, filename, lineno, file, line)
         if (str(path), str(message)) not in shown:
             shown.add((str(path), str(message)))
-            print0(f"warning: {cli.printable(str(path))}: {cli.one_line(message)} (Pillow; the image is decoded all "
-                  f"the same)", file=sys.stderr, flush=True)
+            runtime.print0(f"warning: {cli.printable(str(path))}: {cli.one_line(message)} (Pillow; the image is "
+                           f"decoded all the same)", file=sys.stderr, flush=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("always", module="PIL")  # each file's own: not once for all files
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # (load_image checks the size)

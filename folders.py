@@ -236,7 +236,7 @@ def _read_cache(path: Path, expected: torch.Tensor, image_size: int) -> dict | N
     if problem is None:
         return data
     print0(f"warning: ignoring the image cache {path}: {cli.shorten(cli.printable(problem))}; decoding again",
-          file=sys.stderr)
+           file=sys.stderr)
     return None
 
 

@@ -390,10 +390,10 @@ def model_from_start(name: str, widths: tuple[int, ...] | None, start: dict, sou
                      in_channels: int, image_size: int) -> nn.Module:
     """The model with the weights it starts from (`source`: the flag that chose them, for messages), then fitted
     to this data: pretrained RGB filters to its channels, a new classifier where the number of classes differs."""
-    trained_at = start.get("image_size")
+    trained_at = start.get("image_size")  # (--init-from's: --pretrained weights are sized by no image)
     if name in SIZED_BY_IMAGE and trained_at not in (None, image_size):
         raise ValueError(f"{source}: {name}'s weights fit the --image-size they were trained at ({trained_at}) "
-                         f"alone, not {image_size}: give --image-size {trained_at}, or leave out {source.split()[0]}")
+                         f"alone, not {image_size}: give --image-size {trained_at}, or leave out --init-from")
     model = build_model(name, start["num_classes"], start["in_channels"], image_size, widths)
     try:
         model.load_state_dict(start["model"])

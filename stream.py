@@ -377,13 +377,13 @@ def streams(root: Path, size: int, prep: Prep, workers: int | None, files: int) 
     if prep.mode == "crop":
         workers = default_workers()
         print0(f"imagefolder: the photo recipe crops each photo whole: streaming {root} from disk with {workers} "
-              f"worker processes (--workers)", file=sys.stderr)
+               f"worker processes (--workers)", file=sys.stderr)
         return workers
     need, available = files * IMAGEFOLDER_CHANNELS * size * size, available_memory()
     if available is None or need <= available // 2:
         return None
     workers = default_workers()
     print0(f"imagefolder: {files:,} images at {size}x{size} would take {need / 2**30:,.1f} GiB in memory, "
-          f"{available / 2**30:,.1f} GiB is available: streaming them from disk with {workers} worker processes "
-          f"(--workers)", file=sys.stderr)
+           f"{available / 2**30:,.1f} GiB is available: streaming them from disk with {workers} worker processes "
+           f"(--workers)", file=sys.stderr)
     return workers

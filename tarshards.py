@@ -434,7 +434,7 @@ def table(locations: list[str], indexes: dict[str, dict | None], warned: set) ->
                 if not warned:
                     warned.add(True)
                     print0(f"shards: {location} is not in an {INDEX} beside it: reading the shards' headers to index "
-                          f"them (an {INDEX} saves this: python shards.py --index FOLDER)", file=sys.stderr)
+                           f"them (an {INDEX} saves this: python shards.py --index FOLDER)", file=sys.stderr)
                 *arrays, problems = scan(f, location, seekable=not cli.is_url(location))
             for problem in problems:
                 print0(f"warning: {cli.printable(problem)}", file=sys.stderr)
@@ -486,7 +486,7 @@ def load(spec: str, test_only: bool = False) -> tuple[dict[str, Table], list[str
         [c for c, n in zip(classes, np.bincount(tables["train"].labels, minlength=len(classes))) if n == 0]
     if absent:
         print0(f"warning: {plural(len(absent), 'class')} of the {len(classes)} "
-              f"{'named in ' + CLASSES if text is not None else 'the .cls numbers go up to'} "
-              f"{'have' if len(absent) > 1 else 'has'} no training images ({cli.shorten(', '.join(absent), 80)}): the "
-              f"model gets outputs it never learns", file=sys.stderr)
+               f"{'named in ' + CLASSES if text is not None else 'the .cls numbers go up to'} "
+               f"{'have' if len(absent) > 1 else 'has'} no training images ({cli.shorten(', '.join(absent), 80)}): the "
+               f"model gets outputs it never learns", file=sys.stderr)
     return tables, classes
